@@ -1,0 +1,148 @@
+//! The `sc.broker.v1` gRPC service: the edge between the wire types and the broker's
+//! [`Router`](crate::router::Router) and [`Exchange`](crate::exchange::Exchange).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use sc_common::batch::BatchStream;
+use sc_proto::broker::v1 as pb;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::exchange::Exchange;
+use crate::router::{self, Router};
+
+/// Most deliveries sent in one gRPC message.
+const MAX_BATCH: usize = 512;
+
+/// The gRPC service of one broker.
+#[derive(Debug, Clone)]
+pub struct BrokerService {
+    pub router: Arc<Router>,
+    pub exchange: Arc<Exchange>,
+    pub queue: usize,
+    pub shutdown: CancellationToken,
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::DeliveryBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerService {
+    type AttachStream = DeliveryStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::WorkerBatch>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let worker = request
+            .metadata()
+            .get("sc-worker-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_owned();
+        let mut commands = request.into_inner();
+        let attachment = self.router.attach(&worker);
+        let id = attachment.id;
+        tracing::debug!(%worker, stream = id, "worker attached");
+
+        // Commands: applied in order by one task per stream.
+        let router = self.router.clone();
+        let queue = self.queue;
+        let cut = attachment.cut.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    _ = cut.cancelled() => break,
+                    _ = shutdown.cancelled() => break,
+                    batch = commands.message() => batch,
+                };
+                let batch = match batch {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%worker, %status, "worker stream failed");
+                        break;
+                    }
+                };
+                for command in batch.commands {
+                    match command.kind {
+                        Some(pb::command::Kind::Subscribe(channel)) => {
+                            router.subscribe(id, &channel)
+                        }
+                        Some(pb::command::Kind::Unsubscribe(channel)) => {
+                            router.unsubscribe(id, &channel)
+                        }
+                        Some(pb::command::Kind::Publish(publish)) => {
+                            let congested = router.publish(&publish.channel, publish.data);
+                            if !congested.is_empty() {
+                                router::wait_for_room(congested, queue).await;
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            router.detach(id);
+            cut.cancel();
+            tracing::debug!(%worker, stream = id, "worker detached");
+        });
+
+        // Deliveries: whatever is queued goes out in one message.
+        let cut = attachment.cut;
+        let deliveries = BatchStream::new(attachment.deliveries, MAX_BATCH)
+            .map(|batch| {
+                Ok(pb::DeliveryBatch {
+                    deliveries: batch
+                        .into_iter()
+                        .map(|d| pb::Delivery {
+                            channel: d.channel.to_string(),
+                            data: d.data,
+                        })
+                        .collect(),
+                })
+            })
+            .take_until(cut.cancelled_owned());
+        Ok(Response::new(Box::pin(deliveries)))
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        self.exchange.set(request.key, request.value);
+        Ok(Response::new(pb::SetResponse {}))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        Ok(Response::new(pb::GetResponse {
+            value: self.exchange.get(&request.key),
+        }))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        Ok(Response::new(pb::RemoveResponse {
+            value: self.exchange.remove(&request.key),
+        }))
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument("empty key"));
+    }
+    Ok(())
+}

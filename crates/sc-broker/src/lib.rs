@@ -1,0 +1,108 @@
+//! sc-broker: pub/sub and the exchange data for one shard of channels and keys.
+//!
+//! Workers attach one gRPC stream each (`sc.broker.v1.Broker/Attach`) and subscribe the
+//! channels their sockets hold; a publish arriving on any stream is delivered to every subscribed
+//! stream, the publisher's own included. Which broker owns a channel is the workers' decision
+//! (rendezvous hashing over the live brokers, see `sc_common::rendezvous`); the broker serves
+//! whatever it is sent. It registers with the master and serves grpc.health.v1 on the same port.
+//!
+//! Entry points: [`Broker::bind`], then [`Broker::serve`].
+
+pub mod exchange;
+pub mod grpc;
+pub mod router;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sc_common::config::Config;
+use sc_common::daemon;
+use sc_common::membership::{Event, MasterLink, Member, Role};
+use sc_common::secret;
+use sc_proto::broker::v1::broker_server::BrokerServer;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use sc_common::Error;
+
+/// A broker with its listener bound.
+#[derive(Debug)]
+pub struct Broker {
+    config: Config,
+    id: String,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Broker {
+    /// Binds the gRPC listener (`[broker] listen`).
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        let id = config
+            .broker
+            .id
+            .clone()
+            .unwrap_or_else(|| daemon::default_id(Role::Broker));
+        let listener = daemon::bind(config.broker.listen).await?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            config,
+            id,
+            listener,
+            addr,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` is cancelled. `events` feeds the central log (if a master is
+    /// configured).
+    pub async fn serve(
+        self,
+        events: mpsc::Receiver<Event>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let secret = &self.config.cluster.secret;
+        if let Some(url) = &self.config.broker.master {
+            let me = Member {
+                role: Role::Broker,
+                id: self.id.clone(),
+                grpc: self.addr.to_string(),
+                public: String::new(),
+                unix: String::new(),
+                pid: std::process::id(),
+            };
+            let link = MasterLink::new(url, secret, me, vec![Role::Broker])?;
+            let _members = link.spawn(events, shutdown.clone());
+        }
+        let queue = self.config.broker.worker_queue;
+        let service = grpc::BrokerService {
+            router: Arc::new(router::Router::new(queue)),
+            exchange: Arc::new(exchange::Exchange::default()),
+            queue,
+            shutdown: shutdown.clone(),
+        };
+        let (health_reporter, health) = daemon::health();
+        let router = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(BrokerServer::with_interceptor(
+                service,
+                secret::Check::new(secret),
+            ));
+        tracing::info!(id = %self.id, addr = %self.addr, "broker listening");
+        let draining = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                health_reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        };
+        tokio::spawn(draining);
+        daemon::serve_grpc(router, self.listener, shutdown).await
+    }
+}

@@ -1,0 +1,259 @@
+//! The broker's pub/sub core: which worker streams hold which channels, and delivery.
+//!
+//! Each attached worker stream gets a bounded delivery queue. A publish is pushed to every
+//! subscribed stream's queue while the router lock is held, so every subscriber sees a channel's
+//! messages in the same order: the order the broker received them. A stream whose queue is full
+//! is a worker that stopped reading: it is cut (its stream ends with an error, the worker
+//! reconnects and subscribes again) rather than allowed to stall everyone or grow memory.
+//! Before that point publishers slow down: once a queue is half full, the publishing stream waits
+//! for it to drain (see [`Router::publish`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A message for one worker stream.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub channel: Arc<str>,
+    pub data: Bytes,
+}
+
+/// Identifies one attached worker stream.
+pub type StreamId = u64;
+
+/// Channel subscriptions of the attached worker streams.
+#[derive(Debug)]
+pub struct Router {
+    /// std Mutex: held only for map updates and non-blocking queue pushes, never across await.
+    inner: Mutex<Inner>,
+    queue: usize,
+}
+
+/// The worker side of an attachment, held by the stream handler.
+#[derive(Debug)]
+pub struct Attachment {
+    pub id: StreamId,
+    /// Deliveries for this worker.
+    pub deliveries: mpsc::Receiver<Delivery>,
+    /// Cancelled when the router cuts this stream (slow consumer).
+    pub cut: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: StreamId,
+    channels: HashMap<Arc<str>, Vec<StreamId>>,
+    streams: HashMap<StreamId, Stream>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    worker: String,
+    tx: mpsc::Sender<Delivery>,
+    cut: CancellationToken,
+    channels: HashSet<Arc<str>>,
+}
+
+impl Router {
+    /// A router giving each worker stream a queue of `queue` deliveries.
+    pub fn new(queue: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            queue: queue.max(2),
+        }
+    }
+
+    /// Attaches a worker stream.
+    pub fn attach(&self, worker: &str) -> Attachment {
+        let (tx, deliveries) = mpsc::channel(self.queue);
+        let cut = CancellationToken::new();
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        let stream = Stream {
+            worker: worker.to_owned(),
+            tx,
+            cut: cut.clone(),
+            channels: HashSet::new(),
+        };
+        inner.streams.insert(id, stream);
+        Attachment {
+            id,
+            deliveries,
+            cut,
+        }
+    }
+
+    /// Detaches a stream and drops all its subscriptions.
+    pub fn detach(&self, id: StreamId) {
+        let mut inner = self.lock();
+        let Some(stream) = inner.streams.remove(&id) else {
+            return;
+        };
+        for channel in stream.channels {
+            inner.remove_subscriber(&channel, id);
+        }
+    }
+
+    /// Subscribes a stream to a channel (idempotent).
+    pub fn subscribe(&self, id: StreamId, channel: &str) {
+        let mut inner = self.lock();
+        let Some(stream) = inner.streams.get_mut(&id) else {
+            return;
+        };
+        if stream.channels.contains(channel) {
+            return;
+        }
+        let channel: Arc<str> = match inner.channels.get_key_value(channel) {
+            Some((key, _)) => key.clone(),
+            None => channel.into(),
+        };
+        if let Some(stream) = inner.streams.get_mut(&id) {
+            stream.channels.insert(channel.clone());
+        }
+        inner.channels.entry(channel).or_default().push(id);
+    }
+
+    /// Unsubscribes a stream from a channel (idempotent).
+    pub fn unsubscribe(&self, id: StreamId, channel: &str) {
+        let mut inner = self.lock();
+        let Some(stream) = inner.streams.get_mut(&id) else {
+            return;
+        };
+        if stream.channels.remove(channel) {
+            inner.remove_subscriber(channel, id);
+        }
+    }
+
+    /// Queues a message to every stream subscribed to `channel`. Returns the queues that are
+    /// more than half full, for the publisher to wait on (see [`wait_for_room`]).
+    pub fn publish(&self, channel: &str, data: Bytes) -> Vec<mpsc::Sender<Delivery>> {
+        let mut congested = Vec::new();
+        let inner = self.lock();
+        let Some((channel, subscribers)) = inner.channels.get_key_value(channel) else {
+            return congested;
+        };
+        for id in subscribers {
+            let Some(stream) = inner.streams.get(id) else {
+                continue;
+            };
+            let delivery = Delivery {
+                channel: channel.clone(),
+                data: data.clone(),
+            };
+            match stream.tx.try_send(delivery) {
+                Ok(()) => {
+                    if stream.tx.capacity() < self.queue / 2 {
+                        congested.push(stream.tx.clone());
+                    }
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if !stream.cut.is_cancelled() {
+                        tracing::error!(worker = %stream.worker, queue = self.queue, "worker stream not reading, cutting it");
+                        stream.cut.cancel();
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        congested
+    }
+
+    /// Channels with at least one subscribed stream.
+    pub fn channel_count(&self) -> usize {
+        self.lock().channels.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves maps that are still consistent enough to use.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    fn remove_subscriber(&mut self, channel: &str, id: StreamId) {
+        if let Some(subscribers) = self.channels.get_mut(channel) {
+            subscribers.retain(|s| *s != id);
+            if subscribers.is_empty() {
+                self.channels.remove(channel);
+            }
+        }
+    }
+}
+
+/// Waits until each congested queue is back to at most half full, or closed.
+pub async fn wait_for_room(congested: Vec<mpsc::Sender<Delivery>>, queue: usize) {
+    for tx in congested {
+        // Reserving half the queue waits for the consumer to drain it; the permits are given
+        // back at once.
+        let _ = tx.reserve_many(queue / 2).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn delivers_to_subscribed_streams_only() {
+        let router = Router::new(16);
+        let mut a = router.attach("a");
+        let mut b = router.attach("b");
+        router.subscribe(a.id, "news");
+        router.subscribe(a.id, "news");
+        router.subscribe(b.id, "chat");
+        router.publish("news", data("1"));
+        router.publish("chat", data("2"));
+        router.publish("none", data("3"));
+        let got = a.deliveries.recv().await.unwrap();
+        assert_eq!((&*got.channel, &got.data[..]), ("news", &b"1"[..]));
+        assert!(
+            a.deliveries.try_recv().is_err(),
+            "subscribing twice delivers once"
+        );
+        assert_eq!(&b.deliveries.recv().await.unwrap().data[..], b"2");
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_and_detach_drop_subscriptions() {
+        let router = Router::new(16);
+        let mut a = router.attach("a");
+        let b = router.attach("b");
+        router.subscribe(a.id, "news");
+        router.subscribe(b.id, "news");
+        router.unsubscribe(a.id, "news");
+        router.publish("news", data("1"));
+        assert!(a.deliveries.try_recv().is_err());
+        router.detach(b.id);
+        assert_eq!(router.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_cuts_the_stream() {
+        let router = Router::new(4);
+        let a = router.attach("a");
+        router.subscribe(a.id, "news");
+        for i in 0..5 {
+            router.publish("news", data(&i.to_string()));
+        }
+        assert!(a.cut.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn congestion_is_reported_past_half() {
+        let router = Router::new(4);
+        let a = router.attach("a");
+        router.subscribe(a.id, "news");
+        assert!(router.publish("news", data("1")).is_empty());
+        assert!(router.publish("news", data("2")).is_empty());
+        assert_eq!(router.publish("news", data("3")).len(), 1);
+    }
+}

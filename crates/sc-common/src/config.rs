@@ -1,0 +1,518 @@
+//! The cluster's configuration: one TOML file, environment overrides, strict keys.
+//!
+//! Every daemon reads the same file (sections `[cluster] [master] [balancer] [worker] [broker]`)
+//! and uses its own section plus `[cluster]`. Sources, later ones winning:
+//! 1. built-in defaults (the values documented in deploy/sc.example.toml);
+//! 2. the TOML file given with `--config`;
+//! 3. environment variables `SC_<SECTION>__<KEY>`, e.g. `SC_WORKER__PING_INTERVAL=5s`;
+//! 4. command-line flags of the daemon (`--id`, `--master`).
+//!
+//! An unknown key in any source is an error that names it. Durations are written like "8s" or
+//! "250ms".
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The prefix of environment overrides: `SC_WORKER__PING_INTERVAL` sets `[worker] ping_interval`.
+pub const ENV_PREFIX: &str = "SC";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub cluster: ClusterConfig,
+    pub master: MasterConfig,
+    pub balancer: BalancerConfig,
+    pub worker: WorkerConfig,
+    pub broker: BrokerConfig,
+}
+
+/// `[cluster]`: what the whole cluster shares.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Workers the master runs in supervise mode.
+    pub workers: usize,
+    /// Brokers the master runs in supervise mode.
+    pub brokers: usize,
+    /// The shared secret that authenticates internal gRPC calls. Empty: the master makes a
+    /// random one per start and hands it to the daemons it spawns.
+    pub secret: String,
+    /// Log format of every daemon: "plain" or "json". The filter comes from RUST_LOG.
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+/// How the master gets its members.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MasterMode {
+    /// Spawn the balancer, workers and brokers as child processes and supervise them.
+    #[default]
+    Supervise,
+    /// Spawn nothing; daemons started by something else register themselves.
+    Standalone,
+}
+
+/// `[master]`: the control plane.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MasterConfig {
+    pub mode: MasterMode,
+    /// The master's gRPC listener (membership, central log, health).
+    pub listen: SocketAddr,
+    /// How often each member's grpc.health.v1 Check is called.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Consecutive failed checks after which a member leaves the membership (and, in supervise
+    /// mode, is killed and respawned).
+    pub health_failures: u32,
+    /// How long shutdown may take before the remaining children are killed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// The first respawn delay; it doubles on each crash in a row.
+    #[serde(with = "humantime_serde")]
+    pub respawn_backoff: Duration,
+    /// The longest respawn delay.
+    #[serde(with = "humantime_serde")]
+    pub respawn_backoff_max: Duration,
+    /// Where the daemon binaries are. Unset: the folder of the sc-master executable.
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// `[balancer]`: the public face.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalancerConfig {
+    /// This member's id; in supervise mode the master sets it.
+    pub id: Option<String>,
+    /// The master to register with, e.g. "http://127.0.0.1:9000".
+    pub master: Option<String>,
+    /// The command the master runs for a balancer. Unset: sc-balancer from the bin folder.
+    pub command: Option<PathBuf>,
+    /// The public listener.
+    pub listen: SocketAddr,
+    /// The balancer's gRPC listener (health).
+    pub grpc_listen: SocketAddr,
+    /// How long to wait for a worker to accept before trying the next one.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// This member's id; in supervise mode the master sets it.
+    pub id: Option<String>,
+    /// The master to register with.
+    pub master: Option<String>,
+    /// The command the master runs for a worker (an app's own worker binary). Unset: sc-worker
+    /// from the bin folder.
+    pub command: Option<PathBuf>,
+    /// The HTTP and WebSocket listener that balancers forward to.
+    pub listen: SocketAddr,
+    /// The worker's gRPC listener (health).
+    pub grpc_listen: SocketAddr,
+    /// The WebSocket endpoint; served with and without the trailing slash.
+    pub path: String,
+    /// How often the server pings each socket.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A socket that sends no pong for this long is closed with 4001. Sent to clients in the
+    /// handshake reply.
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// A socket that sends no #handshake within this long is closed with 4005.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Frames queued to one socket beyond which it is a slow consumer and is closed.
+    pub outbound_queue: usize,
+}
+
+/// `[broker]`: pub/sub and shared data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// This member's id; in supervise mode the master sets it.
+    pub id: Option<String>,
+    /// The master to register with.
+    pub master: Option<String>,
+    /// The command the master runs for a broker. Unset: sc-broker from the bin folder.
+    pub command: Option<PathBuf>,
+    /// The broker's gRPC listener (pub/sub, exchange, health).
+    pub listen: SocketAddr,
+    /// Deliveries queued to one worker stream before publishers wait for it.
+    pub worker_queue: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            brokers: 1,
+            secret: String::new(),
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        Self {
+            mode: MasterMode::Supervise,
+            listen: loopback(0),
+            health_interval: Duration::from_secs(1),
+            health_failures: 3,
+            shutdown_grace: Duration::from_secs(10),
+            respawn_backoff: Duration::from_millis(100),
+            respawn_backoff_max: Duration::from_secs(30),
+            bin_dir: None,
+        }
+    }
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            master: None,
+            command: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            grpc_listen: loopback(0),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            master: None,
+            command: None,
+            listen: loopback(0),
+            grpc_listen: loopback(0),
+            path: "/socketcluster/".to_owned(),
+            ping_interval: Duration::from_secs(8),
+            ping_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            outbound_queue: 1024,
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            master: None,
+            command: None,
+            listen: loopback(0),
+            worker_queue: 65536,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (if any), then `SC_*` environment
+    /// variables from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, Error> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(Error::Config(format!("{}: no such file", file.display())));
+            }
+            builder = builder.add_source(
+                config::File::from(file)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        // Only SC_<SECTION>__<KEY> names are overrides; other SC_* variables (SC_TEST_BIN_DIR,
+        // say) belong to someone else and are left alone.
+        let prefix = format!("{ENV_PREFIX}_");
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| {
+                key.strip_prefix(&prefix)
+                    .is_some_and(|rest| rest.contains("__"))
+            })
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        let config: Config = built
+            .try_deserialize()
+            .map_err(|e| Error::Config(explain(e, file)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, why: &str| Err(Error::Config(format!("{key}: {why}")));
+        if self.cluster.workers == 0 {
+            return bad("cluster.workers", "must be at least 1");
+        }
+        if self.cluster.brokers == 0 {
+            return bad("cluster.brokers", "must be at least 1");
+        }
+        if self.master.health_interval.is_zero() {
+            return bad("master.health_interval", "must be more than 0");
+        }
+        if self.master.health_failures == 0 {
+            return bad("master.health_failures", "must be at least 1");
+        }
+        if !self.worker.path.starts_with('/') {
+            return bad("worker.path", "must start with /");
+        }
+        if self.worker.ping_interval.is_zero() {
+            return bad("worker.ping_interval", "must be more than 0");
+        }
+        if self.worker.ping_timeout <= self.worker.ping_interval {
+            return bad(
+                "worker.ping_timeout",
+                "must be longer than worker.ping_interval",
+            );
+        }
+        if self.worker.outbound_queue == 0 {
+            return bad("worker.outbound_queue", "must be at least 1");
+        }
+        if self.broker.worker_queue == 0 {
+            return bad("broker.worker_queue", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `print-config`.
+    pub fn to_toml(&self) -> String {
+        // Serializing plain structs of strings, numbers and durations cannot fail.
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Turns the config crate's error into one line that names the key and where it came from.
+fn explain(error: config::ConfigError, file: Option<&Path>) -> String {
+    let text = error.to_string();
+    let source = match file {
+        Some(file) => format!("{} or SC_* environment", file.display()),
+        None => "SC_* environment".to_owned(),
+    };
+    if text.contains("unknown field") {
+        format!("unknown key in {source}: {text}")
+    } else {
+        format!("{source}: {text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let config = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(config.cluster.workers, 2);
+        assert_eq!(config.cluster.brokers, 1);
+        assert_eq!(config.balancer.listen, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(config.worker.path, "/socketcluster/");
+        assert_eq!(config.worker.ping_interval, Duration::from_secs(8));
+        assert_eq!(config.worker.ping_timeout, Duration::from_secs(20));
+        assert_eq!(config.master.health_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let file = write("[worker]\nping_interval = \"3s\"\n[cluster]\nworkers = 3\n");
+        let config = Config::load_with_env(
+            Some(file.path()),
+            env(&[
+                ("SC_WORKER__PING_INTERVAL", "5s"),
+                ("SC_CLUSTER__BROKERS", "4"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.worker.ping_interval, Duration::from_secs(5));
+        assert_eq!(config.cluster.workers, 3);
+        assert_eq!(config.cluster.brokers, 4);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let file = write("[worker]\npign_interval = \"3s\"\n");
+        let err = Config::load_with_env(Some(file.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pign_interval"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let file = write("[wokrer]\nport = 1\n");
+        let err = Config::load_with_env(Some(file.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wokrer"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_in_environment_is_named() {
+        let err = Config::load_with_env(None, env(&[("SC_WORKER__PING_INTERVALL", "5s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ping_intervall"), "{err}");
+    }
+
+    #[test]
+    fn other_sc_variables_are_not_config() {
+        let config =
+            Config::load_with_env(None, env(&[("SC_TEST_BIN_DIR", "/x"), ("SC", "1")])).unwrap();
+        assert_eq!(config, Config::default());
+        let err = Config::load_with_env(None, env(&[("SC_WOKRER__PATH", "/x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wokrer"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_an_error() {
+        let err = Config::load_with_env(None, env(&[("SC_WORKER__PING_INTERVAL", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("soon") || err.contains("ping_interval"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load_with_env(Some(Path::new("/nonexistent/sc.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such file"), "{err}");
+    }
+
+    #[test]
+    fn nonsense_values_are_rejected() {
+        let err = Config::load_with_env(None, env(&[("SC_CLUSTER__WORKERS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.workers"), "{err}");
+        let err = Config::load_with_env(
+            None,
+            env(&[
+                ("SC_WORKER__PING_TIMEOUT", "1s"),
+                ("SC_WORKER__PING_INTERVAL", "2s"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("ping_timeout"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_loads_back_unchanged() {
+        let config = Config::load_with_env(None, env(&[("SC_CLUSTER__WORKERS", "5")])).unwrap();
+        let file = write(&config.to_toml());
+        let again = Config::load_with_env(Some(file.path()), env(&[])).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn example_config_documents_every_key_and_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sc.example.toml");
+        let config = Config::load_with_env(Some(&path), env(&[])).unwrap();
+        assert_eq!(
+            config,
+            Config::default(),
+            "the example must show the defaults"
+        );
+        // Every key of the effective config appears in the example, so none goes undocumented;
+        // optional keys are filled in so that they are printed too.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut full = config.clone();
+        full.master.bin_dir = Some("/bin".into());
+        for (id, master, command) in [
+            (
+                &mut full.balancer.id,
+                &mut full.balancer.master,
+                &mut full.balancer.command,
+            ),
+            (
+                &mut full.worker.id,
+                &mut full.worker.master,
+                &mut full.worker.command,
+            ),
+            (
+                &mut full.broker.id,
+                &mut full.broker.master,
+                &mut full.broker.command,
+            ),
+        ] {
+            *id = Some("x".into());
+            *master = Some("x".into());
+            *command = Some("x".into());
+        }
+        let printed: toml::Table = toml::from_str(&full.to_toml()).unwrap();
+        let example: toml::Table = toml::from_str(&text).unwrap();
+        for (section, keys) in &printed {
+            let keys = keys.as_table().unwrap();
+            for key in keys.keys() {
+                let documented = example
+                    .get(section)
+                    .and_then(|s| s.as_table())
+                    .is_some_and(|s| s.contains_key(key))
+                    || text.contains(&format!("# {key} ="));
+                assert!(
+                    documented,
+                    "[{section}] {key} is not in deploy/sc.example.toml"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! What every daemon's `main` does the same way: the command line, telemetry, signals, the
+//! orphan watchdog, the grpc.health.v1 listener and exit codes.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::Error;
+use crate::config::LogFormat;
+use crate::membership::{Event, Severity};
+
+/// Exit code for bad configuration or usage (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code for a runtime failure.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// How long an orphaned daemon (its supervising master gone) may take to shut down.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+
+/// The command line shared by the balancer, worker and broker.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct MemberCli {
+    /// The TOML configuration file; without it, defaults plus SC_* environment overrides.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This member's id (overrides the section's `id`).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The master's gRPC URL, e.g. http://127.0.0.1:9000 (overrides the section's `master`).
+    #[arg(long)]
+    pub master: Option<String>,
+    /// Set by a supervising master: exit when that process is gone.
+    #[arg(long, hide = true)]
+    pub supervisor_pid: Option<u32>,
+    #[command(subcommand)]
+    pub command: Option<MemberCommand>,
+}
+
+/// Subcommands of a member daemon.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum MemberCommand {
+    /// Run the daemon (the default).
+    Run,
+    /// Print the effective configuration as TOML and exit.
+    PrintConfig,
+}
+
+/// Installs the tracing subscriber: plain or JSON lines on stderr, filtered by RUST_LOG
+/// (default `info`), and the forwarding of warnings and errors to the central log (see
+/// [`central_log`]).
+pub fn init_telemetry(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Plain => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(CentralLogLayer)
+        .try_init();
+    install_panic_hook();
+}
+
+static CENTRAL_LOG: OnceLock<mpsc::Sender<Event>> = OnceLock::new();
+
+/// The queue of warnings and errors for the master's central log. Call once, after
+/// [`init_telemetry`], and hand the receiver to the [`crate::membership::MasterLink`].
+pub fn central_log() -> mpsc::Receiver<Event> {
+    // Bounded: when the master is slow or away, newer events are dropped rather than held.
+    let (tx, rx) = mpsc::channel(256);
+    let _ = CENTRAL_LOG.set(tx);
+    rx
+}
+
+/// Forwards WARN and ERROR events to the central log queue (never blocking).
+struct CentralLogLayer;
+
+impl<S: tracing::Subscriber> Layer<S> for CentralLogLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        let severity = match *meta.level() {
+            tracing::Level::ERROR => Severity::Error,
+            tracing::Level::WARN => Severity::Warning,
+            _ => return,
+        };
+        // The master link's own troubles cannot be reported through it.
+        if meta.target().starts_with("sc_common::membership") {
+            return;
+        }
+        let Some(tx) = CENTRAL_LOG.get() else { return };
+        let mut line = LineVisitor::default();
+        event.record(&mut line);
+        let location = match (meta.file(), meta.line()) {
+            (Some(file), Some(line)) => format!("{file}:{line}"),
+            _ => meta.target().to_owned(),
+        };
+        let _ = tx.try_send(Event::now(severity, line.finish(), location));
+    }
+}
+
+#[derive(Default)]
+struct LineVisitor {
+    message: String,
+    fields: String,
+}
+
+impl LineVisitor {
+    fn finish(self) -> String {
+        if self.fields.is_empty() {
+            self.message
+        } else {
+            format!("{}{}", self.message, self.fields)
+        }
+    }
+}
+
+impl Visit for LineVisitor {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.fields, " {}={value}", field.name());
+        }
+    }
+}
+
+/// Panics go to the log (and so to the central log) with their location.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_owned());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, "panic: {message}");
+    }));
+}
+
+/// The first SIGTERM or SIGINT cancels `shutdown` (a graceful drain); a second one exits at once.
+pub fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        }
+        shutdown.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal, exiting now");
+        std::process::exit(EXIT_FAILURE);
+    });
+}
+
+/// A supervised daemon must not outlive its master, even one killed with SIGKILL: this polls
+/// the parent pid and, once it is no longer `supervisor`, cancels `shutdown` and exits after
+/// [`ORPHAN_GRACE`] whatever the drain is doing.
+pub fn spawn_orphan_watchdog(supervisor: u32, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            // SAFETY: getppid has no preconditions and cannot fail.
+            let parent = unsafe { libc::getppid() };
+            if u32::try_from(parent).ok() != Some(supervisor) {
+                break;
+            }
+        }
+        tracing::error!(supervisor, "supervising master is gone, shutting down");
+        shutdown.cancel();
+        tokio::time::sleep(ORPHAN_GRACE).await;
+        std::process::exit(EXIT_FAILURE);
+    });
+}
+
+/// Runs `serve` until it ends; once `shutdown` is cancelled it gets `grace` to finish.
+pub async fn serve_with_grace<E>(
+    serve: impl Future<Output = Result<(), E>>,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<(), E> {
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        outcome = serve => outcome,
+        _ = deadline => {
+            tracing::warn!(?grace, "shutdown grace period over, exiting");
+            Ok(())
+        }
+    }
+}
+
+/// Binds a TCP listener, with the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    let bind_err = |source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let socket = socket.map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)
+}
+
+/// A grpc.health.v1 service reporting SERVING for the whole server (service name ""), and the
+/// reporter to switch it to NOT_SERVING when draining.
+pub fn health() -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    tonic_health::server::health_reporter()
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+        .map_err(Error::from)
+}
+
+/// The id a member uses when none is configured: role and pid.
+pub fn default_id(role: crate::Role) -> String {
+    format!("{}-{}", role.as_str(), std::process::id())
+}
+
+/// The whole `main` of a member daemon (balancer, worker, broker): parses [`MemberCli`], loads
+/// the config (exit 64 on error), handles `print-config`, sets up telemetry, signals and the
+/// orphan watchdog, then runs `serve(config, central_log, shutdown)` with the shutdown grace
+/// (`[master] shutdown_grace`). A runtime failure exits 1.
+pub fn member_main<F, Fut>(role: crate::Role, serve: F) -> std::process::ExitCode
+where
+    F: FnOnce(crate::Config, mpsc::Receiver<Event>, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    use clap::Parser;
+    use std::process::ExitCode;
+
+    let name = format!("sc-{}", role.as_str());
+    let cli = MemberCli::parse();
+    let mut config = match crate::Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
+    let (id, master) = match role {
+        crate::Role::Balancer => (&mut config.balancer.id, &mut config.balancer.master),
+        crate::Role::Worker => (&mut config.worker.id, &mut config.worker.master),
+        crate::Role::Broker => (&mut config.broker.id, &mut config.broker.master),
+    };
+    if cli.id.is_some() {
+        *id = cli.id.clone();
+    }
+    if cli.master.is_some() {
+        *master = cli.master.clone();
+    }
+    if let Some(MemberCommand::PrintConfig) = cli.command {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    runtime.block_on(async move {
+        init_telemetry(config.cluster.log_format);
+        let events = central_log();
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        if let Some(pid) = cli.supervisor_pid {
+            spawn_orphan_watchdog(pid, shutdown.clone());
+        }
+        let grace = config.master.shutdown_grace;
+        match serve_with_grace(serve(config, events, shutdown.clone()), &shutdown, grace).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Error::Config(e)) => {
+                tracing::error!("config: {e}");
+                ExitCode::from(EXIT_USAGE as u8)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(EXIT_FAILURE as u8)
+            }
+        }
+    })
+}

@@ -1,0 +1,240 @@
+//! PROXY protocol version 2: how the balancer tells a worker who the client really is.
+//!
+//! The balancer writes one binary header at the start of every forwarded connection
+//! ([`encode`]); the worker reads it before HTTP ([`read_header`]). Only the parts we use are
+//! implemented: the PROXY and LOCAL commands, TCP over IPv4 and IPv6, and one TLV, PP2_TYPE_SSL
+//! (0x20), whose presence says the client came over TLS. Unknown TLVs are skipped.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The 12-byte signature every v2 header starts with.
+pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// The PP2_TYPE_SSL TLV type.
+const TLV_SSL: u8 = 0x20;
+/// Largest address block we accept: addresses plus a few TLVs.
+const MAX_BLOCK: usize = 512;
+
+/// What a PROXY v2 header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The client's address; `None` for a LOCAL header (health checks and the like).
+    pub source: Option<SocketAddr>,
+    /// The address the client connected to.
+    pub destination: Option<SocketAddr>,
+    /// The client connection was TLS (terminated by the sender of the header).
+    pub tls: bool,
+}
+
+/// A header that cannot be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("not a PROXY v2 header")]
+    Signature,
+    #[error("unsupported PROXY version or command {0:#04x}")]
+    Command(u8),
+    #[error("address block of {0} bytes is too long or too short")]
+    Length(usize),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The header for a connection from `source` to `destination`.
+pub fn encode(source: SocketAddr, destination: SocketAddr, tls: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 36 + 8);
+    out.extend_from_slice(&SIGNATURE);
+    out.push(0x21); // version 2, PROXY
+    let mut block = Vec::with_capacity(36 + 8);
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.push(0x11); // TCP over IPv4
+            block.extend_from_slice(&s.octets());
+            block.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            out.push(0x21); // TCP over IPv6
+            block.extend_from_slice(&to_v6(s).octets());
+            block.extend_from_slice(&to_v6(d).octets());
+        }
+    }
+    block.extend_from_slice(&source.port().to_be_bytes());
+    block.extend_from_slice(&destination.port().to_be_bytes());
+    if tls {
+        // PP2_TYPE_SSL: client flags PP2_CLIENT_SSL (0x01), verify 0 (success), no sub-TLVs.
+        block.extend_from_slice(&[TLV_SSL, 0, 5, 0x01, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&(block.len() as u16).to_be_bytes());
+    out.extend_from_slice(&block);
+    out
+}
+
+/// Reads one header from `reader`, which must start with [`SIGNATURE`].
+pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header, ParseError> {
+    let mut fixed = [0u8; 16];
+    reader.read_exact(&mut fixed).await?;
+    if fixed[..12] != SIGNATURE {
+        return Err(ParseError::Signature);
+    }
+    let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+    if len > MAX_BLOCK {
+        return Err(ParseError::Length(len));
+    }
+    let mut block = vec![0u8; len];
+    reader.read_exact(&mut block).await?;
+    parse(fixed[12], fixed[13], &block)
+}
+
+fn parse(command: u8, family: u8, block: &[u8]) -> Result<Header, ParseError> {
+    let local = Header {
+        source: None,
+        destination: None,
+        tls: false,
+    };
+    match command {
+        0x20 => return Ok(local),
+        0x21 => {}
+        other => return Err(ParseError::Command(other)),
+    }
+    let (source, destination, rest) = match family {
+        0x11 => {
+            let b = block.get(..12).ok_or(ParseError::Length(block.len()))?;
+            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]));
+            let port = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+                &block[12..],
+            )
+        }
+        0x21 => {
+            let b = block.get(..36).ok_or(ParseError::Length(block.len()))?;
+            let ip = |o: usize| {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&b[o..o + 16]);
+                let v6 = Ipv6Addr::from(octets);
+                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+            };
+            let port = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+                &block[36..],
+            )
+        }
+        // UNSPEC or a family we do not forward (Unix): the connection is fine, the address unknown.
+        _ => return Ok(local),
+    };
+    Ok(Header {
+        source: Some(source),
+        destination: Some(destination),
+        tls: has_ssl_tlv(rest),
+    })
+}
+
+fn has_ssl_tlv(mut tlvs: &[u8]) -> bool {
+    while tlvs.len() >= 3 {
+        let kind = tlvs[0];
+        let len = usize::from(u16::from_be_bytes([tlvs[1], tlvs[2]]));
+        let Some(value) = tlvs.get(3..3 + len) else {
+            return false;
+        };
+        if kind == TLV_SSL {
+            return value.first().is_some_and(|flags| flags & 0x01 != 0);
+        }
+        tlvs = &tlvs[3 + len..];
+    }
+    false
+}
+
+fn to_v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn round_trip(source: &str, destination: &str, tls: bool) -> Header {
+        let bytes = encode(source.parse().unwrap(), destination.parse().unwrap(), tls);
+        let mut reader = &bytes[..];
+        let header = read_header(&mut reader).await.unwrap();
+        assert!(reader.is_empty(), "the whole header is consumed");
+        header
+    }
+
+    #[tokio::test]
+    async fn ipv4_round_trip() {
+        let h = round_trip("203.0.113.7:51000", "127.0.0.1:8000", false).await;
+        assert_eq!(h.source, Some("203.0.113.7:51000".parse().unwrap()));
+        assert_eq!(h.destination, Some("127.0.0.1:8000".parse().unwrap()));
+        assert!(!h.tls);
+    }
+
+    #[tokio::test]
+    async fn ipv6_and_tls_round_trip() {
+        let h = round_trip("[2001:db8::1]:443", "[::1]:8000", true).await;
+        assert_eq!(h.source, Some("[2001:db8::1]:443".parse().unwrap()));
+        assert!(h.tls);
+    }
+
+    #[tokio::test]
+    async fn mixed_families_use_mapped_v6() {
+        let h = round_trip("198.51.100.2:1234", "[::1]:8000", false).await;
+        assert_eq!(h.source, Some("198.51.100.2:1234".parse().unwrap()));
+    }
+
+    #[test]
+    fn known_bytes() {
+        let bytes = encode(
+            "1.2.3.4:5".parse().unwrap(),
+            "6.7.8.9:10".parse().unwrap(),
+            false,
+        );
+        assert_eq!(
+            bytes,
+            [
+                0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11,
+                0, 12, 1, 2, 3, 4, 6, 7, 8, 9, 0, 5, 0, 10
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn local_command_has_no_address() {
+        let mut bytes = SIGNATURE.to_vec();
+        bytes.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        let h = read_header(&mut &bytes[..]).await.unwrap();
+        assert_eq!(h.source, None);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_rejected() {
+        let bytes = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert!(matches!(
+            read_header(&mut &bytes[..]).await,
+            Err(ParseError::Signature)
+        ));
+        let mut long = SIGNATURE.to_vec();
+        long.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert!(matches!(
+            read_header(&mut &long[..]).await,
+            Err(ParseError::Length(_))
+        ));
+        let mut short = SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x11, 0, 2, 1, 2]);
+        assert!(matches!(
+            read_header(&mut &short[..]).await,
+            Err(ParseError::Length(2))
+        ));
+        let truncated = &SIGNATURE[..8];
+        assert!(matches!(
+            read_header(&mut &truncated[..]).await,
+            Err(ParseError::Io(_))
+        ));
+    }
+}

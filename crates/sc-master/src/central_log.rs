@@ -1,0 +1,101 @@
+//! The central log: errors and notices from every daemon, written in one place.
+//!
+//! Daemons report through the gRPC `ReportEvent` call; the master adds its own events
+//! (exits, respawns, health failures). Each entry is logged by the master under the target
+//! `central` (so RUST_LOG and the JSON format apply) and the most recent ones are kept in memory.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+
+use sc_common::Role;
+use sc_common::membership::{Severity, now_ms};
+
+/// How many entries are kept in memory.
+const KEEP: usize = 1000;
+
+/// One entry of the central log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `None` for the master itself.
+    pub role: Option<Role>,
+    pub id: String,
+    pub pid: u32,
+    pub time_ms: u64,
+    pub severity: Severity,
+    pub message: String,
+    pub location: String,
+}
+
+/// The in-memory tail of the central log.
+#[derive(Debug, Default)]
+pub struct CentralLog {
+    /// std Mutex: a push or a copy, never held across await.
+    recent: Mutex<VecDeque<Entry>>,
+}
+
+impl CentralLog {
+    /// Writes an entry to the log and keeps it.
+    pub fn record(&self, entry: Entry) {
+        let role = entry.role.map_or("master", Role::as_str);
+        let (id, pid, location, message) = (&entry.id, entry.pid, &entry.location, &entry.message);
+        match entry.severity {
+            Severity::Error => {
+                tracing::error!(target: "central", role, %id, pid, %location, "{message}")
+            }
+            Severity::Warning => {
+                tracing::warn!(target: "central", role, %id, pid, %location, "{message}")
+            }
+            Severity::Notice => {
+                tracing::info!(target: "central", role, %id, pid, %location, "{message}")
+            }
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() == KEEP {
+            recent.pop_front();
+        }
+        recent.push_back(entry);
+    }
+
+    /// An event of the master's own.
+    pub fn master(&self, severity: Severity, message: String) {
+        self.record(Entry {
+            role: None,
+            id: "master".into(),
+            pid: std::process::id(),
+            time_ms: now_ms(),
+            severity,
+            message,
+            location: String::new(),
+        });
+    }
+
+    /// The most recent entries, oldest first.
+    pub fn recent(&self) -> Vec<Entry> {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_most_recent() {
+        let log = CentralLog::default();
+        for i in 0..(KEEP + 5) {
+            log.master(Severity::Notice, format!("event {i}"));
+        }
+        let recent = log.recent();
+        assert_eq!(recent.len(), KEEP);
+        assert_eq!(recent[0].message, "event 5");
+        assert_eq!(
+            recent.last().unwrap().message,
+            format!("event {}", KEEP + 4)
+        );
+    }
+}

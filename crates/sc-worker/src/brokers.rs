@@ -1,0 +1,361 @@
+//! The worker's links to the brokers: one `sc.broker.v1.Broker/Attach` stream per live broker.
+//!
+//! A channel's broker is the rendezvous owner of its name among the live brokers' ids. The pool
+//! keeps the set of channels this worker holds (one broker subscription per channel, whatever
+//! the number of local sockets) and:
+//! - on a (re)connected stream, subscribes every channel that broker owns, so a broker restart
+//!   loses no subscription;
+//! - on a membership change, subscribes each moved channel on its new owner before it
+//!   unsubscribes it from the old one (make before break);
+//! - sends publishes to the owner, with a bounded window of publishes in flight per broker so
+//!   a slow broker slows publishers down instead of growing memory.
+//!
+//! This module is the gRPC edge on the worker side: wire types stay here.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sc_common::batch::BatchStream;
+use sc_common::membership::Backoff;
+use sc_common::{rendezvous, secret};
+use sc_proto::broker::v1 as pb;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::hub::Hub;
+
+/// Publishes that may be queued to one broker before publishers wait.
+const PUBLISH_WINDOW: usize = 8192;
+/// Most commands in one gRPC message.
+const MAX_BATCH: usize = 512;
+/// How long a publish waits for its channel's broker to be linked (a worker that just started,
+/// or a broker that is being replaced) before it fails.
+const LINK_WAIT: Duration = Duration::from_secs(3);
+
+/// Why a publish could not be handed to a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("no broker is available for this channel")]
+    NoBroker,
+}
+
+/// The worker's broker links.
+#[derive(Debug)]
+pub struct BrokerPool {
+    worker_id: String,
+    secret: String,
+    /// std Mutex: held for map updates and non-blocking sends, never across await.
+    state: Mutex<State>,
+    /// Wakes publishers waiting for a broker stream to open.
+    linked: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Channels this worker holds at the broker level.
+    channels: HashSet<Arc<str>>,
+    /// Live brokers by id.
+    brokers: BTreeMap<String, Entry>,
+    next_generation: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    grpc: String,
+    generation: u64,
+    /// The open stream, if any: commands sent while it is `None` are not needed later (the
+    /// subscriptions are replayed when it opens; publishes fail fast).
+    link: Option<Link>,
+    stop: CancellationToken,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    tx: mpsc::UnboundedSender<pb::Command>,
+    /// Free slots of the publish window; given back as the stream takes publishes out.
+    window: Arc<Semaphore>,
+}
+
+impl BrokerPool {
+    /// A pool for the worker `worker_id`, authenticating with the cluster `secret`.
+    pub fn new(worker_id: String, secret: String) -> Self {
+        Self {
+            worker_id,
+            secret,
+            state: Mutex::new(State::default()),
+            linked: Notify::new(),
+        }
+    }
+
+    /// Holds `channel` at the broker level (called for its first local subscriber).
+    pub fn subscribe(&self, channel: &Arc<str>) {
+        let mut state = self.lock();
+        state.channels.insert(channel.clone());
+        state.send_to_owner(channel, || subscribe(channel));
+    }
+
+    /// Stops holding `channel` (called when its last local subscriber left).
+    pub fn unsubscribe(&self, channel: &str) {
+        let mut state = self.lock();
+        state.channels.remove(channel);
+        state.send_to_owner(channel, || unsubscribe(channel));
+    }
+
+    /// Publishes `data` (JSON text) to `channel` through its owner broker, waiting up to
+    /// [`LINK_WAIT`] for that broker's stream to open.
+    pub async fn publish(&self, channel: &str, data: Bytes) -> Result<(), PublishError> {
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        let link = loop {
+            let linked = self.linked.notified();
+            tokio::pin!(linked);
+            linked.as_mut().enable();
+            if let Some(link) = self.lock().owner_link(channel) {
+                break link;
+            }
+            if tokio::time::timeout_at(deadline, linked).await.is_err() {
+                return Err(PublishError::NoBroker);
+            }
+        };
+        // The permit is given back by the stream when it takes the publish out.
+        match link.window.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Err(PublishError::NoBroker),
+        }
+        let command = pb::Command {
+            kind: Some(pb::command::Kind::Publish(pb::Publish {
+                channel: channel.to_owned(),
+                data,
+            })),
+        };
+        link.tx.send(command).map_err(|_| PublishError::NoBroker)
+    }
+
+    /// Brokers with an open stream.
+    pub fn linked(&self) -> usize {
+        self.lock()
+            .brokers
+            .values()
+            .filter(|e| e.link.is_some())
+            .count()
+    }
+
+    /// Applies a new set of live brokers (id, gRPC address): links new ones, drops gone ones,
+    /// and moves the channels whose owner changed, make before break.
+    pub fn apply(&self, brokers: Vec<(String, String)>, hub: &Arc<Hub>) {
+        let mut state = self.lock();
+        let before: Vec<(Arc<str>, Option<String>)> = state
+            .channels
+            .iter()
+            .map(|c| (c.clone(), state.owner(c).map(str::to_owned)))
+            .collect();
+
+        let wanted: BTreeMap<String, String> = brokers.into_iter().collect();
+        state.brokers.retain(|id, entry| {
+            let keep = wanted.get(id) == Some(&entry.grpc);
+            if !keep {
+                tracing::debug!(broker = %id, "broker left");
+                entry.stop.cancel();
+            }
+            keep
+        });
+        for (id, grpc) in wanted {
+            if state.brokers.contains_key(&id) {
+                continue;
+            }
+            state.next_generation += 1;
+            let generation = state.next_generation;
+            let stop = CancellationToken::new();
+            state.brokers.insert(
+                id.clone(),
+                Entry {
+                    grpc: grpc.clone(),
+                    generation,
+                    link: None,
+                    stop: stop.clone(),
+                },
+            );
+            tracing::debug!(broker = %id, %grpc, "broker joined");
+            tokio::spawn(run_link(hub.clone(), id, grpc, generation, stop));
+        }
+
+        for (channel, old) in before {
+            let new = state.owner(&channel).map(str::to_owned);
+            if new == old {
+                continue;
+            }
+            // Make before break: the new owner first.
+            if let Some(link) = new.as_deref().and_then(|id| state.link(id)) {
+                let _ = link.tx.send(subscribe(&channel));
+            }
+            if let Some(link) = old.as_deref().and_then(|id| state.link(id)) {
+                let _ = link.tx.send(unsubscribe(&channel));
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn owner(&self, channel: &str) -> Option<&str> {
+        rendezvous::owner(self.brokers.keys().map(String::as_str), channel.as_bytes())
+    }
+
+    fn link(&self, id: &str) -> Option<&Link> {
+        self.brokers.get(id).and_then(|e| e.link.as_ref())
+    }
+
+    fn owner_link(&self, channel: &str) -> Option<Link> {
+        self.owner(channel).and_then(|id| self.link(id)).cloned()
+    }
+
+    fn send_to_owner(&self, channel: &str, command: impl FnOnce() -> pb::Command) {
+        if let Some(link) = self.owner(channel).and_then(|id| self.link(id)) {
+            let _ = link.tx.send(command());
+        }
+    }
+}
+
+fn subscribe(channel: &str) -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::Subscribe(channel.to_owned())),
+    }
+}
+
+fn unsubscribe(channel: &str) -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::Unsubscribe(channel.to_owned())),
+    }
+}
+
+/// Keeps one broker's stream open until `stop`, reconnecting with backoff.
+async fn run_link(
+    hub: Arc<Hub>,
+    id: String,
+    grpc: String,
+    generation: u64,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut failures = 0u32;
+    loop {
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            outcome = link_once(&hub, &id, &grpc, generation) => outcome,
+        };
+        // The stream is gone: stop routing to it.
+        {
+            let mut state = hub.pool().lock();
+            if let Some(entry) = state
+                .brokers
+                .get_mut(&id)
+                .filter(|e| e.generation == generation)
+            {
+                entry.link = None;
+            }
+        }
+        match outcome {
+            Ok(true) => {
+                backoff.reset();
+                failures = 0;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                failures += 1;
+                if failures == 5 {
+                    tracing::warn!(broker = %id, %grpc, error = %e, "cannot reach broker, retrying");
+                } else {
+                    tracing::debug!(broker = %id, %grpc, error = %e, "broker link failed");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// One stream's life. `Ok(true)` if it was open and ended, `Ok(false)` if superseded.
+async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Result<bool, String> {
+    let pool = hub.pool();
+    let endpoint = Endpoint::from_shared(format!("http://{grpc}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut client = pb::broker_client::BrokerClient::with_interceptor(
+        channel,
+        secret::Attach::new(&pool.secret),
+    )
+    .max_decoding_message_size(64 * 1024 * 1024);
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));
+    {
+        let mut state = pool.lock();
+        let owned: Vec<Arc<str>> = state
+            .channels
+            .iter()
+            .filter(|c| state.owner(c) == Some(id))
+            .cloned()
+            .collect();
+        let Some(entry) = state
+            .brokers
+            .get_mut(id)
+            .filter(|e| e.generation == generation)
+        else {
+            return Ok(false);
+        };
+        for channel in &owned {
+            let _ = tx.send(subscribe(channel));
+        }
+        entry.link = Some(Link {
+            tx,
+            window: window.clone(),
+        });
+        tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
+    }
+    pool.linked.notify_waiters();
+
+    let commands = BatchStream::new(rx, MAX_BATCH).map(move |commands: Vec<pb::Command>| {
+        let publishes = commands
+            .iter()
+            .filter(|c| matches!(c.kind, Some(pb::command::Kind::Publish(_))))
+            .count();
+        window.add_permits(publishes);
+        pb::WorkerBatch { commands }
+    });
+    let mut request = tonic::Request::new(commands);
+    if let Ok(value) = pool.worker_id.parse() {
+        request.metadata_mut().insert("sc-worker-id", value);
+    }
+    let mut deliveries = client
+        .attach(request)
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    loop {
+        match deliveries.message().await {
+            Ok(Some(batch)) => {
+                for delivery in batch.deliveries {
+                    hub.deliver(&delivery.channel, &delivery.data);
+                }
+            }
+            Ok(None) => {
+                tracing::debug!(broker = %id, "broker closed the stream");
+                return Ok(true);
+            }
+            Err(status) => {
+                tracing::debug!(broker = %id, %status, "broker stream failed");
+                return Ok(true);
+            }
+        }
+    }
+}

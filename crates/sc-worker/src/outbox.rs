@@ -1,0 +1,109 @@
+//! A socket's outbound queue: frames from other tasks (fan-out) waiting for the socket's task.
+//!
+//! Bounded: a socket that does not read while messages keep coming is a slow consumer; pushing
+//! past the limit marks the outbox overflowed, and the socket's task closes the socket with
+//! [`crate::socket::CLOSE_SLOW_CONSUMER`], rather than holding memory or stalling the sender.
+//! The socket's task takes every queued frame at once and writes them with one flush, so a burst
+//! costs one write syscall, not one per frame.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// The outbound queue of one socket.
+#[derive(Debug)]
+pub struct Outbox {
+    /// std Mutex: held for a push or a swap, never across await. Starts empty and unallocated,
+    /// so an idle socket's outbox costs a few words.
+    queue: Mutex<Queue>,
+    /// Wakes the socket's task; a notification with no waiter is kept, so none is lost.
+    ready: Notify,
+    limit: usize,
+}
+
+/// The socket did not read fast enough: its outbox overflowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overflowed;
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    overflowed: bool,
+}
+
+impl Outbox {
+    /// An outbox holding at most `limit` frames.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Queues a text frame; returns false (and drops it) if the socket is a slow consumer.
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.overflowed {
+            return false;
+        }
+        if queue.frames.len() >= self.limit {
+            queue.overflowed = true;
+            queue.frames = VecDeque::new();
+            drop(queue);
+            self.ready.notify_one();
+            return false;
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.frames.push_back(frame);
+        drop(queue);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Waits until something is queued (or the outbox overflowed).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Takes every queued frame; fails if the outbox overflowed.
+    pub fn take(&self, into: &mut VecDeque<Utf8Bytes>) -> Result<(), Overflowed> {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.overflowed {
+            return Err(Overflowed);
+        }
+        std::mem::swap(&mut queue.frames, into);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn push_wakes_and_take_drains_in_order() {
+        let outbox = Outbox::new(4);
+        assert!(outbox.push("a".into()));
+        assert!(outbox.push("b".into()));
+        outbox.ready().await;
+        let mut frames = VecDeque::new();
+        outbox.take(&mut frames).unwrap();
+        assert_eq!(frames, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn overflow_is_reported_once_full() {
+        let outbox = Outbox::new(2);
+        assert!(outbox.push("a".into()));
+        assert!(outbox.push("b".into()));
+        assert!(!outbox.push("c".into()));
+        assert!(!outbox.push("d".into()));
+        outbox.ready().await;
+        assert!(outbox.take(&mut VecDeque::new()).is_err());
+    }
+}

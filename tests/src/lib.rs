@@ -1,0 +1,400 @@
+//! Test support for the cross-daemon tests: start the real `sc-master` binary (which runs the
+//! whole cluster), look at its processes, and talk to it as a SocketCluster client would.
+//!
+//! The binaries are taken from `SC_TEST_BIN_DIR`, or else from the cargo target folder these
+//! tests run from; `cargo build --workspace` must have built them (tests/run.sh does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Where the daemon binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SC_TEST_BIN_DIR") {
+        return dir.into();
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target folder")
+        .to_path_buf()
+}
+
+/// The path of one daemon binary, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some`, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A running cluster: the sc-master process and the URL it announced.
+#[derive(Debug)]
+pub struct Cluster {
+    pub master: Child,
+    pub master_pid: u32,
+    /// The balancer's address, from the `cluster ready` line.
+    pub addr: SocketAddr,
+    /// The WebSocket URL, from the `cluster ready` line.
+    pub url: String,
+}
+
+/// One daemon process of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Daemon {
+    pub pid: u32,
+    /// "sc-worker" and so on.
+    pub program: String,
+    /// The `--id` it was started with.
+    pub id: String,
+}
+
+impl Cluster {
+    /// Starts sc-master with the balancer on a free loopback port and `env` on top, and waits
+    /// for its `cluster ready` line.
+    pub async fn start(env: &[(&str, &str)]) -> Result<Self> {
+        let mut command = Command::new(bin("sc-master"));
+        command
+            .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut master = command.spawn().context("spawn sc-master")?;
+        let master_pid = master.id().context("master pid")?;
+        let stdout = master.stdout.take().context("master stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("cluster ready: ") {
+                    return Ok(url.to_owned());
+                }
+            }
+            Err(anyhow!("sc-master exited before `cluster ready`"))
+        })
+        .await
+        .context("no `cluster ready` within 30s")??;
+        // Keep draining stdout so the master never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let authority = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .context("ws:// url")?;
+        let addr = authority.parse().context("balancer address")?;
+        Ok(Self {
+            master,
+            master_pid,
+            addr,
+            url,
+        })
+    }
+
+    /// The master's live child processes.
+    pub fn daemons(&self) -> Vec<Daemon> {
+        children_of(self.master_pid)
+    }
+
+    /// The live daemons with `program` ("sc-worker", ...).
+    pub fn daemons_named(&self, program: &str) -> Vec<Daemon> {
+        self.daemons()
+            .into_iter()
+            .filter(|d| d.program == program)
+            .collect()
+    }
+
+    /// Sends `signal` to the master.
+    pub fn signal_master(&self, signal: i32) {
+        signal_pid(self.master_pid, signal);
+    }
+
+    /// Stops the cluster with SIGTERM and waits for the master (bounded).
+    pub async fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.signal_master(libc::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(20), self.master.wait())
+            .await
+            .context("master did not exit within 20s of SIGTERM")??;
+        Ok(status)
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal_pid(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The live children of `parent` that are sc-* daemons.
+pub fn children_of(parent: u32) -> Vec<Daemon> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z")
+            || fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent)
+        {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let program = args
+            .first()
+            .and_then(|p| p.rsplit('/').next())
+            .unwrap_or("")
+            .to_owned();
+        if !program.starts_with("sc-") {
+            continue;
+        }
+        let id = args
+            .iter()
+            .position(|a| a == "--id")
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_default();
+        found.push(Daemon { pid, program, id });
+    }
+    found.sort_by(|a, b| a.id.cmp(&b.id));
+    found
+}
+
+/// Connects a TCP stream from a given local (loopback) IP, so that the balancer's client-IP
+/// hashing can be steered.
+pub async fn connect_from(local: IpAddr, to: SocketAddr) -> Result<TcpStream> {
+    let socket = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    Ok(socket.connect(to).await?)
+}
+
+/// A plain HTTP/1.1 GET from `local`: the status code and the `x-sc-worker` header.
+pub async fn http_get(local: IpAddr, to: SocketAddr, path: &str) -> Result<(u16, Option<String>)> {
+    let mut stream = connect_from(local, to).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("status line")?;
+    let worker = response
+        .lines()
+        .find_map(|l| l.strip_prefix("x-sc-worker: "))
+        .map(|s| s.trim().to_owned());
+    Ok((status, worker))
+}
+
+/// A minimal SocketCluster protocol v2 client, enough to drive the cluster from Rust tests.
+#[derive(Debug)]
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_cid: u64,
+    /// Messages read while waiting for something else.
+    backlog: Vec<Value>,
+    /// The handshake reply's data.
+    pub handshake: Value,
+}
+
+impl Client {
+    /// Connects from `local` to the cluster's WebSocket `url` and completes the handshake.
+    pub async fn connect(local: IpAddr, addr: SocketAddr, url: &str) -> Result<Self> {
+        let stream = connect_from(local, addr).await?;
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        let mut client = Self {
+            ws,
+            next_cid: 0,
+            backlog: Vec::new(),
+            handshake: Value::Null,
+        };
+        let reply = client
+            .invoke("#handshake", json!({ "authToken": null }))
+            .await?;
+        client.handshake = reply.get("data").cloned().unwrap_or(Value::Null);
+        Ok(client)
+    }
+
+    /// Sends an event with a cid and returns the matching response (`{rid, data | error}`).
+    pub async fn invoke(&mut self, event: &str, data: Value) -> Result<Value> {
+        self.next_cid += 1;
+        let cid = self.next_cid;
+        self.send(json!({ "event": event, "data": data, "cid": cid }))
+            .await?;
+        self.recv_matching(
+            |m| m.get("rid") == Some(&json!(cid)),
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    /// Sends an event without a cid.
+    pub async fn transmit(&mut self, event: &str, data: Value) -> Result<()> {
+        self.send(json!({ "event": event, "data": data })).await
+    }
+
+    /// Subscribes to a channel; fails on an error reply.
+    pub async fn subscribe(&mut self, channel: &str) -> Result<()> {
+        let reply = self
+            .invoke("#subscribe", json!({ "channel": channel }))
+            .await?;
+        if let Some(error) = reply.get("error") {
+            bail!("subscribe {channel}: {error}");
+        }
+        Ok(())
+    }
+
+    /// Publishes with an ack; fails on an error reply.
+    pub async fn publish(&mut self, channel: &str, data: Value) -> Result<()> {
+        let reply = self
+            .invoke("#publish", json!({ "channel": channel, "data": data }))
+            .await?;
+        if let Some(error) = reply.get("error") {
+            bail!("publish {channel}: {error}");
+        }
+        Ok(())
+    }
+
+    /// The data of the next `#publish` on `channel`, within `within`.
+    pub async fn next_publish(&mut self, channel: &str, within: Duration) -> Result<Value> {
+        let message = self
+            .recv_matching(
+                |m| m["event"] == "#publish" && m["data"]["channel"] == channel,
+                within,
+            )
+            .await?;
+        Ok(message["data"]["data"].clone())
+    }
+
+    /// The next message matching `matches`, answering pings on the way.
+    pub async fn recv_matching(
+        &mut self,
+        matches: impl Fn(&Value) -> bool,
+        within: Duration,
+    ) -> Result<Value> {
+        if let Some(i) = self.backlog.iter().position(&matches) {
+            return Ok(self.backlog.remove(i));
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("no matching message within {within:?}"))?
+                .context("connection closed")??;
+            match frame {
+                Message::Text(text) if text.as_str().is_empty() => {
+                    self.ws.send(Message::Text("".into())).await?;
+                }
+                Message::Text(text) => {
+                    let value: Value = serde_json::from_str(text.as_str())
+                        .unwrap_or(Value::String(text.to_string()));
+                    if matches(&value) {
+                        return Ok(value);
+                    }
+                    self.backlog.push(value);
+                }
+                Message::Close(frame) => bail!("closed by server: {frame:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; returns the close code.
+    pub async fn closed(&mut self, within: Duration) -> Result<Option<u16>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("not closed within {within:?}"))?;
+            match frame {
+                None | Some(Err(_)) => return Ok(None),
+                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Sends a raw text frame.
+    pub async fn send_text(&mut self, text: &str) -> Result<()> {
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, value: Value) -> Result<()> {
+        self.ws
+            .send(Message::Text(value.to_string().into()))
+            .await?;
+        Ok(())
+    }
+}
