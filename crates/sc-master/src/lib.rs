@@ -45,14 +45,9 @@ pub struct Master {
 }
 
 impl Master {
-    /// Checks the configuration and binds the gRPC listener (`[master] listen`).
-    /// `config_file` is handed on to the children in supervise mode.
+    /// Binds the gRPC listener (`[master] listen`; port 0 picks a free one, which suits
+    /// supervise mode and tests). `config_file` is handed on to the children in supervise mode.
     pub async fn bind(mut config: Config, config_file: Option<&Path>) -> Result<Self, Error> {
-        if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
-            return Err(Error::Config(
-                "master.listen: standalone mode needs a fixed port that daemons can be told".into(),
-            ));
-        }
         if config.cluster.secret.is_empty() {
             config.cluster.secret = secret::generate();
         }

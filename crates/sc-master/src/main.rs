@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sc_common::config::Config;
+use sc_common::config::{Config, MasterMode};
 use sc_common::daemon::{self, EXIT_FAILURE, EXIT_USAGE};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,12 @@ async fn main() -> ExitCode {
     if let Some(Command::PrintConfig) = cli.command {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
+    }
+    if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
+        eprintln!(
+            "sc-master: master.listen: standalone mode needs a fixed port that daemons can be told"
+        );
+        return ExitCode::from(EXIT_USAGE as u8);
     }
     daemon::init_telemetry(config.cluster.log_format);
     let shutdown = CancellationToken::new();

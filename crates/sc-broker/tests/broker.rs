@@ -1,0 +1,210 @@
+//! The broker library on a real port, driven through its gRPC API as a worker would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use sc_broker::Broker;
+use sc_common::config::Config;
+use sc_common::secret;
+use sc_proto::broker::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Client = pb::broker_client::BrokerClient<InterceptedService<Channel, secret::Attach>>;
+
+const SECRET: &str = "test-secret";
+
+async fn start() -> (String, CancellationToken) {
+    let mut config = Config::default();
+    config.cluster.secret = SECRET.into();
+    config.broker.listen = "127.0.0.1:0".parse().unwrap();
+    let broker = Broker::bind(config).await.unwrap();
+    let url = format!("http://{}", broker.local_addr());
+    let shutdown = CancellationToken::new();
+    let (_events_tx, events) = mpsc::channel(1);
+    tokio::spawn(broker.serve(events, shutdown.clone()));
+    (url, shutdown)
+}
+
+async fn client(url: &str, secret: &str) -> Client {
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(secret))
+}
+
+/// An attached worker stream: a sender of commands and the stream of deliveries.
+struct Stream {
+    tx: mpsc::Sender<pb::WorkerBatch>,
+    rx: tonic::Streaming<pb::DeliveryBatch>,
+    pending: std::collections::VecDeque<pb::Delivery>,
+}
+
+impl Stream {
+    async fn attach(client: &mut Client) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client
+            .attach(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            tx,
+            rx,
+            pending: Default::default(),
+        }
+    }
+
+    async fn send(&self, commands: Vec<pb::command::Kind>) {
+        let commands = commands
+            .into_iter()
+            .map(|kind| pb::Command { kind: Some(kind) })
+            .collect();
+        self.tx.send(pb::WorkerBatch { commands }).await.unwrap();
+    }
+
+    async fn next(&mut self) -> pb::Delivery {
+        loop {
+            if let Some(d) = self.pending.pop_front() {
+                return d;
+            }
+            let batch = tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+                .await
+                .expect("a delivery within 5s")
+                .unwrap()
+                .expect("stream open");
+            self.pending.extend(batch.deliveries);
+        }
+    }
+
+    async fn nothing_within(&mut self, wait: Duration) {
+        assert!(self.pending.is_empty());
+        assert!(
+            tokio::time::timeout(wait, self.rx.message()).await.is_err(),
+            "unexpected delivery"
+        );
+    }
+}
+
+fn sub(channel: &str) -> pb::command::Kind {
+    pb::command::Kind::Subscribe(channel.into())
+}
+
+fn publish(channel: &str, data: &str) -> pb::command::Kind {
+    pb::command::Kind::Publish(pb::Publish {
+        channel: channel.into(),
+        data: Bytes::copy_from_slice(data.as_bytes()),
+    })
+}
+
+#[tokio::test]
+async fn routes_publishes_to_subscribed_streams_in_order() {
+    let (url, shutdown) = start().await;
+    let mut client = client(&url, SECRET).await;
+    let mut a = Stream::attach(&mut client).await;
+    let mut b = Stream::attach(&mut client).await;
+    // Commands of one stream apply in order, so a publish after a subscribe on the same stream
+    // comes back: that is how each stream knows its subscription is in place.
+    a.send(vec![sub("news"), publish("news", "a0")]).await;
+    assert_eq!(&a.next().await.data[..], b"a0");
+    b.send(vec![sub("news"), sub("other"), publish("news", "b0")])
+        .await;
+    assert_eq!(&b.next().await.data[..], b"b0");
+    assert_eq!(&a.next().await.data[..], b"b0");
+
+    for i in 1..=1000 {
+        b.send(vec![publish("news", &i.to_string())]).await;
+    }
+    for i in 1..=1000 {
+        let d = a.next().await;
+        assert_eq!(d.channel, "news");
+        assert_eq!(d.data, i.to_string().into_bytes(), "in publish order");
+        assert_eq!(
+            b.next().await.data,
+            i.to_string().into_bytes(),
+            "the publisher's stream too"
+        );
+    }
+    a.send(vec![pb::command::Kind::Unsubscribe("news".into())])
+        .await;
+    b.send(vec![publish("other", "x")]).await;
+    assert_eq!(b.next().await.channel, "other");
+    b.send(vec![publish("news", "after")]).await;
+    assert_eq!(&b.next().await.data[..], b"after");
+    a.nothing_within(Duration::from_millis(200)).await;
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_closed_stream_drops_its_subscriptions() {
+    let (url, shutdown) = start().await;
+    let mut client = client(&url, SECRET).await;
+    let a = Stream::attach(&mut client).await;
+    let mut b = Stream::attach(&mut client).await;
+    a.send(vec![sub("news")]).await;
+    drop(a);
+    b.send(vec![sub("news"), publish("news", "1")]).await;
+    assert_eq!(
+        &b.next().await.data[..],
+        b"1",
+        "publishing still works for the others"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn exchange_set_get_remove() {
+    let (url, shutdown) = start().await;
+    let mut client = client(&url, SECRET).await;
+    let value = Bytes::from_static(br#"{"a":[1,2]}"#);
+    client
+        .set(pb::SetRequest {
+            key: "k".into(),
+            value: value.clone(),
+        })
+        .await
+        .unwrap();
+    let got = client
+        .get(pb::GetRequest { key: "k".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, Some(value.clone()));
+    let removed = client
+        .remove(pb::RemoveRequest { key: "k".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.value, Some(value));
+    let got = client
+        .get(pb::GetRequest { key: "k".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, None);
+    let err = client
+        .get(pb::GetRequest { key: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn calls_without_the_cluster_secret_are_refused() {
+    let (url, shutdown) = start().await;
+    let mut client = client(&url, "wrong").await;
+    let err = client
+        .get(pb::GetRequest { key: "k".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    shutdown.cancel();
+}

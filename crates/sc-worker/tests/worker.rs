@@ -1,0 +1,237 @@
+//! The worker library on real ports, with an in-process master (standalone) and broker, driven
+//! by a WebSocket client: timers, close codes, slow consumers, HTTP endpoints.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use sc_common::config::{Config, MasterMode};
+use sc_tests::{Client, eventually, http_get};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A master, a broker and one worker, in this process.
+struct Cell {
+    worker: SocketAddr,
+    url: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start(tune: impl FnOnce(&mut Config)) -> Cell {
+    let shutdown = CancellationToken::new();
+    let mut config = Config::default();
+    config.cluster.secret = "s".into();
+    config.master.mode = MasterMode::Standalone;
+    config.master.health_interval = Duration::from_millis(200);
+    tune(&mut config);
+    let master = sc_master::Master::bind(config.clone(), None).await.unwrap();
+    let master_url = format!("http://{}", master.local_addr());
+    tokio::spawn(master.serve(shutdown.clone()));
+
+    let mut broker_config = config.clone();
+    broker_config.broker.id = Some("broker-0".into());
+    broker_config.broker.master = Some(master_url.clone());
+    let broker = sc_broker::Broker::bind(broker_config).await.unwrap();
+    tokio::spawn(broker.serve(mpsc::channel(1).1, shutdown.clone()));
+
+    let mut worker_config = config;
+    worker_config.worker.id = Some("worker-0".into());
+    worker_config.worker.master = Some(master_url);
+    let worker = sc_worker::Worker::bind(worker_config).await.unwrap();
+    let addr = worker.local_addr().unwrap();
+    tokio::spawn(worker.serve(mpsc::channel(1).1, shutdown.clone()));
+    // Ready once the worker linked its broker.
+    eventually(Duration::from_secs(5), "worker ready", || async {
+        matches!(http_get(LOCAL, addr, "/readyz").await, Ok((200, _))).then_some(())
+    })
+    .await
+    .unwrap();
+    Cell {
+        worker: addr,
+        url: format!("ws://{addr}/socketcluster/"),
+        shutdown,
+    }
+}
+
+/// A WebSocket that completed the HTTP upgrade and nothing else.
+async fn raw_socket(cell: &Cell) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(cell.worker).await.unwrap();
+    tokio_tungstenite::client_async(cell.url.as_str(), stream)
+        .await
+        .unwrap()
+        .0
+}
+
+/// The close code the server sends, ignoring everything before it.
+async fn close_code(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(frame)) = ws.next().await {
+            if let Message::Close(frame) = frame {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed within 5s")
+}
+
+#[tokio::test]
+async fn no_handshake_closes_4005() {
+    let cell = start(|c| c.worker.handshake_timeout = Duration::from_millis(300)).await;
+    let mut ws = raw_socket(&cell).await;
+    assert_eq!(close_code(&mut ws).await, Some(4005));
+}
+
+#[tokio::test]
+async fn handshake_without_cid_closes_4008() {
+    use futures_util::SinkExt;
+    let cell = start(|_| {}).await;
+    let mut ws = raw_socket(&cell).await;
+    ws.send(r##"{"event":"#handshake","data":{"authToken":null}}"##.into())
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(4008));
+}
+
+#[tokio::test]
+async fn silent_client_closes_4001_and_pings_arrive_first() {
+    use futures_util::{SinkExt, StreamExt};
+    let cell = start(|c| {
+        c.worker.ping_interval = Duration::from_millis(100);
+        c.worker.ping_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut ws = raw_socket(&cell).await;
+    ws.send(r##"{"event":"#handshake","data":{"authToken":null},"cid":1}"##.into())
+        .await
+        .unwrap();
+    let mut pings = 0;
+    let code = loop {
+        match ws.next().await.unwrap().unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) if t.as_str().is_empty() => pings += 1,
+            tokio_tungstenite::tungstenite::Message::Close(f) => {
+                break f.map(|f| u16::from(f.code));
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(code, Some(4001));
+    assert!(pings >= 2, "pinged {pings} times before closing");
+}
+
+#[tokio::test]
+async fn a_client_that_pongs_stays_connected() {
+    let cell = start(|c| {
+        c.worker.ping_interval = Duration::from_millis(100);
+        c.worker.ping_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut client = Client::connect(LOCAL, cell.worker, &cell.url)
+        .await
+        .unwrap();
+    client.subscribe("keep").await.unwrap();
+    // Several ping timeouts long, answering pings (recv_matching pongs) the whole time.
+    let outcome = client
+        .recv_matching(|_| false, Duration::from_millis(1200))
+        .await;
+    assert!(
+        outcome
+            .unwrap_err()
+            .to_string()
+            .contains("no matching message")
+    );
+    client.publish("keep", json!("still here")).await.unwrap();
+    assert_eq!(
+        client
+            .next_publish("keep", Duration::from_secs(2))
+            .await
+            .unwrap(),
+        json!("still here")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_as_a_slow_consumer() {
+    let cell = start(|c| c.worker.outbound_queue = 8).await;
+    let mut slow = Client::connect(LOCAL, cell.worker, &cell.url)
+        .await
+        .unwrap();
+    slow.subscribe("firehose").await.unwrap();
+    let mut publisher = Client::connect(LOCAL, cell.worker, &cell.url)
+        .await
+        .unwrap();
+    let big = "x".repeat(64 * 1024);
+    // Enough to fill the kernel's socket buffers, then the outbox.
+    for _ in 0..400 {
+        publisher.publish("firehose", json!(big)).await.unwrap();
+    }
+    let code = slow.closed(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(code, Some(4100));
+    // The publisher was not held up and the worker still serves.
+    publisher.subscribe("after").await.unwrap();
+    publisher.publish("after", json!(1)).await.unwrap();
+    assert_eq!(
+        publisher
+            .next_publish("after", Duration::from_secs(2))
+            .await
+            .unwrap(),
+        json!(1)
+    );
+}
+
+#[tokio::test]
+async fn http_endpoints() {
+    let cell = start(|_| {}).await;
+    assert_eq!(
+        http_get(LOCAL, cell.worker, "/healthz").await.unwrap(),
+        (200, Some("worker-0".into()))
+    );
+    assert_eq!(
+        http_get(LOCAL, cell.worker, "/readyz").await.unwrap().0,
+        200
+    );
+    assert_eq!(
+        http_get(LOCAL, cell.worker, "/elsewhere").await.unwrap().0,
+        404
+    );
+    // The WebSocket path without an upgrade is a bad request, not a crash.
+    assert_eq!(
+        http_get(LOCAL, cell.worker, "/socketcluster/")
+            .await
+            .unwrap()
+            .0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn proxy_header_is_accepted_before_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cell = start(|_| {}).await;
+    let mut stream = tokio::net::TcpStream::connect(cell.worker).await.unwrap();
+    let header =
+        sc_common::proxy_protocol::encode("203.0.113.9:4000".parse().unwrap(), cell.worker, false);
+    stream.write_all(&header).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
