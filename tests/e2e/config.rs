@@ -8,11 +8,7 @@ use std::process::Command;
 use sc_tests::bin;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = Command::new(bin("sc-master"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+    let output = Command::new(bin("sc-master")).args(args).envs(env.iter().copied()).output().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -22,13 +18,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 #[test]
 fn print_config_shows_environment_overrides() {
-    let (code, out, _) = run(
-        &["print-config"],
-        &[
-            ("SC_WORKER__PING_INTERVAL", "5s"),
-            ("SC_CLUSTER__WORKERS", "4"),
-        ],
-    );
+    let (code, out, _) =
+        run(&["print-config"], &[("SC_WORKER__PING_INTERVAL", "5s"), ("SC_CLUSTER__WORKERS", "4")]);
     assert_eq!(code, 0);
     assert!(out.contains("ping_interval = \"5s\""), "{out}");
     assert!(out.contains("workers = 4"), "{out}");
@@ -49,16 +40,10 @@ fn unknown_key_exits_64_naming_it() {
     assert_eq!(code, 64);
     assert!(err.contains("ping_intervall"), "{err}");
     for daemon in ["sc-worker", "sc-broker", "sc-balancer"] {
-        let output = Command::new(bin(daemon))
-            .arg("print-config")
-            .env("SC_BROKER__NOPE", "1")
-            .output()
-            .unwrap();
+        let output =
+            Command::new(bin(daemon)).arg("print-config").env("SC_BROKER__NOPE", "1").output().unwrap();
         assert_eq!(output.status.code(), Some(64), "{daemon}");
-        assert!(
-            String::from_utf8_lossy(&output.stderr).contains("nope"),
-            "{daemon}"
-        );
+        assert!(String::from_utf8_lossy(&output.stderr).contains("nope"), "{daemon}");
     }
 }
 
@@ -78,10 +63,7 @@ fn missing_or_broken_file_exits_64() {
 
 #[test]
 fn standalone_mode_without_a_fixed_port_is_refused() {
-    let (code, _, err) = run(
-        &[],
-        &[("SC_MASTER__MODE", "standalone"), ("RUST_LOG", "error")],
-    );
+    let (code, _, err) = run(&[], &[("SC_MASTER__MODE", "standalone"), ("RUST_LOG", "error")]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("master.listen"), "{err}");
 }

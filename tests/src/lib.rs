@@ -27,10 +27,7 @@ pub fn bin_dir() -> PathBuf {
     }
     // target/<profile>/deps/<test binary> -> target/<profile>
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target folder")
-        .to_path_buf()
+    exe.parent().and_then(|deps| deps.parent()).expect("target folder").to_path_buf()
 }
 
 /// The path of one daemon binary, checked to exist.
@@ -90,10 +87,7 @@ impl Cluster {
         let mut command = Command::new(bin("sc-master"));
         command
             .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -114,17 +108,10 @@ impl Cluster {
         .context("no `cluster ready` within 30s")??;
         // Keep draining stdout so the master never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let authority = url
-            .strip_prefix("ws://")
-            .and_then(|rest| rest.split('/').next())
-            .context("ws:// url")?;
+        let authority =
+            url.strip_prefix("ws://").and_then(|rest| rest.split('/').next()).context("ws:// url")?;
         let addr = authority.parse().context("balancer address")?;
-        Ok(Self {
-            master,
-            master_pid,
-            addr,
-            url,
-        })
+        Ok(Self { master, master_pid, addr, url })
     }
 
     /// The master's live child processes.
@@ -134,10 +121,7 @@ impl Cluster {
 
     /// The live daemons with `program` ("sc-worker", ...).
     pub fn daemons_named(&self, program: &str) -> Vec<Daemon> {
-        self.daemons()
-            .into_iter()
-            .filter(|d| d.program == program)
-            .collect()
+        self.daemons().into_iter().filter(|d| d.program == program).collect()
     }
 
     /// Sends `signal` to the master.
@@ -166,9 +150,7 @@ pub fn signal_pid(pid: u32, signal: i32) {
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -180,11 +162,7 @@ pub fn children_of(parent: u32) -> Vec<Daemon> {
         return found;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -194,32 +172,20 @@ pub fn children_of(parent: u32) -> Vec<Daemon> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() == Some(&"Z")
-            || fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent)
-        {
+        if fields.first() == Some(&"Z") || fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent) {
             continue;
         }
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let program = args
-            .first()
-            .and_then(|p| p.rsplit('/').next())
-            .unwrap_or("")
-            .to_owned();
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let program = args.first().and_then(|p| p.rsplit('/').next()).unwrap_or("").to_owned();
         if !program.starts_with("sc-") {
             continue;
         }
-        let id = args
-            .iter()
-            .position(|a| a == "--id")
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_default();
+        let id =
+            args.iter().position(|a| a == "--id").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
         found.push(Daemon { pid, program, id });
     }
     found.sort_by(|a, b| a.id.cmp(&b.id));
@@ -229,11 +195,7 @@ pub fn children_of(parent: u32) -> Vec<Daemon> {
 /// Connects a TCP stream from a given local (loopback) IP, so that the balancer's client-IP
 /// hashing can be steered.
 pub async fn connect_from(local: IpAddr, to: SocketAddr) -> Result<TcpStream> {
-    let socket = if local.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.bind(SocketAddr::new(local, 0))?;
     Ok(socket.connect(to).await?)
 }
@@ -245,15 +207,8 @@ pub async fn http_get(local: IpAddr, to: SocketAddr, path: &str) -> Result<(u16,
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("status line")?;
-    let worker = response
-        .lines()
-        .find_map(|l| l.strip_prefix("x-sc-worker: "))
-        .map(|s| s.trim().to_owned());
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
+    let worker = response.lines().find_map(|l| l.strip_prefix("x-sc-worker: ")).map(|s| s.trim().to_owned());
     Ok((status, worker))
 }
 
@@ -273,15 +228,8 @@ impl Client {
     pub async fn connect(local: IpAddr, addr: SocketAddr, url: &str) -> Result<Self> {
         let stream = connect_from(local, addr).await?;
         let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
-        let mut client = Self {
-            ws,
-            next_cid: 0,
-            backlog: Vec::new(),
-            handshake: Value::Null,
-        };
-        let reply = client
-            .invoke("#handshake", json!({ "authToken": null }))
-            .await?;
+        let mut client = Self { ws, next_cid: 0, backlog: Vec::new(), handshake: Value::Null };
+        let reply = client.invoke("#handshake", json!({ "authToken": null })).await?;
         client.handshake = reply.get("data").cloned().unwrap_or(Value::Null);
         Ok(client)
     }
@@ -290,13 +238,8 @@ impl Client {
     pub async fn invoke(&mut self, event: &str, data: Value) -> Result<Value> {
         self.next_cid += 1;
         let cid = self.next_cid;
-        self.send(json!({ "event": event, "data": data, "cid": cid }))
-            .await?;
-        self.recv_matching(
-            |m| m.get("rid") == Some(&json!(cid)),
-            Duration::from_secs(5),
-        )
-        .await
+        self.send(json!({ "event": event, "data": data, "cid": cid })).await?;
+        self.recv_matching(|m| m.get("rid") == Some(&json!(cid)), Duration::from_secs(5)).await
     }
 
     /// Sends an event without a cid.
@@ -306,9 +249,7 @@ impl Client {
 
     /// Subscribes to a channel; fails on an error reply.
     pub async fn subscribe(&mut self, channel: &str) -> Result<()> {
-        let reply = self
-            .invoke("#subscribe", json!({ "channel": channel }))
-            .await?;
+        let reply = self.invoke("#subscribe", json!({ "channel": channel })).await?;
         if let Some(error) = reply.get("error") {
             bail!("subscribe {channel}: {error}");
         }
@@ -317,9 +258,7 @@ impl Client {
 
     /// Publishes with an ack; fails on an error reply.
     pub async fn publish(&mut self, channel: &str, data: Value) -> Result<()> {
-        let reply = self
-            .invoke("#publish", json!({ "channel": channel, "data": data }))
-            .await?;
+        let reply = self.invoke("#publish", json!({ "channel": channel, "data": data })).await?;
         if let Some(error) = reply.get("error") {
             bail!("publish {channel}: {error}");
         }
@@ -329,10 +268,7 @@ impl Client {
     /// The data of the next `#publish` on `channel`, within `within`.
     pub async fn next_publish(&mut self, channel: &str, within: Duration) -> Result<Value> {
         let message = self
-            .recv_matching(
-                |m| m["event"] == "#publish" && m["data"]["channel"] == channel,
-                within,
-            )
+            .recv_matching(|m| m["event"] == "#publish" && m["data"]["channel"] == channel, within)
             .await?;
         Ok(message["data"]["data"].clone())
     }
@@ -357,8 +293,8 @@ impl Client {
                     self.ws.send(Message::Text("".into())).await?;
                 }
                 Message::Text(text) => {
-                    let value: Value = serde_json::from_str(text.as_str())
-                        .unwrap_or(Value::String(text.to_string()));
+                    let value: Value =
+                        serde_json::from_str(text.as_str()).unwrap_or(Value::String(text.to_string()));
                     if matches(&value) {
                         return Ok(value);
                     }
@@ -392,9 +328,7 @@ impl Client {
     }
 
     async fn send(&mut self, value: Value) -> Result<()> {
-        self.ws
-            .send(Message::Text(value.to_string().into()))
-            .await?;
+        self.ws.send(Message::Text(value.to_string().into())).await?;
         Ok(())
     }
 }

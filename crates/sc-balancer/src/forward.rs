@@ -73,9 +73,7 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 fn take_buffer() -> Box<[u8]> {
-    BUFFERS
-        .with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUFFER].into_boxed_slice())
+    BUFFERS.with(|pool| pool.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUFFER].into_boxed_slice())
 }
 
 fn give_buffer(buffer: Box<[u8]>) {
@@ -115,10 +113,7 @@ mod tests {
         worker_end.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, big, "client bytes arrive whole, then end of stream");
 
-        worker_end
-            .write_all(b"reply after half-close")
-            .await
-            .unwrap();
+        worker_end.write_all(b"reply after half-close").await.unwrap();
         worker_end.shutdown().await.unwrap();
         let mut reply = Vec::new();
         client_end.read_to_end(&mut reply).await.unwrap();

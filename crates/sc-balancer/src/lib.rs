@@ -43,19 +43,10 @@ impl Balancer {
     /// Binds the public listener (`[balancer] listen`) and the gRPC health listener
     /// (`[balancer] grpc_listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
-        let id = config
-            .balancer
-            .id
-            .clone()
-            .unwrap_or_else(|| daemon::default_id(Role::Balancer));
+        let id = config.balancer.id.clone().unwrap_or_else(|| daemon::default_id(Role::Balancer));
         let listener = daemon::bind(config.balancer.listen).await?;
         let grpc = daemon::bind(config.balancer.grpc_listen).await?;
-        Ok(Self {
-            config,
-            id,
-            listener,
-            grpc,
-        })
+        Ok(Self { config, id, listener, grpc })
     }
 
     /// The bound public address.
@@ -82,8 +73,7 @@ impl Balancer {
                     unix: String::new(),
                     pid: std::process::id(),
                 };
-                let link =
-                    MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Worker])?;
+                let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Worker])?;
                 link.spawn(events, shutdown.clone())
             }
             None => {
@@ -115,9 +105,7 @@ impl Balancer {
                 }
             }
         }
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         drop(self.listener);
         tracker.close();
         tracker.wait().await;
@@ -134,10 +122,7 @@ pub fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target
     let ids = rendezvous::ranked(workers.iter().map(|m| m.id.as_str()), key.as_bytes());
     ids.into_iter()
         .filter_map(|id| workers.iter().find(|m| m.id == id))
-        .map(|m| Target {
-            id: m.id.clone(),
-            addr: m.public.clone(),
-        })
+        .map(|m| Target { id: m.id.clone(), addr: m.public.clone() })
         .collect()
 }
 
@@ -156,10 +141,7 @@ async fn handle(
         if !targets.is_empty() {
             break targets;
         }
-        if tokio::time::timeout_at(deadline, workers.changed())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, workers.changed()).await.is_err() {
             tracing::debug!(%remote, "no live worker, dropping connection");
             return;
         }
@@ -222,18 +204,11 @@ mod tests {
             let first = ranked_targets(&all, client);
             assert_eq!(first.len(), 3);
             let other_port = SocketAddr::new(ip.into(), 6000);
-            assert_eq!(
-                first[0].id,
-                ranked_targets(&all, other_port)[0].id,
-                "port does not matter"
-            );
+            assert_eq!(first[0].id, ranked_targets(&all, other_port)[0].id, "port does not matter");
             let after = &ranked_targets(&fewer, client)[0];
             if first[0].id == "worker-1" {
                 moved += 1;
-                assert_eq!(
-                    after.id, first[1].id,
-                    "a moved client goes to its next choice"
-                );
+                assert_eq!(after.id, first[1].id, "a moved client goes to its next choice");
             } else {
                 assert_eq!(after.id, first[0].id);
             }

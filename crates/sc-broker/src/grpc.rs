@@ -68,12 +68,8 @@ impl pb::broker_server::Broker for BrokerService {
                 };
                 for command in batch.commands {
                     match command.kind {
-                        Some(pb::command::Kind::Subscribe(channel)) => {
-                            router.subscribe(id, &channel)
-                        }
-                        Some(pb::command::Kind::Unsubscribe(channel)) => {
-                            router.unsubscribe(id, &channel)
-                        }
+                        Some(pb::command::Kind::Subscribe(channel)) => router.subscribe(id, &channel),
+                        Some(pb::command::Kind::Unsubscribe(channel)) => router.unsubscribe(id, &channel),
                         Some(pb::command::Kind::Publish(publish)) => {
                             let congested = router.publish(&publish.channel, publish.data);
                             if !congested.is_empty() {
@@ -96,10 +92,7 @@ impl pb::broker_server::Broker for BrokerService {
                 Ok(pb::DeliveryBatch {
                     deliveries: batch
                         .into_iter()
-                        .map(|d| pb::Delivery {
-                            channel: d.channel.to_string(),
-                            data: d.data,
-                        })
+                        .map(|d| pb::Delivery { channel: d.channel.to_string(), data: d.data })
                         .collect(),
                 })
             })
@@ -107,25 +100,17 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(Box::pin(deliveries)))
     }
 
-    async fn set(
-        &self,
-        request: Request<pb::SetRequest>,
-    ) -> Result<Response<pb::SetResponse>, Status> {
+    async fn set(&self, request: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
         self.exchange.set(request.key, request.value);
         Ok(Response::new(pb::SetResponse {}))
     }
 
-    async fn get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::GetResponse {
-            value: self.exchange.get(&request.key),
-        }))
+        Ok(Response::new(pb::GetResponse { value: self.exchange.get(&request.key) }))
     }
 
     async fn remove(
@@ -134,9 +119,7 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::RemoveResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::RemoveResponse {
-            value: self.exchange.remove(&request.key),
-        }))
+        Ok(Response::new(pb::RemoveResponse { value: self.exchange.remove(&request.key) }))
     }
 }
 

@@ -38,19 +38,10 @@ pub struct Broker {
 impl Broker {
     /// Binds the gRPC listener (`[broker] listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
-        let id = config
-            .broker
-            .id
-            .clone()
-            .unwrap_or_else(|| daemon::default_id(Role::Broker));
+        let id = config.broker.id.clone().unwrap_or_else(|| daemon::default_id(Role::Broker));
         let listener = daemon::bind(config.broker.listen).await?;
         let addr = listener.local_addr()?;
-        Ok(Self {
-            config,
-            id,
-            listener,
-            addr,
-        })
+        Ok(Self { config, id, listener, addr })
     }
 
     /// The bound gRPC address.
@@ -88,18 +79,13 @@ impl Broker {
         let (health_reporter, health) = daemon::health();
         let router = tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(BrokerServer::with_interceptor(
-                service,
-                secret::Check::new(secret),
-            ));
+            .add_service(BrokerServer::with_interceptor(service, secret::Check::new(secret)));
         tracing::info!(id = %self.id, addr = %self.addr, "broker listening");
         let draining = {
             let shutdown = shutdown.clone();
             async move {
                 shutdown.cancelled().await;
-                health_reporter
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             }
         };
         tokio::spawn(draining);

@@ -61,10 +61,7 @@ struct Stream {
 impl Router {
     /// A router giving each worker stream a queue of `queue` deliveries.
     pub fn new(queue: usize) -> Self {
-        Self {
-            inner: Mutex::new(Inner::default()),
-            queue: queue.max(2),
-        }
+        Self { inner: Mutex::new(Inner::default()), queue: queue.max(2) }
     }
 
     /// Attaches a worker stream.
@@ -74,18 +71,9 @@ impl Router {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        let stream = Stream {
-            worker: worker.to_owned(),
-            tx,
-            cut: cut.clone(),
-            channels: HashSet::new(),
-        };
+        let stream = Stream { worker: worker.to_owned(), tx, cut: cut.clone(), channels: HashSet::new() };
         inner.streams.insert(id, stream);
-        Attachment {
-            id,
-            deliveries,
-            cut,
-        }
+        Attachment { id, deliveries, cut }
     }
 
     /// Detaches a stream and drops all its subscriptions.
@@ -141,10 +129,7 @@ impl Router {
             let Some(stream) = inner.streams.get(id) else {
                 continue;
             };
-            let delivery = Delivery {
-                channel: channel.clone(),
-                data: data.clone(),
-            };
+            let delivery = Delivery { channel: channel.clone(), data: data.clone() };
             match stream.tx.try_send(delivery) {
                 Ok(()) => {
                     if stream.tx.capacity() < self.queue / 2 {
@@ -215,10 +200,7 @@ mod tests {
         router.publish("none", data("3"));
         let got = a.deliveries.recv().await.unwrap();
         assert_eq!((&*got.channel, &got.data[..]), ("news", &b"1"[..]));
-        assert!(
-            a.deliveries.try_recv().is_err(),
-            "subscribing twice delivers once"
-        );
+        assert!(a.deliveries.try_recv().is_err(), "subscribing twice delivers once");
         assert_eq!(&b.deliveries.recv().await.unwrap().data[..], b"2");
     }
 

@@ -32,11 +32,7 @@ async fn start() -> (String, CancellationToken) {
 }
 
 async fn client(url: &str, secret: &str) -> Client {
-    let channel = Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = Channel::from_shared(url.to_owned()).unwrap().connect().await.unwrap();
     pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(secret))
 }
 
@@ -50,23 +46,12 @@ struct Stream {
 impl Stream {
     async fn attach(client: &mut Client) -> Self {
         let (tx, rx) = mpsc::channel(16);
-        let rx = client
-            .attach(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self {
-            tx,
-            rx,
-            pending: Default::default(),
-        }
+        let rx = client.attach(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        Self { tx, rx, pending: Default::default() }
     }
 
     async fn send(&self, commands: Vec<pb::command::Kind>) {
-        let commands = commands
-            .into_iter()
-            .map(|kind| pb::Command { kind: Some(kind) })
-            .collect();
+        let commands = commands.into_iter().map(|kind| pb::Command { kind: Some(kind) }).collect();
         self.tx.send(pb::WorkerBatch { commands }).await.unwrap();
     }
 
@@ -86,10 +71,7 @@ impl Stream {
 
     async fn nothing_within(&mut self, wait: Duration) {
         assert!(self.pending.is_empty());
-        assert!(
-            tokio::time::timeout(wait, self.rx.message()).await.is_err(),
-            "unexpected delivery"
-        );
+        assert!(tokio::time::timeout(wait, self.rx.message()).await.is_err(), "unexpected delivery");
     }
 }
 
@@ -114,8 +96,7 @@ async fn routes_publishes_to_subscribed_streams_in_order() {
     // comes back: that is how each stream knows its subscription is in place.
     a.send(vec![sub("news"), publish("news", "a0")]).await;
     assert_eq!(&a.next().await.data[..], b"a0");
-    b.send(vec![sub("news"), sub("other"), publish("news", "b0")])
-        .await;
+    b.send(vec![sub("news"), sub("other"), publish("news", "b0")]).await;
     assert_eq!(&b.next().await.data[..], b"b0");
     assert_eq!(&a.next().await.data[..], b"b0");
 
@@ -126,14 +107,9 @@ async fn routes_publishes_to_subscribed_streams_in_order() {
         let d = a.next().await;
         assert_eq!(d.channel, "news");
         assert_eq!(d.data, i.to_string().into_bytes(), "in publish order");
-        assert_eq!(
-            b.next().await.data,
-            i.to_string().into_bytes(),
-            "the publisher's stream too"
-        );
+        assert_eq!(b.next().await.data, i.to_string().into_bytes(), "the publisher's stream too");
     }
-    a.send(vec![pb::command::Kind::Unsubscribe("news".into())])
-        .await;
+    a.send(vec![pb::command::Kind::Unsubscribe("news".into())]).await;
     b.send(vec![publish("other", "x")]).await;
     assert_eq!(b.next().await.channel, "other");
     b.send(vec![publish("news", "after")]).await;
@@ -151,11 +127,7 @@ async fn a_closed_stream_drops_its_subscriptions() {
     a.send(vec![sub("news")]).await;
     drop(a);
     b.send(vec![sub("news"), publish("news", "1")]).await;
-    assert_eq!(
-        &b.next().await.data[..],
-        b"1",
-        "publishing still works for the others"
-    );
+    assert_eq!(&b.next().await.data[..], b"1", "publishing still works for the others");
     shutdown.cancel();
 }
 
@@ -164,35 +136,14 @@ async fn exchange_set_get_remove() {
     let (url, shutdown) = start().await;
     let mut client = client(&url, SECRET).await;
     let value = Bytes::from_static(br#"{"a":[1,2]}"#);
-    client
-        .set(pb::SetRequest {
-            key: "k".into(),
-            value: value.clone(),
-        })
-        .await
-        .unwrap();
-    let got = client
-        .get(pb::GetRequest { key: "k".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    client.set(pb::SetRequest { key: "k".into(), value: value.clone() }).await.unwrap();
+    let got = client.get(pb::GetRequest { key: "k".into() }).await.unwrap().into_inner();
     assert_eq!(got.value, Some(value.clone()));
-    let removed = client
-        .remove(pb::RemoveRequest { key: "k".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let removed = client.remove(pb::RemoveRequest { key: "k".into() }).await.unwrap().into_inner();
     assert_eq!(removed.value, Some(value));
-    let got = client
-        .get(pb::GetRequest { key: "k".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = client.get(pb::GetRequest { key: "k".into() }).await.unwrap().into_inner();
     assert_eq!(got.value, None);
-    let err = client
-        .get(pb::GetRequest { key: String::new() })
-        .await
-        .unwrap_err();
+    let err = client.get(pb::GetRequest { key: String::new() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     shutdown.cancel();
 }
@@ -201,10 +152,7 @@ async fn exchange_set_get_remove() {
 async fn calls_without_the_cluster_secret_are_refused() {
     let (url, shutdown) = start().await;
     let mut client = client(&url, "wrong").await;
-    let err = client
-        .get(pb::GetRequest { key: "k".into() })
-        .await
-        .unwrap_err();
+    let err = client.get(pb::GetRequest { key: "k".into() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     shutdown.cancel();
 }

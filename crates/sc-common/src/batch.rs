@@ -22,12 +22,7 @@ pub struct BatchStream<Q> {
 pub trait Queue: Unpin {
     type Item;
     fn queued(&self) -> usize;
-    fn poll_many(
-        &mut self,
-        cx: &mut Context<'_>,
-        into: &mut Vec<Self::Item>,
-        n: usize,
-    ) -> Poll<usize>;
+    fn poll_many(&mut self, cx: &mut Context<'_>, into: &mut Vec<Self::Item>, n: usize) -> Poll<usize>;
 }
 
 impl<T> Queue for mpsc::Receiver<T> {
@@ -53,10 +48,7 @@ impl<T> Queue for mpsc::UnboundedReceiver<T> {
 impl<Q: Queue> BatchStream<Q> {
     /// Batches of at most `max` (at least 1) items from `rx`.
     pub fn new(rx: Q, max: usize) -> Self {
-        Self {
-            rx,
-            max: max.max(1),
-        }
+        Self { rx, max: max.max(1) }
     }
 }
 

@@ -141,6 +141,48 @@ pub struct WorkerConfig {
     pub handshake_timeout: Duration,
     /// Frames queued to one socket beyond which it is a slow consumer and is closed.
     pub outbound_queue: usize,
+    /// The SocketCluster protocol: 1 (client v14), 2 (clients v17-v20) or "auto" (both, per
+    /// socket: ping in both styles until the first pong says which).
+    pub protocol_version: ProtocolVersion,
+    /// HS256 (or HS384/HS512) secret for auth tokens. Empty: in supervise mode the master makes
+    /// one per cluster start and hands it to every worker; a worker started alone makes its own.
+    pub auth_key: String,
+    /// JWT algorithm: HS256, HS384, HS512, RS256, RS384, RS512, ES256 or ES384. Only this one is
+    /// accepted when verifying (`alg: none` never is).
+    pub auth_algorithm: String,
+    /// PEM private key file for RS*/ES* signing.
+    pub auth_private_key: Option<PathBuf>,
+    /// PEM public key file for RS*/ES* verification.
+    pub auth_public_key: Option<PathBuf>,
+    /// Lifetime of tokens the server signs, unless the payload has its own `exp`.
+    #[serde(with = "humantime_serde")]
+    pub auth_default_expiry: Duration,
+    /// Allowed browser origins, each "host:port", "host:*", "*:port" or "*:*" (everything).
+    pub origins: Vec<String>,
+    /// Largest WebSocket message accepted; a larger one closes the socket with 1009.
+    #[serde(with = "crate::size")]
+    pub max_payload: u64,
+    /// Most channels one socket may subscribe to.
+    pub socket_channel_limit: usize,
+    /// Whether clients may publish (`#publish`); if not they get an InvalidActionError.
+    pub allow_client_publish: bool,
+    /// How long a server-to-client invoke waits for the client's answer.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// A folder served over HTTP (GET, HEAD) at the worker's root; unset: none.
+    pub static_dir: Option<PathBuf>,
+}
+
+/// Which SocketCluster protocol version(s) a worker speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtocolVersion {
+    /// Both: each socket is locked to the version of its first pong.
+    #[default]
+    Auto,
+    /// Protocol v1 (socketcluster-client up to v14).
+    V1,
+    /// Protocol v2 (socketcluster-client v15 to v20).
+    V2,
 }
 
 /// `[broker]`: pub/sub and shared data.
@@ -161,12 +203,7 @@ pub struct BrokerConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self {
-            workers: 2,
-            brokers: 1,
-            secret: String::new(),
-            log_format: LogFormat::Plain,
-        }
+        Self { workers: 2, brokers: 1, secret: String::new(), log_format: LogFormat::Plain }
     }
 }
 
@@ -211,18 +248,53 @@ impl Default for WorkerConfig {
             ping_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             outbound_queue: 1024,
+            protocol_version: ProtocolVersion::Auto,
+            auth_key: String::new(),
+            auth_algorithm: "HS256".to_owned(),
+            auth_private_key: None,
+            auth_public_key: None,
+            auth_default_expiry: Duration::from_secs(86400),
+            origins: vec!["*:*".to_owned()],
+            max_payload: 1024 * 1024,
+            socket_channel_limit: 1000,
+            allow_client_publish: true,
+            ack_timeout: Duration::from_secs(10),
+            static_dir: None,
         }
     }
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        Self {
-            id: None,
-            master: None,
-            command: None,
-            listen: loopback(0),
-            worker_queue: 65536,
+        Self { id: None, master: None, command: None, listen: loopback(0), worker_queue: 65536 }
+    }
+}
+
+impl Serialize for ProtocolVersion {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ProtocolVersion::Auto => serializer.serialize_str("auto"),
+            ProtocolVersion::V1 => serializer.serialize_u64(1),
+            ProtocolVersion::V2 => serializer.serialize_u64(2),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ProtocolVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(1) => Ok(ProtocolVersion::V1),
+            Raw::Number(2) => Ok(ProtocolVersion::V2),
+            Raw::Text(t) if t == "auto" => Ok(ProtocolVersion::Auto),
+            Raw::Text(t) if t == "1" => Ok(ProtocolVersion::V1),
+            Raw::Text(t) if t == "2" => Ok(ProtocolVersion::V2),
+            _ => Err(serde::de::Error::custom("protocol_version must be 1, 2 or \"auto\"")),
         }
     }
 }
@@ -244,33 +316,27 @@ impl Config {
             if !file.exists() {
                 return Err(Error::Config(format!("{}: no such file", file.display())));
             }
-            builder = builder.add_source(
-                config::File::from(file)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            builder =
+                builder.add_source(config::File::from(file).format(config::FileFormat::Toml).required(true));
         }
         // Only SC_<SECTION>__<KEY> names are overrides; other SC_* variables (SC_TEST_BIN_DIR,
         // say) belong to someone else and are left alone.
         let prefix = format!("{ENV_PREFIX}_");
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(key, _)| {
-                key.strip_prefix(&prefix)
-                    .is_some_and(|rest| rest.contains("__"))
-            })
+            .filter(|(key, _)| key.strip_prefix(&prefix).is_some_and(|rest| rest.contains("__")))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(" ")
+                .with_list_parse_key("worker.origins")
                 .source(Some(env)),
         );
         let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
-        let config: Config = built
-            .try_deserialize()
-            .map_err(|e| Error::Config(explain(e, file)))?;
+        let config: Config = built.try_deserialize().map_err(|e| Error::Config(explain(e, file)))?;
         config.validate()?;
         Ok(config)
     }
@@ -297,13 +363,29 @@ impl Config {
             return bad("worker.ping_interval", "must be more than 0");
         }
         if self.worker.ping_timeout <= self.worker.ping_interval {
-            return bad(
-                "worker.ping_timeout",
-                "must be longer than worker.ping_interval",
-            );
+            return bad("worker.ping_timeout", "must be longer than worker.ping_interval");
         }
         if self.worker.outbound_queue == 0 {
             return bad("worker.outbound_queue", "must be at least 1");
+        }
+        if self.worker.max_payload < 64 {
+            return bad("worker.max_payload", "must be at least 64 bytes");
+        }
+        const ALGORITHMS: [&str; 8] =
+            ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"];
+        if !ALGORITHMS.contains(&self.worker.auth_algorithm.as_str()) {
+            return bad("worker.auth_algorithm", &format!("must be one of {}", ALGORITHMS.join(", ")));
+        }
+        if !self.worker.auth_algorithm.starts_with("HS")
+            && (self.worker.auth_private_key.is_none() || self.worker.auth_public_key.is_none())
+        {
+            return bad(
+                "worker.auth_algorithm",
+                "RS*/ES* need worker.auth_private_key and worker.auth_public_key",
+            );
+        }
+        if self.worker.ack_timeout.is_zero() {
+            return bad("worker.ack_timeout", "must be more than 0");
         }
         if self.broker.worker_queue == 0 {
             return bad("broker.worker_queue", "must be at least 1");
@@ -341,10 +423,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     fn write(text: &str) -> tempfile::NamedTempFile {
@@ -370,10 +449,7 @@ mod tests {
         let file = write("[worker]\nping_interval = \"3s\"\n[cluster]\nworkers = 3\n");
         let config = Config::load_with_env(
             Some(file.path()),
-            env(&[
-                ("SC_WORKER__PING_INTERVAL", "5s"),
-                ("SC_CLUSTER__BROKERS", "4"),
-            ]),
+            env(&[("SC_WORKER__PING_INTERVAL", "5s"), ("SC_CLUSTER__BROKERS", "4")]),
         )
         .unwrap();
         assert_eq!(config.worker.ping_interval, Duration::from_secs(5));
@@ -384,37 +460,58 @@ mod tests {
     #[test]
     fn unknown_key_in_file_is_named() {
         let file = write("[worker]\npign_interval = \"3s\"\n");
-        let err = Config::load_with_env(Some(file.path()), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load_with_env(Some(file.path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("pign_interval"), "{err}");
     }
 
     #[test]
     fn unknown_section_is_named() {
         let file = write("[wokrer]\nport = 1\n");
-        let err = Config::load_with_env(Some(file.path()), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load_with_env(Some(file.path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("wokrer"), "{err}");
     }
 
     #[test]
     fn unknown_key_in_environment_is_named() {
-        let err = Config::load_with_env(None, env(&[("SC_WORKER__PING_INTERVALL", "5s")]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::load_with_env(None, env(&[("SC_WORKER__PING_INTERVALL", "5s")])).unwrap_err().to_string();
         assert!(err.contains("ping_intervall"), "{err}");
     }
 
     #[test]
+    fn worker_keys_from_file_and_environment() {
+        let file = write(
+            "[worker]\nprotocol_version = 1\nmax_payload = \"64KiB\"\norigins = [\"example.com:443\"]\n",
+        );
+        let config = Config::load_with_env(Some(file.path()), env(&[])).unwrap();
+        assert_eq!(config.worker.protocol_version, ProtocolVersion::V1);
+        assert_eq!(config.worker.max_payload, 64 * 1024);
+        assert_eq!(config.worker.origins, ["example.com:443"]);
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("SC_WORKER__PROTOCOL_VERSION", "auto"),
+                ("SC_WORKER__MAX_PAYLOAD", "2MiB"),
+                ("SC_WORKER__ORIGINS", "a.com:443 b.com:*"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.worker.protocol_version, ProtocolVersion::Auto);
+        assert_eq!(config.worker.max_payload, 2 * 1024 * 1024);
+        assert_eq!(config.worker.origins, ["a.com:443", "b.com:*"]);
+        let config = Config::load_with_env(None, env(&[("SC_WORKER__PROTOCOL_VERSION", "2")])).unwrap();
+        assert_eq!(config.worker.protocol_version, ProtocolVersion::V2);
+        let err = Config::load_with_env(None, env(&[("SC_WORKER__PROTOCOL_VERSION", "3")])).unwrap_err();
+        assert!(err.to_string().contains("protocol_version"), "{err}");
+        let err = Config::load_with_env(None, env(&[("SC_WORKER__AUTH_ALGORITHM", "none")])).unwrap_err();
+        assert!(err.to_string().contains("auth_algorithm"), "{err}");
+    }
+
+    #[test]
     fn other_sc_variables_are_not_config() {
-        let config =
-            Config::load_with_env(None, env(&[("SC_TEST_BIN_DIR", "/x"), ("SC", "1")])).unwrap();
+        let config = Config::load_with_env(None, env(&[("SC_TEST_BIN_DIR", "/x"), ("SC", "1")])).unwrap();
         assert_eq!(config, Config::default());
-        let err = Config::load_with_env(None, env(&[("SC_WOKRER__PATH", "/x")]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load_with_env(None, env(&[("SC_WOKRER__PATH", "/x")])).unwrap_err().to_string();
         assert!(err.contains("wokrer"), "{err}");
     }
 
@@ -423,32 +520,23 @@ mod tests {
         let err = Config::load_with_env(None, env(&[("SC_WORKER__PING_INTERVAL", "soon")]))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("soon") || err.contains("ping_interval"),
-            "{err}"
-        );
+        assert!(err.contains("soon") || err.contains("ping_interval"), "{err}");
     }
 
     #[test]
     fn missing_file_is_an_error() {
-        let err = Config::load_with_env(Some(Path::new("/nonexistent/sc.toml")), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::load_with_env(Some(Path::new("/nonexistent/sc.toml")), env(&[])).unwrap_err().to_string();
         assert!(err.contains("no such file"), "{err}");
     }
 
     #[test]
     fn nonsense_values_are_rejected() {
-        let err = Config::load_with_env(None, env(&[("SC_CLUSTER__WORKERS", "0")]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load_with_env(None, env(&[("SC_CLUSTER__WORKERS", "0")])).unwrap_err().to_string();
         assert!(err.contains("cluster.workers"), "{err}");
         let err = Config::load_with_env(
             None,
-            env(&[
-                ("SC_WORKER__PING_TIMEOUT", "1s"),
-                ("SC_WORKER__PING_INTERVAL", "2s"),
-            ]),
+            env(&[("SC_WORKER__PING_TIMEOUT", "1s"), ("SC_WORKER__PING_INTERVAL", "2s")]),
         )
         .unwrap_err()
         .to_string();
@@ -467,32 +555,19 @@ mod tests {
     fn example_config_documents_every_key_and_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sc.example.toml");
         let config = Config::load_with_env(Some(&path), env(&[])).unwrap();
-        assert_eq!(
-            config,
-            Config::default(),
-            "the example must show the defaults"
-        );
+        assert_eq!(config, Config::default(), "the example must show the defaults");
         // Every key of the effective config appears in the example, so none goes undocumented;
         // optional keys are filled in so that they are printed too.
         let text = std::fs::read_to_string(&path).unwrap();
         let mut full = config.clone();
         full.master.bin_dir = Some("/bin".into());
+        full.worker.auth_private_key = Some("x".into());
+        full.worker.auth_public_key = Some("x".into());
+        full.worker.static_dir = Some("x".into());
         for (id, master, command) in [
-            (
-                &mut full.balancer.id,
-                &mut full.balancer.master,
-                &mut full.balancer.command,
-            ),
-            (
-                &mut full.worker.id,
-                &mut full.worker.master,
-                &mut full.worker.command,
-            ),
-            (
-                &mut full.broker.id,
-                &mut full.broker.master,
-                &mut full.broker.command,
-            ),
+            (&mut full.balancer.id, &mut full.balancer.master, &mut full.balancer.command),
+            (&mut full.worker.id, &mut full.worker.master, &mut full.worker.command),
+            (&mut full.broker.id, &mut full.broker.master, &mut full.broker.command),
         ] {
             *id = Some("x".into());
             *master = Some("x".into());
@@ -503,15 +578,10 @@ mod tests {
         for (section, keys) in &printed {
             let keys = keys.as_table().unwrap();
             for key in keys.keys() {
-                let documented = example
-                    .get(section)
-                    .and_then(|s| s.as_table())
-                    .is_some_and(|s| s.contains_key(key))
-                    || text.contains(&format!("# {key} ="));
-                assert!(
-                    documented,
-                    "[{section}] {key} is not in deploy/sc.example.toml"
-                );
+                let documented =
+                    example.get(section).and_then(|s| s.as_table()).is_some_and(|s| s.contains_key(key))
+                        || text.contains(&format!("# {key} ="));
+                assert!(documented, "[{section}] {key} is not in deploy/sc.example.toml");
             }
         }
     }

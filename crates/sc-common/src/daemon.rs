@@ -66,11 +66,7 @@ pub fn init_telemetry(format: LogFormat) {
         LogFormat::Plain => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(CentralLogLayer)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(CentralLogLayer).try_init();
     install_panic_hook();
 }
 
@@ -119,11 +115,7 @@ struct LineVisitor {
 
 impl LineVisitor {
     fn finish(self) -> String {
-        if self.fields.is_empty() {
-            self.message
-        } else {
-            format!("{}{}", self.message, self.fields)
-        }
+        if self.fields.is_empty() { self.message } else { format!("{}{}", self.message, self.fields) }
     }
 }
 
@@ -154,10 +146,7 @@ fn install_panic_hook() {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "panic".to_owned());
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
         tracing::error!(%location, "panic: {message}");
     }));
 }
@@ -166,10 +155,8 @@ fn install_panic_hook() {
 pub fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -229,15 +216,9 @@ pub async fn serve_with_grace<E>(
 
 /// Binds a TCP listener, with the address in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    };
-    let bind_err = |source| Error::Bind {
-        addr: addr.to_string(),
-        source,
-    };
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let bind_err = |source| Error::Bind { addr: addr.to_string(), source };
     let socket = socket.map_err(bind_err)?;
     socket.set_reuseaddr(true).map_err(bind_err)?;
     socket.bind(addr).map_err(bind_err)?;
@@ -260,10 +241,7 @@ pub async fn serve_grpc(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
-        .map_err(Error::from)
+    router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await.map_err(Error::from)
 }
 
 /// The id a member uses when none is configured: role and pid.

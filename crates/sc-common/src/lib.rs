@@ -18,6 +18,7 @@ pub mod membership;
 pub mod proxy_protocol;
 pub mod rendezvous;
 pub mod secret;
+pub mod size;
 
 pub use config::Config;
 pub use membership::{Member, Membership, Role};

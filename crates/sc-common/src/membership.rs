@@ -94,17 +94,8 @@ impl Membership {
 
 impl Event {
     /// An event happening now.
-    pub fn now(
-        severity: Severity,
-        message: impl Into<String>,
-        location: impl Into<String>,
-    ) -> Self {
-        Self {
-            severity,
-            message: message.into(),
-            location: location.into(),
-            time_ms: now_ms(),
-        }
+    pub fn now(severity: Severity, message: impl Into<String>, location: impl Into<String>) -> Self {
+        Self { severity, message: message.into(), location: location.into(), time_ms: now_ms() }
     }
 }
 
@@ -117,13 +108,8 @@ impl MasterLink {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
-        let client =
-            pb::master_client::MasterClient::with_interceptor(channel, secret::Attach::new(secret));
-        Ok(Self {
-            client,
-            me,
-            watch_roles,
-        })
+        let client = pb::master_client::MasterClient::with_interceptor(channel, secret::Attach::new(secret));
+        Ok(Self { client, me, watch_roles })
     }
 
     /// Runs the link until `shutdown`: registers (again after every loss of the master), keeps
@@ -155,9 +141,7 @@ impl MasterLink {
                         location: event.location,
                     };
                     // A lost event is not worth blocking for: the daemon's own log has it too.
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), client.report_event(request))
-                            .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.report_event(request)).await;
                 }
             }
         };
@@ -173,11 +157,7 @@ impl MasterLink {
             let attempt = async {
                 self.register().await?;
                 let request = pb::WatchMembersRequest {
-                    roles: self
-                        .watch_roles
-                        .iter()
-                        .map(|r| role_to_pb(*r) as i32)
-                        .collect(),
+                    roles: self.watch_roles.iter().map(|r| role_to_pb(*r) as i32).collect(),
                 };
                 let mut stream = self.client.watch_members(request).await?.into_inner();
                 tracing::debug!(id = %self.me.id, "registered with master");
@@ -234,11 +214,7 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `first`, doubles up to `max`.
     pub fn new(first: Duration, max: Duration) -> Self {
-        Self {
-            first,
-            max,
-            next: first,
-        }
+        Self { first, max, next: first }
     }
 
     /// The delay to wait now; the following one doubles.
@@ -256,10 +232,7 @@ impl Backoff {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Converts a role to its wire form.
@@ -306,10 +279,7 @@ pub fn membership_from_pb(snapshot: pb::Membership) -> Membership {
             })
         })
         .collect();
-    Membership {
-        epoch: snapshot.epoch,
-        members,
-    }
+    Membership { epoch: snapshot.epoch, members }
 }
 
 /// Converts a member to its wire form.
@@ -349,16 +319,7 @@ mod tests {
             unix: String::new(),
             pid: 42,
         };
-        let snapshot = pb::Membership {
-            epoch: 7,
-            members: vec![member_to_pb(&member)],
-        };
-        assert_eq!(
-            membership_from_pb(snapshot),
-            Membership {
-                epoch: 7,
-                members: vec![member]
-            }
-        );
+        let snapshot = pb::Membership { epoch: 7, members: vec![member_to_pb(&member)] };
+        assert_eq!(membership_from_pb(snapshot), Membership { epoch: 7, members: vec![member] });
     }
 }

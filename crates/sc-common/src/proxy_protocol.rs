@@ -87,11 +87,7 @@ pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header,
 }
 
 fn parse(command: u8, family: u8, block: &[u8]) -> Result<Header, ParseError> {
-    let local = Header {
-        source: None,
-        destination: None,
-        tls: false,
-    };
+    let local = Header { source: None, destination: None, tls: false };
     match command {
         0x20 => return Ok(local),
         0x21 => {}
@@ -102,11 +98,7 @@ fn parse(command: u8, family: u8, block: &[u8]) -> Result<Header, ParseError> {
             let b = block.get(..12).ok_or(ParseError::Length(block.len()))?;
             let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]));
             let port = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
-            (
-                SocketAddr::new(ip(0), port(8)),
-                SocketAddr::new(ip(4), port(10)),
-                &block[12..],
-            )
+            (SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10)), &block[12..])
         }
         0x21 => {
             let b = block.get(..36).ok_or(ParseError::Length(block.len()))?;
@@ -117,20 +109,12 @@ fn parse(command: u8, family: u8, block: &[u8]) -> Result<Header, ParseError> {
                 v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
             };
             let port = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
-            (
-                SocketAddr::new(ip(0), port(32)),
-                SocketAddr::new(ip(16), port(34)),
-                &block[36..],
-            )
+            (SocketAddr::new(ip(0), port(32)), SocketAddr::new(ip(16), port(34)), &block[36..])
         }
         // UNSPEC or a family we do not forward (Unix): the connection is fine, the address unknown.
         _ => return Ok(local),
     };
-    Ok(Header {
-        source: Some(source),
-        destination: Some(destination),
-        tls: has_ssl_tlv(rest),
-    })
+    Ok(Header { source: Some(source), destination: Some(destination), tls: has_ssl_tlv(rest) })
 }
 
 fn has_ssl_tlv(mut tlvs: &[u8]) -> bool {
@@ -190,16 +174,12 @@ mod tests {
 
     #[test]
     fn known_bytes() {
-        let bytes = encode(
-            "1.2.3.4:5".parse().unwrap(),
-            "6.7.8.9:10".parse().unwrap(),
-            false,
-        );
+        let bytes = encode("1.2.3.4:5".parse().unwrap(), "6.7.8.9:10".parse().unwrap(), false);
         assert_eq!(
             bytes,
             [
-                0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11,
-                0, 12, 1, 2, 3, 4, 6, 7, 8, 9, 0, 5, 0, 10
+                0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0, 12, 1,
+                2, 3, 4, 6, 7, 8, 9, 0, 5, 0, 10
             ]
         );
     }
@@ -215,26 +195,14 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_rejected() {
         let bytes = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-        assert!(matches!(
-            read_header(&mut &bytes[..]).await,
-            Err(ParseError::Signature)
-        ));
+        assert!(matches!(read_header(&mut &bytes[..]).await, Err(ParseError::Signature)));
         let mut long = SIGNATURE.to_vec();
         long.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
-        assert!(matches!(
-            read_header(&mut &long[..]).await,
-            Err(ParseError::Length(_))
-        ));
+        assert!(matches!(read_header(&mut &long[..]).await, Err(ParseError::Length(_))));
         let mut short = SIGNATURE.to_vec();
         short.extend_from_slice(&[0x21, 0x11, 0, 2, 1, 2]);
-        assert!(matches!(
-            read_header(&mut &short[..]).await,
-            Err(ParseError::Length(2))
-        ));
+        assert!(matches!(read_header(&mut &short[..]).await, Err(ParseError::Length(2))));
         let truncated = &SIGNATURE[..8];
-        assert!(matches!(
-            read_header(&mut &truncated[..]).await,
-            Err(ParseError::Io(_))
-        ));
+        assert!(matches!(read_header(&mut &truncated[..]).await, Err(ParseError::Io(_))));
     }
 }

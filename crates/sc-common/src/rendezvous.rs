@@ -46,10 +46,8 @@ pub fn ranked<'a, N: AsRef<str> + ?Sized + 'a>(
     nodes: impl IntoIterator<Item = &'a N>,
     key: &[u8],
 ) -> Vec<&'a N> {
-    let mut scored: Vec<(u64, &'a N)> = nodes
-        .into_iter()
-        .map(|node| (score(node.as_ref(), key), node))
-        .collect();
+    let mut scored: Vec<(u64, &'a N)> =
+        nodes.into_iter().map(|node| (score(node.as_ref(), key), node)).collect();
     scored.sort_by(|(sa, na), (sb, nb)| sb.cmp(sa).then_with(|| na.as_ref().cmp(nb.as_ref())));
     scored.into_iter().map(|(_, node)| node).collect()
 }
@@ -76,10 +74,7 @@ mod tests {
         assert_eq!(score("b", b""), 0x5326_50cf_6e3f_1c38);
         let brokers = ["broker-0", "broker-1", "broker-2"];
         assert_eq!(owner(brokers.iter().copied(), b"news"), Some("broker-0"));
-        assert_eq!(
-            ranked(brokers.iter().copied(), b"news"),
-            ["broker-0", "broker-2", "broker-1"]
-        );
+        assert_eq!(ranked(brokers.iter().copied(), b"news"), ["broker-0", "broker-2", "broker-1"]);
     }
 
     #[test]
@@ -88,10 +83,7 @@ mod tests {
         for key in ["news", "chat", "a", "user/123", "été"] {
             let ranked = ranked(nodes.iter().copied(), key.as_bytes());
             assert_eq!(ranked.len(), 3);
-            assert_eq!(
-                Some(ranked[0]),
-                owner(nodes.iter().copied(), key.as_bytes())
-            );
+            assert_eq!(Some(ranked[0]), owner(nodes.iter().copied(), key.as_bytes()));
         }
     }
 

@@ -23,9 +23,7 @@ pub struct Check {
 impl Attach {
     /// An interceptor sending `secret`; an empty secret sends nothing.
     pub fn new(secret: &str) -> Self {
-        let header = (!secret.is_empty())
-            .then(|| format!("Bearer {secret}").parse().ok())
-            .flatten();
+        let header = (!secret.is_empty()).then(|| format!("Bearer {secret}").parse().ok()).flatten();
         Self { header }
     }
 }
@@ -33,9 +31,7 @@ impl Attach {
 impl Interceptor for Attach {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(header) = &self.header {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
+            request.metadata_mut().insert("authorization", header.clone());
         }
         Ok(request)
     }
@@ -44,9 +40,7 @@ impl Interceptor for Attach {
 impl Check {
     /// An interceptor accepting only `secret`; an empty secret accepts every call.
     pub fn new(secret: &str) -> Self {
-        Self {
-            expected: secret.into(),
-        }
+        Self { expected: secret.into() }
     }
 }
 
@@ -99,10 +93,7 @@ mod tests {
         let mut check = Check::new("s3cret");
         assert!(check.call(Request::new(())).is_err());
         let request = Attach::new("other").call(Request::new(())).unwrap();
-        assert_eq!(
-            check.call(request).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(check.call(request).unwrap_err().code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

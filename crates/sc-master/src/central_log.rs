@@ -71,12 +71,7 @@ impl CentralLog {
 
     /// The most recent entries, oldest first.
     pub fn recent(&self) -> Vec<Entry> {
-        self.recent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 }
 
@@ -93,9 +88,6 @@ mod tests {
         let recent = log.recent();
         assert_eq!(recent.len(), KEEP);
         assert_eq!(recent[0].message, "event 5");
-        assert_eq!(
-            recent.last().unwrap().message,
-            format!("event {}", KEEP + 4)
-        );
+        assert_eq!(recent.last().unwrap().message, format!("event {}", KEEP + 4));
     }
 }

@@ -31,18 +31,14 @@ impl pb::master_server::Master for MasterService {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let request = request.into_inner();
-        let role = membership::role_from_pb(request.role)
-            .ok_or_else(|| Status::invalid_argument("unknown role"))?;
+        let role =
+            membership::role_from_pb(request.role).ok_or_else(|| Status::invalid_argument("unknown role"))?;
         if request.id.is_empty() {
             return Err(Status::invalid_argument("empty member id"));
         }
         let addresses = request.addresses.unwrap_or_default();
-        if addresses.grpc.parse::<std::net::SocketAddr>().is_err() && !addresses.grpc.contains(':')
-        {
-            return Err(Status::invalid_argument(format!(
-                "bad grpc address {:?}",
-                addresses.grpc
-            )));
+        if addresses.grpc.parse::<std::net::SocketAddr>().is_err() && !addresses.grpc.contains(':') {
+            return Err(Status::invalid_argument(format!("bad grpc address {:?}", addresses.grpc)));
         }
         let member = Member {
             role,
@@ -56,10 +52,7 @@ impl pb::master_server::Master for MasterService {
         let before = self.registry.snapshot().epoch;
         let epoch = self.registry.register(member);
         if epoch != before {
-            self.log.master(
-                Severity::Notice,
-                format!("{id} (pid {pid}) registered, epoch {epoch}"),
-            );
+            self.log.master(Severity::Notice, format!("{id} (pid {pid}) registered, epoch {epoch}"));
         }
         Ok(Response::new(pb::RegisterResponse { epoch }))
     }
@@ -68,12 +61,8 @@ impl pb::master_server::Master for MasterService {
         &self,
         request: Request<pb::WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
-        let roles: Vec<_> = request
-            .into_inner()
-            .roles
-            .into_iter()
-            .filter_map(membership::role_from_pb)
-            .collect();
+        let roles: Vec<_> =
+            request.into_inner().roles.into_iter().filter_map(membership::role_from_pb).collect();
         let stream = WatchStream::new(self.registry.watch()).map(move |snapshot| {
             let members = snapshot
                 .members
@@ -81,10 +70,7 @@ impl pb::master_server::Master for MasterService {
                 .filter(|m| roles.is_empty() || roles.contains(&m.role))
                 .map(membership::member_to_pb)
                 .collect();
-            Ok(pb::Membership {
-                epoch: snapshot.epoch,
-                members,
-            })
+            Ok(pb::Membership { epoch: snapshot.epoch, members })
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -55,11 +55,7 @@ impl Checker {
                 _ = tick.tick() => {}
             }
             let snapshot = self.registry.snapshot();
-            let live: BTreeSet<Instance> = snapshot
-                .members
-                .iter()
-                .map(|m| (m.id.clone(), m.pid))
-                .collect();
+            let live: BTreeSet<Instance> = snapshot.members.iter().map(|m| (m.id.clone(), m.pid)).collect();
             targets.retain(|instance, _| live.contains(instance));
             self.healthy.send_if_modified(|healthy| {
                 let before = healthy.len();
@@ -68,35 +64,23 @@ impl Checker {
             });
             for member in &snapshot.members {
                 let instance = (member.id.clone(), member.pid);
-                let stale = targets
-                    .get(&instance)
-                    .is_some_and(|t| t.grpc != member.grpc);
+                let stale = targets.get(&instance).is_some_and(|t| t.grpc != member.grpc);
                 if stale || !targets.contains_key(&instance) {
-                    let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", member.grpc))
-                    else {
+                    let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", member.grpc)) else {
                         continue;
                     };
                     let channel = endpoint.connect_timeout(self.interval).connect_lazy();
-                    let target = Target {
-                        grpc: member.grpc.clone(),
-                        client: HealthClient::new(channel),
-                        misses: 0,
-                    };
+                    let target =
+                        Target { grpc: member.grpc.clone(), client: HealthClient::new(channel), misses: 0 };
                     targets.insert(instance, target);
                 }
             }
             let timeout = self.interval;
             let checks = targets.iter_mut().map(|(instance, target)| async move {
-                let request = HealthCheckRequest {
-                    service: String::new(),
-                };
+                let request = HealthCheckRequest { service: String::new() };
                 let outcome = tokio::time::timeout(timeout, target.client.check(request)).await;
                 let verdict = match outcome {
-                    Ok(Ok(response))
-                        if response.get_ref().status == ServingStatus::Serving as i32 =>
-                    {
-                        Ok(())
-                    }
+                    Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
                     Ok(Ok(_)) => Err("not serving".to_owned()),
                     Ok(Err(status)) => Err(status.message().to_owned()),
                     Err(_) => Err(format!("no answer within {timeout:?}")),
@@ -107,8 +91,7 @@ impl Checker {
                 match verdict {
                     Ok(()) => {
                         target.misses = 0;
-                        self.healthy
-                            .send_if_modified(|healthy| healthy.insert(instance.clone()));
+                        self.healthy.send_if_modified(|healthy| healthy.insert(instance.clone()));
                     }
                     Err(why) => {
                         target.misses += 1;

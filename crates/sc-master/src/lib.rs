@@ -83,11 +83,8 @@ impl Master {
     /// (balancers, workers, brokers) on the way out.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let supervise = self.config.master.mode == MasterMode::Supervise;
-        let specs = if supervise {
-            self.child_specs()?
-        } else {
-            Vec::new()
-        };
+        let specs = if supervise { self.child_specs()? } else { Vec::new() };
+        let child_env = self.child_env();
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
         let (healthy_tx, healthy_rx) = watch::channel(BTreeSet::new());
         let checks = shutdown.child_token();
@@ -103,22 +100,12 @@ impl Master {
 
         let grpc_shutdown = CancellationToken::new();
         let (health_reporter, health) = daemon::health();
-        let service = grpc::MasterService {
-            registry: self.registry.clone(),
-            log: self.log.clone(),
-        };
+        let service = grpc::MasterService { registry: self.registry.clone(), log: self.log.clone() };
         let secret = &self.config.cluster.secret;
         let router = tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(MasterServer::with_interceptor(
-                service,
-                secret::Check::new(secret),
-            ));
-        let grpc = tokio::spawn(daemon::serve_grpc(
-            router,
-            self.listener,
-            grpc_shutdown.clone(),
-        ));
+            .add_service(MasterServer::with_interceptor(service, secret::Check::new(secret)));
+        let grpc = tokio::spawn(daemon::serve_grpc(router, self.listener, grpc_shutdown.clone()));
         tracing::info!(addr = %self.addr, mode = ?self.config.master.mode, "master listening");
 
         if supervise {
@@ -126,23 +113,14 @@ impl Master {
             let settings = supervisor::Settings {
                 registry: self.registry.clone(),
                 log: self.log.clone(),
-                env: vec![(
-                    "SC_CLUSTER__SECRET".to_owned(),
-                    self.config.cluster.secret.clone(),
-                )],
+                env: child_env,
                 backoff: self.config.master.respawn_backoff,
                 backoff_max: self.config.master.respawn_backoff_max,
                 grace: self.config.master.shutdown_grace,
             };
             let supervisor = Supervisor::start(specs, settings);
             let path = self.config.worker.path.clone();
-            tokio::spawn(announce_ready(
-                self.registry.watch(),
-                healthy_rx,
-                expected,
-                path,
-                shutdown.clone(),
-            ));
+            tokio::spawn(announce_ready(self.registry.watch(), healthy_rx, expected, path, shutdown.clone()));
             supervisor.kill_failed(&mut failed_rx, &shutdown).await;
             shutdown.cancelled().await;
             tracing::info!("stopping the cluster");
@@ -151,9 +129,7 @@ impl Master {
             shutdown.cancelled().await;
         }
         checks.cancel();
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         grpc_shutdown.cancel();
         match grpc.await {
             Ok(outcome) => outcome?,
@@ -161,6 +137,16 @@ impl Master {
         }
         tracing::info!("master stopped");
         Ok(())
+    }
+
+    /// What every child gets in its environment: the cluster secret and, unless configured, a
+    /// per-cluster auth key so a token signed on one worker is valid on all.
+    fn child_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("SC_CLUSTER__SECRET".to_owned(), self.config.cluster.secret.clone())];
+        if self.config.worker.auth_key.is_empty() && self.config.worker.auth_algorithm.starts_with("HS") {
+            env.push(("SC_WORKER__AUTH_KEY".to_owned(), secret::generate()));
+        }
+        env
     }
 
     /// The children of supervise mode, by shutdown tier: balancer, workers, brokers.
@@ -174,9 +160,7 @@ impl Master {
         };
         let master_url = format!("http://{}", self.addr);
         let program = |role: Role, command: &Option<PathBuf>| -> Result<PathBuf, Error> {
-            let program = command
-                .clone()
-                .unwrap_or_else(|| bin_dir.join(format!("sc-{}", role.as_str())));
+            let program = command.clone().unwrap_or_else(|| bin_dir.join(format!("sc-{}", role.as_str())));
             if program.components().count() > 1 && !program.exists() {
                 return Err(Error::Config(format!(
                     "{}.command: {} does not exist (build it with `cargo build --release`, or set [master] bin_dir)",
@@ -199,12 +183,7 @@ impl Master {
                 "--supervisor-pid".into(),
                 std::process::id().to_string().into(),
             ]);
-            ChildSpec {
-                id,
-                role,
-                program: program.clone(),
-                args,
-            }
+            ChildSpec { id, role, program: program.clone(), args }
         };
         let balancer = program(Role::Balancer, &self.config.balancer.command)?;
         let worker = program(Role::Worker, &self.config.worker.command)?;
@@ -235,10 +214,7 @@ async fn announce_ready(
             let snapshot = members.borrow_and_update().clone();
             let healthy = healthy.borrow_and_update();
             let all_up = expected.iter().all(|id| {
-                snapshot
-                    .members
-                    .iter()
-                    .any(|m| &m.id == id && healthy.contains(&(m.id.clone(), m.pid)))
+                snapshot.members.iter().any(|m| &m.id == id && healthy.contains(&(m.id.clone(), m.pid)))
             });
             all_up.then(|| public_url(&snapshot, &path)).flatten()
         };

@@ -44,9 +44,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
-        eprintln!(
-            "sc-master: master.listen: standalone mode needs a fixed port that daemons can be told"
-        );
+        eprintln!("sc-master: master.listen: standalone mode needs a fixed port that daemons can be told");
         return ExitCode::from(EXIT_USAGE as u8);
     }
     daemon::init_telemetry(config.cluster.log_format);

@@ -48,10 +48,7 @@ impl Registry {
     /// whether it was removed.
     pub fn remove(&self, id: &str, pid: Option<u32>) -> bool {
         let mut inner = self.lock();
-        let matches = inner
-            .members
-            .get(id)
-            .is_some_and(|m| pid.is_none_or(|pid| m.pid == pid));
+        let matches = inner.members.get(id).is_some_and(|m| pid.is_none_or(|pid| m.pid == pid));
         if matches {
             inner.members.remove(id);
             self.publish(&mut inner);
@@ -71,10 +68,7 @@ impl Registry {
 
     fn publish(&self, inner: &mut Inner) -> u64 {
         inner.epoch += 1;
-        let snapshot = Membership {
-            epoch: inner.epoch,
-            members: inner.members.values().cloned().collect(),
-        };
+        let snapshot = Membership { epoch: inner.epoch, members: inner.members.values().cloned().collect() };
         self.snapshots.send_replace(Arc::new(snapshot));
         inner.epoch
     }
@@ -105,11 +99,7 @@ mod tests {
     fn epoch_moves_on_changes_only() {
         let registry = Registry::default();
         assert_eq!(registry.register(member("w-1", 10)), 1);
-        assert_eq!(
-            registry.register(member("w-1", 10)),
-            1,
-            "same record, same epoch"
-        );
+        assert_eq!(registry.register(member("w-1", 10)), 1, "same record, same epoch");
         assert_eq!(registry.register(member("w-1", 11)), 2);
         assert_eq!(registry.register(member("w-2", 12)), 3);
         assert_eq!(registry.snapshot().members.len(), 2);
@@ -119,10 +109,7 @@ mod tests {
     fn remove_checks_the_pid() {
         let registry = Registry::default();
         registry.register(member("w-1", 10));
-        assert!(
-            !registry.remove("w-1", Some(9)),
-            "an older process's exit keeps the new one"
-        );
+        assert!(!registry.remove("w-1", Some(9)), "an older process's exit keeps the new one");
         assert!(registry.remove("w-1", Some(10)));
         assert!(!registry.remove("w-1", None));
         assert_eq!(registry.snapshot().epoch, 2);

@@ -112,12 +112,7 @@ impl Supervisor {
     }
 }
 
-async fn supervise(
-    spec: ChildSpec,
-    settings: Settings,
-    kill: Arc<Notify>,
-    stop: CancellationToken,
-) {
+async fn supervise(spec: ChildSpec, settings: Settings, kill: Arc<Notify>, stop: CancellationToken) {
     let mut backoff = Backoff::new(settings.backoff, settings.backoff_max);
     let log = &settings.log;
     loop {
@@ -167,23 +162,9 @@ async fn supervise(
         }
         let delay = backoff.next_delay();
         let how = describe(status);
-        let severity = if delay >= settings.backoff_max {
-            Severity::Error
-        } else {
-            Severity::Warning
-        };
-        let looping = if delay >= settings.backoff_max {
-            " (crash loop)"
-        } else {
-            ""
-        };
-        log.master(
-            severity,
-            format!(
-                "{} (pid {pid}) {how}{looping}; respawning in {delay:?}",
-                spec.id
-            ),
-        );
+        let severity = if delay >= settings.backoff_max { Severity::Error } else { Severity::Warning };
+        let looping = if delay >= settings.backoff_max { " (crash loop)" } else { "" };
+        log.master(severity, format!("{} (pid {pid}) {how}{looping}; respawning in {delay:?}", spec.id));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

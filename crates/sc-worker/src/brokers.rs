@@ -83,12 +83,7 @@ struct Link {
 impl BrokerPool {
     /// A pool for the worker `worker_id`, authenticating with the cluster `secret`.
     pub fn new(worker_id: String, secret: String) -> Self {
-        Self {
-            worker_id,
-            secret,
-            state: Mutex::new(State::default()),
-            linked: Notify::new(),
-        }
+        Self { worker_id, secret, state: Mutex::new(State::default()), linked: Notify::new() }
     }
 
     /// Holds `channel` at the broker level (called for its first local subscriber).
@@ -126,32 +121,22 @@ impl BrokerPool {
             Err(_) => return Err(PublishError::NoBroker),
         }
         let command = pb::Command {
-            kind: Some(pb::command::Kind::Publish(pb::Publish {
-                channel: channel.to_owned(),
-                data,
-            })),
+            kind: Some(pb::command::Kind::Publish(pb::Publish { channel: channel.to_owned(), data })),
         };
         link.tx.send(command).map_err(|_| PublishError::NoBroker)
     }
 
     /// Brokers with an open stream.
     pub fn linked(&self) -> usize {
-        self.lock()
-            .brokers
-            .values()
-            .filter(|e| e.link.is_some())
-            .count()
+        self.lock().brokers.values().filter(|e| e.link.is_some()).count()
     }
 
     /// Applies a new set of live brokers (id, gRPC address): links new ones, drops gone ones,
     /// and moves the channels whose owner changed, make before break.
     pub fn apply(&self, brokers: Vec<(String, String)>, hub: &Arc<Hub>) {
         let mut state = self.lock();
-        let before: Vec<(Arc<str>, Option<String>)> = state
-            .channels
-            .iter()
-            .map(|c| (c.clone(), state.owner(c).map(str::to_owned)))
-            .collect();
+        let before: Vec<(Arc<str>, Option<String>)> =
+            state.channels.iter().map(|c| (c.clone(), state.owner(c).map(str::to_owned))).collect();
 
         let wanted: BTreeMap<String, String> = brokers.into_iter().collect();
         state.brokers.retain(|id, entry| {
@@ -169,15 +154,9 @@ impl BrokerPool {
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
-            state.brokers.insert(
-                id.clone(),
-                Entry {
-                    grpc: grpc.clone(),
-                    generation,
-                    link: None,
-                    stop: stop.clone(),
-                },
-            );
+            state
+                .brokers
+                .insert(id.clone(), Entry { grpc: grpc.clone(), generation, link: None, stop: stop.clone() });
             tracing::debug!(broker = %id, %grpc, "broker joined");
             tokio::spawn(run_link(hub.clone(), id, grpc, generation, stop));
         }
@@ -223,25 +202,15 @@ impl State {
 }
 
 fn subscribe(channel: &str) -> pb::Command {
-    pb::Command {
-        kind: Some(pb::command::Kind::Subscribe(channel.to_owned())),
-    }
+    pb::Command { kind: Some(pb::command::Kind::Subscribe(channel.to_owned())) }
 }
 
 fn unsubscribe(channel: &str) -> pb::Command {
-    pb::Command {
-        kind: Some(pb::command::Kind::Unsubscribe(channel.to_owned())),
-    }
+    pb::Command { kind: Some(pb::command::Kind::Unsubscribe(channel.to_owned())) }
 }
 
 /// Keeps one broker's stream open until `stop`, reconnecting with backoff.
-async fn run_link(
-    hub: Arc<Hub>,
-    id: String,
-    grpc: String,
-    generation: u64,
-    stop: CancellationToken,
-) {
+async fn run_link(hub: Arc<Hub>, id: String, grpc: String, generation: u64, stop: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut failures = 0u32;
     loop {
@@ -252,11 +221,7 @@ async fn run_link(
         // The stream is gone: stop routing to it.
         {
             let mut state = hub.pool().lock();
-            if let Some(entry) = state
-                .brokers
-                .get_mut(&id)
-                .filter(|e| e.generation == generation)
-            {
+            if let Some(entry) = state.brokers.get_mut(&id).filter(|e| e.generation == generation) {
                 entry.link = None;
             }
         }
@@ -290,45 +255,30 @@ async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Res
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client = pb::broker_client::BrokerClient::with_interceptor(
-        channel,
-        secret::Attach::new(&pool.secret),
-    )
-    .max_decoding_message_size(64 * 1024 * 1024);
+    let mut client =
+        pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&pool.secret))
+            .max_decoding_message_size(64 * 1024 * 1024);
 
     let (tx, rx) = mpsc::unbounded_channel();
     let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));
     {
         let mut state = pool.lock();
-        let owned: Vec<Arc<str>> = state
-            .channels
-            .iter()
-            .filter(|c| state.owner(c) == Some(id))
-            .cloned()
-            .collect();
-        let Some(entry) = state
-            .brokers
-            .get_mut(id)
-            .filter(|e| e.generation == generation)
-        else {
+        let owned: Vec<Arc<str>> =
+            state.channels.iter().filter(|c| state.owner(c) == Some(id)).cloned().collect();
+        let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
             return Ok(false);
         };
         for channel in &owned {
             let _ = tx.send(subscribe(channel));
         }
-        entry.link = Some(Link {
-            tx,
-            window: window.clone(),
-        });
+        entry.link = Some(Link { tx, window: window.clone() });
         tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
     }
     pool.linked.notify_waiters();
 
     let commands = BatchStream::new(rx, MAX_BATCH).map(move |commands: Vec<pb::Command>| {
-        let publishes = commands
-            .iter()
-            .filter(|c| matches!(c.kind, Some(pb::command::Kind::Publish(_))))
-            .count();
+        let publishes =
+            commands.iter().filter(|c| matches!(c.kind, Some(pb::command::Kind::Publish(_)))).count();
         window.add_permits(publishes);
         pb::WorkerBatch { commands }
     });
@@ -336,11 +286,7 @@ async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Res
     if let Ok(value) = pool.worker_id.parse() {
         request.metadata_mut().insert("sc-worker-id", value);
     }
-    let mut deliveries = client
-        .attach(request)
-        .await
-        .map_err(|s| s.to_string())?
-        .into_inner();
+    let mut deliveries = client.attach(request).await.map_err(|s| s.to_string())?.into_inner();
     loop {
         match deliveries.message().await {
             Ok(Some(batch)) => {

@@ -1,12 +1,14 @@
-//! The worker's HTTP side (hyper): the WebSocket upgrade on `[worker] path`, `/healthz` and
-//! `/readyz`.
+//! The worker's HTTP side (hyper): the WebSocket upgrade on `[worker] path`, `/healthz`,
+//! `/readyz` and the static folder.
 //!
 //! Each accepted connection may start with a PROXY v2 header (the balancer sends one with the
 //! real client address); then hyper serves HTTP/1.1 on it, and an upgrade request on the
-//! configured path becomes a SocketCluster socket ([`crate::socket::run`]).
+//! configured path that passes the origin check and the app's `upgrade` hook becomes a
+//! SocketCluster socket ([`crate::socket::run`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,43 +22,43 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::socket::{self, Peer, Shared};
+use crate::app::UpgradeRequest;
+use crate::origins::Origins;
+use crate::socket::{self, Context, Peer};
 
-/// Largest accepted message, for now the stock default (issue: `[worker] max_payload`).
-const MAX_MESSAGE: usize = 1024 * 1024;
-/// The read buffer of an idle socket: small, since most sockets are idle most of the time.
+/// The read buffer of a socket: small, since most sockets are idle most of the time.
 const READ_BUFFER: usize = 4 * 1024;
 
 /// What the HTTP handler needs.
 #[derive(Debug)]
 pub struct Http {
-    pub shared: Arc<Shared>,
+    pub context: Arc<Context>,
     /// The WebSocket path without its trailing slash ("/socketcluster").
     pub path: String,
     /// This worker's id, sent as `x-sc-worker` on every response so that an operator (or a
     /// test) can see where the balancer sent a client.
     pub worker_id: HeaderValue,
+    pub origins: Origins,
+    /// `[worker] max_payload`.
+    pub max_payload: usize,
+    /// `[worker] static_dir`, canonicalised.
+    pub static_dir: Option<PathBuf>,
 }
+
+type Body = Full<Bytes>;
 
 impl Http {
     /// The WebSocket path, normalised so that it matches with and without a trailing slash.
     pub fn normalise_path(path: &str) -> String {
         let trimmed = path.trim_end_matches('/');
-        if trimmed.is_empty() {
-            "/".to_owned()
-        } else {
-            trimmed.to_owned()
-        }
+        if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }
     }
 }
 
 /// Serves one accepted connection.
 pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let mut peer = Peer {
-        addr: Some(remote),
-        tls: false,
-    };
+    let mut peer = Peer { addr: Some(remote), tls: false };
     // A PROXY v2 header starts with "\r\n"; an HTTP request never does.
     let mut first = [0u8; 1];
     match stream.peek(&mut first).await {
@@ -80,10 +82,8 @@ pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: So
     let service = hyper::service::service_fn(move |request| {
         let http = http.clone();
         async move {
-            let mut response = http.route(request, peer);
-            response
-                .headers_mut()
-                .insert("x-sc-worker", http.worker_id.clone());
+            let mut response = http.route(request, peer).await;
+            response.headers_mut().insert("x-sc-worker", http.worker_id.clone());
             Ok::<_, Infallible>(response)
         }
     });
@@ -96,46 +96,60 @@ pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: So
 }
 
 impl Http {
-    fn route(&self, request: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+    async fn route(&self, request: Request<Incoming>, peer: Peer) -> Response<Body> {
         let path = request.uri().path();
         if Self::normalise_path(path) == self.path {
-            return self.upgrade(request, peer);
+            return self.upgrade(request, peer).await;
         }
         match (request.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => {
-                if self.shared.hub.pool().linked() > 0 {
+                if self.context.hub.pool().linked() > 0 {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no broker linked\n")
                 }
             }
+            (&Method::GET | &Method::HEAD, _) if self.static_dir.is_some() => {
+                self.static_file(&request).await
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 
-    fn upgrade(&self, mut request: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+    async fn upgrade(&self, mut request: Request<Incoming>, peer: Peer) -> Response<Body> {
         let headers = request.headers();
         let is_upgrade = headers
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-        let version_ok = headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .is_some_and(|v| v == "13");
+        let version_ok = headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
         let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-        let (true, true, Some(key)) = (is_upgrade, version_ok, key) else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "expected a WebSocket upgrade (version 13)\n",
-            );
+        let (true, true, Some(key), &Method::GET) = (is_upgrade, version_ok, key, request.method()) else {
+            return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade (GET, version 13)\n");
         };
-        if request.method() != Method::GET {
-            return text(StatusCode::BAD_REQUEST, "expected GET\n");
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !self.origins.allows(origin) {
+            let message = format!(
+                "Failed to authorize socket handshake - Invalid origin: {}",
+                origin.unwrap_or("null")
+            );
+            return owned_text(StatusCode::FORBIDDEN, message);
+        }
+        let upgrade = UpgradeRequest {
+            remote_addr: peer.addr,
+            tls: peer.tls,
+            uri: request.uri().to_string(),
+            headers: request.headers().clone(),
+        };
+        if let Err(rejection) = self.context.handler.upgrade(&upgrade).await {
+            let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::UNAUTHORIZED);
+            return owned_text(status, rejection.message);
         }
         let accept = derive_accept_key(key.as_bytes());
         let on_upgrade = hyper::upgrade::on(&mut request);
-        let shared = self.shared.clone();
+        let context = self.context.clone();
+        let max_payload = self.max_payload;
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
@@ -146,16 +160,12 @@ impl Http {
             };
             let config = WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER)
-                .max_message_size(Some(MAX_MESSAGE))
-                .max_frame_size(Some(MAX_MESSAGE))
-                .max_write_buffer_size(4 * MAX_MESSAGE);
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            socket::run(ws, shared, peer).await;
+                .max_message_size(Some(max_payload))
+                .max_frame_size(Some(max_payload))
+                .max_write_buffer_size(4 * max_payload.max(64 * 1024));
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+            socket::run(ws, context, peer).await;
         });
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -167,15 +177,96 @@ impl Http {
         }
         response
     }
+
+    /// A file from the static folder; `/` and folders serve their index.html.
+    async fn static_file(&self, request: &Request<Incoming>) -> Response<Body> {
+        let Some(root) = &self.static_dir else { return text(StatusCode::NOT_FOUND, "not found\n") };
+        let Some(path) = resolve(root, request.uri().path()) else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        let path = if path.is_dir() { path.join("index.html") } else { path };
+        // Symlinks may not lead out of the folder.
+        match tokio::fs::canonicalize(&path).await {
+            Ok(real) if real.starts_with(root) => {}
+            _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                let length = bytes.len();
+                let body = if request.method() == Method::HEAD { Bytes::new() } else { Bytes::from(bytes) };
+                let mut response = Response::new(Full::new(body));
+                let headers = response.headers_mut();
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&path)));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                response
+            }
+            Err(_) => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// Maps a URL path to a file under `root`, refusing anything that is not a plain relative path.
+fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
+    let decoded = percent_decode(url_path)?;
+    let mut path = root.to_path_buf();
+    for component in Path::new(decoded.trim_start_matches('/')).components() {
+        match component {
+            Component::Normal(part) => path.push(part),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(path)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8(out).ok()?;
+    (!decoded.contains('\0')).then_some(decoded)
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" => "application/json",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "ico" => "image/x-icon",
+        "txt" => "text/plain; charset=utf-8",
+        "wasm" => "application/wasm",
+        _ => "application/octet-stream",
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    respond(status, Bytes::from_static(body.as_bytes()))
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Body> {
+    respond(status, Bytes::from(body))
+}
+
+fn respond(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -188,5 +279,17 @@ mod tests {
         assert_eq!(Http::normalise_path("/socketcluster/"), "/socketcluster");
         assert_eq!(Http::normalise_path("/socketcluster"), "/socketcluster");
         assert_eq!(Http::normalise_path("/"), "/");
+    }
+
+    #[test]
+    fn static_paths_stay_inside_the_root() {
+        let root = Path::new("/srv/www");
+        assert_eq!(resolve(root, "/index.html"), Some(PathBuf::from("/srv/www/index.html")));
+        assert_eq!(resolve(root, "/a/./b.js"), Some(PathBuf::from("/srv/www/a/b.js")));
+        assert_eq!(resolve(root, "/"), Some(PathBuf::from("/srv/www")));
+        assert_eq!(resolve(root, "/../etc/passwd"), None);
+        assert_eq!(resolve(root, "/a/%2e%2e/%2e%2e/etc/passwd"), None);
+        assert_eq!(resolve(root, "/%00"), None);
+        assert_eq!(resolve(root, "/%zz"), None);
     }
 }

@@ -6,36 +6,67 @@
 //! to every local subscriber's [`Outbox`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::app::{Handler, PublishOut};
 use crate::brokers::BrokerPool;
-use crate::outbox::Outbox;
 use crate::protocol;
+use crate::socket::handle::Socket;
 
-/// Identifies one socket within this worker.
+/// Identifies one subscriber (a socket or an exchange subscription) within this worker.
 pub type SocketKey = u64;
 
+/// A channel message for server code: the channel and the message as JSON text.
+#[derive(Debug, Clone)]
+pub struct ServerMessage {
+    pub channel: Arc<str>,
+    pub data: Bytes,
+}
+
+/// Who receives a channel's messages on this worker.
+#[derive(Debug, Clone)]
+pub enum Subscriber {
+    /// A client socket: gets `#publish` frames in its outbox.
+    Socket(Socket),
+    /// Server code (an exchange subscription): gets the raw messages.
+    Server(mpsc::Sender<ServerMessage>),
+}
+
 /// The local subscribers of one channel.
-type Subscribers = Vec<(SocketKey, Arc<Outbox>)>;
+type Subscribers = Vec<(SocketKey, Subscriber)>;
 
 /// The worker's channel table and its broker pool.
-#[derive(Debug)]
 pub struct Hub {
     /// RwLock: deliveries (readers) far outnumber subscription changes (writers). Never held
     /// across await; lock order is hub, then pool.
     channels: RwLock<HashMap<Arc<str>, Subscribers>>,
     pool: BrokerPool,
+    handler: Arc<dyn Handler>,
+    next_key: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("pool", &self.pool).finish_non_exhaustive()
+    }
 }
 
 impl Hub {
-    /// A hub sending broker traffic through `pool`.
-    pub fn new(pool: BrokerPool) -> Self {
-        Self {
-            channels: RwLock::new(HashMap::new()),
-            pool,
-        }
+    /// A hub sending broker traffic through `pool`, asking `handler` about each delivery when
+    /// it has a `publish_out` hook.
+    pub fn new(pool: BrokerPool, handler: Arc<dyn Handler>) -> Self {
+        Self { channels: RwLock::new(HashMap::new()), pool, handler, next_key: AtomicU64::new(1) }
+    }
+
+    /// A fresh subscriber key.
+    pub fn next_key(&self) -> SocketKey {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The broker pool.
@@ -43,32 +74,26 @@ impl Hub {
         &self.pool
     }
 
-    /// Adds a socket to a channel; returns the shared channel name. Idempotent per socket.
-    pub fn subscribe(&self, channel: &str, key: SocketKey, outbox: &Arc<Outbox>) -> Arc<str> {
-        let mut channels = self
-            .channels
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+    /// Adds a subscriber to a channel; returns the shared channel name. Idempotent per key.
+    pub fn subscribe(&self, channel: &str, key: SocketKey, subscriber: &Subscriber) -> Arc<str> {
+        let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(subscribers) = channels.get_mut(channel)
             && !subscribers.iter().any(|(k, _)| *k == key)
         {
-            subscribers.push((key, outbox.clone()));
+            subscribers.push((key, subscriber.clone()));
         }
         if let Some((name, _)) = channels.get_key_value(channel) {
             return name.clone();
         }
         let name: Arc<str> = channel.into();
-        channels.insert(name.clone(), vec![(key, outbox.clone())]);
+        channels.insert(name.clone(), vec![(key, subscriber.clone())]);
         self.pool.subscribe(&name);
         name
     }
 
     /// Removes a socket from a channel; returns whether it was subscribed.
     pub fn unsubscribe(&self, channel: &str, key: SocketKey) -> bool {
-        let mut channels = self
-            .channels
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let Some(subscribers) = channels.get_mut(channel) else {
             return false;
         };
@@ -83,23 +108,43 @@ impl Hub {
         true
     }
 
-    /// Queues a broker delivery to every local subscriber: one encode, shared bytes.
-    pub fn deliver(&self, channel: &str, data: &[u8]) {
+    /// Queues a broker delivery to every local subscriber: one encode, shared bytes (unless a
+    /// `publish_out` hook rewrites it for a recipient).
+    pub fn deliver(&self, channel: &str, data: &Bytes) {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(subscribers) = channels.get(channel) else {
-            return;
-        };
+        let Some((name, subscribers)) = channels.get_key_value(channel) else { return };
         let frame = Utf8Bytes::from(protocol::encode_publish(channel, data));
-        for (_, outbox) in subscribers {
-            outbox.push(frame.clone());
+        let raw: Option<Box<RawValue>> = if self.handler.has_publish_out() {
+            let text = if data.is_empty() { "null" } else { std::str::from_utf8(data).unwrap_or("null") };
+            RawValue::from_string(text.to_owned()).ok()
+        } else {
+            None
+        };
+        for (_, subscriber) in subscribers {
+            match subscriber {
+                Subscriber::Socket(socket) => {
+                    let decision = raw.as_deref().map(|raw| self.handler.publish_out(socket, channel, raw));
+                    let frame = match decision {
+                        None | Some(PublishOut::Allow) => frame.clone(),
+                        Some(PublishOut::Block) => continue,
+                        Some(PublishOut::Rewrite(value)) => {
+                            Utf8Bytes::from(protocol::encode_publish(channel, value.to_string().as_bytes()))
+                        }
+                    };
+                    socket.outbox().push(frame);
+                }
+                Subscriber::Server(tx) => {
+                    let message = ServerMessage { channel: name.clone(), data: data.clone() };
+                    if tx.try_send(message).is_err() {
+                        tracing::warn!(%channel, "exchange subscription not keeping up, message dropped");
+                    }
+                }
+            }
         }
     }
 
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
-        self.channels
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 }

@@ -7,14 +7,24 @@
 //! ([`brokers`]): one broker subscription per channel per worker, one encode per message.
 //! It registers with the master, watches the broker membership and serves grpc.health.v1.
 //!
-//! Entry points: [`Worker::bind`], then [`Worker::serve`].
+//! The worker is a library first: an app implements [`app::Handler`] and runs its own worker
+//! binary around [`Worker::bind_with`]; the stock `sc-worker` binary uses [`app::DefaultHandler`].
+//!
+//! Entry points: [`Worker::bind`] (or [`Worker::bind_with`]), then [`Worker::serve`].
 
+pub mod app;
+pub mod auth;
 pub mod brokers;
+pub mod exchange;
 pub mod http;
 pub mod hub;
+pub mod origins;
 pub mod outbox;
 pub mod protocol;
 pub mod socket;
+
+pub use app::{DefaultHandler, ErrorObject, Handler, Socket};
+pub use exchange::Exchange;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,31 +40,62 @@ use tokio_util::task::TaskTracker;
 pub use sc_common::Error;
 
 /// A worker with its listeners bound.
-#[derive(Debug)]
 pub struct Worker {
     config: Config,
     id: String,
     listener: TcpListener,
     grpc: TcpListener,
+    hub: Arc<hub::Hub>,
+    handler: Arc<dyn Handler>,
+    auth: auth::AuthEngine,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Worker {
-    /// Binds the HTTP/WebSocket listener (`[worker] listen`) and the gRPC health listener
-    /// (`[worker] grpc_listen`).
+    /// Binds the stock worker (pub/sub and auth, no app logic): the HTTP/WebSocket listener
+    /// (`[worker] listen`) and the gRPC health listener (`[worker] grpc_listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
-        let id = config
-            .worker
-            .id
-            .clone()
-            .unwrap_or_else(|| daemon::default_id(Role::Worker));
+        Self::bind_with(config, Arc::new(DefaultHandler)).await
+    }
+
+    /// Binds a worker running the app `handler`.
+    pub async fn bind_with(config: Config, handler: Arc<dyn Handler>) -> Result<Self, Error> {
+        let id = config.worker.id.clone().unwrap_or_else(|| daemon::default_id(Role::Worker));
+        let worker = &config.worker;
+        let key = if worker.auth_key.is_empty() && worker.auth_algorithm.starts_with("HS") {
+            tracing::warn!(
+                "no [worker] auth_key: using a key of this process only, so its tokens are not valid on other workers or after a restart"
+            );
+            sc_common::secret::generate()
+        } else {
+            worker.auth_key.clone()
+        };
+        let auth = auth::AuthEngine::new(
+            &worker.auth_algorithm,
+            &key,
+            worker.auth_private_key.as_deref(),
+            worker.auth_public_key.as_deref(),
+            worker.auth_default_expiry,
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let pool = brokers::BrokerPool::new(id.clone(), config.cluster.secret.clone());
+        let hub = Arc::new(hub::Hub::new(pool, handler.clone()));
         let listener = daemon::bind(config.worker.listen).await?;
         let grpc = daemon::bind(config.worker.grpc_listen).await?;
-        Ok(Self {
-            config,
-            id,
-            listener,
-            grpc,
-        })
+        Ok(Self { config, id, listener, grpc, hub, handler, auth })
+    }
+
+    /// The exchange: publish and subscribe from server code.
+    pub fn exchange(&self) -> Exchange {
+        Exchange::new(self.hub.clone())
     }
 
     /// The bound HTTP/WebSocket address.
@@ -76,8 +117,7 @@ impl Worker {
     ) -> Result<(), Error> {
         let addr = self.local_addr()?;
         let grpc_addr = self.grpc_addr()?;
-        let pool = brokers::BrokerPool::new(self.id.clone(), self.config.cluster.secret.clone());
-        let hub = Arc::new(hub::Hub::new(pool));
+        let hub = self.hub.clone();
 
         if let Some(url) = &self.config.worker.master {
             let me = Member {
@@ -108,20 +148,31 @@ impl Worker {
             tracing::warn!("no [worker] master configured: no brokers, so no pub/sub");
         }
 
-        let shared = Arc::new(socket::Shared::new(
+        let static_dir = match &self.config.worker.static_dir {
+            Some(dir) => Some(
+                std::fs::canonicalize(dir)
+                    .map_err(|e| Error::Config(format!("worker.static_dir: {}: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
+        let worker_id = self
+            .id
+            .parse()
+            .map_err(|_| Error::Config(format!("worker.id: {:?} is not a valid header value", self.id)))?;
+        let context = Arc::new(socket::Context {
             hub,
-            &self.config.worker,
-            shutdown.clone(),
-        ));
+            handler: self.handler.clone(),
+            auth: self.auth,
+            settings: socket::Settings::from_config(&self.config.worker),
+            shutdown: shutdown.clone(),
+        });
         let http = Arc::new(http::Http {
-            shared,
+            context,
             path: http::Http::normalise_path(&self.config.worker.path),
-            worker_id: self.id.parse().map_err(|_| {
-                Error::Config(format!(
-                    "worker.id: {:?} is not a valid header value",
-                    self.id
-                ))
-            })?,
+            worker_id,
+            origins: origins::Origins::new(&self.config.worker.origins),
+            max_payload: usize::try_from(self.config.worker.max_payload).unwrap_or(usize::MAX),
+            static_dir,
         });
 
         let (health_reporter, health) = daemon::health();
@@ -146,9 +197,7 @@ impl Worker {
                 }
             }
         }
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         drop(self.listener);
         tracker.close();
         tracker.wait().await;

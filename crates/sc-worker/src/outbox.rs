@@ -1,4 +1,5 @@
-//! A socket's outbound queue: frames from other tasks (fan-out) waiting for the socket's task.
+//! A socket's outbound queue: frames and requests from other tasks (fan-out, the app's socket
+//! handle, invoke handlers) waiting for the socket's task.
 //!
 //! Bounded: a socket that does not read while messages keep coming is a slow consumer; pushing
 //! past the limit marks the outbox overflowed, and the socket's task closes the socket with
@@ -27,24 +28,36 @@ pub struct Outbox {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflowed;
 
+/// Something for the socket's task to send or do.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A text frame to write as is.
+    Frame(Utf8Bytes),
+    /// Unsubscribe the socket from a channel and tell the client (`#kickOut`, JSON message).
+    KickOut { channel: String, message: String },
+    /// Close the socket with this code and reason.
+    Close { code: u16, reason: String },
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Outbound>,
     overflowed: bool,
 }
 
 impl Outbox {
     /// An outbox holding at most `limit` frames.
     pub fn new(limit: usize) -> Self {
-        Self {
-            queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
-            limit,
-        }
+        Self { queue: Mutex::new(Queue::default()), ready: Notify::new(), limit }
     }
 
     /// Queues a text frame; returns false (and drops it) if the socket is a slow consumer.
     pub fn push(&self, frame: Utf8Bytes) -> bool {
+        self.push_item(Outbound::Frame(frame))
+    }
+
+    /// Queues any item, under the same limit as frames.
+    pub fn push_item(&self, item: Outbound) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
             return false;
@@ -57,7 +70,7 @@ impl Outbox {
             return false;
         }
         let was_empty = queue.frames.is_empty();
-        queue.frames.push_back(frame);
+        queue.frames.push_back(item);
         drop(queue);
         if was_empty {
             self.ready.notify_one();
@@ -71,7 +84,7 @@ impl Outbox {
     }
 
     /// Takes every queued frame; fails if the outbox overflowed.
-    pub fn take(&self, into: &mut VecDeque<Utf8Bytes>) -> Result<(), Overflowed> {
+    pub fn take(&self, into: &mut VecDeque<Outbound>) -> Result<(), Overflowed> {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
             return Err(Overflowed);
@@ -93,7 +106,14 @@ mod tests {
         outbox.ready().await;
         let mut frames = VecDeque::new();
         outbox.take(&mut frames).unwrap();
-        assert_eq!(frames, ["a", "b"]);
+        let texts: Vec<_> = frames
+            .iter()
+            .map(|f| match f {
+                Outbound::Frame(t) => t.as_str().to_owned(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["a", "b"]);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 /// The v2 ping and pong: an empty text frame.
 pub const PING_V2: &str = "";
@@ -23,8 +24,8 @@ pub const PONG_V1: &str = "#2";
 /// What one inbound text frame is.
 #[derive(Debug)]
 pub enum Inbound<'a> {
-    /// A pong (v2 `""` or v1 `"#2"`).
-    Pong,
+    /// A pong: v2 `""` (2) or v1 `"#2"` (1).
+    Pong(u8),
     /// One packet.
     Packet(Packet<'a>),
     /// A batch of packets, to handle in order. Elements that are not packets are skipped.
@@ -53,6 +54,49 @@ pub struct Packet<'a> {
 pub struct SubscribeData<'a> {
     #[serde(borrow)]
     pub channel: Cow<'a, str>,
+    #[serde(default, rename = "waitForAuth")]
+    pub wait_for_auth: bool,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
+/// An error object as the clients rebuild it: `{name, message, …extra}` (sc-errors
+/// `dehydrateError`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorObject {
+    pub name: String,
+    pub message: String,
+    /// Further fields (`isBadToken`, `expiry`, `statusCode`, app-defined ones).
+    pub extra: Map<String, Value>,
+}
+
+impl ErrorObject {
+    /// An error with a name and a message.
+    pub fn new(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { name: name.into(), message: message.into(), extra: Map::new() }
+    }
+
+    /// Adds a field.
+    pub fn with(mut self, key: &str, value: Value) -> Self {
+        self.extra.insert(key.to_owned(), value);
+        self
+    }
+
+    /// Whether `isBadToken` is set.
+    pub fn is_bad_token(&self) -> bool {
+        self.extra.get("isBadToken").and_then(Value::as_bool).unwrap_or(false)
+    }
+
+    /// The JSON object text.
+    pub fn to_json(&self) -> String {
+        let mut object = Map::with_capacity(self.extra.len() + 2);
+        object.insert("name".into(), Value::String(self.name.clone()));
+        object.insert("message".into(), Value::String(self.message.clone()));
+        for (key, value) in &self.extra {
+            object.insert(key.clone(), value.clone());
+        }
+        Value::Object(object).to_string()
+    }
 }
 
 /// `#publish` data.
@@ -72,17 +116,21 @@ pub struct HandshakeData<'a> {
 }
 
 impl<'a> Packet<'a> {
-    /// The call id when this packet is an RPC request: present and a JSON number (the rule of
-    /// server and client v18.1 on; other cids do not make an RPC).
-    pub fn rpc_cid(&self) -> Option<&'a RawValue> {
-        self.cid.filter(|cid| is_number(cid))
+    /// The call id when this packet is an RPC request. Strict (protocol v2, server and client
+    /// v18.1 on): only a JSON number makes an RPC. Lenient (v1): any non-null cid does, and is
+    /// echoed back with its own type.
+    pub fn rpc_cid(&self, strict: bool) -> Option<&'a RawValue> {
+        self.cid.filter(|cid| if strict { is_number(cid) } else { cid.get() != "null" })
     }
 }
 
 /// Decodes one inbound text frame.
 pub fn decode(text: &str) -> Inbound<'_> {
-    if text == PING_V2 || text == PONG_V1 {
-        return Inbound::Pong;
+    if text == PING_V2 {
+        return Inbound::Pong(2);
+    }
+    if text == PONG_V1 {
+        return Inbound::Pong(1);
     }
     let trimmed = text.trim_start();
     match trimmed.as_bytes().first() {
@@ -92,10 +140,7 @@ pub fn decode(text: &str) -> Inbound<'_> {
         },
         Some(b'[') => match serde_json::from_str::<Vec<&RawValue>>(trimmed) {
             Ok(items) => Inbound::Batch(
-                items
-                    .into_iter()
-                    .filter_map(|item| serde_json::from_str(item.get()).ok())
-                    .collect(),
+                items.into_iter().filter_map(|item| serde_json::from_str(item.get()).ok()).collect(),
             ),
             Err(_) => Inbound::Raw,
         },
@@ -103,17 +148,35 @@ pub fn decode(text: &str) -> Inbound<'_> {
     }
 }
 
-/// `{"rid":<rid>,"data":{"id":…,"pingTimeout":…,"isAuthenticated":false}}`
-pub fn encode_handshake(rid: &RawValue, socket_id: &str, ping_timeout_ms: u64) -> String {
-    let mut out = String::with_capacity(96);
+/// `{"rid":<rid>,"data":{"id":…,"pingTimeout":…,"isAuthenticated":…[,"authError":{…}]}}`
+pub fn encode_handshake(
+    rid: &RawValue,
+    socket_id: &str,
+    ping_timeout_ms: u64,
+    authenticated: bool,
+    auth_error: Option<&ErrorObject>,
+) -> String {
+    let mut out = String::with_capacity(128);
     out.push_str("{\"rid\":");
     out.push_str(rid.get());
     out.push_str(",\"data\":{\"id\":");
     push_json_str(&mut out, socket_id);
     out.push_str(",\"pingTimeout\":");
     out.push_str(&ping_timeout_ms.to_string());
-    out.push_str(",\"isAuthenticated\":false}}");
+    out.push_str(",\"isAuthenticated\":");
+    out.push_str(if authenticated { "true" } else { "false" });
+    if let Some(error) = auth_error {
+        out.push_str(",\"authError\":");
+        out.push_str(&error.to_json());
+    }
+    out.push_str("}}");
     out
+}
+
+/// A handshake rejection both client lines read: `error.statusCode` (v20) and `data.code` (v14).
+pub fn encode_handshake_rejection(rid: &RawValue, error: &ErrorObject, code: u16) -> String {
+    let error = error.clone().with("statusCode", Value::from(code));
+    format!("{{\"rid\":{},\"error\":{},\"data\":{{\"code\":{code}}}}}", rid.get(), error.to_json())
 }
 
 /// `{"rid":<rid>}`
@@ -121,17 +184,84 @@ pub fn encode_ack(rid: &RawValue) -> String {
     format!("{{\"rid\":{}}}", rid.get())
 }
 
-/// `{"rid":<rid>,"error":{"name":…,"message":…}}`
-pub fn encode_error(rid: &RawValue, name: &str, message: &str) -> String {
-    let mut out = String::with_capacity(48 + name.len() + message.len());
-    out.push_str("{\"rid\":");
-    out.push_str(rid.get());
-    out.push_str(",\"error\":{\"name\":");
-    push_json_str(&mut out, name);
-    out.push_str(",\"message\":");
-    push_json_str(&mut out, message);
-    out.push_str("}}");
+/// `{"rid":<rid>,"data":<data>}`; `data` is JSON text.
+pub fn encode_response(rid: &RawValue, data: &str) -> String {
+    format!("{{\"rid\":{},\"data\":{data}}}", rid.get())
+}
+
+/// `{"rid":<rid>,"error":{"name":…,"message":…,…}}`
+pub fn encode_error(rid: &RawValue, error: &ErrorObject) -> String {
+    format!("{{\"rid\":{},\"error\":{}}}", rid.get(), error.to_json())
+}
+
+/// The `#authenticate` success reply.
+pub fn encode_auth_ok(rid: &RawValue) -> String {
+    format!("{{\"rid\":{},\"data\":{{\"isAuthenticated\":true,\"authError\":null}}}}", rid.get())
+}
+
+/// The `#authenticate` failure reply. A bad token gets the union both client lines accept
+/// (`error` for v20, `data` for v14); another failure only `data`.
+pub fn encode_auth_failure(rid: &RawValue, error: &ErrorObject, bad_token: bool) -> String {
+    let data = format!("{{\"isAuthenticated\":false,\"authError\":{}}}", error.to_json());
+    if bad_token {
+        format!("{{\"rid\":{},\"error\":{},\"data\":{data}}}", rid.get(), error.to_json())
+    } else {
+        format!("{{\"rid\":{},\"data\":{data}}}", rid.get())
+    }
+}
+
+/// `{"event":<event>[,"data":<data>][,"cid":<cid>]}`; `data` is JSON text.
+pub fn encode_event(event: &str, data: Option<&str>, cid: Option<u64>) -> String {
+    let mut out = String::with_capacity(32 + event.len() + data.map_or(0, str::len));
+    out.push_str("{\"event\":");
+    push_json_str(&mut out, event);
+    if let Some(data) = data {
+        out.push_str(",\"data\":");
+        out.push_str(data);
+    }
+    if let Some(cid) = cid {
+        out.push_str(",\"cid\":");
+        out.push_str(&cid.to_string());
+    }
+    out.push('}');
     out
+}
+
+/// `#setAuthToken`.
+pub fn encode_set_auth_token(token: &str) -> String {
+    let mut data = String::with_capacity(token.len() + 16);
+    data.push_str("{\"token\":");
+    push_json_str(&mut data, token);
+    data.push('}');
+    encode_event("#setAuthToken", Some(&data), None)
+}
+
+/// `#removeAuthToken`: with `"data":null` for v1 (and when the version is not known yet, which
+/// v20 accepts too), without data for v2.
+pub fn encode_remove_auth_token(v2: bool) -> String {
+    encode_event("#removeAuthToken", (!v2).then_some("null"), None)
+}
+
+/// `#kickOut` for one channel; `message` is JSON text.
+pub fn encode_kick_out(channel: &str, message: &str) -> String {
+    let mut data = String::with_capacity(channel.len() + message.len() + 32);
+    data.push_str("{\"channel\":");
+    push_json_str(&mut data, channel);
+    data.push_str(",\"message\":");
+    data.push_str(message);
+    data.push('}');
+    encode_event("#kickOut", Some(&data), None)
+}
+
+/// The v1 `#disconnect` sent before closing: `{"code":…,"data":<reason>}`.
+pub fn encode_disconnect(code: u16, reason: &str) -> String {
+    let mut data = format!("{{\"code\":{code}");
+    if !reason.is_empty() {
+        data.push_str(",\"data\":");
+        push_json_str(&mut data, reason);
+    }
+    data.push('}');
+    encode_event("#disconnect", Some(&data), None)
 }
 
 /// `{"event":"#publish","data":{"channel":…,"data":…}}`; `data` is JSON text, empty for none.
@@ -171,20 +301,19 @@ mod tests {
 
     #[test]
     fn pings_and_pongs() {
-        assert!(matches!(decode(""), Inbound::Pong));
-        assert!(matches!(decode("#2"), Inbound::Pong));
+        assert!(matches!(decode(""), Inbound::Pong(2)));
+        assert!(matches!(decode("#2"), Inbound::Pong(1)));
         assert!(matches!(decode("#1"), Inbound::Raw));
     }
 
     #[test]
     fn handshake_packet() {
-        let Inbound::Packet(p) =
-            decode(r##"{"event":"#handshake","data":{"authToken":null},"cid":37}"##)
+        let Inbound::Packet(p) = decode(r##"{"event":"#handshake","data":{"authToken":null},"cid":37}"##)
         else {
             panic!("not a packet")
         };
         assert_eq!(p.event.as_deref(), Some("#handshake"));
-        assert_eq!(p.rpc_cid().map(RawValue::get), Some("37"));
+        assert_eq!(p.rpc_cid(true).map(RawValue::get), Some("37"));
         let data: HandshakeData = serde_json::from_str(p.data.unwrap().get()).unwrap();
         assert!(data.auth_token.is_none(), "a null token is no token");
         let data: HandshakeData = serde_json::from_str(r#"{"authToken":"a.b.c"}"#).unwrap();
@@ -193,11 +322,10 @@ mod tests {
 
     #[test]
     fn string_cid_is_not_an_rpc() {
-        let Inbound::Packet(p) = decode(r#"{"event":"x","cid":"1"}"#) else {
-            panic!()
-        };
+        let Inbound::Packet(p) = decode(r#"{"event":"x","cid":"1"}"#) else { panic!() };
         assert!(p.cid.is_some());
-        assert!(p.rpc_cid().is_none());
+        assert!(p.rpc_cid(true).is_none(), "not an RPC in v2");
+        assert_eq!(p.rpc_cid(false).map(RawValue::get), Some("\"1\""), "echoed as a string in v1");
     }
 
     #[test]
@@ -221,8 +349,7 @@ mod tests {
 
     #[test]
     fn publish_data_keeps_raw_payload() {
-        let d: PublishData =
-            serde_json::from_str(r#"{"channel":"news","data":{"a": [1, 2]}}"#).unwrap();
+        let d: PublishData = serde_json::from_str(r#"{"channel":"news","data":{"a": [1, 2]}}"#).unwrap();
         assert_eq!(d.channel, "news");
         assert_eq!(d.data.unwrap().get(), r#"{"a": [1, 2]}"#);
         assert!(serde_json::from_str::<PublishData>(r#"{"channel":5}"#).is_err());
@@ -231,22 +358,53 @@ mod tests {
     #[test]
     fn encoded_frames() {
         assert_eq!(
-            encode_handshake(&raw("1"), "abc", 20000),
+            encode_handshake(&raw("1"), "abc", 20000, false, None),
             r#"{"rid":1,"data":{"id":"abc","pingTimeout":20000,"isAuthenticated":false}}"#
+        );
+        let expired =
+            ErrorObject::new("AuthTokenExpiredError", "jwt expired").with("isBadToken", Value::Bool(true));
+        assert_eq!(
+            encode_handshake(&raw("2"), "abc", 30000, false, Some(&expired)),
+            r#"{"rid":2,"data":{"id":"abc","pingTimeout":30000,"isAuthenticated":false,"authError":{"isBadToken":true,"message":"jwt expired","name":"AuthTokenExpiredError"}}}"#
         );
         assert_eq!(encode_ack(&raw("7")), r#"{"rid":7}"#);
         assert_eq!(
-            encode_error(&raw("3"), "InvalidActionError", "say \"no\""),
-            r#"{"rid":3,"error":{"name":"InvalidActionError","message":"say \"no\""}}"#
+            encode_error(&raw("3"), &ErrorObject::new("InvalidActionError", "say \"no\"")),
+            r#"{"rid":3,"error":{"message":"say \"no\"","name":"InvalidActionError"}}"#
+        );
+        assert_eq!(
+            encode_handshake_rejection(&raw("1"), &ErrorObject::new("E", "m"), 4008),
+            r#"{"rid":1,"error":{"message":"m","name":"E","statusCode":4008},"data":{"code":4008}}"#
+        );
+        assert_eq!(
+            encode_auth_ok(&raw("4")),
+            r#"{"rid":4,"data":{"isAuthenticated":true,"authError":null}}"#
+        );
+        let bad = ErrorObject::new("AuthTokenInvalidError", "invalid token");
+        assert_eq!(
+            encode_auth_failure(&raw("5"), &bad, true),
+            r#"{"rid":5,"error":{"message":"invalid token","name":"AuthTokenInvalidError"},"data":{"isAuthenticated":false,"authError":{"message":"invalid token","name":"AuthTokenInvalidError"}}}"#
+        );
+        assert_eq!(encode_remove_auth_token(true), r##"{"event":"#removeAuthToken"}"##);
+        assert_eq!(encode_remove_auth_token(false), r##"{"event":"#removeAuthToken","data":null}"##);
+        assert_eq!(encode_set_auth_token("a.b.c"), r##"{"event":"#setAuthToken","data":{"token":"a.b.c"}}"##);
+        assert_eq!(
+            encode_kick_out("news", "\"bye\""),
+            r##"{"event":"#kickOut","data":{"channel":"news","message":"bye"}}"##
+        );
+        assert_eq!(
+            encode_disconnect(4567, "why"),
+            r##"{"event":"#disconnect","data":{"code":4567,"data":"why"}}"##
+        );
+        assert_eq!(
+            encode_event("serverAsk", Some("{\"q\":1}"), Some(1)),
+            r#"{"event":"serverAsk","data":{"q":1},"cid":1}"#
         );
         assert_eq!(
             encode_publish("n\"s", br#"{"x":1}"#),
             r##"{"event":"#publish","data":{"channel":"n\"s","data":{"x":1}}}"##
         );
-        assert_eq!(
-            encode_publish("n", b""),
-            r##"{"event":"#publish","data":{"channel":"n"}}"##
-        );
+        assert_eq!(encode_publish("n", b""), r##"{"event":"#publish","data":{"channel":"n"}}"##);
     }
 
     #[test]

@@ -1,37 +1,48 @@
 //! One client socket: the SocketCluster conversation over an accepted WebSocket.
 //!
-//! One task per socket owns the WebSocket. It reads client frames and answers them, writes
-//! whatever other tasks queued in its [`Outbox`] (fan-out), pings on a timer and enforces the
-//! handshake and pong timeouts. Replies and queued frames are written with one flush per wake-up.
-//! On exit it leaves every channel it held.
+//! One task per socket owns the WebSocket. It reads client frames and answers them, writes what
+//! other tasks queued in the socket's outbox (fan-out, the app's [`Socket`] handle, invoke
+//! handlers), pings on a timer and enforces the handshake and pong timeouts. Replies and queued
+//! frames are written with one flush per wake-up. On exit it leaves every channel it held.
+//!
+//! Protocol versions (reference section 8): in `[worker] protocol_version = "auto"` a socket
+//! pings in both styles (`"#1"` and `""`) until its first pong locks it to v1 or v2; reply shapes
+//! that differ between the client lines use the unions both accept.
 
+pub mod handle;
+
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Hub, SocketKey};
-use crate::outbox::Outbox;
-use crate::protocol::{self, Inbound, Packet};
+use crate::app::{Handler, PublishIn};
+use crate::auth::{self, AuthEngine};
+use crate::hub::{Hub, Subscriber};
+use crate::outbox::Outbound;
+use crate::protocol::{self, ErrorObject, Inbound, Packet};
+pub use handle::Socket;
+pub use sc_common::config::ProtocolVersion;
 
 /// Close code: no pong within the ping timeout (clients reconnect at once).
 pub const CLOSE_PONG_TIMEOUT: u16 = 4001;
 /// Close code: no `#handshake` within the handshake timeout.
 pub const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4005;
-/// Close code: a malformed `#handshake`.
+/// Close code: a malformed `#handshake` or `#authenticate`, or a handshake the app rejected.
 pub const CLOSE_BAD_HANDSHAKE: u16 = 4008;
 /// Close code: a message before the handshake.
 pub const CLOSE_BEFORE_HANDSHAKE: u16 = 4009;
@@ -40,17 +51,29 @@ pub const CLOSE_BEFORE_HANDSHAKE: u16 = 4009;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4100;
 /// Close code: the worker is shutting down (service restart; clients reconnect).
 pub const CLOSE_SHUTDOWN: u16 = 1012;
+/// Close code: a message larger than `[worker] max_payload`.
+pub const CLOSE_TOO_BIG: u16 = 1009;
 
-/// What every socket of a worker shares.
-#[derive(Debug)]
-pub struct Shared {
-    pub hub: Arc<Hub>,
+/// The socket settings of one worker.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub protocol: ProtocolVersion,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub handshake_timeout: Duration,
     pub outbound_queue: usize,
+    pub socket_channel_limit: usize,
+    pub allow_client_publish: bool,
+    pub ack_timeout: Duration,
+}
+
+/// What every socket of a worker shares.
+pub struct Context {
+    pub hub: Arc<Hub>,
+    pub handler: Arc<dyn Handler>,
+    pub auth: AuthEngine,
+    pub settings: Settings,
     pub shutdown: CancellationToken,
-    next_key: AtomicU64,
 }
 
 /// Who is on the other end, as far as the worker knows.
@@ -62,11 +85,10 @@ pub struct Peer {
     pub tls: bool,
 }
 
-struct Socket {
-    key: SocketKey,
-    id: String,
-    shared: Arc<Shared>,
-    outbox: Arc<Outbox>,
+/// The socket task's own state.
+struct Conversation {
+    socket: Socket,
+    context: Arc<Context>,
     handshaken: bool,
     subscriptions: HashSet<Arc<str>>,
     /// Frames to write at the end of this wake-up.
@@ -76,89 +98,109 @@ struct Socket {
 /// Why the loop ended.
 enum End {
     /// The client closed or the connection failed: nothing more to send.
-    Gone,
+    Gone(Option<u16>),
     /// We close, with this code and reason.
-    Close(u16, &'static str),
+    Close(u16, Cow<'static, str>),
 }
 
-impl Shared {
-    /// Socket settings for one worker.
-    pub fn new(
-        hub: Arc<Hub>,
-        config: &sc_common::config::WorkerConfig,
-        shutdown: CancellationToken,
-    ) -> Self {
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// The settings from `[worker]`.
+    pub fn from_config(config: &sc_common::config::WorkerConfig) -> Self {
         Self {
-            hub,
+            protocol: config.protocol_version,
             ping_interval: config.ping_interval,
             ping_timeout: config.ping_timeout,
             handshake_timeout: config.handshake_timeout,
             outbound_queue: config.outbound_queue,
-            shutdown,
-            next_key: AtomicU64::new(1),
+            socket_channel_limit: config.socket_channel_limit,
+            allow_client_publish: config.allow_client_publish,
+            ack_timeout: config.ack_timeout,
         }
     }
 }
 
 /// Runs one socket until it closes.
-pub async fn run<S>(mut ws: WebSocketStream<S>, shared: Arc<Shared>, peer: Peer)
+pub async fn run<S>(mut ws: WebSocketStream<S>, context: Arc<Context>, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut socket = Socket {
-        key: shared.next_key.fetch_add(1, Ordering::Relaxed),
-        id: new_socket_id(),
-        outbox: Arc::new(Outbox::new(shared.outbound_queue)),
-        shared,
+    let version = match context.settings.protocol {
+        ProtocolVersion::Auto => 0,
+        ProtocolVersion::V1 => 1,
+        ProtocolVersion::V2 => 2,
+    };
+    let socket = Socket::new(context.clone(), context.hub.next_key(), new_socket_id(), peer, version);
+    let mut conversation = Conversation {
+        socket: socket.clone(),
+        context: context.clone(),
         handshaken: false,
         subscriptions: HashSet::new(),
         replies: Vec::new(),
     };
-    tracing::debug!(id = %socket.id, addr = ?peer.addr, tls = peer.tls, "socket open");
-    let end = socket.serve(&mut ws).await;
-    socket.leave_all();
-    if let End::Close(code, reason) = end {
-        tracing::debug!(id = %socket.id, code, reason, "closing socket");
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        // A peer that stalls must not hold the task: the close gets a bounded time.
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
-    }
-    tracing::debug!(id = %socket.id, "socket closed");
+    tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
+    let end = conversation.serve(&mut ws).await;
+    conversation.leave_all();
+    socket.fail_pending();
+    let code = match end {
+        End::Gone(code) => code,
+        End::Close(code, reason) => {
+            tracing::debug!(id = %socket.id(), code, %reason, "closing socket");
+            // v1 clients read the reason from a #disconnect event before the close.
+            if socket.protocol_version() != Some(2) {
+                let _ = ws.feed(Message::Text(protocol::encode_disconnect(code, &reason).into())).await;
+            }
+            let frame = CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() };
+            // A peer that stalls must not hold the task: the close gets a bounded time.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+            Some(code)
+        }
+    };
+    context.handler.disconnected(&socket, code);
+    tracing::debug!(id = %socket.id(), "socket closed");
 }
 
-impl Socket {
+impl Conversation {
     async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> End
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let shared = self.shared.clone();
+        let context = self.context.clone();
+        let settings = &context.settings;
         let start = Instant::now();
-        let mut ping = tokio::time::interval_at(start + shared.ping_interval, shared.ping_interval);
+        let mut ping = tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let handshake_deadline = tokio::time::sleep(shared.handshake_timeout);
+        let handshake_deadline = tokio::time::sleep(settings.handshake_timeout);
         tokio::pin!(handshake_deadline);
         let mut last_seen = start;
         let mut queued = VecDeque::new();
 
         loop {
             tokio::select! {
-                _ = shared.shutdown.cancelled() => return End::Close(CLOSE_SHUTDOWN, "Worker is shutting down"),
+                _ = context.shutdown.cancelled() => return End::Close(CLOSE_SHUTDOWN, "Worker is shutting down".into()),
                 frame = ws.next() => {
                     let text = match frame {
-                        None => return End::Gone,
+                        None => return End::Gone(None),
+                        Some(Err(tungstenite::Error::Capacity(e))) => {
+                            tracing::debug!(id = %self.socket.id(), error = %e, "message too big");
+                            return End::Close(CLOSE_TOO_BIG, "Message too big".into());
+                        }
                         Some(Err(e)) => {
-                            tracing::debug!(id = %self.id, error = %e, "socket read failed");
-                            return End::Gone;
+                            tracing::debug!(id = %self.socket.id(), error = %e, "socket read failed");
+                            return End::Gone(None);
                         }
                         Some(Ok(Message::Text(text))) => text,
+                        // The stock server decodes binary frames as text too.
                         Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
                             Ok(text) => text,
-                            Err(_) => continue, // not text: a raw message for the app
+                            Err(_) => continue,
                         },
-                        Some(Ok(Message::Close(_))) => return End::Gone,
+                        Some(Ok(Message::Close(frame))) => return End::Gone(frame.map(|f| u16::from(f.code))),
                         Some(Ok(_)) => continue, // WebSocket-level ping/pong: tungstenite answers
                     };
                     last_seen = Instant::now();
@@ -166,195 +208,443 @@ impl Socket {
                         return end;
                     }
                 }
-                _ = self.outbox.ready() => {
-                    if self.outbox.take(&mut queued).is_err() {
-                        return End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound queue overflowed");
+                _ = self.socket.outbox().ready() => {
+                    if self.socket.outbox().take(&mut queued).is_err() {
+                        return End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound queue overflowed".into());
                     }
-                    for frame in queued.drain(..) {
+                    for item in queued.drain(..) {
+                        let frame = match item {
+                            Outbound::Frame(frame) => frame,
+                            Outbound::KickOut { channel, message } => {
+                                if !self.leave(&channel) {
+                                    continue;
+                                }
+                                protocol::encode_kick_out(&channel, &message).into()
+                            }
+                            Outbound::Close { code, reason } => return End::Close(code, reason.into()),
+                        };
                         if ws.feed(Message::Text(frame)).await.is_err() {
-                            return End::Gone;
+                            return End::Gone(None);
                         }
                     }
                 }
                 _ = ping.tick() => {
-                    if last_seen.elapsed() > shared.ping_timeout {
-                        return End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out");
+                    if last_seen.elapsed() > settings.ping_timeout {
+                        return End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out".into());
                     }
-                    if ws.feed(Message::Text(Utf8Bytes::from_static(protocol::PING_V2))).await.is_err() {
-                        return End::Gone;
+                    let version = self.socket.protocol_version();
+                    for (ping, wanted) in [(protocol::PING_V1, version != Some(2)), (protocol::PING_V2, version != Some(1))] {
+                        if wanted && ws.feed(Message::Text(Utf8Bytes::from_static(ping))).await.is_err() {
+                            return End::Gone(None);
+                        }
                     }
                 }
                 _ = &mut handshake_deadline, if !self.handshaken => {
-                    return End::Close(CLOSE_HANDSHAKE_TIMEOUT, "Did not receive #handshake from client before timeout");
+                    return End::Close(CLOSE_HANDSHAKE_TIMEOUT, "Did not receive #handshake from client before timeout".into());
                 }
             }
             for reply in self.replies.drain(..) {
                 if ws.feed(Message::Text(reply.into())).await.is_err() {
-                    return End::Gone;
+                    return End::Gone(None);
                 }
             }
             if ws.flush().await.is_err() {
-                return End::Gone;
+                return End::Gone(None);
             }
         }
     }
 
     async fn handle_text(&mut self, text: &str) -> Result<(), End> {
         match protocol::decode(text) {
-            Inbound::Pong => Ok(()),
+            Inbound::Pong(version) => {
+                self.socket.lock_version(version);
+                self.check_expiry();
+                Ok(())
+            }
             Inbound::Packet(packet) => self.handle_packet(packet).await,
+            // Protocol v1 (server v14) refuses a batch as the first frame; v2 takes one that
+            // starts with the handshake.
+            Inbound::Batch(_) if !self.handshaken && self.socket.protocol_version() == Some(1) => {
+                Err(before_handshake())
+            }
             Inbound::Batch(packets) => {
                 for packet in packets {
                     self.handle_packet(packet).await?;
                 }
                 Ok(())
             }
-            Inbound::Raw if !self.handshaken => Err(End::Close(
-                CLOSE_BEFORE_HANDSHAKE,
-                "Server received a message before the client handshake",
-            )),
-            Inbound::Raw => Ok(()),
+            Inbound::Raw if !self.handshaken => Err(before_handshake()),
+            Inbound::Raw => {
+                self.context.handler.raw(&self.socket, text);
+                Ok(())
+            }
         }
     }
 
+    /// Protocol v2 (and auto, whose v20 clients always send numbers) only take numeric cids as
+    /// RPCs; v1 takes any.
+    fn strict(&self) -> bool {
+        self.socket.protocol_version() != Some(1)
+    }
+
     async fn handle_packet(&mut self, packet: Packet<'_>) -> Result<(), End> {
-        let cid = packet.rpc_cid();
+        let cid = packet.rpc_cid(self.strict());
         let event = packet.event.as_deref();
         if !self.handshaken {
-            return match (event, cid) {
-                (Some("#handshake"), Some(cid)) => {
-                    self.handshaken = true;
-                    let timeout = self.shared.ping_timeout.as_millis() as u64;
-                    self.replies
-                        .push(protocol::encode_handshake(cid, &self.id, timeout));
-                    Ok(())
-                }
-                (Some("#handshake"), None) => Err(End::Close(
-                    CLOSE_BAD_HANDSHAKE,
-                    "Handshake request was malformatted",
-                )),
-                _ => Err(End::Close(
-                    CLOSE_BEFORE_HANDSHAKE,
-                    "Server received a message before the client handshake",
-                )),
+            return match event {
+                Some("#handshake") => self.handshake(packet.data, cid).await,
+                _ => Err(before_handshake()),
             };
         }
+        let expired = self.check_expiry();
+        let Some(event) = event else {
+            // A response to a server-to-client invoke.
+            if let Some(rid) = packet.rid.and_then(|r| r.get().parse::<u64>().ok()) {
+                let answer = match packet.error {
+                    Some(error) => Err(error_from_client(error)),
+                    None => Ok(packet
+                        .data
+                        .and_then(|d| serde_json::from_str(d.get()).ok())
+                        .unwrap_or(Value::Null)),
+                };
+                self.socket.answer(rid, answer);
+            }
+            return Ok(());
+        };
         match event {
-            // A response to a server invoke (none are made yet) or a stray packet.
-            None => {}
-            Some("#handshake") => {
+            "#handshake" => {
                 if let Some(cid) = cid {
-                    let timeout = self.shared.ping_timeout.as_millis() as u64;
-                    self.replies
-                        .push(protocol::encode_handshake(cid, &self.id, timeout));
+                    let timeout = self.context.settings.ping_timeout.as_millis() as u64;
+                    let authenticated = self.socket.is_authenticated();
+                    self.replies.push(protocol::encode_handshake(
+                        cid,
+                        self.socket.id(),
+                        timeout,
+                        authenticated,
+                        None,
+                    ));
                 }
             }
-            Some("#subscribe") => self.subscribe(packet.data, cid),
-            Some("#unsubscribe") => self.unsubscribe(packet.data, cid),
-            Some("#publish") => self.publish(packet.data, cid).await,
-            // Authentication arrives with the JWT support; the client owns its token meanwhile.
-            Some("#removeAuthToken") => {}
-            Some(name) => {
-                if let Some(cid) = cid {
-                    let message = format!("No handler for the {name:?} event on this server");
-                    self.replies
-                        .push(protocol::encode_error(cid, "InvalidActionError", &message));
-                } else {
-                    tracing::trace!(id = %self.id, event = name, "unhandled transmit");
+            "#subscribe" => self.subscribe(packet.data, cid, expired).await,
+            "#unsubscribe" => self.unsubscribe(packet.data, cid),
+            "#publish" => self.publish(packet.data, cid).await,
+            "#authenticate" => self.authenticate(packet.data, cid).await?,
+            "#removeAuthToken" => self.socket.set_verified(None),
+            // v1 clients announce their close; a v1 server closes with their code.
+            "#disconnect" if self.socket.protocol_version() != Some(2) => {
+                let code = packet
+                    .data
+                    .and_then(|d| serde_json::from_str::<Value>(d.get()).ok())
+                    .and_then(|d| d.get("code").and_then(Value::as_u64))
+                    .and_then(|c| u16::try_from(c).ok())
+                    .filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006)
+                    .unwrap_or(1000);
+                return Err(End::Close(code, "".into()));
+            }
+            name => self.custom_event(name, packet.data, cid),
+        }
+        Ok(())
+    }
+
+    async fn handshake(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) -> Result<(), End> {
+        let Some(cid) = cid else {
+            // Server v14 opened the socket without answering; v18.1+ closes 4008.
+            if self.socket.protocol_version() == Some(1) {
+                self.handshaken = true;
+                return Ok(());
+            }
+            return Err(End::Close(CLOSE_BAD_HANDSHAKE, "Handshake request was malformatted".into()));
+        };
+        let token =
+            data.and_then(|d| serde_json::from_str::<protocol::HandshakeData>(d.get()).ok()).and_then(|d| {
+                d.auth_token.map(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).map_err(|_| ()))
+            });
+        let auth_error = match token {
+            None => None,
+            Some(Err(())) => Some(
+                ErrorObject::new("AuthTokenInvalidError", "jwt must be a string")
+                    .with("isBadToken", Value::Bool(true)),
+            ),
+            Some(Ok(signed)) => self.verify(&signed).await.err(),
+        };
+        if let Err(error) = self.context.handler.handshake(&self.socket).await {
+            let code = error
+                .extra
+                .get("statusCode")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(CLOSE_BAD_HANDSHAKE);
+            self.replies.push(protocol::encode_handshake_rejection(cid, &error, code));
+            return Err(End::Close(code, error.message.into()));
+        }
+        self.handshaken = true;
+        let timeout = self.context.settings.ping_timeout.as_millis() as u64;
+        let authenticated = self.socket.is_authenticated();
+        self.replies.push(protocol::encode_handshake(
+            cid,
+            self.socket.id(),
+            timeout,
+            authenticated,
+            auth_error.as_ref(),
+        ));
+        if auth_error.as_ref().is_some_and(ErrorObject::is_bad_token) {
+            self.replies.push(protocol::encode_remove_auth_token(self.socket.protocol_version() == Some(2)));
+        }
+        Ok(())
+    }
+
+    /// Verifies a token and runs the app's authenticate hook; on success the socket is
+    /// authenticated, on failure it is not (whatever it was before).
+    async fn verify(&mut self, signed: &str) -> Result<(), ErrorObject> {
+        let outcome = match self.context.auth.verify(signed) {
+            Ok(token) => match self.context.handler.authenticate(&self.socket, &token.payload).await {
+                Ok(()) => Ok(token),
+                Err(error) => Err(error),
+            },
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(token) => {
+                self.socket.set_verified(Some(token));
+                Ok(())
+            }
+            Err(error) => {
+                self.socket.set_verified(None);
+                Err(error)
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) -> Result<(), End> {
+        let Some(cid) = cid else {
+            if self.socket.protocol_version() == Some(1) {
+                return Ok(());
+            }
+            return Err(End::Close(CLOSE_BAD_HANDSHAKE, "Authenticate request was malformatted".into()));
+        };
+        let signed = data.and_then(|d| serde_json::from_str::<Cow<'_, str>>(d.get()).ok());
+        let outcome = match signed {
+            Some(signed) => self.verify(&signed).await,
+            None => {
+                self.socket.set_verified(None);
+                Err(ErrorObject::new("AuthTokenInvalidError", "jwt must be provided")
+                    .with("isBadToken", Value::Bool(true)))
+            }
+        };
+        match outcome {
+            Ok(()) => self.replies.push(protocol::encode_auth_ok(cid)),
+            Err(error) => {
+                let bad = error.is_bad_token();
+                let v1 = self.socket.protocol_version() == Some(1);
+                let remove = protocol::encode_remove_auth_token(!v1);
+                // v14 sent #removeAuthToken before the response, v20 after.
+                if bad && v1 {
+                    self.replies.push(remove.clone());
+                }
+                self.replies.push(protocol::encode_auth_failure(cid, &error, bad));
+                if bad && !v1 {
+                    self.replies.push(remove);
                 }
             }
         }
         Ok(())
     }
 
-    fn subscribe(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) {
-        // v20 ignores a #subscribe without a cid.
-        let Some(cid) = cid else { return };
-        let parsed =
-            data.and_then(|d| serde_json::from_str::<protocol::SubscribeData>(d.get()).ok());
-        let Some(request) = parsed else {
-            self.replies.push(protocol::encode_error(
-                cid,
-                "InvalidActionError",
-                "Subscribe channel name was malformatted",
-            ));
+    /// Drops an expired token (telling the client); returns the expiry error if it did.
+    fn check_expiry(&mut self) -> Option<ErrorObject> {
+        let exp = self.socket.expire_token()?;
+        self.replies.push(protocol::encode_remove_auth_token(self.socket.protocol_version() == Some(2)));
+        Some(auth::expired_error(exp))
+    }
+
+    async fn subscribe(
+        &mut self,
+        data: Option<&RawValue>,
+        cid: Option<&RawValue>,
+        expired: Option<ErrorObject>,
+    ) {
+        // v20 ignores a #subscribe without a cid; v14 subscribes anyway.
+        if cid.is_none() && self.socket.protocol_version() == Some(2) {
+            return;
+        }
+        let reply = |replies: &mut Vec<String>, error: Option<ErrorObject>| {
+            if let Some(cid) = cid {
+                replies.push(match error {
+                    None => protocol::encode_ack(cid),
+                    Some(error) => protocol::encode_error(cid, &error),
+                });
+            }
+        };
+        let lenient = self.socket.protocol_version() != Some(2);
+        let parsed = data.and_then(|d| match serde_json::from_str::<protocol::SubscribeData>(d.get()) {
+            Ok(request) => Some((request.channel, request.wait_for_auth, request.data)),
+            // v14 also took the bare channel name.
+            Err(_) if lenient => serde_json::from_str::<Cow<'_, str>>(d.get()).ok().map(|c| (c, false, None)),
+            Err(_) => None,
+        });
+        let Some((channel, wait_for_auth, sub_data)) = parsed else {
+            let error = ErrorObject::new("InvalidActionError", "Subscribe channel name was malformatted");
+            reply(&mut self.replies, Some(error));
             return;
         };
-        if !self.subscriptions.contains(&*request.channel) {
-            let name = self
-                .shared
-                .hub
-                .subscribe(&request.channel, self.key, &self.outbox);
-            self.subscriptions.insert(name);
+        if let (true, Some(error)) = (wait_for_auth, expired) {
+            reply(&mut self.replies, Some(error));
+            return;
         }
-        self.replies.push(protocol::encode_ack(cid));
+        if self.subscriptions.contains(&*channel) {
+            reply(&mut self.replies, None);
+            return;
+        }
+        let limit = self.context.settings.socket_channel_limit;
+        if self.subscriptions.len() >= limit {
+            let message = format!(
+                "Failed to subscribe socket to the {channel} channel - InvalidActionError: Socket {} tried to exceed the channel subscription limit of {limit}",
+                self.socket.id()
+            );
+            reply(&mut self.replies, Some(ErrorObject::new("BrokerError", message)));
+            return;
+        }
+        if let Err(error) = self.context.handler.subscribe(&self.socket, &channel, sub_data).await {
+            reply(&mut self.replies, Some(error));
+            return;
+        }
+        let name =
+            self.context.hub.subscribe(&channel, self.socket.key(), &Subscriber::Socket(self.socket.clone()));
+        self.subscriptions.insert(name);
+        reply(&mut self.replies, None);
     }
 
     fn unsubscribe(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) {
-        let channel =
-            data.and_then(|d| serde_json::from_str::<std::borrow::Cow<'_, str>>(d.get()).ok());
-        let removed = match &channel {
-            Some(channel) if self.subscriptions.remove(&**channel) => {
-                self.shared.hub.unsubscribe(channel, self.key);
-                true
-            }
-            _ => false,
-        };
+        let channel = data.and_then(|d| serde_json::from_str::<Cow<'_, str>>(d.get()).ok());
+        let removed = channel.as_deref().is_some_and(|channel| self.leave(channel));
         if let Some(cid) = cid {
             if removed {
                 self.replies.push(protocol::encode_ack(cid));
             } else {
                 let name = channel.as_deref().unwrap_or("");
                 let message = format!(
-                    "Failed to unsubscribe socket from the {name} channel - Socket was not subscribed"
+                    "Failed to unsubscribe socket from the {name} channel - InvalidActionError: Socket {} tried to unsubscribe from a channel which it is not subscribed to",
+                    self.socket.id()
                 );
-                self.replies
-                    .push(protocol::encode_error(cid, "BrokerError", &message));
+                self.replies.push(protocol::encode_error(cid, &ErrorObject::new("BrokerError", message)));
             }
         }
     }
 
     async fn publish(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) {
+        let fail = |replies: &mut Vec<String>, error: ErrorObject| {
+            if let Some(cid) = cid {
+                replies.push(protocol::encode_error(cid, &error));
+            }
+        };
+        if !self.context.settings.allow_client_publish {
+            fail(
+                &mut self.replies,
+                ErrorObject::new("InvalidActionError", "Client publish feature is disabled"),
+            );
+            return;
+        }
         let parsed = data.and_then(|d| serde_json::from_str::<protocol::PublishData>(d.get()).ok());
         let Some(request) = parsed else {
-            if let Some(cid) = cid {
-                self.replies.push(protocol::encode_error(
-                    cid,
-                    "InvalidActionError",
-                    "Publish channel name was malformatted",
-                ));
-            }
+            fail(
+                &mut self.replies,
+                ErrorObject::new("InvalidActionError", "Publish channel name was malformatted"),
+            );
             return;
         };
-        let payload = request
-            .data
-            .map_or_else(Bytes::new, |d| Bytes::copy_from_slice(d.get().as_bytes()));
-        let outcome = self
-            .shared
-            .hub
-            .pool()
-            .publish(&request.channel, payload)
-            .await;
-        if let Some(cid) = cid {
-            match outcome {
-                Ok(()) => self.replies.push(protocol::encode_ack(cid)),
-                Err(e) => {
-                    let message =
-                        format!("Failed to publish to the {} channel - {e}", request.channel);
-                    self.replies
-                        .push(protocol::encode_error(cid, "BrokerError", &message));
-                }
+        let null = RawValue::NULL;
+        let raw = request.data.unwrap_or(null);
+        let payload = match self.context.handler.publish_in(&self.socket, &request.channel, raw).await {
+            Err(error) => {
+                fail(&mut self.replies, error);
+                return;
             }
-        } else if let Err(e) = outcome {
-            tracing::debug!(id = %self.id, channel = %request.channel, error = %e, "publish dropped");
+            Ok(PublishIn::Allow) => match request.data {
+                Some(data) => Bytes::copy_from_slice(data.get().as_bytes()),
+                None => Bytes::new(),
+            },
+            Ok(PublishIn::Rewrite(value)) => Bytes::from(value.to_string()),
+        };
+        let outcome = self.context.hub.pool().publish(&request.channel, payload).await;
+        match (outcome, cid) {
+            (Ok(()), Some(cid)) => self.replies.push(protocol::encode_ack(cid)),
+            (Ok(()), None) => {}
+            (Err(e), _) => {
+                let message = format!("Failed to publish to the {} channel - {e}", request.channel);
+                fail(&mut self.replies, ErrorObject::new("BrokerError", message));
+            }
+        }
+    }
+
+    /// A custom event: an invoke (with a cid) or a transmit. Both run in their own task so that
+    /// the app may take its time or talk back to this client.
+    fn custom_event(&mut self, name: &str, data: Option<&RawValue>, cid: Option<&RawValue>) {
+        let socket = self.socket.clone();
+        let handler = self.context.handler.clone();
+        let name = name.to_owned();
+        let data: Option<Box<RawValue>> = data.map(ToOwned::to_owned);
+        match cid {
+            Some(cid) => {
+                let cid: Box<RawValue> = cid.to_owned();
+                tokio::spawn(async move {
+                    let frame = match handler.invoke(&socket, &name, data.as_deref()).await {
+                        Ok(value) => protocol::encode_response(&cid, &value.to_string()),
+                        Err(error) => protocol::encode_error(&cid, &error),
+                    };
+                    socket.push_frame(frame);
+                });
+            }
+            None => {
+                tokio::spawn(async move { handler.transmit(&socket, &name, data.as_deref()).await });
+            }
+        }
+    }
+
+    /// Leaves a channel this socket holds; returns whether it held it.
+    fn leave(&mut self, channel: &str) -> bool {
+        if self.subscriptions.remove(channel) {
+            self.context.hub.unsubscribe(channel, self.socket.key());
+            true
+        } else {
+            false
         }
     }
 
     fn leave_all(&mut self) {
         for channel in self.subscriptions.drain() {
-            self.shared.hub.unsubscribe(&channel, self.key);
+            self.context.hub.unsubscribe(&channel, self.socket.key());
         }
     }
+}
+
+fn before_handshake() -> End {
+    End::Close(CLOSE_BEFORE_HANDSHAKE, "Server received a message before the client handshake".into())
+}
+
+/// An error object a client sent in a response; a non-object becomes the message.
+fn error_from_client(raw: &RawValue) -> ErrorObject {
+    match serde_json::from_str::<Value>(raw.get()) {
+        Ok(Value::Object(mut map)) => {
+            let name = map
+                .remove("name")
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "Error".into());
+            let message =
+                map.remove("message").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            ErrorObject { name, message, extra: map }
+        }
+        Ok(other) => ErrorObject::new("Error", other.to_string()),
+        Err(_) => ErrorObject::new("Error", raw.get()),
+    }
+}
+
+/// Close reasons travel in a control frame: at most 123 bytes.
+fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
 }
 
 /// A socket id like the stock server's: 15 random bytes, URL-safe base64 (20 characters).
@@ -371,10 +661,23 @@ mod tests {
     fn socket_ids_look_like_the_stock_ones() {
         let id = new_socket_id();
         assert_eq!(id.len(), 20);
-        assert!(
-            id.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        );
+        assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_ne!(id, new_socket_id());
+    }
+
+    #[test]
+    fn reasons_fit_a_close_frame() {
+        assert_eq!(truncate_reason("short"), "short");
+        let long = "é".repeat(100);
+        let cut = truncate_reason(&long);
+        assert!(cut.len() <= 123 && long.starts_with(&cut));
+    }
+
+    #[test]
+    fn client_errors_keep_their_fields() {
+        let raw = RawValue::from_string(r#"{"name":"E","message":"m","extra":1}"#.into()).unwrap();
+        let error = error_from_client(&raw);
+        assert_eq!((error.name.as_str(), error.message.as_str()), ("E", "m"));
+        assert_eq!(error.extra["extra"], 1);
     }
 }

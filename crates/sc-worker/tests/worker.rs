@@ -56,26 +56,17 @@ async fn start(tune: impl FnOnce(&mut Config)) -> Cell {
     })
     .await
     .unwrap();
-    Cell {
-        worker: addr,
-        url: format!("ws://{addr}/socketcluster/"),
-        shutdown,
-    }
+    Cell { worker: addr, url: format!("ws://{addr}/socketcluster/"), shutdown }
 }
 
 /// A WebSocket that completed the HTTP upgrade and nothing else.
 async fn raw_socket(cell: &Cell) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     let stream = tokio::net::TcpStream::connect(cell.worker).await.unwrap();
-    tokio_tungstenite::client_async(cell.url.as_str(), stream)
-        .await
-        .unwrap()
-        .0
+    tokio_tungstenite::client_async(cell.url.as_str(), stream).await.unwrap().0
 }
 
 /// The close code the server sends, ignoring everything before it.
-async fn close_code(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-) -> Option<u16> {
+async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -102,9 +93,7 @@ async fn handshake_without_cid_closes_4008() {
     use futures_util::SinkExt;
     let cell = start(|_| {}).await;
     let mut ws = raw_socket(&cell).await;
-    ws.send(r##"{"event":"#handshake","data":{"authToken":null}}"##.into())
-        .await
-        .unwrap();
+    ws.send(r##"{"event":"#handshake","data":{"authToken":null}}"##.into()).await.unwrap();
     assert_eq!(close_code(&mut ws).await, Some(4008));
 }
 
@@ -117,9 +106,7 @@ async fn silent_client_closes_4001_and_pings_arrive_first() {
     })
     .await;
     let mut ws = raw_socket(&cell).await;
-    ws.send(r##"{"event":"#handshake","data":{"authToken":null},"cid":1}"##.into())
-        .await
-        .unwrap();
+    ws.send(r##"{"event":"#handshake","data":{"authToken":null},"cid":1}"##.into()).await.unwrap();
     let mut pings = 0;
     let code = loop {
         match ws.next().await.unwrap().unwrap() {
@@ -141,40 +128,21 @@ async fn a_client_that_pongs_stays_connected() {
         c.worker.ping_timeout = Duration::from_millis(300);
     })
     .await;
-    let mut client = Client::connect(LOCAL, cell.worker, &cell.url)
-        .await
-        .unwrap();
+    let mut client = Client::connect(LOCAL, cell.worker, &cell.url).await.unwrap();
     client.subscribe("keep").await.unwrap();
     // Several ping timeouts long, answering pings (recv_matching pongs) the whole time.
-    let outcome = client
-        .recv_matching(|_| false, Duration::from_millis(1200))
-        .await;
-    assert!(
-        outcome
-            .unwrap_err()
-            .to_string()
-            .contains("no matching message")
-    );
+    let outcome = client.recv_matching(|_| false, Duration::from_millis(1200)).await;
+    assert!(outcome.unwrap_err().to_string().contains("no matching message"));
     client.publish("keep", json!("still here")).await.unwrap();
-    assert_eq!(
-        client
-            .next_publish("keep", Duration::from_secs(2))
-            .await
-            .unwrap(),
-        json!("still here")
-    );
+    assert_eq!(client.next_publish("keep", Duration::from_secs(2)).await.unwrap(), json!("still here"));
 }
 
 #[tokio::test]
 async fn a_client_that_does_not_read_is_closed_as_a_slow_consumer() {
     let cell = start(|c| c.worker.outbound_queue = 8).await;
-    let mut slow = Client::connect(LOCAL, cell.worker, &cell.url)
-        .await
-        .unwrap();
+    let mut slow = Client::connect(LOCAL, cell.worker, &cell.url).await.unwrap();
     slow.subscribe("firehose").await.unwrap();
-    let mut publisher = Client::connect(LOCAL, cell.worker, &cell.url)
-        .await
-        .unwrap();
+    let mut publisher = Client::connect(LOCAL, cell.worker, &cell.url).await.unwrap();
     let big = "x".repeat(64 * 1024);
     // Enough to fill the kernel's socket buffers, then the outbox.
     for _ in 0..400 {
@@ -185,38 +153,17 @@ async fn a_client_that_does_not_read_is_closed_as_a_slow_consumer() {
     // The publisher was not held up and the worker still serves.
     publisher.subscribe("after").await.unwrap();
     publisher.publish("after", json!(1)).await.unwrap();
-    assert_eq!(
-        publisher
-            .next_publish("after", Duration::from_secs(2))
-            .await
-            .unwrap(),
-        json!(1)
-    );
+    assert_eq!(publisher.next_publish("after", Duration::from_secs(2)).await.unwrap(), json!(1));
 }
 
 #[tokio::test]
 async fn http_endpoints() {
     let cell = start(|_| {}).await;
-    assert_eq!(
-        http_get(LOCAL, cell.worker, "/healthz").await.unwrap(),
-        (200, Some("worker-0".into()))
-    );
-    assert_eq!(
-        http_get(LOCAL, cell.worker, "/readyz").await.unwrap().0,
-        200
-    );
-    assert_eq!(
-        http_get(LOCAL, cell.worker, "/elsewhere").await.unwrap().0,
-        404
-    );
+    assert_eq!(http_get(LOCAL, cell.worker, "/healthz").await.unwrap(), (200, Some("worker-0".into())));
+    assert_eq!(http_get(LOCAL, cell.worker, "/readyz").await.unwrap().0, 200);
+    assert_eq!(http_get(LOCAL, cell.worker, "/elsewhere").await.unwrap().0, 404);
     // The WebSocket path without an upgrade is a bad request, not a crash.
-    assert_eq!(
-        http_get(LOCAL, cell.worker, "/socketcluster/")
-            .await
-            .unwrap()
-            .0,
-        400
-    );
+    assert_eq!(http_get(LOCAL, cell.worker, "/socketcluster/").await.unwrap().0, 400);
 }
 
 #[tokio::test]
@@ -224,13 +171,9 @@ async fn proxy_header_is_accepted_before_http() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cell = start(|_| {}).await;
     let mut stream = tokio::net::TcpStream::connect(cell.worker).await.unwrap();
-    let header =
-        sc_common::proxy_protocol::encode("203.0.113.9:4000".parse().unwrap(), cell.worker, false);
+    let header = sc_common::proxy_protocol::encode("203.0.113.9:4000".parse().unwrap(), cell.worker, false);
     stream.write_all(&header).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");

@@ -1,0 +1,155 @@
+//! The app API: what a SocketCluster application writes to run its own logic in the worker.
+//!
+//! An app implements [`Handler`] (every hook has a default, so an app overrides only what it
+//! needs), builds its own worker binary around [`crate::Worker::bind_with`], and names that binary
+//! in `[worker] command` so the master runs it. The hooks get a [`Socket`] handle to act on the
+//! client (auth tokens, kick out, invoke, transmit, disconnect) and the worker's
+//! [`Exchange`](crate::exchange::Exchange) for publishing and subscribing from server code.
+//!
+//! The hooks map to the stock server's middleware (reference section 7): `upgrade` is
+//! HANDSHAKE_WS (reject = HTTP status), `handshake` is HANDSHAKE_SC (reject = close code),
+//! `subscribe`, `publish_in` and `authenticate` are the INBOUND actions of the same names,
+//! `publish_out` is OUTBOUND, `invoke` and `transmit` are procedures and receivers.
+//!
+//! Ordering: `handshake`, `authenticate`, `subscribe` and `publish_in` run inline, in the order
+//! the client sent the messages (so a client's publishes keep their order); they must not wait
+//! on the same client (for example `socket.invoke(...)`), which cannot answer until they return.
+//! `invoke` and `transmit` run in their own tasks and may do anything. `publish_out` runs once
+//! per recipient on the fan-out path and must be cheap.
+
+use std::net::SocketAddr;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+pub use crate::protocol::ErrorObject;
+pub use crate::socket::handle::Socket;
+
+/// The HTTP upgrade request, as `upgrade` sees it.
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest {
+    /// The client's address (from the balancer's PROXY header, or the TCP peer).
+    pub remote_addr: Option<SocketAddr>,
+    /// The client connection came over TLS (terminated by the balancer).
+    pub tls: bool,
+    /// Path and query, e.g. `/socketcluster/?token=x`.
+    pub uri: String,
+    /// The request headers.
+    pub headers: http::HeaderMap,
+}
+
+/// An HTTP-level refusal of a WebSocket upgrade.
+#[derive(Debug, Clone)]
+pub struct HttpRejection {
+    /// 401 for the stock server's handshake middleware.
+    pub status: u16,
+    pub message: String,
+}
+
+/// What `publish_in` decides about a client's publish.
+#[derive(Debug)]
+pub enum PublishIn {
+    /// Publish as sent.
+    Allow,
+    /// Publish this data (JSON) instead.
+    Rewrite(Value),
+}
+
+/// What `publish_out` decides for one recipient.
+#[derive(Debug)]
+pub enum PublishOut {
+    /// Deliver the shared frame.
+    Allow,
+    /// Do not deliver to this socket.
+    Block,
+    /// Deliver this data (JSON) to this socket instead.
+    Rewrite(Value),
+}
+
+/// An app's hooks. Every method has a default that behaves like the stock server with no
+/// middleware and no procedures.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Before the WebSocket upgrade; an error answers the HTTP request with its status.
+    async fn upgrade(&self, _request: &UpgradeRequest) -> Result<(), HttpRejection> {
+        Ok(())
+    }
+
+    /// After the `#handshake` (and its token, if any) was processed. An error rejects the
+    /// handshake: the client gets it and the socket closes with `statusCode` (4008 if unset).
+    async fn handshake(&self, _socket: &Socket) -> Result<(), ErrorObject> {
+        Ok(())
+    }
+
+    /// A valid token was presented (in `#handshake` or `#authenticate`). An error leaves the
+    /// socket unauthenticated; with `isBadToken` the client also drops the token.
+    async fn authenticate(&self, _socket: &Socket, _token: &Value) -> Result<(), ErrorObject> {
+        Ok(())
+    }
+
+    /// A client subscribes. An error refuses the subscription and is sent to the client.
+    async fn subscribe(
+        &self,
+        _socket: &Socket,
+        _channel: &str,
+        _data: Option<&RawValue>,
+    ) -> Result<(), ErrorObject> {
+        Ok(())
+    }
+
+    /// A client publishes (after `allow_client_publish` is checked). An error blocks it.
+    async fn publish_in(
+        &self,
+        _socket: &Socket,
+        _channel: &str,
+        _data: &RawValue,
+    ) -> Result<PublishIn, ErrorObject> {
+        Ok(PublishIn::Allow)
+    }
+
+    /// Whether [`Handler::publish_out`] is implemented; when false (the default) the fan-out
+    /// path skips the per-recipient call and sends the shared frame.
+    fn has_publish_out(&self) -> bool {
+        false
+    }
+
+    /// A channel message is about to be sent to one subscriber.
+    fn publish_out(&self, _socket: &Socket, _channel: &str, _data: &RawValue) -> PublishOut {
+        PublishOut::Allow
+    }
+
+    /// A client invokes a procedure: the answer is the reply's data, an error its error.
+    async fn invoke(
+        &self,
+        _socket: &Socket,
+        procedure: &str,
+        _data: Option<&RawValue>,
+    ) -> Result<Value, ErrorObject> {
+        Err(ErrorObject::new(
+            "InvalidActionError",
+            format!("No handler for the {procedure:?} procedure on this server"),
+        ))
+    }
+
+    /// A client transmits an event (no answer).
+    async fn transmit(&self, _socket: &Socket, _event: &str, _data: Option<&RawValue>) {}
+
+    /// A frame that is not a SocketCluster packet (sc-formatter's raw message).
+    fn raw(&self, _socket: &Socket, _message: &str) {}
+
+    /// The socket closed (with the code, if one was exchanged).
+    fn disconnected(&self, _socket: &Socket, _code: Option<u16>) {}
+}
+
+/// The stock worker's handler: pure pub/sub and auth, no procedures.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DefaultHandler;
+
+impl Handler for DefaultHandler {}
+
+impl HttpRejection {
+    /// A refusal with a status and a message body.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}

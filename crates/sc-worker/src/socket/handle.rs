@@ -1,0 +1,217 @@
+//! [`Socket`]: the handle an app (and the worker's fan-out) holds on one client socket.
+//!
+//! The socket's task owns the WebSocket; everything else reaches the client through this handle,
+//! which queues frames and requests in the socket's [`Outbox`]. Auth state lives here, behind a
+//! mutex, so `set_auth_token` takes effect at once (as in the stock server), whichever task calls
+//! it. Server-to-client invokes wait on a oneshot that the socket's task completes when the
+//! client's response (`rid`) arrives.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::{Context, Peer};
+use crate::auth::AuthToken;
+use crate::hub::SocketKey;
+use crate::outbox::{Outbound, Outbox};
+use crate::protocol::{self, ErrorObject};
+
+/// A handle on one client socket; cheap to clone.
+#[derive(Clone)]
+pub struct Socket(pub(crate) Arc<State>);
+
+/// The socket's shared state.
+pub(crate) struct State {
+    pub(crate) key: SocketKey,
+    id: String,
+    peer: Peer,
+    pub(crate) outbox: Outbox,
+    pub(crate) context: Arc<Context>,
+    /// 0 while not known (auto mode before the first pong), else 1 or 2.
+    version: AtomicU8,
+    /// std Mutex: read or swapped, never held across await.
+    auth: Mutex<Option<AuthToken>>,
+    /// std Mutex: server-to-client invokes waiting for their answers; never held across await.
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    next_cid: u64,
+    waiting: HashMap<u64, oneshot::Sender<Result<Value, ErrorObject>>>,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket").field("id", &self.0.id).field("peer", &self.0.peer).finish_non_exhaustive()
+    }
+}
+
+impl Socket {
+    pub(crate) fn new(context: Arc<Context>, key: SocketKey, id: String, peer: Peer, version: u8) -> Self {
+        let outbox = Outbox::new(context.settings.outbound_queue);
+        Self(Arc::new(State {
+            key,
+            id,
+            peer,
+            outbox,
+            context,
+            version: AtomicU8::new(version),
+            auth: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
+        }))
+    }
+
+    /// The socket id sent to the client in the handshake (20 URL-safe base64 characters).
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    /// The client's address (from the balancer's PROXY header when behind it).
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.0.peer.addr
+    }
+
+    /// Whether the client connected over TLS (terminated by the balancer).
+    pub fn is_tls(&self) -> bool {
+        self.0.peer.tls
+    }
+
+    /// The protocol version the socket speaks: 1, 2, or `None` while not known yet (auto mode
+    /// before the client's first pong).
+    pub fn protocol_version(&self) -> Option<u8> {
+        match self.0.version.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+
+    /// The payload of the socket's valid auth token, if authenticated.
+    pub fn auth_token(&self) -> Option<Value> {
+        self.auth().as_ref().map(|t| t.payload.clone())
+    }
+
+    /// Whether the socket holds a valid auth token.
+    pub fn is_authenticated(&self) -> bool {
+        self.auth().is_some()
+    }
+
+    /// Signs `payload` into a token (adding `iat` and a default `exp`), authenticates the socket
+    /// with it at once and sends it to the client (`#setAuthToken`).
+    pub fn set_auth_token(&self, payload: Value) -> Result<String, ErrorObject> {
+        let token = self.0.context.auth.sign(payload)?;
+        let signed = token.signed.clone();
+        let frame = protocol::encode_set_auth_token(&signed);
+        *self.auth() = Some(token);
+        self.push_frame(frame);
+        Ok(signed)
+    }
+
+    /// Removes the socket's token and tells the client (`#removeAuthToken`).
+    pub fn deauthenticate(&self) {
+        self.auth().take();
+        self.push_frame(protocol::encode_remove_auth_token(self.protocol_version() == Some(2)));
+    }
+
+    /// Sends an event to the client, no answer expected.
+    pub fn transmit(&self, event: &str, data: &Value) {
+        self.push_frame(protocol::encode_event(event, Some(&data.to_string()), None));
+    }
+
+    /// Invokes a procedure on the client and waits for its answer, up to `[worker] ack_timeout`
+    /// (then a TimeoutError).
+    pub async fn invoke(&self, event: &str, data: &Value) -> Result<Value, ErrorObject> {
+        let (tx, rx) = oneshot::channel();
+        let cid = {
+            let mut pending = self.pending();
+            pending.next_cid += 1;
+            let cid = pending.next_cid;
+            pending.waiting.insert(cid, tx);
+            cid
+        };
+        self.push_frame(protocol::encode_event(event, Some(&data.to_string()), Some(cid)));
+        let timeout = self.0.context.settings.ack_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => {
+                Err(ErrorObject::new("BadConnectionError", "Socket closed before the client answered"))
+            }
+            Err(_) => {
+                self.pending().waiting.remove(&cid);
+                Err(ErrorObject::new("TimeoutError", format!("Event response for {event:?} timed out")))
+            }
+        }
+    }
+
+    /// Unsubscribes the socket from `channel` and tells the client (`#kickOut`).
+    pub fn kick_out(&self, channel: &str, message: &Value) {
+        self.0
+            .outbox
+            .push_item(Outbound::KickOut { channel: channel.to_owned(), message: message.to_string() });
+    }
+
+    /// Closes the socket with `code` (4500 and up: the stock clients do not reconnect).
+    pub fn disconnect(&self, code: u16, reason: &str) {
+        self.0.outbox.push_item(Outbound::Close { code, reason: reason.to_owned() });
+    }
+
+    /// The worker's exchange (publish and subscribe from server code).
+    pub fn exchange(&self) -> crate::exchange::Exchange {
+        crate::exchange::Exchange::new(self.0.context.hub.clone())
+    }
+
+    pub(crate) fn key(&self) -> SocketKey {
+        self.0.key
+    }
+
+    pub(crate) fn outbox(&self) -> &Outbox {
+        &self.0.outbox
+    }
+
+    pub(crate) fn lock_version(&self, version: u8) {
+        let _ = self.0.version.compare_exchange(0, version, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Replaces the auth state (the socket's own task, after verifying a token).
+    pub(crate) fn set_verified(&self, token: Option<AuthToken>) {
+        *self.auth() = token;
+    }
+
+    /// Drops an expired token; returns its `exp` if it had expired.
+    pub(crate) fn expire_token(&self) -> Option<Option<u64>> {
+        let mut auth = self.auth();
+        if auth.as_ref().is_some_and(AuthToken::is_expired) {
+            return auth.take().map(|t| t.exp);
+        }
+        None
+    }
+
+    /// Completes a server-to-client invoke with the client's answer.
+    pub(crate) fn answer(&self, cid: u64, answer: Result<Value, ErrorObject>) {
+        if let Some(tx) = self.pending().waiting.remove(&cid) {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// Fails every waiting server-to-client invoke (the socket closed).
+    pub(crate) fn fail_pending(&self) {
+        self.pending().waiting.clear();
+    }
+
+    pub(crate) fn push_frame(&self, frame: String) {
+        self.0.outbox.push(Utf8Bytes::from(frame));
+    }
+
+    fn auth(&self) -> MutexGuard<'_, Option<AuthToken>> {
+        self.0.auth.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.0.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
