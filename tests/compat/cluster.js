@@ -1,5 +1,7 @@
 // Starts the real sc-master (supervise mode) for a test and stops it afterwards.
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -36,6 +38,39 @@ export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
     child.kill('SIGTERM');
   });
   return ready.then((info) => ({ ...info, child, stop }), async (err) => { await stop(); throw err; });
+}
+
+// The chat example app (examples/chat) as the worker command.
+export const chatWorker = path.join(binDir, 'sc-chat-worker');
+
+// The sc-* daemons started by the master `pid`: [{pid, program, id}].
+export function daemonsOf(pid) {
+  const found = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (Number(fields[1]) !== pid || fields[0] === 'Z') continue;
+      const args = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      const program = path.basename(args[0]);
+      const i = args.indexOf('--id');
+      found.push({ pid: Number(entry), program, id: i >= 0 ? args[i + 1] : '' });
+    } catch { /* the process ended meanwhile */ }
+  }
+  return found;
+}
+
+// The worker id the balancer sends `localAddress` to (from the x-sc-worker header).
+export function workerFor(cluster, localAddress) {
+  return new Promise((resolve, reject) => {
+    const req = http.get({ host: cluster.hostname, port: cluster.port, path: '/healthz', localAddress }, (res) => {
+      res.resume();
+      resolve(res.headers['x-sc-worker']);
+    });
+    req.on('error', reject);
+    req.setTimeout(5000, () => req.destroy(new Error('timeout')));
+  });
 }
 
 // Resolves with the first value `fn` returns that is not undefined, polling until `ms`.

@@ -1,0 +1,117 @@
+//! An example app: a chat worker built on the sc-worker library.
+//!
+//! - `login` {username}: signs an auth token for the user (sent to the client as
+//!   `#setAuthToken`) and answers `{"username": …}`;
+//! - channels named `private` or `private/…` need an authenticated socket to subscribe;
+//! - messages published to `chat/…` are stamped with the sender's username (publish-in rewrite);
+//! - `echo`: answers its data; `whoami`: the token payload;
+//! - `ask` {event, data}: invokes `event` on the calling client and answers with its reply (a
+//!   server-to-client invoke round trip); `tell` {event, data}: transmits to the client;
+//! - `kick` {channel, message}, `logout`, `bye` {code, reason}: kick out, deauthenticate and
+//!   disconnect the calling socket; `announce` {channel, data}: publishes from server code;
+//! - a transmitted `ping-me` is answered by a transmitted `pong` with the same data;
+//! - the page in `public/` (served at `/`) is a small chat client.
+//!
+//! The master runs this binary instead of the stock worker when `[worker] command` names it; see
+//! examples/chat/README.md.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sc_common::Role;
+use sc_worker::app::{PublishIn, Socket};
+use sc_worker::{ErrorObject, Handler};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+/// The chat app's hooks.
+struct Chat;
+
+fn parse(data: Option<&RawValue>) -> Value {
+    data.and_then(|d| serde_json::from_str(d.get()).ok()).unwrap_or(Value::Null)
+}
+
+fn field<'a>(data: &'a Value, key: &str) -> Result<&'a str, ErrorObject> {
+    data.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ErrorObject::new("InvalidArgumentsError", format!("{key} must be a string")))
+}
+
+#[async_trait::async_trait]
+impl Handler for Chat {
+    async fn subscribe(&self, socket: &Socket, channel: &str, _data: Option<&RawValue>) -> Result<(), ErrorObject> {
+        let private = channel == "private" || channel.starts_with("private/");
+        if private && !socket.is_authenticated() {
+            return Err(ErrorObject::new("SubscribeBlocked", format!("log in to subscribe to {channel}")));
+        }
+        Ok(())
+    }
+
+    async fn publish_in(&self, socket: &Socket, channel: &str, data: &RawValue) -> Result<PublishIn, ErrorObject> {
+        if !channel.starts_with("chat/") {
+            return Ok(PublishIn::Allow);
+        }
+        let from = socket.auth_token().and_then(|t| t.get("username").cloned()).unwrap_or(json!("anonymous"));
+        let text: Value = serde_json::from_str(data.get()).unwrap_or(Value::Null);
+        Ok(PublishIn::Rewrite(json!({ "from": from, "text": text })))
+    }
+
+    async fn invoke(&self, socket: &Socket, procedure: &str, data: Option<&RawValue>) -> Result<Value, ErrorObject> {
+        let data = parse(data);
+        match procedure {
+            "login" => {
+                let username = field(&data, "username")?;
+                if username.is_empty() {
+                    return Err(ErrorObject::new("LoginError", "username must not be empty"));
+                }
+                socket.set_auth_token(json!({ "username": username }))?;
+                Ok(json!({ "username": username }))
+            }
+            "logout" => {
+                socket.deauthenticate();
+                Ok(Value::Null)
+            }
+            "echo" => Ok(data),
+            "whoami" => Ok(socket.auth_token().unwrap_or(Value::Null)),
+            "ask" => socket.invoke(field(&data, "event")?, &data["data"]).await,
+            "tell" => {
+                socket.transmit(field(&data, "event")?, &data["data"]);
+                Ok(Value::Null)
+            }
+            "kick" => {
+                socket.kick_out(field(&data, "channel")?, &data["message"]);
+                Ok(Value::Null)
+            }
+            "bye" => {
+                let code = data["code"].as_u64().and_then(|c| u16::try_from(c).ok()).unwrap_or(4567);
+                socket.disconnect(code, data["reason"].as_str().unwrap_or("custom reason"));
+                Ok(Value::Null)
+            }
+            "announce" => {
+                let channel = field(&data, "channel")?;
+                socket
+                    .exchange()
+                    .publish(channel, &data["data"])
+                    .await
+                    .map_err(|e| ErrorObject::new("BrokerError", e.to_string()))?;
+                Ok(Value::Null)
+            }
+            other => Err(ErrorObject::new("UnknownProcedureError", format!("no procedure {other:?}"))),
+        }
+    }
+
+    async fn transmit(&self, socket: &Socket, event: &str, data: Option<&RawValue>) {
+        if event == "ping-me" {
+            socket.transmit("pong", &parse(data));
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    sc_common::daemon::member_main(Role::Worker, |mut config, events, shutdown| async move {
+        if config.worker.static_dir.is_none() {
+            config.worker.static_dir = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/public")));
+        }
+        sc_worker::Worker::bind_with(config, Arc::new(Chat)).await?.serve(events, shutdown).await
+    })
+}
