@@ -67,6 +67,9 @@ pub(crate) struct State {
     /// Invokes waiting for their reply, by cid.
     pub(crate) pending: HashMap<u64, oneshot::Sender<Reply>>,
     pub(crate) auth_token: Option<String>,
+    /// The close frame we sent, if we started the close: reported when the server then drops
+    /// the connection without answering it.
+    pub(crate) closing: Option<CloseInfo>,
     /// Set (under this lock, together with draining `pending`) when the connection ended, so
     /// that no invoke can register after the drain and wait for nothing.
     pub(crate) close: Option<CloseInfo>,
@@ -386,7 +389,7 @@ pub(crate) async fn run(
         }
         tokio::select! {
             end = reader.read(&mut stream) => end,
-            end = write(&mut sink, &mut outbound, config.close_timeout) => end,
+            end = write(&mut sink, &mut outbound, &shared, config.close_timeout) => end,
         }
     }
     .await;
@@ -415,7 +418,11 @@ pub(crate) async fn run(
                 reason,
             }
         }
-        End::Broken(reason) => CloseInfo { code: None, reason },
+        End::Broken(reason) => shared
+            .lock()
+            .closing
+            .clone()
+            .unwrap_or(CloseInfo { code: None, reason }),
     };
     drop((sink, stream));
     debug!(id = %shared.handshake.id, close = %info, "closed");
@@ -438,6 +445,7 @@ pub(crate) async fn run(
 async fn write(
     sink: &mut SplitSink<Ws, Message>,
     outbound: &mut mpsc::Receiver<Outbound>,
+    shared: &Shared,
     close_timeout: Duration,
 ) -> End {
     // Reused for every batch: no allocation per frame on this path.
@@ -460,6 +468,10 @@ async fn write(
                     }
                 }
                 Outbound::Close { code, reason } => {
+                    shared.lock().closing = Some(CloseInfo {
+                        code: Some(code),
+                        reason: reason.clone(),
+                    });
                     if let Err(e) = sink
                         .send(Message::Close(Some(close_frame(code, &reason))))
                         .await
