@@ -1,0 +1,87 @@
+//! The crate's one error type.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::CloseInfo;
+
+/// Everything that can go wrong when connecting or calling.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URL does not parse, or names no host.
+    #[error("invalid url {url}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// A scheme this build cannot speak (`wss://` until TLS is added).
+    #[error("unsupported url scheme {0}")]
+    UnsupportedScheme(String),
+    /// DNS, bind or TCP connect failed.
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    /// The WebSocket upgrade or the socket itself failed.
+    #[error("websocket: {0}")]
+    WebSocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+    /// TCP connect plus WebSocket upgrade took longer than `connect_timeout`.
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The server answered `#handshake` with an error and closed with `code`.
+    #[error("handshake rejected with {code}: {name}: {message}")]
+    HandshakeRejected {
+        code: u16,
+        name: String,
+        message: String,
+        /// The error object as sent.
+        raw: Value,
+    },
+    /// The server's answer to an invoke was an error object.
+    #[error("remote error {name}: {message}")]
+    Remote {
+        name: String,
+        message: String,
+        /// The error object as sent (a string stays a string).
+        raw: Value,
+    },
+    /// No answer within the ack timeout; the stock servers never answer unknown procedures.
+    #[error("no response to {event} within {after:?}")]
+    Timeout { event: String, after: Duration },
+    /// The connection is closed, or closed while the call was pending.
+    #[error("connection closed ({})", .0)]
+    Closed(CloseInfo),
+    /// The server broke the protocol (for example, a handshake reply without an id).
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Outbound data failed to serialise, or inbound reply data is not valid JSON.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<tokio_tungstenite::tungstenite::Error> for Error {
+    fn from(error: tokio_tungstenite::tungstenite::Error) -> Self {
+        Self::WebSocket(Box::new(error))
+    }
+}
+
+impl Error {
+    /// Builds [`Error::Remote`] from a wire error: `{name, message, …}` or a bare string.
+    pub(crate) fn remote(raw: Value) -> Self {
+        let field = |key: &str| {
+            raw.get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (name, message) = match &raw {
+            Value::String(s) => (String::new(), s.clone()),
+            _ => (field("name"), field("message")),
+        };
+        Self::Remote { name, message, raw }
+    }
+
+    /// The remote error's name (`"BrokerError"`, ...), if this is one.
+    pub fn remote_name(&self) -> Option<&str> {
+        match self {
+            Self::Remote { name, .. } | Self::HandshakeRejected { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
