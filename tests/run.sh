@@ -20,6 +20,21 @@ cargo build --workspace --all-targets --locked
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "stock Node servers (reference peers for the sc-client tests)"
+# The stock socketcluster 20 and 14 servers from shared/peers (beside the repository), installed
+# into target/; without them those tests print "skipping" and pass.
+peers_src="$(pwd)/../shared/peers"
+if [ -z "${SC_PEERS_DIR:-}" ] && [ -d "$peers_src" ] && command -v npm >/dev/null; then
+  export SC_PEERS_DIR="$(pwd)/target/peers"
+  if [ ! -d "$SC_PEERS_DIR/node_modules" ]; then
+    rm -rf "$SC_PEERS_DIR"
+    cp -r "$peers_src" "$SC_PEERS_DIR"
+    chmod -R u+w "$SC_PEERS_DIR"
+    (cd "$SC_PEERS_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+fi
+echo "SC_PEERS_DIR=${SC_PEERS_DIR:-unset}"
+
 step "rust tests"
 cargo test --workspace --locked
 

@@ -92,10 +92,7 @@ pub async fn connect(config: ClientConfig) -> Result<(Client, Events), Error> {
         protocol: config.protocol,
         ack_timeout: config.ack_timeout,
         next_cid: AtomicU64::new(HANDSHAKE_CID + 1),
-        state: std::sync::Mutex::new(State {
-            auth_token: config.auth_token.clone(),
-            ..State::default()
-        }),
+        state: std::sync::Mutex::new(State { auth_token: config.auth_token.clone(), ..State::default() }),
         closed: watch::Sender::new(None),
         handshake,
     });
@@ -154,18 +151,12 @@ impl Client {
         let mut guard = self.register(cid, reply_tx)?;
         // Like the stock clients, the ack timer includes the time spent in the queue.
         let outcome = tokio::time::timeout(self.shared.ack_timeout, async {
-            self.outbound
-                .send(Outbound::Frame(frame.into()))
-                .await
-                .ok()?;
+            self.outbound.send(Outbound::Frame(frame.into())).await.ok()?;
             reply_rx.await.ok()
         })
         .await;
         match outcome {
-            Err(_) => Err(Error::Timeout {
-                event: event.to_owned(),
-                after: self.shared.ack_timeout,
-            }),
+            Err(_) => Err(Error::Timeout { event: event.to_owned(), after: self.shared.ack_timeout }),
             Ok(None) => Err(self.shared.closed_error()),
             Ok(Some(reply)) => {
                 // The reader removed the entry when it took the sender.
@@ -199,11 +190,7 @@ impl Client {
         wait_for_auth: bool,
         data: Option<Value>,
     ) -> Result<(), Error> {
-        let request = SubscribeData {
-            channel,
-            wait_for_auth,
-            data: data.as_ref(),
-        };
+        let request = SubscribeData { channel, wait_for_auth, data: data.as_ref() };
         self.invoke_raw("#subscribe", &request).await.map(drop)
     }
 
@@ -215,15 +202,12 @@ impl Client {
     /// Publishes and waits for the server's ack (`invokePublish`). Subscribers, including
     /// this client, get the message before the ack.
     pub async fn publish(&self, channel: &str, data: impl Serialize) -> Result<(), Error> {
-        self.invoke_raw("#publish", PublishData { channel, data })
-            .await
-            .map(drop)
+        self.invoke_raw("#publish", PublishData { channel, data }).await.map(drop)
     }
 
     /// Publishes without a cid (`transmitPublish`): no ack, no error report.
     pub async fn transmit_publish(&self, channel: &str, data: impl Serialize) -> Result<(), Error> {
-        self.transmit("#publish", PublishData { channel, data })
-            .await
+        self.transmit("#publish", PublishData { channel, data }).await
     }
 
     /// Sends `#authenticate`. On success the token becomes [`Client::auth_token`]; on an error
@@ -232,10 +216,7 @@ impl Client {
         match self.invoke("#authenticate", token).await {
             Ok(data) => {
                 let status = AuthStatus {
-                    is_authenticated: data
-                        .get("isAuthenticated")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false),
+                    is_authenticated: data.get("isAuthenticated").and_then(Value::as_bool).unwrap_or(false),
                     auth_error: data.get("authError").filter(|e| !e.is_null()).cloned(),
                 };
                 if status.is_authenticated {
@@ -273,18 +254,12 @@ impl Client {
     /// first sends `#disconnect {code, data}`, like the v14 client.
     pub async fn disconnect(&self, code: u16, reason: &str) -> CloseInfo {
         if self.shared.protocol == ProtocolVersion::V1
-            && let Ok(frame) = codec::encode_emit(
-                "#disconnect",
-                Some(&DisconnectData { code, data: reason }),
-                None,
-            )
+            && let Ok(frame) =
+                codec::encode_emit("#disconnect", Some(&DisconnectData { code, data: reason }), None)
         {
             let _ = self.send(frame).await;
         }
-        let close = Outbound::Close {
-            code,
-            reason: reason.to_owned(),
-        };
+        let close = Outbound::Close { code, reason: reason.to_owned() };
         let _ = self.outbound.send(close).await;
         self.closed().await
     }
@@ -297,10 +272,7 @@ impl Client {
             // Unreachable: the sender lives in `shared`, which this handle holds.
             Err(_) => None,
         };
-        info.unwrap_or_else(|| CloseInfo {
-            code: None,
-            reason: "connection task ended".into(),
-        })
+        info.unwrap_or_else(|| CloseInfo { code: None, reason: "connection task ended".into() })
     }
 
     /// How the connection ended, if it has.
@@ -309,10 +281,7 @@ impl Client {
     }
 
     async fn send(&self, frame: String) -> Result<(), Error> {
-        self.outbound
-            .send(Outbound::Frame(frame.into()))
-            .await
-            .map_err(|_| self.shared.closed_error())
+        self.outbound.send(Outbound::Frame(frame.into())).await.map_err(|_| self.shared.closed_error())
     }
 
     fn register(&self, cid: u64, reply: oneshot::Sender<Reply>) -> Result<PendingGuard<'_>, Error> {
@@ -321,25 +290,13 @@ impl Client {
             return Err(Error::Closed(info.clone()));
         }
         state.pending.insert(cid, reply);
-        Ok(PendingGuard {
-            shared: &self.shared,
-            cid,
-            armed: true,
-        })
+        Ok(PendingGuard { shared: &self.shared, cid, armed: true })
     }
 }
 
 impl Responder {
-    pub(crate) fn new(
-        rid: Box<RawValue>,
-        outbound: mpsc::WeakSender<Outbound>,
-        shared: Arc<Shared>,
-    ) -> Self {
-        Self {
-            rid,
-            outbound,
-            shared,
-        }
+    pub(crate) fn new(rid: Box<RawValue>, outbound: mpsc::WeakSender<Outbound>, shared: Arc<Shared>) -> Self {
+        Self { rid, outbound, shared }
     }
 
     /// The server's cid, as JSON text.
@@ -361,8 +318,7 @@ impl Responder {
 
     /// Answers with an error object `{name, message}`.
     pub async fn error(self, name: &str, message: &str) -> Result<(), Error> {
-        self.error_value(serde_json::json!({ "name": name, "message": message }))
-            .await
+        self.error_value(serde_json::json!({ "name": name, "message": message })).await
     }
 
     /// Answers with any error value (the stock servers pass a string through unchanged).
@@ -372,14 +328,8 @@ impl Responder {
     }
 
     async fn send(&self, frame: String) -> Result<(), Error> {
-        let outbound = self
-            .outbound
-            .upgrade()
-            .ok_or_else(|| self.shared.closed_error())?;
-        outbound
-            .send(Outbound::Frame(frame.into()))
-            .await
-            .map_err(|_| self.shared.closed_error())
+        let outbound = self.outbound.upgrade().ok_or_else(|| self.shared.closed_error())?;
+        outbound.send(Outbound::Frame(frame.into())).await.map_err(|_| self.shared.closed_error())
     }
 }
 

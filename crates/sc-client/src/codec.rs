@@ -47,44 +47,21 @@ pub(crate) struct Packet<'a> {
 #[derive(Debug)]
 pub(crate) enum Frame<'a> {
     /// The answer to one of our invokes. `data` and `error` are `None` when absent or null.
-    Response {
-        rid: u64,
-        data: Option<&'a RawValue>,
-        error: Option<&'a RawValue>,
-    },
+    Response { rid: u64, data: Option<&'a RawValue>, error: Option<&'a RawValue> },
     /// A message on a subscribed channel.
-    Publish {
-        channel: Cow<'a, str>,
-        data: Option<&'a RawValue>,
-    },
+    Publish { channel: Cow<'a, str>, data: Option<&'a RawValue> },
     /// The server unsubscribed us from a channel.
-    KickOut {
-        channel: Cow<'a, str>,
-        message: Option<&'a RawValue>,
-    },
+    KickOut { channel: Cow<'a, str>, message: Option<&'a RawValue> },
     /// The server issued a token; `cid` is set when it wants an ack.
-    SetAuthToken {
-        token: Cow<'a, str>,
-        cid: Option<&'a RawValue>,
-    },
+    SetAuthToken { token: Cow<'a, str>, cid: Option<&'a RawValue> },
     /// The server removed our token; `cid` is set when it wants an ack.
     RemoveAuthToken { cid: Option<&'a RawValue> },
     /// v1 only: the server is about to close with this code.
-    Disconnect {
-        code: Option<u16>,
-        reason: Option<&'a RawValue>,
-    },
+    Disconnect { code: Option<u16>, reason: Option<&'a RawValue> },
     /// A server-to-client invoke: answer with `{"rid":<cid>,...}`, echoing the cid verbatim.
-    Invoke {
-        event: Cow<'a, str>,
-        data: Option<&'a RawValue>,
-        cid: &'a RawValue,
-    },
+    Invoke { event: Cow<'a, str>, data: Option<&'a RawValue>, cid: &'a RawValue },
     /// A server-to-client event without a reply.
-    Transmit {
-        event: Cow<'a, str>,
-        data: Option<&'a RawValue>,
-    },
+    Transmit { event: Cow<'a, str>, data: Option<&'a RawValue> },
     /// Not a packet the client understands: surfaced as raw.
     Raw,
 }
@@ -172,11 +149,7 @@ pub(crate) fn decode(text: &str, protocol: ProtocolVersion) -> Decoded<'_> {
 
 /// Decodes one element of a batch; elements that are not objects are raw.
 pub(crate) fn decode_element(item: &RawValue) -> Option<Packet<'_>> {
-    if item.get().starts_with('{') {
-        serde_json::from_str(item.get()).ok()
-    } else {
-        None
-    }
+    if item.get().starts_with('{') { serde_json::from_str(item.get()).ok() } else { None }
 }
 
 /// Classifies a packet the way the stock client of `protocol` does.
@@ -187,53 +160,30 @@ pub(crate) fn classify(packet: Packet<'_>, protocol: ProtocolVersion) -> Frame<'
         let cid = packet.cid.filter(|cid| is_call_id(cid));
         return match event.as_ref() {
             "#publish" => match parse::<ChannelData<'_>>(packet.data) {
-                Some(d) => Frame::Publish {
-                    channel: d.channel,
-                    data: d.data,
-                },
+                Some(d) => Frame::Publish { channel: d.channel, data: d.data },
                 None => Frame::Raw,
             },
             "#kickOut" => match parse::<ChannelData<'_>>(packet.data) {
-                Some(d) => Frame::KickOut {
-                    channel: d.channel,
-                    message: d.message,
-                },
+                Some(d) => Frame::KickOut { channel: d.channel, message: d.message },
                 None => Frame::Raw,
             },
             "#setAuthToken" => match parse::<TokenData<'_>>(packet.data) {
-                Some(d) => Frame::SetAuthToken {
-                    token: d.token,
-                    cid,
-                },
+                Some(d) => Frame::SetAuthToken { token: d.token, cid },
                 None => Frame::Raw,
             },
             "#removeAuthToken" => Frame::RemoveAuthToken { cid },
             "#disconnect" if protocol == ProtocolVersion::V1 => {
                 let d = parse::<DisconnectData<'_>>(packet.data);
-                Frame::Disconnect {
-                    code: d.as_ref().and_then(|d| d.code),
-                    reason: d.and_then(|d| d.data),
-                }
+                Frame::Disconnect { code: d.as_ref().and_then(|d| d.code), reason: d.and_then(|d| d.data) }
             }
             _ => match cid {
-                Some(cid) => Frame::Invoke {
-                    event,
-                    data: packet.data,
-                    cid,
-                },
-                None => Frame::Transmit {
-                    event,
-                    data: packet.data,
-                },
+                Some(cid) => Frame::Invoke { event, data: packet.data, cid },
+                None => Frame::Transmit { event, data: packet.data },
             },
         };
     }
     if let Some(rid) = packet.rid.filter(|rid| is_call_id(rid)).and_then(parse_rid) {
-        return Frame::Response {
-            rid,
-            data: packet.data,
-            error: packet.error,
-        };
+        return Frame::Response { rid, data: packet.data, error: packet.error };
     }
     Frame::Raw
 }
@@ -252,23 +202,12 @@ pub(crate) fn encode_response<T: Serialize + ?Sized>(
     rid: &RawValue,
     data: Option<&T>,
 ) -> serde_json::Result<String> {
-    serde_json::to_string(&Response {
-        rid,
-        data,
-        error: None,
-    })
+    serde_json::to_string(&Response { rid, data, error: None })
 }
 
 /// `{"rid":<cid as received>,"error":…}`
-pub(crate) fn encode_error(
-    rid: &RawValue,
-    error: &serde_json::Value,
-) -> serde_json::Result<String> {
-    serde_json::to_string(&Response::<()> {
-        rid,
-        data: None,
-        error: Some(error),
-    })
+pub(crate) fn encode_error(rid: &RawValue, error: &serde_json::Value) -> serde_json::Result<String> {
+    serde_json::to_string(&Response::<()> { rid, data: None, error: Some(error) })
 }
 
 fn parse<'a, T: Deserialize<'a>>(data: Option<&'a RawValue>) -> Option<T> {
@@ -312,77 +251,54 @@ mod tests {
         for text in ["hello", "{not json", "[1,", "  x", "42", "\"s\"", "#2"] {
             assert!(matches!(decode(text, V2), Decoded::Raw), "{text}");
         }
-        assert!(matches!(
-            decode(" \n{\"event\":\"e\"}", V2),
-            Decoded::Packet(_)
-        ));
+        assert!(matches!(decode(" \n{\"event\":\"e\"}", V2), Decoded::Packet(_)));
         // An object with neither event nor rid is raw.
         assert!(matches!(frame(r#"{"x":1}"#, V2), Frame::Raw));
     }
 
     #[test]
     fn responses() {
-        let Frame::Response { rid, data, error } = frame(r#"{"rid":3,"data":{"a":1}}"#, V2) else {
-            panic!()
-        };
+        let Frame::Response { rid, data, error } = frame(r#"{"rid":3,"data":{"a":1}}"#, V2) else { panic!() };
         assert_eq!(rid, 3);
         assert_eq!(data.map(RawValue::get), Some(r#"{"a":1}"#));
         assert!(error.is_none());
-        let Frame::Response { error, data, .. } = frame(
-            r#"{"rid":4,"error":{"name":"E","message":"m"},"data":{"code":4008}}"#,
-            V1,
-        ) else {
+        let Frame::Response { error, data, .. } =
+            frame(r#"{"rid":4,"error":{"name":"E","message":"m"},"data":{"code":4008}}"#, V1)
+        else {
             panic!()
         };
         assert!(error.is_some() && data.is_some(), "v14 sends both");
-        let Frame::Response { data, error, .. } =
-            frame(r#"{"rid":5,"data":null,"error":null}"#, V2)
-        else {
+        let Frame::Response { data, error, .. } = frame(r#"{"rid":5,"data":null,"error":null}"#, V2) else {
             panic!()
         };
         assert!(data.is_none() && error.is_none());
         // v2 clients need a numeric rid; v1 clients take a string one.
         assert!(matches!(frame(r#"{"rid":"6"}"#, V2), Frame::Raw));
-        assert!(matches!(
-            frame(r#"{"rid":"6"}"#, V1),
-            Frame::Response { rid: 6, .. }
-        ));
+        assert!(matches!(frame(r#"{"rid":"6"}"#, V1), Frame::Response { rid: 6, .. }));
     }
 
     #[test]
     fn reserved_events() {
-        let Frame::Publish { channel, data } = frame(
-            r##"{"event":"#publish","data":{"channel":"n\"s","data":[1, 2]}}"##,
-            V2,
-        ) else {
+        let Frame::Publish { channel, data } =
+            frame(r##"{"event":"#publish","data":{"channel":"n\"s","data":[1, 2]}}"##, V2)
+        else {
             panic!()
         };
         assert_eq!(channel, "n\"s");
         assert_eq!(data.map(RawValue::get), Some("[1, 2]"));
-        assert!(matches!(
-            frame(r##"{"event":"#publish","data":{"channel":5}}"##, V2),
-            Frame::Raw
-        ));
-        let Frame::KickOut { channel, message } = frame(
-            r##"{"event":"#kickOut","data":{"channel":"a","message":"bye"}}"##,
-            V2,
-        ) else {
+        assert!(matches!(frame(r##"{"event":"#publish","data":{"channel":5}}"##, V2), Frame::Raw));
+        let Frame::KickOut { channel, message } =
+            frame(r##"{"event":"#kickOut","data":{"channel":"a","message":"bye"}}"##, V2)
+        else {
             panic!()
         };
-        assert_eq!(
-            (channel.as_ref(), message.map(RawValue::get)),
-            ("a", Some("\"bye\""))
-        );
-        let Frame::SetAuthToken { token, cid } = frame(
-            r##"{"event":"#setAuthToken","data":{"token":"a.b.c"},"cid":2}"##,
-            V2,
-        ) else {
+        assert_eq!((channel.as_ref(), message.map(RawValue::get)), ("a", Some("\"bye\"")));
+        let Frame::SetAuthToken { token, cid } =
+            frame(r##"{"event":"#setAuthToken","data":{"token":"a.b.c"},"cid":2}"##, V2)
+        else {
             panic!()
         };
-        assert_eq!(
-            (token.as_ref(), cid.map(RawValue::get)),
-            ("a.b.c", Some("2"))
-        );
+        assert_eq!((token.as_ref(), cid.map(RawValue::get)), ("a.b.c", Some("2")));
         assert!(matches!(
             frame(r##"{"event":"#removeAuthToken"}"##, V2),
             Frame::RemoveAuthToken { cid: None }
@@ -396,42 +312,28 @@ mod tests {
     #[test]
     fn disconnect_is_v1_only() {
         let text = r##"{"event":"#disconnect","data":{"code":4567,"data":"custom"}}"##;
-        let Frame::Disconnect { code, reason } = frame(text, V1) else {
-            panic!()
-        };
-        assert_eq!(
-            (code, reason.map(RawValue::get)),
-            (Some(4567), Some("\"custom\""))
-        );
+        let Frame::Disconnect { code, reason } = frame(text, V1) else { panic!() };
+        assert_eq!((code, reason.map(RawValue::get)), (Some(4567), Some("\"custom\"")));
         assert!(matches!(frame(text, V2), Frame::Transmit { .. }));
     }
 
     #[test]
     fn invokes_and_transmits() {
-        let Frame::Invoke { event, data, cid } =
-            frame(r#"{"event":"ask","cid":1,"data":{"q":1}}"#, V2)
+        let Frame::Invoke { event, data, cid } = frame(r#"{"event":"ask","cid":1,"data":{"q":1}}"#, V2)
         else {
             panic!()
         };
-        assert_eq!(
-            (event.as_ref(), data.map(RawValue::get), cid.get()),
-            ("ask", Some(r#"{"q":1}"#), "1")
-        );
+        assert_eq!((event.as_ref(), data.map(RawValue::get), cid.get()), ("ask", Some(r#"{"q":1}"#), "1"));
         // A string cid is an invoke for v1 (echoed verbatim) and a transmit for v2.
         let text = r#"{"event":"ask","cid":"x"}"#;
         assert!(matches!(frame(text, V1), Frame::Invoke { cid, .. } if cid.get() == "\"x\""));
         assert!(matches!(frame(text, V2), Frame::Transmit { .. }));
-        assert!(matches!(
-            frame(r#"{"event":"push"}"#, V2),
-            Frame::Transmit { data: None, .. }
-        ));
+        assert!(matches!(frame(r#"{"event":"push"}"#, V2), Frame::Transmit { data: None, .. }));
     }
 
     #[test]
     fn batches() {
-        let Decoded::Batch(items) = decode(r#"[{"rid":1},5,{"event":"e"}]"#, V2) else {
-            panic!()
-        };
+        let Decoded::Batch(items) = decode(r#"[{"rid":1},5,{"event":"e"}]"#, V2) else { panic!() };
         let kinds: Vec<_> = items
             .iter()
             .map(|i| decode_element(i).map(|p| classify(p, V2)))
@@ -448,12 +350,7 @@ mod tests {
     #[test]
     fn encoded_frames() {
         assert_eq!(
-            encode_emit(
-                "#handshake",
-                Some(&serde_json::json!({"authToken": null})),
-                Some(1)
-            )
-            .unwrap(),
+            encode_emit("#handshake", Some(&serde_json::json!({"authToken": null})), Some(1)).unwrap(),
             r##"{"event":"#handshake","data":{"authToken":null},"cid":1}"##
         );
         assert_eq!(
@@ -465,10 +362,7 @@ mod tests {
             r##"{"event":"#unsubscribe","data":"a\"b"}"##
         );
         let rid = RawValue::from_string("\"7\"".into()).unwrap();
-        assert_eq!(
-            encode_response(&rid, Some(&2)).unwrap(),
-            r#"{"rid":"7","data":2}"#
-        );
+        assert_eq!(encode_response(&rid, Some(&2)).unwrap(), r#"{"rid":"7","data":2}"#);
         assert_eq!(encode_response::<()>(&rid, None).unwrap(), r#"{"rid":"7"}"#);
         assert_eq!(
             encode_error(&rid, &serde_json::json!({"name":"E","message":"m"})).unwrap(),

@@ -108,11 +108,7 @@ enum End {
     /// The server's close frame arrived.
     Remote(CloseInfo),
     /// We close with `code`; `sent` when the close frame is already out.
-    Local {
-        code: u16,
-        reason: String,
-        sent: bool,
-    },
+    Local { code: u16, reason: String, sent: bool },
     /// The connection broke without a close handshake.
     Broken(String),
 }
@@ -141,25 +137,20 @@ impl Shared {
 
     /// The error for a call on a closed connection.
     pub(crate) fn closed_error(&self) -> Error {
-        Error::Closed(self.lock().close.clone().unwrap_or_else(|| CloseInfo {
-            code: None,
-            reason: "connection task ended".into(),
-        }))
+        Error::Closed(
+            self.lock()
+                .close
+                .clone()
+                .unwrap_or_else(|| CloseInfo { code: None, reason: "connection task ended".into() }),
+        )
     }
 }
 
 /// TCP (from `local_addr`), WebSocket upgrade and `#handshake`. Returns the socket, any frames
 /// that arrived before the handshake reply (to be handled first), and the reply.
 pub(crate) async fn open(config: &ClientConfig) -> Result<(Ws, Vec<String>, Handshake), Error> {
-    let invalid = |reason: &str| Error::InvalidUrl {
-        url: config.url.clone(),
-        reason: reason.to_owned(),
-    };
-    let request = config
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| invalid(&e.to_string()))?;
+    let invalid = |reason: &str| Error::InvalidUrl { url: config.url.clone(), reason: reason.to_owned() };
+    let request = config.url.as_str().into_client_request().map_err(|e| invalid(&e.to_string()))?;
     let uri = request.uri();
     match uri.scheme_str() {
         Some("ws") => {}
@@ -177,8 +168,7 @@ pub(crate) async fn open(config: &ClientConfig) -> Result<(Ws, Vec<String>, Hand
     let ws = timeout(config.connect_timeout, async {
         let tcp = tcp_connect(&host, port, config.local_addr).await?;
         let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(tcp), None)
-                .await?;
+            tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(tcp), None).await?;
         Ok::<_, Error>(ws)
     })
     .await
@@ -193,11 +183,7 @@ async fn tcp_connect(host: &str, port: u16, local: Option<IpAddr>) -> Result<Tcp
         if local.is_some_and(|l| l.is_ipv4() != addr.is_ipv4()) {
             continue;
         }
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if let Some(local) = local {
             socket.bind(SocketAddr::new(local, 0))?;
         }
@@ -222,16 +208,11 @@ async fn tcp_connect(host: &str, port: u16, local: Option<IpAddr>) -> Result<Tcp
 }
 
 /// Sends `#handshake` and waits for its reply within the ack timeout, answering pings.
-async fn handshake(
-    mut ws: Ws,
-    config: &ClientConfig,
-) -> Result<(Ws, Vec<String>, Handshake), Error> {
+async fn handshake(mut ws: Ws, config: &ClientConfig) -> Result<(Ws, Vec<String>, Handshake), Error> {
     let protocol = config.protocol;
     let frame = codec::encode_emit(
         "#handshake",
-        Some(&HandshakeData {
-            auth_token: config.auth_token.as_deref(),
-        }),
+        Some(&HandshakeData { auth_token: config.auth_token.as_deref() }),
         Some(HANDSHAKE_CID),
     )?;
     ws.send(Message::text(frame)).await?;
@@ -262,8 +243,7 @@ async fn handshake(
                     // elements are handled after it, one by one.
                     let mut reply = None;
                     for item in items {
-                        let frame =
-                            codec::decode_element(item).map(|p| codec::classify(p, protocol));
+                        let frame = codec::decode_element(item).map(|p| codec::classify(p, protocol));
                         match frame.and_then(handshake_reply) {
                             Some(r) if reply.is_none() => reply = Some(r),
                             _ => early.push(item.get().to_owned()),
@@ -285,33 +265,22 @@ async fn handshake(
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             close_quietly(&mut ws, 4003, "Failed to complete handshake", config).await;
-            return Err(Error::Timeout {
-                event: "#handshake".into(),
-                after: config.ack_timeout,
-            });
+            return Err(Error::Timeout { event: "#handshake".into(), after: config.ack_timeout });
         }
     };
     if let Some(error) = error {
         // v2 servers put the close code in error.statusCode, v1 servers in data.code; the
         // stock clients fall back to 4003.
-        let code = [
-            error.get("statusCode"),
-            data.as_ref().and_then(|d| d.get("code")),
-        ]
-        .into_iter()
-        .flatten()
-        .find_map(|c| c.as_u64().and_then(|c| u16::try_from(c).ok()))
-        .unwrap_or(4003);
+        let code = [error.get("statusCode"), data.as_ref().and_then(|d| d.get("code"))]
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.as_u64().and_then(|c| u16::try_from(c).ok()))
+            .unwrap_or(4003);
         close_quietly(&mut ws, code, "", config).await;
         let Error::Remote { name, message, raw } = Error::remote(error) else {
             return Err(Error::Protocol("handshake error".into()));
         };
-        return Err(Error::HandshakeRejected {
-            code,
-            name,
-            message,
-            raw,
-        });
+        return Err(Error::HandshakeRejected { code, name, message, raw });
     }
     let data = data.unwrap_or(Value::Null);
     let id = data
@@ -322,14 +291,9 @@ async fn handshake(
     let handshake = Handshake {
         id,
         ping_timeout: Duration::from_millis(
-            data.get("pingTimeout")
-                .and_then(Value::as_u64)
-                .unwrap_or(20_000),
+            data.get("pingTimeout").and_then(Value::as_u64).unwrap_or(20_000),
         ),
-        is_authenticated: data
-            .get("isAuthenticated")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        is_authenticated: data.get("isAuthenticated").and_then(Value::as_bool).unwrap_or(false),
         auth_error: data.get("authError").filter(|e| !e.is_null()).cloned(),
     };
     debug!(id = %handshake.id, "connected");
@@ -339,13 +303,8 @@ async fn handshake(
 /// The data and error of the handshake reply, if `frame` is it.
 fn handshake_reply(frame: Frame<'_>) -> Option<(Option<Value>, Option<Value>)> {
     match frame {
-        Frame::Response {
-            rid: HANDSHAKE_CID,
-            data,
-            error,
-        } => {
-            let value =
-                |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str(r.get()).ok());
+        Frame::Response { rid: HANDSHAKE_CID, data, error } => {
+            let value = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str(r.get()).ok());
             Some((value(data), value(error)))
         }
         _ => None,
@@ -354,13 +313,8 @@ fn handshake_reply(frame: Frame<'_>) -> Option<(Option<Value>, Option<Value>)> {
 
 /// Closes with `code` and waits (bounded) for the server's close frame; errors are moot.
 async fn close_quietly(ws: &mut Ws, code: u16, reason: &str, config: &ClientConfig) {
-    let _ = ws
-        .send(Message::Close(Some(close_frame(code, reason))))
-        .await;
-    let _ = timeout(config.close_timeout, async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
+    let _ = ws.send(Message::Close(Some(close_frame(code, reason)))).await;
+    let _ = timeout(config.close_timeout, async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }
 
 /// Runs the connection until it ends, then fails pending invokes and sends [`Event::Closed`].
@@ -401,9 +355,7 @@ pub(crate) async fn run(
         }
         End::Local { code, reason, sent } => {
             if !sent {
-                let _ = sink
-                    .send(Message::Close(Some(close_frame(code, &reason))))
-                    .await;
+                let _ = sink.send(Message::Close(Some(close_frame(code, &reason)))).await;
             }
             let _ = timeout(config.close_timeout, async {
                 while let Some(Ok(message)) = stream.next().await {
@@ -413,16 +365,9 @@ pub(crate) async fn run(
                 }
             })
             .await;
-            CloseInfo {
-                code: Some(code),
-                reason,
-            }
+            CloseInfo { code: Some(code), reason }
         }
-        End::Broken(reason) => shared
-            .lock()
-            .closing
-            .clone()
-            .unwrap_or(CloseInfo { code: None, reason }),
+        End::Broken(reason) => shared.lock().closing.clone().unwrap_or(CloseInfo { code: None, reason }),
     };
     drop((sink, stream));
     debug!(id = %shared.handshake.id, close = %info, "closed");
@@ -453,11 +398,7 @@ async fn write(
     loop {
         if outbound.recv_many(&mut batch, WRITE_BATCH).await == 0 {
             // Every client handle is gone: nobody can use the connection any more.
-            return End::Local {
-                code: 1000,
-                reason: String::new(),
-                sent: false,
-            };
+            return End::Local { code: 1000, reason: String::new(), sent: false };
         }
         trace!(frames = batch.len(), "write batch");
         for out in batch.drain(..) {
@@ -468,24 +409,14 @@ async fn write(
                     }
                 }
                 Outbound::Close { code, reason } => {
-                    shared.lock().closing = Some(CloseInfo {
-                        code: Some(code),
-                        reason: reason.clone(),
-                    });
-                    if let Err(e) = sink
-                        .send(Message::Close(Some(close_frame(code, &reason))))
-                        .await
-                    {
+                    shared.lock().closing = Some(CloseInfo { code: Some(code), reason: reason.clone() });
+                    if let Err(e) = sink.send(Message::Close(Some(close_frame(code, &reason)))).await {
                         return End::Broken(e.to_string());
                     }
                     // The reader sees the server's close frame and wins the race; this only
                     // bounds the wait for a server that never answers.
                     tokio::time::sleep(close_timeout).await;
-                    return End::Local {
-                        code,
-                        reason,
-                        sent: true,
-                    };
+                    return End::Local { code, reason, sent: true };
                 }
             }
         }
@@ -525,8 +456,7 @@ impl Reader {
                 Message::Text(text) => {
                     if text.as_str() == self.protocol.ping() {
                         deadline = self.ping_timeout.map(|t| Instant::now() + t);
-                        self.send(Utf8Bytes::from_static(self.protocol.pong()))
-                            .await;
+                        self.send(Utf8Bytes::from_static(self.protocol.pong())).await;
                         continue;
                     }
                     if let Some(end) = self.on_text(text.as_str()).await {
@@ -549,8 +479,7 @@ impl Reader {
     async fn on_text(&mut self, text: &str) -> Option<End> {
         match codec::decode(text, self.protocol) {
             Decoded::Ping => {
-                self.send(Utf8Bytes::from_static(self.protocol.pong()))
-                    .await;
+                self.send(Utf8Bytes::from_static(self.protocol.pong())).await;
                 None
             }
             Decoded::Raw => {
@@ -600,19 +529,11 @@ impl Reader {
             }
             Frame::Publish { channel, data } => {
                 let channel = channel.into_owned();
-                self.emit(Event::Publish {
-                    channel,
-                    data: owned_or_null(data),
-                })
-                .await;
+                self.emit(Event::Publish { channel, data: owned_or_null(data) }).await;
             }
             Frame::KickOut { channel, message } => {
                 let channel = channel.into_owned();
-                self.emit(Event::KickOut {
-                    channel,
-                    message: to_value(message),
-                })
-                .await;
+                self.emit(Event::KickOut { channel, message: to_value(message) }).await;
             }
             Frame::SetAuthToken { token, cid } => {
                 let token = token.into_owned();
@@ -634,33 +555,17 @@ impl Reader {
                 };
                 self.emit(Event::Disconnect { code, reason }).await;
                 // The v14 client closes its side with the announced code right away.
-                return Some(End::Local {
-                    code: code.unwrap_or(1000),
-                    reason: reason_text,
-                    sent: false,
-                });
+                return Some(End::Local { code: code.unwrap_or(1000), reason: reason_text, sent: false });
             }
             Frame::Invoke { event, data, cid } => {
                 let event = event.into_owned();
-                let responder = Responder::new(
-                    cid.to_owned(),
-                    self.outbound.clone(),
-                    Arc::clone(&self.shared),
-                );
-                self.emit(Event::Invoke {
-                    event,
-                    data: owned_or_null(data),
-                    responder,
-                })
-                .await;
+                let responder =
+                    Responder::new(cid.to_owned(), self.outbound.clone(), Arc::clone(&self.shared));
+                self.emit(Event::Invoke { event, data: owned_or_null(data), responder }).await;
             }
             Frame::Transmit { event, data } => {
                 let event = event.into_owned();
-                self.emit(Event::Transmit {
-                    event,
-                    data: owned_or_null(data),
-                })
-                .await;
+                self.emit(Event::Transmit { event, data: owned_or_null(data) }).await;
             }
             Frame::Raw => self.emit(Event::Raw(text.to_owned())).await,
         }
@@ -701,31 +606,21 @@ pub(crate) fn close_frame(code: u16, reason: &str) -> CloseFrame {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from(reason.get(..end).unwrap_or_default()),
-    }
+    CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason.get(..end).unwrap_or_default()) }
 }
 
 fn close_info(frame: Option<CloseFrame>) -> CloseInfo {
     match frame {
-        Some(frame) => CloseInfo {
-            code: Some(u16::from(frame.code)),
-            reason: frame.reason.as_str().to_owned(),
-        },
+        Some(frame) => {
+            CloseInfo { code: Some(u16::from(frame.code)), reason: frame.reason.as_str().to_owned() }
+        }
         // A close frame without a status reads as 1005, as in browsers.
-        None => CloseInfo {
-            code: Some(1005),
-            reason: String::new(),
-        },
+        None => CloseInfo { code: Some(1005), reason: String::new() },
     }
 }
 
 fn broken(reason: &str) -> Error {
-    Error::Closed(CloseInfo {
-        code: None,
-        reason: reason.to_owned(),
-    })
+    Error::Closed(CloseInfo { code: None, reason: reason.to_owned() })
 }
 
 /// Absent data is reported as `null`.
@@ -734,8 +629,7 @@ fn owned_or_null(data: Option<&RawValue>) -> Box<RawValue> {
 }
 
 fn to_value(raw: Option<&RawValue>) -> Value {
-    raw.and_then(|r| serde_json::from_str(r.get()).ok())
-        .unwrap_or(Value::Null)
+    raw.and_then(|r| serde_json::from_str(r.get()).ok()).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]

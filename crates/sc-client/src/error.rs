@@ -64,12 +64,7 @@ impl From<tokio_tungstenite::tungstenite::Error> for Error {
 impl Error {
     /// Builds [`Error::Remote`] from a wire error: `{name, message, …}` or a bare string.
     pub(crate) fn remote(raw: Value) -> Self {
-        let field = |key: &str| {
-            raw.get(key)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
+        let field = |key: &str| raw.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
         let (name, message) = match &raw {
             Value::String(s) => (String::new(), s.clone()),
             _ => (field("name"), field("message")),

@@ -23,10 +23,7 @@ use crate::client::Responder;
 pub enum Event {
     /// A message on a subscribed channel (our own publishes come back too). `data` is the
     /// payload's JSON text, `null` when absent; parse it only if needed.
-    Publish {
-        channel: String,
-        data: Box<RawValue>,
-    },
+    Publish { channel: String, data: Box<RawValue> },
     /// The server unsubscribed us from `channel`.
     KickOut { channel: String, message: Value },
     /// The server issued a token; [`crate::Client::auth_token`] already returns it.
@@ -37,11 +34,7 @@ pub enum Event {
     Transmit { event: String, data: Box<RawValue> },
     /// A server-to-client invoke; answer through `responder` (dropping it sends nothing, and
     /// the server's call times out).
-    Invoke {
-        event: String,
-        data: Box<RawValue>,
-        responder: Responder,
-    },
+    Invoke { event: String, data: Box<RawValue>, responder: Responder },
     /// A frame that is not a packet (sc-formatter rules), or a packet the client does not
     /// understand; the whole frame text.
     Raw(String),
@@ -61,9 +54,9 @@ impl Event {
     /// Parses the payload of a publish, transmit or invoke into a [`Value`].
     pub fn data_value(&self) -> Option<Value> {
         match self {
-            Self::Publish { data, .. }
-            | Self::Transmit { data, .. }
-            | Self::Invoke { data, .. } => serde_json::from_str(data.get()).ok(),
+            Self::Publish { data, .. } | Self::Transmit { data, .. } | Self::Invoke { data, .. } => {
+                serde_json::from_str(data.get()).ok()
+            }
             _ => None,
         }
     }

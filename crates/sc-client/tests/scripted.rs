@@ -56,16 +56,14 @@ impl Server {
         let request = self.recv_json().await?;
         assert_eq!(request["event"], "#handshake");
         assert_eq!(request["cid"], 1);
-        self.send(&json!({"rid": 1, "data": data}).to_string())
-            .await
+        self.send(&json!({"rid": 1, "data": data}).to_string()).await
     }
 
     /// Waits for the client's close frame and returns its code.
     async fn client_close_code(&mut self) -> Result<Option<u16>> {
         loop {
-            let message = tokio::time::timeout(WITHIN, self.ws.next())
-                .await
-                .context("client did not close")?;
+            let message =
+                tokio::time::timeout(WITHIN, self.ws.next()).await.context("client did not close")?;
             match message {
                 Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => {}
@@ -75,12 +73,7 @@ impl Server {
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> Result<()> {
-        self.ws
-            .close(Some(CloseFrame {
-                code: code.into(),
-                reason: reason.into(),
-            }))
-            .await?;
+        self.ws.close(Some(CloseFrame { code: code.into(), reason: reason.into() })).await?;
         // Wait for the client's answer so that the close handshake completes.
         while let Some(Ok(_)) = self.ws.next().await {}
         Ok(())
@@ -108,10 +101,7 @@ fn handshake_ok(ping_timeout_ms: u64) -> Value {
 }
 
 async fn next_event(events: &mut Events) -> Result<Event> {
-    tokio::time::timeout(WITHIN, events.recv())
-        .await
-        .context("no event")?
-        .context("events ended")
+    tokio::time::timeout(WITHIN, events.recv()).await.context("no event")?.context("events ended")
 }
 
 #[tokio::test]
@@ -152,12 +142,7 @@ async fn v2_session_with_server_invokes_batches_and_close_reason() -> Result<()>
     assert_eq!(client.handshake().ping_timeout, Duration::from_secs(5));
     client.subscribe("c").await?;
 
-    let Event::Invoke {
-        event,
-        data,
-        responder,
-    } = next_event(&mut events).await?
-    else {
+    let Event::Invoke { event, data, responder } = next_event(&mut events).await? else {
         bail!("expected an invoke")
     };
     assert_eq!((event.as_str(), data.get()), ("ask", r#"{"q":1}"#));
@@ -180,14 +165,8 @@ async fn v2_session_with_server_invokes_batches_and_close_reason() -> Result<()>
     assert!(
         matches!(next_event(&mut events).await?, Event::Transmit { event, data } if event == "push" && data.get() == "null")
     );
-    assert!(matches!(
-        next_event(&mut events).await?,
-        Event::RemoveAuthToken
-    ));
-    let closed = CloseInfo {
-        code: Some(4567),
-        reason: "custom reason".into(),
-    };
+    assert!(matches!(next_event(&mut events).await?, Event::RemoveAuthToken));
+    let closed = CloseInfo { code: Some(4567), reason: "custom reason".into() };
     assert!(matches!(next_event(&mut events).await?, Event::Closed(info) if info == closed));
     assert_eq!(client.closed().await, closed);
     assert_eq!(client.auth_token(), None);
@@ -206,23 +185,17 @@ async fn v1_pings_string_cids_and_disconnect() -> Result<()> {
         assert_eq!(s.recv().await?, "#2");
         // v1 clients take any cid and echo it with its type.
         s.send(r##"{"event":"ask","cid":"x"}"##).await?;
-        assert_eq!(
-            s.recv().await?,
-            r#"{"rid":"x","error":{"message":"m","name":"E"}}"#
-        );
+        assert_eq!(s.recv().await?, r#"{"rid":"x","error":{"message":"m","name":"E"}}"#);
         // A v2 ping is raw for a v1 client and gets no pong.
         s.send("").await?;
-        s.send(r##"{"event":"#disconnect","data":{"code":4100,"data":"going"}}"##)
-            .await?;
+        s.send(r##"{"event":"#disconnect","data":{"code":4100,"data":"going"}}"##).await?;
         assert_eq!(s.client_close_code().await?, Some(4100));
         Ok(())
     })
     .await?;
     let config = ClientConfig::new(&url).with_protocol(ProtocolVersion::V1);
     let (client, mut events) = sc_client::connect(config).await?;
-    let Event::Invoke { responder, .. } = next_event(&mut events).await? else {
-        bail!("expected an invoke")
-    };
+    let Event::Invoke { responder, .. } = next_event(&mut events).await? else { bail!("expected an invoke") };
     assert_eq!(responder.cid(), "\"x\"");
     responder.error("E", "m").await?;
     assert!(matches!(next_event(&mut events).await?, Event::Raw(t) if t.is_empty()));
@@ -230,10 +203,7 @@ async fn v1_pings_string_cids_and_disconnect() -> Result<()> {
         next_event(&mut events).await?,
         Event::Disconnect { code: Some(4100), reason } if reason == "going"
     ));
-    let closed = CloseInfo {
-        code: Some(4100),
-        reason: "going".into(),
-    };
+    let closed = CloseInfo { code: Some(4100), reason: "going".into() };
     assert_eq!(client.closed().await, closed);
     server.await?
 }
@@ -251,11 +221,7 @@ async fn handshake_rejections_close_with_the_servers_code() -> Result<()> {
             json!({"rid": 1, "error": {"name": "Blocked", "message": "no"}, "data": {"code": 4008}}),
             4008,
         ),
-        (
-            ProtocolVersion::V2,
-            json!({"rid": 1, "error": {"name": "Blocked", "message": "no"}}),
-            4003,
-        ),
+        (ProtocolVersion::V2, json!({"rid": 1, "error": {"name": "Blocked", "message": "no"}}), 4003),
     ];
     for (protocol, reply, code) in cases {
         let (url, server) = serve_once(move |mut s| async move {
@@ -267,9 +233,9 @@ async fn handshake_rejections_close_with_the_servers_code() -> Result<()> {
         .await?;
         let outcome = sc_client::connect(ClientConfig::new(&url).with_protocol(protocol)).await;
         match outcome {
-            Err(Error::HandshakeRejected {
-                code: got, name, ..
-            }) => assert_eq!((got, name.as_str()), (code, "Blocked")),
+            Err(Error::HandshakeRejected { code: got, name, .. }) => {
+                assert_eq!((got, name.as_str()), (code, "Blocked"))
+            }
             other => bail!("expected a rejection, got {other:?}"),
         }
         server.await??;
@@ -288,10 +254,7 @@ async fn no_ping_within_ping_timeout_closes_4000_and_fails_pending_invokes() -> 
     .await?;
     let (client, _events) = sc_client::connect(ClientConfig::new(&url)).await?;
     let outcome = client.invoke("never-answered", ()).await;
-    assert!(
-        matches!(&outcome, Err(Error::Closed(info)) if info.code == Some(4000)),
-        "{outcome:?}"
-    );
+    assert!(matches!(&outcome, Err(Error::Closed(info)) if info.code == Some(4000)), "{outcome:?}");
     server.await?
 }
 
@@ -307,11 +270,7 @@ async fn ping_timeout_can_be_disabled_and_disconnect_sends_our_code() -> Result<
     config.ping_timeout_disabled = true;
     let (client, _events) = sc_client::connect(config).await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        client.close_info(),
-        None,
-        "still open after 3 ping timeouts"
-    );
+    assert_eq!(client.close_info(), None, "still open after 3 ping timeouts");
     let info = client.disconnect(4321, "bye").await;
     assert_eq!(info.code, Some(4321));
     server.await?
@@ -342,10 +301,7 @@ async fn invoke_timeout_and_remote_errors() -> Result<()> {
     ));
     match client.invoke("failing", ()).await {
         Err(Error::Remote { name, message, raw }) => {
-            assert_eq!(
-                (name.as_str(), message.as_str()),
-                ("CustomError", "bad thing")
-            );
+            assert_eq!((name.as_str(), message.as_str()), ("CustomError", "bad thing"));
             assert_eq!(raw["extra"], 42);
         }
         other => bail!("expected a remote error, got {other:?}"),
@@ -396,9 +352,6 @@ async fn bad_urls_and_refused_connections() -> Result<()> {
     // Bind then drop: the port is (almost certainly) closed.
     let port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
     let url = format!("ws://127.0.0.1:{port}/socketcluster/");
-    assert!(matches!(
-        sc_client::connect(ClientConfig::new(url)).await,
-        Err(Error::Io(_))
-    ));
+    assert!(matches!(sc_client::connect(ClientConfig::new(url)).await, Err(Error::Io(_))));
     Ok(())
 }

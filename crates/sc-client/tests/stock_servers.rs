@@ -32,9 +32,7 @@ impl Peer {
         let Some(dir) = peers_dir().await else {
             return Ok(None);
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut child = Command::new("node")
             .arg(format!("servers/{script}"))
             .arg(port.to_string())
@@ -62,19 +60,13 @@ impl Peer {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         // sc14 prints READY from its master, a moment before its worker listens.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             if tokio::time::Instant::now() > deadline {
                 bail!("{script}: port {port} not listening 20s after READY");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Some(Self {
-            child,
-            url: format!("ws://127.0.0.1:{port}/socketcluster/"),
-        }))
+        Ok(Some(Self { child, url: format!("ws://127.0.0.1:{port}/socketcluster/") }))
     }
 
     fn config(&self, protocol: ProtocolVersion) -> ClientConfig {
@@ -96,24 +88,14 @@ impl Drop for Peer {
 
 async fn peers_dir() -> Option<PathBuf> {
     let Some(dir) = std::env::var_os("SC_PEERS_DIR").map(PathBuf::from) else {
-        eprintln!(
-            "skipping: SC_PEERS_DIR is not set (a copy of /work/shared/peers after `npm ci`)"
-        );
+        eprintln!("skipping: SC_PEERS_DIR is not set (a copy of /work/shared/peers after `npm ci`)");
         return None;
     };
     if !dir.join("node_modules").is_dir() {
-        eprintln!(
-            "skipping: {} has no node_modules (run `npm ci` there)",
-            dir.display()
-        );
+        eprintln!("skipping: {} has no node_modules (run `npm ci` there)", dir.display());
         return None;
     }
-    if Command::new("node")
-        .arg("--version")
-        .output()
-        .await
-        .is_err()
-    {
+    if Command::new("node").arg("--version").output().await.is_err() {
         eprintln!("skipping: node is not installed");
         return None;
     }
@@ -123,10 +105,8 @@ async fn peers_dir() -> Option<PathBuf> {
 /// The next event other than raw frames; fails on a close.
 async fn next_event(events: &mut Events) -> Result<Event> {
     loop {
-        let event = tokio::time::timeout(WITHIN, events.recv())
-            .await
-            .context("no event")?
-            .context("events ended")?;
+        let event =
+            tokio::time::timeout(WITHIN, events.recv()).await.context("no event")?.context("events ended")?;
         match event {
             Event::Raw(_) => {}
             Event::Closed(info) => bail!("connection closed: {info}"),
@@ -139,9 +119,7 @@ async fn next_event(events: &mut Events) -> Result<Event> {
 async fn next_publish(events: &mut Events, channel: &str) -> Result<serde_json::Value> {
     match next_event(events).await? {
         event @ Event::Publish { .. } => {
-            let Event::Publish { channel: got, .. } = &event else {
-                unreachable!()
-            };
+            let Event::Publish { channel: got, .. } = &event else { unreachable!() };
             assert_eq!(got, channel);
             event.data_value().context("publish data")
         }
@@ -172,20 +150,11 @@ async fn session(config: ClientConfig, stock: bool) -> Result<()> {
     a.publish("news", json!({"n": 1, "s": "é\""})).await?;
     if stock {
         // The stock servers deliver to the publisher itself before the ack.
-        assert_eq!(
-            a_events.try_recv().and_then(|e| e.data_value()),
-            Some(json!({"n": 1, "s": "é\""}))
-        );
+        assert_eq!(a_events.try_recv().and_then(|e| e.data_value()), Some(json!({"n": 1, "s": "é\""})));
     } else {
-        assert_eq!(
-            next_publish(&mut a_events, "news").await?,
-            json!({"n": 1, "s": "é\""})
-        );
+        assert_eq!(next_publish(&mut a_events, "news").await?, json!({"n": 1, "s": "é\""}));
     }
-    assert_eq!(
-        next_publish(&mut b_events, "news").await?,
-        json!({"n": 1, "s": "é\""})
-    );
+    assert_eq!(next_publish(&mut b_events, "news").await?, json!({"n": 1, "s": "é\""}));
     b.transmit_publish("news", 2).await?;
     assert_eq!(next_publish(&mut a_events, "news").await?, json!(2));
     assert_eq!(next_publish(&mut b_events, "news").await?, json!(2));
@@ -200,15 +169,9 @@ async fn session(config: ClientConfig, stock: bool) -> Result<()> {
     assert_no_events(&mut a_events);
 
     if stock {
-        assert_eq!(
-            a.invoke("echo", json!({"x": [1, 2]})).await?,
-            json!({"x": [1, 2]})
-        );
+        assert_eq!(a.invoke("echo", json!({"x": [1, 2]})).await?, json!({"x": [1, 2]}));
         // The stock servers never answer an unknown procedure.
-        assert!(matches!(
-            a.invoke("no-such-procedure", 1).await,
-            Err(Error::Timeout { .. })
-        ));
+        assert!(matches!(a.invoke("no-such-procedure", 1).await, Err(Error::Timeout { .. })));
     }
 
     match a.authenticate("not.a.token").await {
@@ -216,10 +179,7 @@ async fn session(config: ClientConfig, stock: bool) -> Result<()> {
         other => bail!("expected AuthTokenInvalidError, got {other:?}"),
     }
     assert_eq!(a.auth_token(), None);
-    assert!(matches!(
-        next_event(&mut a_events).await?,
-        Event::RemoveAuthToken
-    ));
+    assert!(matches!(next_event(&mut a_events).await?, Event::RemoveAuthToken));
 
     // Both still work after all that.
     a.subscribe("after").await?;
@@ -287,11 +247,7 @@ async fn session_against_url_from_env() -> Result<()> {
 #[tokio::test]
 async fn sc20_pings_keep_both_versions_alive() -> Result<()> {
     for (protocol, version) in [(ProtocolVersion::V2, "2"), (ProtocolVersion::V1, "1")] {
-        let env = [
-            ("SC_PROTOCOL", version),
-            ("SC_PING_INTERVAL", "100"),
-            ("SC_PING_TIMEOUT", "500"),
-        ];
+        let env = [("SC_PROTOCOL", version), ("SC_PING_INTERVAL", "100"), ("SC_PING_TIMEOUT", "500")];
         let Some(peer) = Peer::start("sc20.js", &env).await? else {
             return Ok(());
         };
@@ -308,11 +264,7 @@ async fn sc20_pings_keep_both_versions_alive() -> Result<()> {
 
 #[tokio::test]
 async fn protocol_mismatch_ends_in_server_pong_timeout() -> Result<()> {
-    let env = [
-        ("SC_PROTOCOL", "2"),
-        ("SC_PING_INTERVAL", "100"),
-        ("SC_PING_TIMEOUT", "500"),
-    ];
+    let env = [("SC_PROTOCOL", "2"), ("SC_PING_INTERVAL", "100"), ("SC_PING_TIMEOUT", "500")];
     let Some(peer) = Peer::start("sc20.js", &env).await? else {
         return Ok(());
     };
@@ -333,9 +285,7 @@ async fn sc20_server_close_codes() -> Result<()> {
     };
     let (client, _events) = sc_client::connect(peer.config(ProtocolVersion::V2)).await?;
     // v18.1+ closes a socket that sends #authenticate without a cid.
-    client
-        .send_raw(r##"{"event":"#authenticate","data":"x"}"##)
-        .await?;
+    client.send_raw(r##"{"event":"#authenticate","data":"x"}"##).await?;
     let info = tokio::time::timeout(WITHIN, client.closed()).await?;
     assert_eq!(info.code, Some(4008), "{info}");
 
@@ -350,10 +300,7 @@ async fn sc20_server_close_codes() -> Result<()> {
         handshake.auth_error.as_ref().map(|e| e["name"].clone()),
         Some(json!("AuthTokenInvalidError"))
     );
-    assert!(matches!(
-        next_event(&mut events).await?,
-        Event::RemoveAuthToken
-    ));
+    assert!(matches!(next_event(&mut events).await?, Event::RemoveAuthToken));
     assert_eq!(client.auth_token(), None);
 
     // The stock server rejects a string as #subscribe data.

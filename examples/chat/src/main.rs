@@ -39,7 +39,12 @@ fn field<'a>(data: &'a Value, key: &str) -> Result<&'a str, ErrorObject> {
 
 #[async_trait::async_trait]
 impl Handler for Chat {
-    async fn subscribe(&self, socket: &Socket, channel: &str, _data: Option<&RawValue>) -> Result<(), ErrorObject> {
+    async fn subscribe(
+        &self,
+        socket: &Socket,
+        channel: &str,
+        _data: Option<&RawValue>,
+    ) -> Result<(), ErrorObject> {
         let private = channel == "private" || channel.starts_with("private/");
         if private && !socket.is_authenticated() {
             return Err(ErrorObject::new("SubscribeBlocked", format!("log in to subscribe to {channel}")));
@@ -47,7 +52,12 @@ impl Handler for Chat {
         Ok(())
     }
 
-    async fn publish_in(&self, socket: &Socket, channel: &str, data: &RawValue) -> Result<PublishIn, ErrorObject> {
+    async fn publish_in(
+        &self,
+        socket: &Socket,
+        channel: &str,
+        data: &RawValue,
+    ) -> Result<PublishIn, ErrorObject> {
         if !channel.starts_with("chat/") {
             return Ok(PublishIn::Allow);
         }
@@ -56,7 +66,12 @@ impl Handler for Chat {
         Ok(PublishIn::Rewrite(json!({ "from": from, "text": text })))
     }
 
-    async fn invoke(&self, socket: &Socket, procedure: &str, data: Option<&RawValue>) -> Result<Value, ErrorObject> {
+    async fn invoke(
+        &self,
+        socket: &Socket,
+        procedure: &str,
+        data: Option<&RawValue>,
+    ) -> Result<Value, ErrorObject> {
         let data = parse(data);
         match procedure {
             "login" => {
