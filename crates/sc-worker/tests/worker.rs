@@ -178,3 +178,129 @@ async fn proxy_header_is_accepted_before_http() {
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
+
+/// A raw WebSocket that completed the handshake; returns it and the replies seen so far.
+async fn handshaken(cell: &Cell) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures_util::{SinkExt, StreamExt};
+    let mut ws = raw_socket(cell).await;
+    ws.send(r##"{"event":"#handshake","data":{"authToken":null},"cid":1}"##.into()).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert!(reply.to_text().unwrap().contains("\"rid\":1"), "{reply:?}");
+    ws
+}
+
+/// Sends `frame` and returns the reply with `"rid":<rid>`, answering pings meanwhile.
+async fn rpc(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    frame: &str,
+    rid: u64,
+) -> serde_json::Value {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(frame.into()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let message = ws.next().await.expect("open").expect("no error");
+            let Ok(text) = message.to_text() else { continue };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else { continue };
+            if value["rid"].as_f64() == Some(rid as f64) {
+                return value;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no reply to {frame}"))
+}
+
+#[tokio::test]
+async fn garbage_and_wrong_types_get_errors_and_never_break_the_socket() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let cell = start(|_| {}).await;
+    let mut ws = handshaken(&cell).await;
+    // Not packets at all: raw messages, no answer, no close.
+    for junk in
+        ["{", "[", "[1,2", "\u{0}", "{\"event\":5}", "null", "[null,{}]", "{\"rid\":\"x\",\"data\":1}"]
+    {
+        ws.send(junk.into()).await.unwrap();
+    }
+    ws.send(Message::Binary(vec![0xff, 0xfe, 0x00].into())).await.unwrap();
+    // Wrong types in every field of every reserved event, each with a cid: an error reply.
+    let cases = [
+        (r##"{"event":"#subscribe","data":{"channel":{}},"cid":2}"##, "InvalidActionError"),
+        (r##"{"event":"#subscribe","data":{"channel":["a"]},"cid":3}"##, "InvalidActionError"),
+        (r##"{"event":"#subscribe","cid":4}"##, "InvalidActionError"),
+        (r##"{"event":"#publish","data":[],"cid":5}"##, "InvalidActionError"),
+        (r##"{"event":"#publish","data":{"channel":null,"data":1},"cid":6}"##, "InvalidActionError"),
+        (r##"{"event":"#publish","data":"news","cid":7}"##, "InvalidActionError"),
+        (r##"{"event":"#unsubscribe","data":5,"cid":8}"##, "BrokerError"),
+        (r##"{"event":"#unsubscribe","data":{"channel":"x"},"cid":9}"##, "BrokerError"),
+        (r##"{"event":"#authenticate","data":5,"cid":10}"##, "AuthTokenInvalidError"),
+        (r##"{"event":"#authenticate","data":"a.b.c","cid":11}"##, "AuthTokenInvalidError"),
+        (r##"{"event":"#authenticate","data":null,"cid":12}"##, "AuthTokenInvalidError"),
+        (r##"{"event":"someProcedure","data":{"deep":[[[[1]]]]},"cid":13}"##, "InvalidActionError"),
+    ];
+    for (frame, name) in cases {
+        let rid = serde_json::from_str::<serde_json::Value>(frame).unwrap()["cid"].as_u64().unwrap();
+        let reply = rpc(&mut ws, frame, rid).await;
+        assert_eq!(reply["error"]["name"], name, "{frame} -> {reply}");
+    }
+    // Odd cids: a float is a number (echoed as sent), an object is no cid (no reply expected).
+    let reply = rpc(&mut ws, r##"{"event":"#subscribe","data":{"channel":"float"},"cid":14.0}"##, 14).await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    ws.send(r##"{"event":"#subscribe","data":{"channel":"x"},"cid":{"a":1}}"##.into()).await.unwrap();
+    // Still fully working: subscribe, publish, receive.
+    let reply = rpc(&mut ws, r##"{"event":"#subscribe","data":{"channel":"ok"},"cid":20}"##, 20).await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let reply =
+        rpc(&mut ws, r##"{"event":"#publish","data":{"channel":"ok","data":"fine"},"cid":21}"##, 21).await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let mut client = Client::connect(LOCAL, cell.worker, &cell.url).await.unwrap();
+    client.subscribe("ok").await.unwrap();
+    client.publish("ok", json!("from another socket")).await.unwrap();
+    assert_eq!(
+        client.next_publish("ok", Duration::from_secs(2)).await.unwrap(),
+        json!("from another socket")
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_subscribes_is_bounded_by_the_channel_limit() {
+    use futures_util::{SinkExt, StreamExt};
+    let cell = start(|c| c.worker.socket_channel_limit = 100).await;
+    let mut ws = handshaken(&cell).await;
+    let batch: Vec<serde_json::Value> = (0..5000)
+        .map(|i| json!({"event": "#subscribe", "data": {"channel": format!("flood-{i}")}, "cid": i + 2}))
+        .collect();
+    ws.send(serde_json::Value::Array(batch).to_string().into()).await.unwrap();
+    let (mut ok, mut refused) = (0, 0);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while ok + refused < 5000 {
+            let message = ws.next().await.unwrap().unwrap();
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(message.to_text().unwrap_or("")) else {
+                continue;
+            };
+            match value["error"]["name"].as_str() {
+                None if value.get("rid").is_some() => ok += 1,
+                Some("BrokerError") => refused += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("every subscribe answered");
+    assert_eq!((ok, refused), (100, 4900));
+    assert_eq!(http_get(LOCAL, cell.worker, "/healthz").await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn a_frame_over_max_payload_closes_that_socket_with_1009_only() {
+    use futures_util::SinkExt;
+    let cell = start(|c| c.worker.max_payload = 64 * 1024).await;
+    let mut big = handshaken(&cell).await;
+    let mut client = Client::connect(LOCAL, cell.worker, &cell.url).await.unwrap();
+    client.subscribe("calm").await.unwrap();
+    big.send("x".repeat(65 * 1024).into()).await.unwrap();
+    assert_eq!(close_code(&mut big).await, Some(1009));
+    client.publish("calm", json!(1)).await.unwrap();
+    assert_eq!(client.next_publish("calm", Duration::from_secs(2)).await.unwrap(), json!(1));
+}
