@@ -1,52 +1,246 @@
 //! The exchange: the key/value data of this broker's shard.
 //!
-//! Values are JSON text, stored as given. Keys are placed on brokers by rendezvous hashing,
-//! like channels, so each broker holds its own shard.
+//! Keys are placed on brokers by rendezvous hashing, like channels, so each broker holds its
+//! own shard. Values are JSON; `add`, `get_range`, `remove_range` and `count` work on lists (and
+//! `count` on objects too). Keys may expire: an expired key reads as absent at once and is swept
+//! out of memory by [`Exchange::sweep`], which the broker calls every second.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use serde_json::Value;
 
 /// The key/value store of one broker.
 #[derive(Debug, Default)]
 pub struct Exchange {
-    /// std Mutex: every operation is a single map access, never held across await.
-    data: Mutex<HashMap<String, Bytes>>,
+    /// std Mutex: every operation is a few map accesses, never held across await.
+    data: Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Value,
+    /// Milliseconds since the Unix epoch.
+    expires_at: Option<u64>,
+}
+
+/// Why an operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("value is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("the value under {0:?} is not a list")]
+    NotAList(String),
 }
 
 impl Exchange {
-    /// Stores `value` under `key`.
-    pub fn set(&self, key: String, value: Bytes) {
-        self.lock().insert(key, value);
+    /// Stores `value` (JSON text) under `key`, replacing it and any expiry.
+    pub fn set(&self, key: String, value: &[u8]) -> Result<(), ExchangeError> {
+        let value = parse(value)?;
+        self.lock().insert(key, Entry { value, expires_at: None });
+        Ok(())
     }
 
-    /// The value under `key`.
-    pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.lock().get(key).cloned()
+    /// The value under `key`, as JSON text.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.with_live(key, |entry| entry.map(|e| to_json(&e.value)))
     }
 
-    /// Removes `key`, returning its value.
-    pub fn remove(&self, key: &str) -> Option<Bytes> {
-        self.lock().remove(key)
+    /// Removes `key`, returning its value as JSON text.
+    pub fn remove(&self, key: &str) -> Option<Vec<u8>> {
+        let mut data = self.lock();
+        let entry = data.remove(key)?;
+        (!expired(&entry)).then(|| to_json(&entry.value))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
+    /// Appends `value` to the list under `key` (creating it); returns its index.
+    pub fn add(&self, key: String, value: &[u8]) -> Result<u64, ExchangeError> {
+        let value = parse(value)?;
+        let mut data = self.lock();
+        if data.get(&key).is_some_and(expired) {
+            data.remove(&key);
+        }
+        let entry = data.entry(key.clone()).or_insert_with(|| Entry { value: Value::Array(Vec::new()), expires_at: None });
+        match &mut entry.value {
+            Value::Array(list) => {
+                list.push(value);
+                Ok(list.len() as u64 - 1)
+            }
+            _ => Err(ExchangeError::NotAList(key)),
+        }
+    }
+
+    /// The slice `[start, end)` of the list under `key` as a JSON array text.
+    pub fn get_range(&self, key: &str, start: i64, end: Option<i64>) -> Result<Vec<u8>, ExchangeError> {
+        self.with_live(key, |entry| match entry.map(|e| &e.value) {
+            None => Ok(b"[]".to_vec()),
+            Some(Value::Array(list)) => {
+                let (from, to) = bounds(list.len(), start, end);
+                Ok(to_json(&Value::Array(list[from..to].to_vec())))
+            }
+            Some(_) => Err(ExchangeError::NotAList(key.to_owned())),
+        })
+    }
+
+    /// Removes the slice `[start, end)` of the list under `key`; returns it as a JSON array.
+    pub fn remove_range(&self, key: &str, start: i64, end: Option<i64>) -> Result<Vec<u8>, ExchangeError> {
+        let mut data = self.lock();
+        if data.get(key).is_some_and(expired) {
+            data.remove(key);
+        }
+        match data.get_mut(key).map(|e| &mut e.value) {
+            None => Ok(b"[]".to_vec()),
+            Some(Value::Array(list)) => {
+                let (from, to) = bounds(list.len(), start, end);
+                Ok(to_json(&Value::Array(list.drain(from..to).collect())))
+            }
+            Some(_) => Err(ExchangeError::NotAList(key.to_owned())),
+        }
+    }
+
+    /// Elements of the list, or keys of the object, under `key`; 1 for any other value, 0 if absent.
+    pub fn count(&self, key: &str) -> u64 {
+        self.with_live(key, |entry| match entry.map(|e| &e.value) {
+            None => 0,
+            Some(Value::Array(list)) => list.len() as u64,
+            Some(Value::Object(map)) => map.len() as u64,
+            Some(_) => 1,
+        })
+    }
+
+    /// Whether `key` exists.
+    pub fn has_key(&self, key: &str) -> bool {
+        self.with_live(key, |entry| entry.is_some())
+    }
+
+    /// Makes `keys` expire `seconds` from now; returns how many exist.
+    pub fn expire(&self, keys: &[String], seconds: u64) -> u64 {
+        let at = now_ms().saturating_add(seconds.saturating_mul(1000));
+        self.update_expiry(keys, Some(at))
+    }
+
+    /// Makes `keys` permanent; returns how many exist.
+    pub fn unexpire(&self, keys: &[String]) -> u64 {
+        self.update_expiry(keys, None)
+    }
+
+    /// When `key` expires (ms since the Unix epoch).
+    pub fn get_expiry(&self, key: &str) -> Option<u64> {
+        self.with_live(key, |entry| entry.and_then(|e| e.expires_at))
+    }
+
+    /// Drops expired keys; returns how many.
+    pub fn sweep(&self) -> usize {
+        let mut data = self.lock();
+        let before = data.len();
+        data.retain(|_, entry| !expired(entry));
+        before - data.len()
+    }
+
+    fn update_expiry(&self, keys: &[String], at: Option<u64>) -> u64 {
+        let mut data = self.lock();
+        let mut changed = 0;
+        for key in keys {
+            if let Some(entry) = data.get_mut(key).filter(|e| !expired(e)) {
+                entry.expires_at = at;
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    fn with_live<T>(&self, key: &str, f: impl FnOnce(Option<&Entry>) -> T) -> T {
+        let data = self.lock();
+        f(data.get(key).filter(|e| !expired(e)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.data.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Resolves a slice with negative indices counting from the end, clamped to the list.
+fn bounds(len: usize, start: i64, end: Option<i64>) -> (usize, usize) {
+    let resolve = |i: i64| -> usize {
+        if i < 0 { len.saturating_sub(i.unsigned_abs() as usize) } else { (i as usize).min(len) }
+    };
+    let from = resolve(start);
+    let to = end.map_or(len, resolve);
+    (from, to.max(from))
+}
+
+fn parse(value: &[u8]) -> Result<Value, ExchangeError> {
+    serde_json::from_slice(value).map_err(|e| ExchangeError::BadJson(e.to_string()))
+}
+
+fn to_json(value: &Value) -> Vec<u8> {
+    // Serializing a Value cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn expired(entry: &Entry) -> bool {
+    entry.expires_at.is_some_and(|at| now_ms() >= at)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn text(bytes: Option<Vec<u8>>) -> Option<String> {
+        bytes.map(|b| String::from_utf8(b).unwrap())
+    }
+
     #[test]
     fn set_get_remove() {
         let ex = Exchange::default();
         assert_eq!(ex.get("k"), None);
-        ex.set("k".into(), Bytes::from_static(b"{\"a\":1}"));
-        assert_eq!(ex.get("k").as_deref(), Some(&b"{\"a\":1}"[..]));
-        assert_eq!(ex.remove("k").as_deref(), Some(&b"{\"a\":1}"[..]));
+        ex.set("k".into(), br#"{"a": 1}"#).unwrap();
+        assert_eq!(text(ex.get("k")).as_deref(), Some(r#"{"a":1}"#));
+        assert!(ex.has_key("k"));
+        assert_eq!(ex.count("k"), 1);
+        assert_eq!(text(ex.remove("k")).as_deref(), Some(r#"{"a":1}"#));
         assert_eq!(ex.remove("k"), None);
+        assert!(matches!(ex.set("k".into(), b"{nope"), Err(ExchangeError::BadJson(_))));
+    }
+
+    #[test]
+    fn lists() {
+        let ex = Exchange::default();
+        for (i, v) in ["1", "2", "3", "4", "5"].iter().enumerate() {
+            assert_eq!(ex.add("l".into(), v.as_bytes()).unwrap(), i as u64);
+        }
+        assert_eq!(ex.count("l"), 5);
+        assert_eq!(ex.get_range("l", 1, Some(3)).unwrap(), b"[2,3]");
+        assert_eq!(ex.get_range("l", -2, None).unwrap(), b"[4,5]");
+        assert_eq!(ex.get_range("l", 4, Some(2)).unwrap(), b"[]");
+        assert_eq!(ex.get_range("l", 10, None).unwrap(), b"[]");
+        assert_eq!(ex.remove_range("l", 0, Some(2)).unwrap(), b"[1,2]");
+        assert_eq!(text(ex.get("l")).as_deref(), Some("[3,4,5]"));
+        assert_eq!(ex.get_range("missing", 0, None).unwrap(), b"[]");
+        ex.set("o".into(), br#"{"a":1,"b":2}"#).unwrap();
+        assert_eq!(ex.count("o"), 2);
+        assert!(matches!(ex.add("o".into(), b"1"), Err(ExchangeError::NotAList(_))));
+    }
+
+    #[test]
+    fn expiry() {
+        let ex = Exchange::default();
+        ex.set("a".into(), b"1").unwrap();
+        ex.set("b".into(), b"2").unwrap();
+        assert_eq!(ex.expire(&["a".into(), "b".into(), "none".into()], 60), 2);
+        let at = ex.get_expiry("a").unwrap();
+        assert!(at > now_ms() + 59_000 && at <= now_ms() + 60_000);
+        assert_eq!(ex.unexpire(&["b".into()]), 1);
+        assert_eq!(ex.get_expiry("b"), None);
+        assert_eq!(ex.expire(&["a".into()], 0), 1);
+        assert_eq!(ex.get("a"), None, "expired keys read as absent at once");
+        assert!(!ex.has_key("a"));
+        assert_eq!(ex.sweep(), 1);
+        assert_eq!(text(ex.get("b")).as_deref(), Some("2"));
     }
 }

@@ -10,7 +10,9 @@ use sc_proto::broker::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::exchange::Exchange;
+use bytes::Bytes;
+
+use crate::exchange::{Exchange, ExchangeError};
 use crate::router::{self, Router};
 
 /// Most deliveries sent in one gRPC message.
@@ -103,23 +105,77 @@ impl pb::broker_server::Broker for BrokerService {
     async fn set(&self, request: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        self.exchange.set(request.key, request.value);
+        self.exchange.set(request.key, &request.value).map_err(to_status)?;
         Ok(Response::new(pb::SetResponse {}))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::GetResponse { value: self.exchange.get(&request.key) }))
+        Ok(Response::new(pb::GetResponse { value: self.exchange.get(&request.key).map(Bytes::from) }))
     }
 
-    async fn remove(
-        &self,
-        request: Request<pb::RemoveRequest>,
-    ) -> Result<Response<pb::RemoveResponse>, Status> {
+    async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::RemoveResponse { value: self.exchange.remove(&request.key) }))
+        Ok(Response::new(pb::RemoveResponse { value: self.exchange.remove(&request.key).map(Bytes::from) }))
+    }
+
+    async fn add(&self, request: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        let index = self.exchange.add(request.key, &request.value).map_err(to_status)?;
+        Ok(Response::new(pb::AddResponse { index }))
+    }
+
+    async fn get_range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        let values = self.exchange.get_range(&request.key, request.start, request.end).map_err(to_status)?;
+        Ok(Response::new(pb::RangeResponse { values: Bytes::from(values) }))
+    }
+
+    async fn remove_range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        let values = self.exchange.remove_range(&request.key, request.start, request.end).map_err(to_status)?;
+        Ok(Response::new(pb::RangeResponse { values: Bytes::from(values) }))
+    }
+
+    async fn count(&self, request: Request<pb::KeyRequest>) -> Result<Response<pb::CountResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        Ok(Response::new(pb::CountResponse { count: self.exchange.count(&request.key) }))
+    }
+
+    async fn has_key(&self, request: Request<pb::KeyRequest>) -> Result<Response<pb::HasKeyResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        Ok(Response::new(pb::HasKeyResponse { exists: self.exchange.has_key(&request.key) }))
+    }
+
+    async fn expire(&self, request: Request<pb::ExpireRequest>) -> Result<Response<pb::ExpireResponse>, Status> {
+        let request = request.into_inner();
+        let changed = self.exchange.expire(&request.keys, request.seconds);
+        Ok(Response::new(pb::ExpireResponse { changed }))
+    }
+
+    async fn unexpire(&self, request: Request<pb::UnexpireRequest>) -> Result<Response<pb::ExpireResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(pb::ExpireResponse { changed: self.exchange.unexpire(&request.keys) }))
+    }
+
+    async fn get_expiry(&self, request: Request<pb::KeyRequest>) -> Result<Response<pb::GetExpiryResponse>, Status> {
+        let request = request.into_inner();
+        check_key(&request.key)?;
+        Ok(Response::new(pb::GetExpiryResponse { expires_at_ms: self.exchange.get_expiry(&request.key) }))
+    }
+}
+
+fn to_status(error: ExchangeError) -> Status {
+    match error {
+        ExchangeError::BadJson(_) => Status::invalid_argument(error.to_string()),
+        ExchangeError::NotAList(_) => Status::failed_precondition(error.to_string()),
     }
 }
 

@@ -14,10 +14,11 @@ pub mod router;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sc_common::config::Config;
 use sc_common::daemon;
-use sc_common::membership::{Event, MasterLink, Member, Role};
+use sc_common::membership::{self, Event, MasterLink, Member, Role};
 use sc_common::secret;
 use sc_proto::broker::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
@@ -25,6 +26,26 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use sc_common::Error;
+
+/// How long a leaving broker keeps serving after it left the membership: longer than workers
+/// keep their streams to a broker that left (their break delay), so nothing in flight is lost.
+pub const DRAIN: Duration = Duration::from_millis(1500);
+
+/// Drops expired exchange keys every second.
+async fn sweep(exchange: Arc<exchange::Exchange>, stopped: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tick.tick() => {
+                let swept = exchange.sweep();
+                if swept > 0 {
+                    tracing::trace!(swept, "expired keys dropped");
+                }
+            }
+        }
+    }
+}
 
 /// A broker with its listener bound.
 #[derive(Debug)]
@@ -70,25 +91,38 @@ impl Broker {
             let _members = link.spawn(events, shutdown.clone());
         }
         let queue = self.config.broker.worker_queue;
+        let exchange = Arc::new(exchange::Exchange::default());
+        // The worker streams and the gRPC server outlive `shutdown` by the drain period.
+        let stopped = CancellationToken::new();
         let service = grpc::BrokerService {
             router: Arc::new(router::Router::new(queue)),
-            exchange: Arc::new(exchange::Exchange::default()),
+            exchange: exchange.clone(),
             queue,
-            shutdown: shutdown.clone(),
+            shutdown: stopped.clone(),
         };
+        tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = daemon::health();
         let router = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(BrokerServer::with_interceptor(service, secret::Check::new(secret)));
         tracing::info!(id = %self.id, addr = %self.addr, "broker listening");
+        // Graceful leave: out of the membership first, so that workers move their channels (they
+        // keep their streams to this broker open a little longer, for publishes already on the
+        // way), then serve on for the drain period, then stop.
         let draining = {
-            let shutdown = shutdown.clone();
+            let (master, secret, id) = (self.config.broker.master.clone(), secret.clone(), self.id.clone());
+            let stopped = stopped.clone();
             async move {
                 shutdown.cancelled().await;
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                if let Some(url) = master {
+                    membership::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2)).await;
+                    tokio::time::sleep(DRAIN).await;
+                }
+                stopped.cancel();
             }
         };
         tokio::spawn(draining);
-        daemon::serve_grpc(router, self.listener, shutdown).await
+        daemon::serve_grpc(router, self.listener, stopped).await
     }
 }

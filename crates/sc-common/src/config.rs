@@ -171,6 +171,9 @@ pub struct WorkerConfig {
     pub ack_timeout: Duration,
     /// A folder served over HTTP (GET, HEAD) at the worker's root; unset: none.
     pub static_dir: Option<PathBuf>,
+    /// The bearer key of the HTTP API for backends (`/api/publish`, `/api/exchange/<key>`).
+    /// Empty: the API is off.
+    pub api_key: String,
 }
 
 /// Which SocketCluster protocol version(s) a worker speaks.
@@ -260,6 +263,7 @@ impl Default for WorkerConfig {
             allow_client_publish: true,
             ack_timeout: Duration::from_secs(10),
             static_dir: None,
+            api_key: String::new(),
         }
     }
 }

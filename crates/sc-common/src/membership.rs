@@ -203,6 +203,31 @@ impl MasterLink {
     }
 }
 
+/// Tells the master at `url` that the member `id` (process `pid`) is leaving on purpose, so that
+/// it leaves the membership at once instead of after failed health checks. Best effort: bounded
+/// by `timeout`, and an unreachable master is only logged.
+pub async fn deregister(url: &str, secret: &str, id: &str, pid: u32, timeout: Duration) {
+    let call = async {
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = pb::master_client::MasterClient::with_interceptor(channel, secret::Attach::new(secret));
+        client
+            .deregister(pb::DeregisterRequest { id: id.to_owned(), pid })
+            .await
+            .map_err(|s| s.message().to_owned())?;
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(())) => tracing::debug!(%id, "deregistered"),
+        Ok(Err(e)) => tracing::debug!(%id, error = %e, "could not deregister"),
+        Err(_) => tracing::debug!(%id, "deregistering timed out"),
+    }
+}
+
 /// Exponential backoff with a cap.
 #[derive(Debug, Clone)]
 pub struct Backoff {

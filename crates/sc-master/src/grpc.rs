@@ -57,6 +57,17 @@ impl pb::master_server::Master for MasterService {
         Ok(Response::new(pb::RegisterResponse { epoch }))
     }
 
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        if self.registry.remove(&request.id, Some(request.pid)) {
+            self.log.master(Severity::Notice, format!("{} (pid {}) left the membership", request.id, request.pid));
+        }
+        Ok(Response::new(pb::RegisterResponse { epoch: self.registry.snapshot().epoch }))
+    }
+
     async fn watch_members(
         &self,
         request: Request<pb::WatchMembersRequest>,

@@ -5,8 +5,11 @@
 //! the number of local sockets) and:
 //! - on a (re)connected stream, subscribes every channel that broker owns, so a broker restart
 //!   loses no subscription;
-//! - on a membership change, subscribes each moved channel on its new owner before it
-//!   unsubscribes it from the old one (make before break);
+//! - on a membership change, subscribes each moved channel on its new owner at once and
+//!   unsubscribes it from the old one only [`BREAK_DELAY`] later (make before break), and keeps
+//!   the stream to a broker that left open for as long: publishes that other workers sent to the
+//!   old owner before they saw the change are still delivered (zero loss when a broker is added or
+//!   leaves gracefully, see docs/architecture.md);
 //! - sends publishes to the owner, with a bounded window of publishes in flight per broker so
 //!   a slow broker slows publishers down instead of growing memory.
 //!
@@ -24,7 +27,8 @@ use sc_common::{rendezvous, secret};
 use sc_proto::broker::v1 as pb;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::hub::Hub;
 
@@ -32,6 +36,9 @@ use crate::hub::Hub;
 const PUBLISH_WINDOW: usize = 8192;
 /// Most commands in one gRPC message.
 const MAX_BATCH: usize = 512;
+/// How long the old owner of a moved channel (or a broker that left) keeps delivering to this
+/// worker; must be shorter than a leaving broker's drain (`sc_broker::DRAIN`).
+pub const BREAK_DELAY: Duration = Duration::from_millis(1000);
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
 const LINK_WAIT: Duration = Duration::from_secs(3);
@@ -67,15 +74,21 @@ struct State {
 struct Entry {
     grpc: String,
     generation: u64,
+    /// Left the membership: owns nothing, its stream stays open until [`BREAK_DELAY`] passed.
+    leaving: bool,
     /// The open stream, if any: commands sent while it is `None` are not needed later (the
     /// subscriptions are replayed when it opens; publishes fail fast).
     link: Option<Link>,
     stop: CancellationToken,
 }
 
+/// A broker client for unary calls (the exchange).
+pub type Client = pb::broker_client::BrokerClient<InterceptedService<Channel, secret::Attach>>;
+
 #[derive(Debug, Clone)]
 struct Link {
     tx: mpsc::UnboundedSender<pb::Command>,
+    client: Client,
     /// Free slots of the publish window; given back as the stream takes publishes out.
     window: Arc<Semaphore>,
 }
@@ -103,18 +116,7 @@ impl BrokerPool {
     /// Publishes `data` (JSON text) to `channel` through its owner broker, waiting up to
     /// [`LINK_WAIT`] for that broker's stream to open.
     pub async fn publish(&self, channel: &str, data: Bytes) -> Result<(), PublishError> {
-        let deadline = tokio::time::Instant::now() + LINK_WAIT;
-        let link = loop {
-            let linked = self.linked.notified();
-            tokio::pin!(linked);
-            linked.as_mut().enable();
-            if let Some(link) = self.lock().owner_link(channel) {
-                break link;
-            }
-            if tokio::time::timeout_at(deadline, linked).await.is_err() {
-                return Err(PublishError::NoBroker);
-            }
-        };
+        let link = self.owner_link(channel.as_bytes()).await?;
         // The permit is given back by the stream when it takes the publish out.
         match link.window.acquire().await {
             Ok(permit) => permit.forget(),
@@ -126,26 +128,58 @@ impl BrokerPool {
         link.tx.send(command).map_err(|_| PublishError::NoBroker)
     }
 
+    /// A client for unary calls to the broker that owns `key` (the exchange), waiting up to
+    /// [`LINK_WAIT`] for it.
+    pub async fn client_for(&self, key: &str) -> Result<Client, PublishError> {
+        Ok(self.owner_link(key.as_bytes()).await?.client)
+    }
+
+    async fn owner_link(&self, key: &[u8]) -> Result<Link, PublishError> {
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        loop {
+            let linked = self.linked.notified();
+            tokio::pin!(linked);
+            linked.as_mut().enable();
+            if let Some(link) = self.lock().owner_link(key) {
+                return Ok(link);
+            }
+            if tokio::time::timeout_at(deadline, linked).await.is_err() {
+                return Err(PublishError::NoBroker);
+            }
+        }
+    }
+
     /// Brokers with an open stream.
     pub fn linked(&self) -> usize {
         self.lock().brokers.values().filter(|e| e.link.is_some()).count()
     }
 
-    /// Applies a new set of live brokers (id, gRPC address): links new ones, drops gone ones,
-    /// and moves the channels whose owner changed, make before break.
+    /// Applies a new set of live brokers (id, gRPC address): links new ones, lets gone ones
+    /// drain, and moves the channels whose owner changed, make before break.
     pub fn apply(&self, brokers: Vec<(String, String)>, hub: &Arc<Hub>) {
         let mut state = self.lock();
         let before: Vec<(Arc<str>, Option<String>)> =
-            state.channels.iter().map(|c| (c.clone(), state.owner(c).map(str::to_owned))).collect();
+            state.channels.iter().map(|c| (c.clone(), state.owner(c.as_bytes()).map(str::to_owned))).collect();
 
         let wanted: BTreeMap<String, String> = brokers.into_iter().collect();
-        state.brokers.retain(|id, entry| {
-            let keep = wanted.get(id) == Some(&entry.grpc);
-            if !keep {
-                tracing::debug!(broker = %id, "broker left");
-                entry.stop.cancel();
+        let mut draining = Vec::new();
+        state.brokers.retain(|id, entry| match wanted.get(id) {
+            Some(grpc) if *grpc == entry.grpc => {
+                entry.leaving = false;
+                true
             }
-            keep
+            // Restarted elsewhere: the old process is gone, nothing to drain.
+            Some(_) => {
+                entry.stop.cancel();
+                false
+            }
+            None if entry.leaving => true,
+            None => {
+                tracing::debug!(broker = %id, "broker left, draining");
+                entry.leaving = true;
+                draining.push((id.clone(), entry.generation));
+                true
+            }
         });
         for (id, grpc) in wanted {
             if state.brokers.contains_key(&id) {
@@ -154,23 +188,53 @@ impl BrokerPool {
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
-            state
-                .brokers
-                .insert(id.clone(), Entry { grpc: grpc.clone(), generation, link: None, stop: stop.clone() });
+            let entry = Entry { grpc: grpc.clone(), generation, leaving: false, link: None, stop: stop.clone() };
+            state.brokers.insert(id.clone(), entry);
             tracing::debug!(broker = %id, %grpc, "broker joined");
             tokio::spawn(run_link(hub.clone(), id, grpc, generation, stop));
         }
 
+        let mut breaks = Vec::new();
         for (channel, old) in before {
-            let new = state.owner(&channel).map(str::to_owned);
+            let new = state.owner(channel.as_bytes()).map(str::to_owned);
             if new == old {
                 continue;
             }
-            // Make before break: the new owner first.
+            // Make: the new owner at once (or when its stream opens).
             if let Some(link) = new.as_deref().and_then(|id| state.link(id)) {
                 let _ = link.tx.send(subscribe(&channel));
             }
-            if let Some(link) = old.as_deref().and_then(|id| state.link(id)) {
+            // Break: later, so that publishes already on their way to the old owner arrive.
+            if let Some(old) = old {
+                breaks.push((channel, old));
+            }
+        }
+        drop(state);
+        if !draining.is_empty() || !breaks.is_empty() {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(BREAK_DELAY).await;
+                hub.pool().finish_moves(draining, breaks);
+            });
+        }
+    }
+
+    /// The break half of [`BrokerPool::apply`]: closes the streams of brokers that left and
+    /// unsubscribes moved channels from their old owners, unless things changed back meanwhile.
+    fn finish_moves(&self, draining: Vec<(String, u64)>, breaks: Vec<(Arc<str>, String)>) {
+        let mut state = self.lock();
+        for (id, generation) in draining {
+            if state.brokers.get(&id).is_some_and(|e| e.leaving && e.generation == generation)
+                && let Some(entry) = state.brokers.remove(&id)
+            {
+                tracing::debug!(broker = %id, "broker stream closed after draining");
+                entry.stop.cancel();
+            }
+        }
+        for (channel, old) in breaks {
+            let still_moved = state.owner(channel.as_bytes()) != Some(old.as_str());
+            let leaving = state.brokers.get(&old).is_none_or(|e| e.leaving);
+            if still_moved && !leaving && let Some(link) = state.link(&old) {
                 let _ = link.tx.send(unsubscribe(&channel));
             }
         }
@@ -182,20 +246,22 @@ impl BrokerPool {
 }
 
 impl State {
-    fn owner(&self, channel: &str) -> Option<&str> {
-        rendezvous::owner(self.brokers.keys().map(String::as_str), channel.as_bytes())
+    /// The owner of a channel or key among the brokers that have not left.
+    fn owner(&self, key: &[u8]) -> Option<&str> {
+        let live = self.brokers.iter().filter(|(_, e)| !e.leaving).map(|(id, _)| id.as_str());
+        rendezvous::owner(live, key)
     }
 
     fn link(&self, id: &str) -> Option<&Link> {
         self.brokers.get(id).and_then(|e| e.link.as_ref())
     }
 
-    fn owner_link(&self, channel: &str) -> Option<Link> {
-        self.owner(channel).and_then(|id| self.link(id)).cloned()
+    fn owner_link(&self, key: &[u8]) -> Option<Link> {
+        self.owner(key).and_then(|id| self.link(id)).cloned()
     }
 
     fn send_to_owner(&self, channel: &str, command: impl FnOnce() -> pb::Command) {
-        if let Some(link) = self.owner(channel).and_then(|id| self.link(id)) {
+        if let Some(link) = self.owner(channel.as_bytes()).and_then(|id| self.link(id)) {
             let _ = link.tx.send(command());
         }
     }
@@ -255,23 +321,22 @@ async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Res
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client =
-        pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&pool.secret))
-            .max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&pool.secret))
+        .max_decoding_message_size(64 * 1024 * 1024);
 
     let (tx, rx) = mpsc::unbounded_channel();
     let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));
     {
         let mut state = pool.lock();
         let owned: Vec<Arc<str>> =
-            state.channels.iter().filter(|c| state.owner(c) == Some(id)).cloned().collect();
+            state.channels.iter().filter(|c| state.owner(c.as_bytes()) == Some(id)).cloned().collect();
         let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
             return Ok(false);
         };
         for channel in &owned {
             let _ = tx.send(subscribe(channel));
         }
-        entry.link = Some(Link { tx, window: window.clone() });
+        entry.link = Some(Link { tx, client: client.clone(), window: window.clone() });
         tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
     }
     pool.linked.notify_waiters();

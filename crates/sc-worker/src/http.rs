@@ -43,6 +43,8 @@ pub struct Http {
     pub max_payload: usize,
     /// `[worker] static_dir`, canonicalised.
     pub static_dir: Option<PathBuf>,
+    /// `[worker] api_key`; empty: the HTTP API is off.
+    pub api_key: String,
 }
 
 type Body = Full<Bytes>;
@@ -110,6 +112,7 @@ impl Http {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no broker linked\n")
                 }
             }
+            (_, path) if path.starts_with("/api/") => self.api(request).await,
             (&Method::GET | &Method::HEAD, _) if self.static_dir.is_some() => {
                 self.static_file(&request).await
             }
@@ -176,6 +179,80 @@ impl Http {
             headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         }
         response
+    }
+
+    /// The HTTP API for backends: publish, and the exchange's get/set/remove.
+    async fn api(&self, request: Request<Incoming>) -> Response<Body> {
+        if self.api_key.is_empty() {
+            return text(StatusCode::NOT_FOUND, "the HTTP API is off (set [worker] api_key)\n");
+        }
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), self.api_key.as_bytes()) {
+            return json_response(StatusCode::UNAUTHORIZED, r#"{"error":"missing or wrong API key"}"#.into());
+        }
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let exchange = crate::exchange::Exchange::new(self.context.hub.clone());
+        match (&method, path.as_str()) {
+            (&Method::POST, "/api/publish") => {
+                let body = match self.read_json(request).await {
+                    Ok(body) => body,
+                    Err(response) => return response,
+                };
+                let Some(channel) = body.get("channel").and_then(|c| c.as_str()) else {
+                    return json_response(StatusCode::BAD_REQUEST, r#"{"error":"channel must be a string"}"#.into());
+                };
+                let data = body.get("data").map(|d| Bytes::from(d.to_string())).unwrap_or_default();
+                match exchange.publish_raw(channel, data).await {
+                    Ok(()) => json_response(StatusCode::OK, r#"{"ok":true}"#.into()),
+                    Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                }
+            }
+            (_, path) if path.starts_with("/api/exchange/") => {
+                let Some(key) = percent_decode(&path["/api/exchange/".len()..]).filter(|k| !k.is_empty()) else {
+                    return json_response(StatusCode::BAD_REQUEST, r#"{"error":"bad key"}"#.into());
+                };
+                let outcome = match method {
+                    Method::GET => exchange.get(&key).await.map(|v| match v {
+                        Some(value) => json_response(StatusCode::OK, value.to_string()),
+                        None => json_response(StatusCode::NOT_FOUND, r#"{"error":"no such key"}"#.into()),
+                    }),
+                    Method::PUT => {
+                        let value = match self.read_json(request).await {
+                            Ok(value) => value,
+                            Err(response) => return response,
+                        };
+                        exchange.set(&key, &value).await.map(|()| json_response(StatusCode::OK, r#"{"ok":true}"#.into()))
+                    }
+                    Method::DELETE => exchange.remove(&key).await.map(|v| match v {
+                        Some(value) => json_response(StatusCode::OK, serde_json::json!({ "value": value }).to_string()),
+                        None => json_response(StatusCode::NOT_FOUND, r#"{"error":"no such key"}"#.into()),
+                    }),
+                    _ => return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
+                };
+                outcome.unwrap_or_else(|e| match e {
+                    crate::exchange::ExchangeError::NoBroker => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                    other => json_error(StatusCode::BAD_GATEWAY, &other.to_string()),
+                })
+            }
+            _ => json_error(StatusCode::NOT_FOUND, "no such API call"),
+        }
+    }
+
+    /// Reads a JSON body of at most `max_payload` bytes.
+    async fn read_json(&self, request: Request<Incoming>) -> Result<serde_json::Value, Response<Body>> {
+        use http_body_util::BodyExt;
+        let limited = http_body_util::Limited::new(request.into_body(), self.max_payload);
+        let bytes = match limited.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => return Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, "body too large or unreadable")),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| json_error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
     }
 
     /// A file from the static folder; `/` and folders serve their index.html.
@@ -251,6 +328,20 @@ fn content_type(path: &Path) -> &'static str {
         "wasm" => "application/wasm",
         _ => "application/octet-stream",
     }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = respond(status, Bytes::from(body));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, serde_json::json!({ "error": message }).to_string())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

@@ -173,6 +173,7 @@ impl Worker {
             origins: origins::Origins::new(&self.config.worker.origins),
             max_payload: usize::try_from(self.config.worker.max_payload).unwrap_or(usize::MAX),
             static_dir,
+            api_key: self.config.worker.api_key.clone(),
         });
 
         let (health_reporter, health) = daemon::health();
