@@ -8,24 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use sc_tests::{Client, Cluster, alive, eventually, http_get, signal_pid};
+use sc_tests::{Client, Cluster, alive, eventually, http_get, signal_pid, source_ip_per_worker};
 use serde_json::json;
-
-/// Finds, for each worker id, a loopback source address the balancer sends to it.
-async fn source_ip_per_worker(cluster: &Cluster, workers: usize) -> Result<BTreeMap<String, IpAddr>> {
-    let mut found = BTreeMap::new();
-    for i in 2..250u8 {
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, i));
-        let (status, worker) = http_get(ip, cluster.addr, "/healthz").await?;
-        assert_eq!(status, 200);
-        found.entry(worker.expect("x-sc-worker header")).or_insert(ip);
-        if found.len() == workers {
-            break;
-        }
-    }
-    assert_eq!(found.len(), workers, "client IPs spread over every worker: {found:?}");
-    Ok(found)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_across_workers_then_a_killed_worker_is_replaced() -> Result<()> {
@@ -41,7 +25,7 @@ async fn pubsub_across_workers_then_a_killed_worker_is_replaced() -> Result<()> 
     assert_eq!(counts, expected);
 
     // A subscriber on one worker, a publisher on the other.
-    let ips = source_ip_per_worker(&cluster, 2).await?;
+    let ips = source_ip_per_worker(cluster.addr, 2).await?;
     let subscriber_ip = ips["worker-0"];
     let publisher_ip = ips["worker-1"];
     let mut subscriber = Client::connect(subscriber_ip, cluster.addr, &cluster.url).await?;

@@ -212,6 +212,26 @@ pub async fn http_get(local: IpAddr, to: SocketAddr, path: &str) -> Result<(u16,
     Ok((status, worker))
 }
 
+/// Finds, for each worker id, a loopback source address the balancer sends to it.
+pub async fn source_ip_per_worker(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<std::collections::BTreeMap<String, IpAddr>> {
+    let mut found = std::collections::BTreeMap::new();
+    for i in 2..250u8 {
+        let ip = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i));
+        let (status, worker) = http_get(ip, addr, "/healthz").await?;
+        if status != 200 {
+            bail!("/healthz answered {status}");
+        }
+        found.entry(worker.context("x-sc-worker header")?).or_insert(ip);
+        if found.len() == workers {
+            return Ok(found);
+        }
+    }
+    bail!("client IPs reached only {found:?}")
+}
+
 /// A minimal SocketCluster protocol v2 client, enough to drive the cluster from Rust tests.
 #[derive(Debug)]
 pub struct Client {
@@ -304,6 +324,19 @@ impl Client {
                 _ => {}
             }
         }
+    }
+
+    /// The next message that is not a ping (pings are answered), within `within`.
+    pub async fn next_message(&mut self, within: Duration) -> Result<Value> {
+        if !self.backlog.is_empty() {
+            return Ok(self.backlog.remove(0));
+        }
+        self.recv_matching(|_| true, within).await
+    }
+
+    /// Sends several packets as one batch (a JSON array), like the stock clients' batching.
+    pub async fn send_batch(&mut self, packets: Vec<Value>) -> Result<()> {
+        self.send(Value::Array(packets)).await
     }
 
     /// Waits for the server to close the connection; returns the close code.

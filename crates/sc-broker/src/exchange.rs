@@ -61,7 +61,9 @@ impl Exchange {
         if data.get(&key).is_some_and(expired) {
             data.remove(&key);
         }
-        let entry = data.entry(key.clone()).or_insert_with(|| Entry { value: Value::Array(Vec::new()), expires_at: None });
+        let entry = data
+            .entry(key.clone())
+            .or_insert_with(|| Entry { value: Value::Array(Vec::new()), expires_at: None });
         match &mut entry.value {
             Value::Array(list) => {
                 list.push(value);

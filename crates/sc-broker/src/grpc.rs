@@ -115,7 +115,10 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(pb::GetResponse { value: self.exchange.get(&request.key).map(Bytes::from) }))
     }
 
-    async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
         Ok(Response::new(pb::RemoveResponse { value: self.exchange.remove(&request.key).map(Bytes::from) }))
@@ -128,17 +131,24 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(pb::AddResponse { index }))
     }
 
-    async fn get_range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+    async fn get_range(
+        &self,
+        request: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
         let values = self.exchange.get_range(&request.key, request.start, request.end).map_err(to_status)?;
         Ok(Response::new(pb::RangeResponse { values: Bytes::from(values) }))
     }
 
-    async fn remove_range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+    async fn remove_range(
+        &self,
+        request: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        let values = self.exchange.remove_range(&request.key, request.start, request.end).map_err(to_status)?;
+        let values =
+            self.exchange.remove_range(&request.key, request.start, request.end).map_err(to_status)?;
         Ok(Response::new(pb::RangeResponse { values: Bytes::from(values) }))
     }
 
@@ -148,24 +158,36 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(pb::CountResponse { count: self.exchange.count(&request.key) }))
     }
 
-    async fn has_key(&self, request: Request<pb::KeyRequest>) -> Result<Response<pb::HasKeyResponse>, Status> {
+    async fn has_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::HasKeyResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
         Ok(Response::new(pb::HasKeyResponse { exists: self.exchange.has_key(&request.key) }))
     }
 
-    async fn expire(&self, request: Request<pb::ExpireRequest>) -> Result<Response<pb::ExpireResponse>, Status> {
+    async fn expire(
+        &self,
+        request: Request<pb::ExpireRequest>,
+    ) -> Result<Response<pb::ExpireResponse>, Status> {
         let request = request.into_inner();
         let changed = self.exchange.expire(&request.keys, request.seconds);
         Ok(Response::new(pb::ExpireResponse { changed }))
     }
 
-    async fn unexpire(&self, request: Request<pb::UnexpireRequest>) -> Result<Response<pb::ExpireResponse>, Status> {
+    async fn unexpire(
+        &self,
+        request: Request<pb::UnexpireRequest>,
+    ) -> Result<Response<pb::ExpireResponse>, Status> {
         let request = request.into_inner();
         Ok(Response::new(pb::ExpireResponse { changed: self.exchange.unexpire(&request.keys) }))
     }
 
-    async fn get_expiry(&self, request: Request<pb::KeyRequest>) -> Result<Response<pb::GetExpiryResponse>, Status> {
+    async fn get_expiry(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::GetExpiryResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
         Ok(Response::new(pb::GetExpiryResponse { expires_at_ms: self.exchange.get_expiry(&request.key) }))

@@ -116,7 +116,8 @@ impl Broker {
                 shutdown.cancelled().await;
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 if let Some(url) = master {
-                    membership::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2)).await;
+                    membership::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))
+                        .await;
                     tokio::time::sleep(DRAIN).await;
                 }
                 stopped.cancel();

@@ -214,7 +214,8 @@ pub async fn deregister(url: &str, secret: &str, id: &str, pid: u32, timeout: Du
             .connect()
             .await
             .map_err(|e| e.to_string())?;
-        let mut client = pb::master_client::MasterClient::with_interceptor(channel, secret::Attach::new(secret));
+        let mut client =
+            pb::master_client::MasterClient::with_interceptor(channel, secret::Attach::new(secret));
         client
             .deregister(pb::DeregisterRequest { id: id.to_owned(), pid })
             .await

@@ -63,7 +63,10 @@ impl pb::master_server::Master for MasterService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let request = request.into_inner();
         if self.registry.remove(&request.id, Some(request.pid)) {
-            self.log.master(Severity::Notice, format!("{} (pid {}) left the membership", request.id, request.pid));
+            self.log.master(
+                Severity::Notice,
+                format!("{} (pid {}) left the membership", request.id, request.pid),
+            );
         }
         Ok(Response::new(pb::RegisterResponse { epoch: self.registry.snapshot().epoch }))
     }

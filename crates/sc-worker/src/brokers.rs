@@ -158,8 +158,11 @@ impl BrokerPool {
     /// drain, and moves the channels whose owner changed, make before break.
     pub fn apply(&self, brokers: Vec<(String, String)>, hub: &Arc<Hub>) {
         let mut state = self.lock();
-        let before: Vec<(Arc<str>, Option<String>)> =
-            state.channels.iter().map(|c| (c.clone(), state.owner(c.as_bytes()).map(str::to_owned))).collect();
+        let before: Vec<(Arc<str>, Option<String>)> = state
+            .channels
+            .iter()
+            .map(|c| (c.clone(), state.owner(c.as_bytes()).map(str::to_owned)))
+            .collect();
 
         let wanted: BTreeMap<String, String> = brokers.into_iter().collect();
         let mut draining = Vec::new();
@@ -188,7 +191,8 @@ impl BrokerPool {
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
-            let entry = Entry { grpc: grpc.clone(), generation, leaving: false, link: None, stop: stop.clone() };
+            let entry =
+                Entry { grpc: grpc.clone(), generation, leaving: false, link: None, stop: stop.clone() };
             state.brokers.insert(id.clone(), entry);
             tracing::debug!(broker = %id, %grpc, "broker joined");
             tokio::spawn(run_link(hub.clone(), id, grpc, generation, stop));
@@ -210,6 +214,8 @@ impl BrokerPool {
             }
         }
         drop(state);
+        // Publishes waiting for an owner may have one now.
+        self.linked.notify_waiters();
         if !draining.is_empty() || !breaks.is_empty() {
             let hub = hub.clone();
             tokio::spawn(async move {
@@ -234,7 +240,10 @@ impl BrokerPool {
         for (channel, old) in breaks {
             let still_moved = state.owner(channel.as_bytes()) != Some(old.as_str());
             let leaving = state.brokers.get(&old).is_none_or(|e| e.leaving);
-            if still_moved && !leaving && let Some(link) = state.link(&old) {
+            if still_moved
+                && !leaving
+                && let Some(link) = state.link(&old)
+            {
                 let _ = link.tx.send(unsubscribe(&channel));
             }
         }
@@ -321,8 +330,9 @@ async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Res
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client = pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&pool.secret))
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let mut client =
+        pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&pool.secret))
+            .max_decoding_message_size(64 * 1024 * 1024);
 
     let (tx, rx) = mpsc::unbounded_channel();
     let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));

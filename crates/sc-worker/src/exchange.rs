@@ -69,7 +69,8 @@ impl Exchange {
 
     /// The value under `key`.
     pub async fn get(&self, key: &str) -> Result<Option<Value>, ExchangeError> {
-        let reply = self.client(key).await?.get(pb::GetRequest { key: key.to_owned() }).await.map_err(refused)?;
+        let reply =
+            self.client(key).await?.get(pb::GetRequest { key: key.to_owned() }).await.map_err(refused)?;
         reply.into_inner().value.map(|v| json(&v)).transpose()
     }
 
@@ -87,14 +88,24 @@ impl Exchange {
     }
 
     /// The slice `[start, end)` of the list under `key` (negative: from the end).
-    pub async fn get_range(&self, key: &str, start: i64, end: Option<i64>) -> Result<Vec<Value>, ExchangeError> {
+    pub async fn get_range(
+        &self,
+        key: &str,
+        start: i64,
+        end: Option<i64>,
+    ) -> Result<Vec<Value>, ExchangeError> {
         let request = pb::RangeRequest { key: key.to_owned(), start, end };
         let reply = self.client(key).await?.get_range(request).await.map_err(refused)?;
         list(&reply.into_inner().values)
     }
 
     /// Removes the slice `[start, end)` of the list under `key` and returns it.
-    pub async fn remove_range(&self, key: &str, start: i64, end: Option<i64>) -> Result<Vec<Value>, ExchangeError> {
+    pub async fn remove_range(
+        &self,
+        key: &str,
+        start: i64,
+        end: Option<i64>,
+    ) -> Result<Vec<Value>, ExchangeError> {
         let request = pb::RangeRequest { key: key.to_owned(), start, end };
         let reply = self.client(key).await?.remove_range(request).await.map_err(refused)?;
         list(&reply.into_inner().values)

@@ -205,7 +205,10 @@ impl Http {
                     Err(response) => return response,
                 };
                 let Some(channel) = body.get("channel").and_then(|c| c.as_str()) else {
-                    return json_response(StatusCode::BAD_REQUEST, r#"{"error":"channel must be a string"}"#.into());
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"channel must be a string"}"#.into(),
+                    );
                 };
                 let data = body.get("data").map(|d| Bytes::from(d.to_string())).unwrap_or_default();
                 match exchange.publish_raw(channel, data).await {
@@ -214,7 +217,8 @@ impl Http {
                 }
             }
             (_, path) if path.starts_with("/api/exchange/") => {
-                let Some(key) = percent_decode(&path["/api/exchange/".len()..]).filter(|k| !k.is_empty()) else {
+                let Some(key) = percent_decode(&path["/api/exchange/".len()..]).filter(|k| !k.is_empty())
+                else {
                     return json_response(StatusCode::BAD_REQUEST, r#"{"error":"bad key"}"#.into());
                 };
                 let outcome = match method {
@@ -227,16 +231,23 @@ impl Http {
                             Ok(value) => value,
                             Err(response) => return response,
                         };
-                        exchange.set(&key, &value).await.map(|()| json_response(StatusCode::OK, r#"{"ok":true}"#.into()))
+                        exchange
+                            .set(&key, &value)
+                            .await
+                            .map(|()| json_response(StatusCode::OK, r#"{"ok":true}"#.into()))
                     }
                     Method::DELETE => exchange.remove(&key).await.map(|v| match v {
-                        Some(value) => json_response(StatusCode::OK, serde_json::json!({ "value": value }).to_string()),
+                        Some(value) => {
+                            json_response(StatusCode::OK, serde_json::json!({ "value": value }).to_string())
+                        }
                         None => json_response(StatusCode::NOT_FOUND, r#"{"error":"no such key"}"#.into()),
                     }),
                     _ => return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
                 };
                 outcome.unwrap_or_else(|e| match e {
-                    crate::exchange::ExchangeError::NoBroker => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                    crate::exchange::ExchangeError::NoBroker => {
+                        json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+                    }
                     other => json_error(StatusCode::BAD_GATEWAY, &other.to_string()),
                 })
             }
@@ -252,7 +263,8 @@ impl Http {
             Ok(collected) => collected.to_bytes(),
             Err(_) => return Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, "body too large or unreadable")),
         };
-        serde_json::from_slice(&bytes).map_err(|e| json_error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| json_error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
     }
 
     /// A file from the static folder; `/` and folders serve their index.html.
