@@ -91,6 +91,9 @@ pub struct MasterConfig {
     pub respawn_backoff_max: Duration,
     /// Where the daemon binaries are. Unset: the folder of the sc-master executable.
     pub bin_dir: Option<PathBuf>,
+    /// The admin and status HTTP API (JSON): members, epoch, recent errors, rolling restart.
+    /// Loopback by default: it can restart the cluster and has no authentication.
+    pub admin_listen: SocketAddr,
 }
 
 /// `[balancer]`: the public face.
@@ -181,6 +184,7 @@ impl Default for MasterConfig {
             respawn_backoff: Duration::from_millis(100),
             respawn_backoff_max: Duration::from_secs(30),
             bin_dir: None,
+            admin_listen: loopback(8001),
         }
     }
 }
