@@ -108,11 +108,16 @@ impl Worker {
             tracing::warn!("no [worker] master configured: no brokers, so no pub/sub");
         }
 
+        // Sockets are closed only after the listener is gone (see below), so a client that
+        // reconnects at once is refused here and goes to another worker instead of waiting in
+        // this listener's backlog.
+        let close_sockets = CancellationToken::new();
         let shared = Arc::new(socket::Shared::new(
             hub,
             &self.config.worker,
-            shutdown.clone(),
+            close_sockets.clone(),
         ));
+        let sockets = TaskTracker::new();
         let http = Arc::new(http::Http {
             shared,
             path: http::Http::normalise_path(&self.config.worker.path),
@@ -122,6 +127,8 @@ impl Worker {
                     self.id
                 ))
             })?,
+            sockets: sockets.clone(),
+            faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
         });
 
         let (health_reporter, health) = daemon::health();
@@ -146,12 +153,19 @@ impl Worker {
                 }
             }
         }
+        // Drain: refuse new connections first, then close every socket with the reconnect-now
+        // close, then wait for the close frames to be written (bounded by the caller's grace).
+        drop(self.listener);
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
-        drop(self.listener);
+        let open = sockets.len();
+        close_sockets.cancel();
         tracker.close();
         tracker.wait().await;
+        sockets.close();
+        sockets.wait().await;
+        tracing::info!(id = %self.id, sockets = open, "worker drained");
         let _ = grpc_task.await;
         tracing::info!(id = %self.id, "worker stopped");
         Ok(())

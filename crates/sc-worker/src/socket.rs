@@ -38,8 +38,11 @@ pub const CLOSE_BEFORE_HANDSHAKE: u16 = 4009;
 /// Close code: the socket's outbound queue overflowed (it did not read fast enough); clients
 /// reconnect with backoff.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4100;
-/// Close code: the worker is shutting down (service restart; clients reconnect).
-pub const CLOSE_SHUTDOWN: u16 = 1012;
+/// Close code: the worker is shutting down or being replaced in a rolling restart. It is sent as
+/// a close frame *without* a status code, which the clients report as 1005: with 4000 and 4001,
+/// the only codes after which both the v14 and the v20 clients reconnect at once instead of
+/// after a 10-20 s backoff (see docs/architecture.md, "Draining a worker").
+pub const CLOSE_SHUTDOWN: u16 = 1005;
 
 /// What every socket of a worker shares.
 #[derive(Debug)]
@@ -119,12 +122,13 @@ where
     socket.leave_all();
     if let End::Close(code, reason) = end {
         tracing::debug!(id = %socket.id, code, reason, "closing socket");
-        let frame = CloseFrame {
+        // 1005 may not travel in a frame (RFC 6455 7.4.1): it is an empty close frame.
+        let frame = (code != CLOSE_SHUTDOWN).then(|| CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
-        };
+        });
         // A peer that stalls must not hold the task: the close gets a bounded time.
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(frame)).await;
     }
     tracing::debug!(id = %socket.id, "socket closed");
 }
@@ -354,6 +358,14 @@ impl Socket {
         for channel in self.subscriptions.drain() {
             self.shared.hub.unsubscribe(&channel, self.key);
         }
+    }
+}
+
+impl Drop for Socket {
+    /// A socket task that ends by a panic (caught in [`crate::http`]) still leaves its channels,
+    /// so the hub holds no dead outbox.
+    fn drop(&mut self) {
+        self.leave_all();
     }
 }
 
