@@ -12,9 +12,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::field::{Field, Visit};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::Error;
@@ -177,6 +177,15 @@ fn install_panic_hook() {
 
 /// The first SIGTERM or SIGINT cancels `shutdown` (a graceful drain); a second one exits at once.
 pub fn spawn_signal_handler(shutdown: CancellationToken) {
+    spawn_signal_handler_then(shutdown, || {});
+}
+
+/// As [`spawn_signal_handler`], running `on_second` (say, killing child processes) right
+/// before the immediate exit of a second signal.
+pub fn spawn_signal_handler_then(
+    shutdown: CancellationToken,
+    on_second: impl FnOnce() + Send + 'static,
+) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (
@@ -196,6 +205,7 @@ pub fn spawn_signal_handler(shutdown: CancellationToken) {
             _ = int.recv() => {}
         }
         tracing::warn!("second signal, exiting now");
+        on_second();
         std::process::exit(EXIT_FAILURE);
     });
 }
