@@ -2,19 +2,21 @@
 //!
 //! It keeps the membership ([`registry`]) that balancers and workers watch over gRPC
 //! ([`grpc`], `sc.master.v1`), checks every member's health ([`health`]), writes the central
-//! log of every daemon's errors ([`central_log`]) and, in supervise mode, runs the balancer,
-//! workers and brokers as child processes and respawns them ([`supervisor`]). It is not on the
-//! data path: the other daemons keep serving without it.
+//! log of every daemon's errors and notices ([`central_log`]), serves the admin and status API
+//! ([`admin`]) and, in supervise mode, runs the balancer, workers and brokers as child
+//! processes, respawns them and restarts the workers one at a time on SIGUSR2 ([`supervisor`]).
+//! It is not on the data path: the other daemons keep serving without it, and in standalone
+//! mode they register again when it comes back.
 //!
 //! Entry points: [`Master::bind`], then [`Master::serve`].
 
+pub mod admin;
 pub mod central_log;
 pub mod grpc;
 pub mod health;
 pub mod registry;
 pub mod supervisor;
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,9 +31,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::central_log::CentralLog;
-use crate::health::Instance;
+use crate::health::HealthMap;
 use crate::registry::Registry;
-use crate::supervisor::{ChildSpec, Supervisor};
+use crate::supervisor::{ChildSpec, Children, Supervisor};
+
+/// How long a standalone master holds back membership after it starts, so that the members
+/// of a running cluster register again first. Longer than the members' retry backoff (2 s).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A master with its gRPC listener bound.
 #[derive(Debug)]
@@ -40,13 +46,17 @@ pub struct Master {
     config_file: Option<PathBuf>,
     listener: TcpListener,
     addr: SocketAddr,
+    admin: TcpListener,
+    admin_addr: SocketAddr,
     registry: Arc<Registry>,
     log: Arc<CentralLog>,
+    children: Arc<Children>,
 }
 
 impl Master {
     /// Binds the gRPC listener (`[master] listen`; port 0 picks a free one, which suits
-    /// supervise mode and tests). `config_file` is handed on to the children in supervise mode.
+    /// supervise mode and tests) and the admin API (`[master] admin_listen`). `config_file` is
+    /// handed on to the children in supervise mode.
     pub async fn bind(mut config: Config, config_file: Option<&Path>) -> Result<Self, Error> {
         if config.cluster.secret.is_empty() {
             config.cluster.secret = secret::generate();
@@ -54,19 +64,35 @@ impl Master {
         let config_file = config_file.map(std::path::absolute).transpose()?;
         let listener = daemon::bind(config.master.listen).await?;
         let addr = listener.local_addr()?;
+        let admin = daemon::bind(config.master.admin_listen).await?;
+        let admin_addr = admin.local_addr()?;
         Ok(Self {
             config,
             config_file,
             listener,
             addr,
+            admin,
+            admin_addr,
             registry: Arc::new(Registry::default()),
             log: Arc::new(CentralLog::default()),
+            children: Arc::new(Children::default()),
         })
     }
 
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The supervised children (empty in standalone mode); `main` kills them on a second
+    /// signal.
+    pub fn children(&self) -> Arc<Children> {
+        self.children.clone()
     }
 
     /// The membership table (for tests and the status API).
@@ -80,7 +106,8 @@ impl Master {
     }
 
     /// Serves until `shutdown`; in supervise mode runs the cluster and stops it in order
-    /// (balancers, workers, brokers) on the way out.
+    /// (balancers, workers, brokers) within `[master] shutdown_grace` on the way out. SIGUSR2
+    /// starts a rolling restart of the workers.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let supervise = self.config.master.mode == MasterMode::Supervise;
         let specs = if supervise {
@@ -88,8 +115,9 @@ impl Master {
         } else {
             Vec::new()
         };
+        let started = tokio::time::Instant::now();
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
-        let (healthy_tx, healthy_rx) = watch::channel(BTreeSet::new());
+        let (health_tx, health_rx) = watch::channel(HealthMap::new());
         let checks = shutdown.child_token();
         let checker = health::Checker {
             registry: self.registry.clone(),
@@ -97,7 +125,7 @@ impl Master {
             interval: self.config.master.health_interval,
             failures: self.config.master.health_failures,
             failed: failed_tx,
-            healthy: healthy_tx,
+            healthy: health_tx,
         };
         tokio::spawn(checker.run(checks.clone()));
 
@@ -106,6 +134,7 @@ impl Master {
         let service = grpc::MasterService {
             registry: self.registry.clone(),
             log: self.log.clone(),
+            settle_until: (!supervise).then(|| started + SETTLE),
         };
         let secret = &self.config.cluster.secret;
         let router = tonic::transport::Server::builder()
@@ -119,13 +148,15 @@ impl Master {
             self.listener,
             grpc_shutdown.clone(),
         ));
-        tracing::info!(addr = %self.addr, mode = ?self.config.master.mode, "master listening");
+        tracing::info!(addr = %self.addr, admin = %self.admin_addr, mode = ?self.config.master.mode, "master listening");
+        println!("admin api: http://{}", self.admin_addr);
 
-        if supervise {
-            let expected: Vec<String> = specs.iter().flatten().map(|s| s.id.clone()).collect();
+        let supervisor = supervise.then(|| {
             let settings = supervisor::Settings {
                 registry: self.registry.clone(),
                 log: self.log.clone(),
+                health: health_rx.clone(),
+                children: self.children.clone(),
                 env: vec![(
                     "SC_CLUSTER__SECRET".to_owned(),
                     self.config.cluster.secret.clone(),
@@ -134,19 +165,40 @@ impl Master {
                 backoff_max: self.config.master.respawn_backoff_max,
                 grace: self.config.master.shutdown_grace,
             };
-            let supervisor = Supervisor::start(specs, settings);
-            let path = self.config.worker.path.clone();
+            let expected: Vec<String> = specs.iter().flatten().map(|s| s.id.clone()).collect();
             tokio::spawn(announce_ready(
                 self.registry.watch(),
-                healthy_rx,
+                health_rx.clone(),
                 expected,
-                path,
+                self.config.worker.path.clone(),
                 shutdown.clone(),
             ));
+            Arc::new(Supervisor::start(specs, settings))
+        });
+
+        let admin_shutdown = CancellationToken::new();
+        let admin = Arc::new(admin::Admin {
+            mode: self.config.master.mode,
+            grpc: self.addr,
+            started,
+            registry: self.registry.clone(),
+            log: self.log.clone(),
+            health: health_rx,
+            children: self.children.clone(),
+            supervisor: supervisor.clone(),
+        });
+        let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
+        tokio::spawn(rolling_restart_on_sigusr2(
+            supervisor.clone(),
+            self.log.clone(),
+            shutdown.clone(),
+        ));
+
+        if let Some(supervisor) = &supervisor {
             supervisor.kill_failed(&mut failed_rx, &shutdown).await;
             shutdown.cancelled().await;
             tracing::info!("stopping the cluster");
-            supervisor.stop().await;
+            supervisor.stop(self.config.master.shutdown_grace).await;
         } else {
             shutdown.cancelled().await;
         }
@@ -155,6 +207,8 @@ impl Master {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         grpc_shutdown.cancel();
+        admin_shutdown.cancel();
+        let _ = admin_task.await;
         match grpc.await {
             Ok(outcome) => outcome?,
             Err(e) => tracing::error!(error = %e, "grpc task failed"),
@@ -221,11 +275,43 @@ impl Master {
     }
 }
 
+/// SIGUSR2 starts a rolling restart of the workers (supervise mode), as with the Node
+/// original's `rebootOnSignal`, but one worker at a time.
+async fn rolling_restart_on_sigusr2(
+    supervisor: Option<Arc<Supervisor>>,
+    log: Arc<CentralLog>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::error!("cannot install the SIGUSR2 handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = usr2.recv() => if received.is_none() { return },
+        }
+        let outcome = match &supervisor {
+            Some(supervisor) => supervisor
+                .start_rolling_restart()
+                .map_err(|e| e.to_string()),
+            None => Err("standalone mode: the master runs no processes to restart".to_owned()),
+        };
+        if let Err(why) = outcome {
+            log.master(
+                sc_common::membership::Severity::Warning,
+                format!("SIGUSR2 ignored: {why}"),
+            );
+        }
+    }
+}
+
 /// Prints `cluster ready: <url>` on stdout once every expected member is registered and has
 /// passed a health check.
 async fn announce_ready(
     mut members: watch::Receiver<Arc<Membership>>,
-    mut healthy: watch::Receiver<BTreeSet<Instance>>,
+    mut healthy: watch::Receiver<HealthMap>,
     expected: Vec<String>,
     path: String,
     shutdown: CancellationToken,
@@ -235,10 +321,12 @@ async fn announce_ready(
             let snapshot = members.borrow_and_update().clone();
             let healthy = healthy.borrow_and_update();
             let all_up = expected.iter().all(|id| {
-                snapshot
-                    .members
-                    .iter()
-                    .any(|m| &m.id == id && healthy.contains(&(m.id.clone(), m.pid)))
+                snapshot.members.iter().any(|m| {
+                    &m.id == id
+                        && healthy
+                            .get(&(m.id.clone(), m.pid))
+                            .is_some_and(|h| h.healthy_since.is_some())
+                })
             });
             all_up.then(|| public_url(&snapshot, &path)).flatten()
         };
