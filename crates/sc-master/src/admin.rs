@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::MasterError;
 use crate::central_log::{CentralLog, Entry};
 use crate::health::HealthMap;
 use crate::registry::Registry;
@@ -107,21 +108,19 @@ impl Admin {
                 let entries: Vec<Value> = entries[skip..].iter().map(entry_json).collect();
                 json_response(StatusCode::OK, &json!({ "entries": entries }))
             }
-            (&Method::POST, "/rolling-restart") => match &self.supervisor {
-                None => json_response(
-                    StatusCode::CONFLICT,
-                    &json!({ "error": "standalone mode: the master runs no processes to restart" }),
-                ),
-                Some(supervisor) => match supervisor.start_rolling_restart() {
+            (&Method::POST, "/rolling-restart") => {
+                let started = match &self.supervisor {
+                    None => Err(MasterError::Standalone),
+                    Some(supervisor) => supervisor.start_rolling_restart(),
+                };
+                match started {
                     Ok(()) => json_response(
                         StatusCode::ACCEPTED,
                         &json!({ "rolling_restart": "started" }),
                     ),
-                    Err(e) => {
-                        json_response(StatusCode::CONFLICT, &json!({ "error": e.to_string() }))
-                    }
-                },
-            },
+                    Err(e) => json_response(e.http_status(), &json!({ "error": e.to_string() })),
+                }
+            }
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({ "ok": true })),
             (_, "/status" | "/log" | "/rolling-restart" | "/healthz") => json_response(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -60,10 +60,7 @@ impl pb::master_server::Master for MasterService {
         };
         let (id, pid) = (member.id.clone(), member.pid);
         let before = self.registry.snapshot().epoch;
-        let epoch = self
-            .registry
-            .register(member)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let epoch = self.registry.register(member).map_err(|e| e.to_status())?;
         if epoch != before {
             self.log.master(
                 Severity::Notice,

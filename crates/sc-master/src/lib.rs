@@ -39,6 +39,32 @@ use crate::supervisor::{ChildSpec, Children, Supervisor};
 /// of a running cluster register again first. Longer than the members' retry backoff (2 s).
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// What the master turns down, mapped to gRPC and HTTP codes in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MasterError {
+    /// A process being replaced in a rolling restart tried to register again.
+    #[error("{id} (pid {pid}) is being replaced and may not register again")]
+    Retired { id: String, pid: u32 },
+    /// A rolling restart was asked for while one runs.
+    #[error("a rolling restart is already running")]
+    RollingRestartRunning,
+    /// A rolling restart was asked of a standalone master.
+    #[error("standalone mode: the master runs no processes to restart")]
+    Standalone,
+}
+
+impl MasterError {
+    /// The gRPC status for this error.
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::failed_precondition(self.to_string())
+    }
+
+    /// The HTTP status for this error (admin API).
+    pub fn http_status(&self) -> http::StatusCode {
+        http::StatusCode::CONFLICT
+    }
+}
+
 /// A master with its gRPC listener bound.
 #[derive(Debug)]
 pub struct Master {
@@ -293,10 +319,8 @@ async fn rolling_restart_on_sigusr2(
             received = usr2.recv() => if received.is_none() { return },
         }
         let outcome = match &supervisor {
-            Some(supervisor) => supervisor
-                .start_rolling_restart()
-                .map_err(|e| e.to_string()),
-            None => Err("standalone mode: the master runs no processes to restart".to_owned()),
+            Some(supervisor) => supervisor.start_rolling_restart(),
+            None => Err(MasterError::Standalone),
         };
         if let Err(why) = outcome {
             log.master(

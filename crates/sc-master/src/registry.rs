@@ -12,6 +12,8 @@ use sc_common::membership::{Member, Membership};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::MasterError;
+
 /// The master's member table.
 #[derive(Debug)]
 pub struct Registry {
@@ -30,14 +32,6 @@ struct Inner {
     retired: HashSet<(String, u32)>,
 }
 
-/// A registration the registry turned down.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{id} (pid {pid}) is being replaced and may not register again")]
-pub struct Retired {
-    pub id: String,
-    pub pid: u32,
-}
-
 impl Default for Registry {
     fn default() -> Self {
         Self {
@@ -48,12 +42,12 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// Adds or replaces a member; returns the new epoch, or [`Retired`] for a process that is
-    /// being replaced.
-    pub fn register(&self, member: Member) -> Result<u64, Retired> {
+    /// Adds or replaces a member; returns the new epoch, or [`MasterError::Retired`] for a
+    /// process that is being replaced.
+    pub fn register(&self, member: Member) -> Result<u64, MasterError> {
         let mut inner = self.lock();
         if inner.retired.contains(&(member.id.clone(), member.pid)) {
-            return Err(Retired {
+            return Err(MasterError::Retired {
                 id: member.id,
                 pid: member.pid,
             });

@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::MasterError;
 use crate::central_log::CentralLog;
 use crate::health::{HealthMap, Instance};
 use crate::registry::Registry;
@@ -144,11 +145,6 @@ struct Replaced {
     drained_in: Duration,
 }
 
-/// A rolling restart is already running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a rolling restart is already running")]
-pub struct Busy;
-
 impl ChildState {
     /// The name used in the status API.
     pub fn as_str(self) -> &'static str {
@@ -254,9 +250,9 @@ impl Supervisor {
     }
 
     /// Starts a rolling restart of the workers in the background, unless one is running.
-    pub fn start_rolling_restart(self: &Arc<Self>) -> Result<(), Busy> {
+    pub fn start_rolling_restart(self: &Arc<Self>) -> Result<(), MasterError> {
         if self.rolling.swap(true, Ordering::AcqRel) {
-            return Err(Busy);
+            return Err(MasterError::RollingRestartRunning);
         }
         let this = self.clone();
         tokio::spawn(async move {
@@ -608,5 +604,106 @@ fn signal_name(signal: i32) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGBUS => "SIGBUS",
         _ => "signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Health;
+
+    /// Waits (in paused time, which moves on while we wait) for `check` to hold.
+    async fn until<T>(mut check: impl FnMut() -> Option<T>) -> T {
+        for _ in 0..100_000 {
+            if let Some(value) = check() {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("condition never held");
+    }
+
+    fn current_pid(children: &Children, id: &str, not: &[u32]) -> Option<u32> {
+        let pid = children.snapshot().get(id)?.pid?;
+        (!not.contains(&pid)).then_some(pid)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_reports_a_crash_loop_and_resets_after_a_healthy_minute() {
+        let log = Arc::new(CentralLog::default());
+        let children = Arc::new(Children::default());
+        let (health_tx, health_rx) = watch::channel(HealthMap::new());
+        let settings = Settings {
+            registry: Arc::new(Registry::default()),
+            log: log.clone(),
+            health: health_rx,
+            children: children.clone(),
+            env: Vec::new(),
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            grace: Duration::from_secs(1),
+        };
+        let spec = ChildSpec {
+            id: "worker-0".into(),
+            role: Role::Worker,
+            program: "sleep".into(),
+            args: vec!["1000".into()],
+        };
+        let supervisor = Supervisor::start(vec![vec![spec]], settings);
+        let said = |needle: String| {
+            let log = log.clone();
+            move || {
+                log.recent()
+                    .into_iter()
+                    .find(|e| e.message.contains(&needle))
+            }
+        };
+
+        let mut seen = Vec::new();
+        for (n, delay) in [(1, "100ms"), (2, "200ms"), (3, "400ms")] {
+            let pid = until(|| current_pid(&children, "worker-0", &seen)).await;
+            seen.push(pid);
+            signal(pid, libc::SIGKILL);
+            let entry = until(said(format!("pid {pid}) was killed by signal 9"))).await;
+            assert!(
+                entry.message.contains(&format!("respawning in {delay}")),
+                "{entry:?}"
+            );
+            let crash_loop = n >= CRASH_LOOP;
+            assert_eq!(
+                entry.message.contains("crash-looping"),
+                crash_loop,
+                "{entry:?}"
+            );
+            let severity = if crash_loop {
+                Severity::Error
+            } else {
+                Severity::Warning
+            };
+            assert_eq!(entry.severity, severity);
+        }
+        // Three exits, three respawns (the last one after its 400 ms).
+        until(|| (children.snapshot()["worker-0"].restarts == 3).then_some(())).await;
+
+        // A minute healthy: the next exit starts the backoff over.
+        let pid = until(|| current_pid(&children, "worker-0", &seen)).await;
+        seen.push(pid);
+        health_tx.send_modify(|map| {
+            map.insert(
+                ("worker-0".into(), pid),
+                Health {
+                    healthy_since: Some(Instant::now()),
+                    misses: 0,
+                },
+            );
+        });
+        tokio::time::advance(STABLE_UPTIME + Duration::from_secs(1)).await;
+        signal(pid, libc::SIGKILL);
+        let entry = until(said(format!("pid {pid}) was killed by signal 9"))).await;
+        assert!(entry.message.contains("respawning in 100ms"), "{entry:?}");
+        assert_eq!(entry.severity, Severity::Warning, "no longer a crash loop");
+
+        supervisor.stop(Duration::from_secs(1)).await;
+        assert!(children.snapshot()["worker-0"].pid.is_none());
     }
 }
