@@ -150,8 +150,11 @@ impl Http {
             return text(StatusCode::BAD_REQUEST, "expected GET\n");
         }
         let accept = derive_accept_key(key.as_bytes());
-        let inject_panic =
-            self.faults && request.uri().query().is_some_and(|q| q.contains("sc-test-panic"));
+        let inject_panic = self.faults
+            && request
+                .uri()
+                .query()
+                .is_some_and(|q| q.contains("sc-test-panic"));
         let on_upgrade = hyper::upgrade::on(&mut request);
         let shared = self.shared.clone();
         let socket = async move {
