@@ -94,6 +94,10 @@ pub struct MasterConfig {
     /// The admin and status HTTP API (JSON): members, epoch, recent errors, rolling restart.
     /// Loopback by default: it can restart the cluster and has no authentication.
     pub admin_listen: SocketAddr,
+    /// Standalone mode: how long a starting master holds back membership updates, so that the
+    /// members of a running cluster register again before anyone is sent a partial membership.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
 }
 
 /// `[balancer]`: the public face.
@@ -185,6 +189,7 @@ impl Default for MasterConfig {
             respawn_backoff_max: Duration::from_secs(30),
             bin_dir: None,
             admin_listen: loopback(8001),
+            settle: Duration::from_secs(3),
         }
     }
 }

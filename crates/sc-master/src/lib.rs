@@ -35,10 +35,6 @@ use crate::health::HealthMap;
 use crate::registry::Registry;
 use crate::supervisor::{ChildSpec, Children, Supervisor};
 
-/// How long a standalone master holds back membership after it starts, so that the members
-/// of a running cluster register again first. Longer than the members' retry backoff (2 s).
-const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// What the master turns down, mapped to gRPC and HTTP codes in one place.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MasterError {
@@ -160,7 +156,7 @@ impl Master {
         let service = grpc::MasterService {
             registry: self.registry.clone(),
             log: self.log.clone(),
-            settle_until: (!supervise).then(|| started + SETTLE),
+            settle_until: (!supervise).then(|| started + self.config.master.settle),
         };
         let secret = &self.config.cluster.secret;
         let router = tonic::transport::Server::builder()
