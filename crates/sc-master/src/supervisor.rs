@@ -118,12 +118,15 @@ pub struct Supervisor {
     orders: HashMap<String, mpsc::UnboundedSender<Order>>,
     /// Worker ids, in restart order.
     workers: Vec<String>,
-    /// std Mutex: taken once by [`Supervisor::stop`].
-    tiers: Mutex<Vec<(CancellationToken, JoinSet<()>)>>,
+    /// The shutdown tiers in order. std Mutex: taken once by [`Supervisor::stop`].
+    tiers: Mutex<Vec<Tier>>,
     children: Arc<Children>,
     log: Arc<CentralLog>,
     rolling: AtomicBool,
 }
+
+/// One shutdown tier: its stop switch, its child tasks and their ids.
+type Tier = (CancellationToken, JoinSet<()>, Vec<String>);
 
 /// Something a child task is told to do.
 #[derive(Debug)]
@@ -200,6 +203,7 @@ impl Supervisor {
         for tier in specs {
             let stop = CancellationToken::new();
             let mut tasks = JoinSet::new();
+            let ids = tier.iter().map(|spec| spec.id.clone()).collect();
             for spec in tier {
                 let (tx, rx) = mpsc::unbounded_channel();
                 orders.insert(spec.id.clone(), tx);
@@ -208,7 +212,7 @@ impl Supervisor {
                 }
                 tasks.spawn(supervise(spec, settings.clone(), rx, stop.clone()));
             }
-            tiers.push((stop, tasks));
+            tiers.push((stop, tasks, ids));
         }
         Self {
             orders,
@@ -314,16 +318,28 @@ impl Supervisor {
         // Front tiers (balancers and workers) go together, in order; the brokers last, since
         // draining workers may still publish.
         let last = if tiers.len() > 1 { tiers.pop() } else { None };
-        for (stop, _) in &tiers {
+        for (stop, _, ids) in &tiers {
             stop.cancel();
-            // Let the balancer act on its SIGTERM (stop accepting) before the workers close
-            // their sockets and the clients reconnect.
-            tokio::task::yield_now().await;
+            // The balancers get their SIGTERM (and stop accepting) before the workers close
+            // their sockets and the clients reconnect: wait (briefly) until each child task has
+            // sent it, which it does right after marking itself stopping.
+            for _ in 0..100 {
+                let table = self.children.snapshot();
+                let signalled = ids.iter().all(|id| {
+                    table.get(id).is_none_or(|s| {
+                        !matches!(s.state, ChildState::Running | ChildState::Replacing)
+                    })
+                });
+                if signalled {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
-        for (_, mut tasks) in tiers {
+        for (_, mut tasks, _) in tiers {
             while tasks.join_next().await.is_some() {}
         }
-        if let Some((stop, mut tasks)) = last {
+        if let Some((stop, mut tasks, _)) = last {
             stop.cancel();
             while tasks.join_next().await.is_some() {}
         }
