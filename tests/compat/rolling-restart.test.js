@@ -9,8 +9,9 @@ import assert from 'node:assert/strict';
 import socketClusterClient from 'sc-client-20';
 import { startCluster, admin, eventually, withTimeout } from './cluster.js';
 
-const WORKERS = 3;
-const SUBSCRIBERS = 30;
+// Defaults keep the test quick; SC_ROLLING_WORKERS / SC_ROLLING_SUBSCRIBERS measure bigger runs.
+const WORKERS = Number(process.env.SC_ROLLING_WORKERS || 3);
+const SUBSCRIBERS = Number(process.env.SC_ROLLING_SUBSCRIBERS || 30);
 const PUBLISH_EVERY_MS = 10;
 const TARGET_MS = 2000;
 
@@ -41,7 +42,8 @@ test('SIGUSR2 replaces every worker one at a time; every v20 client is back with
 
   const subscribers = [];
   for (let i = 0; i < SUBSCRIBERS; i++) {
-    const socket = connect(`127.0.1.${i + 2}`);
+    // Distinct source addresses, so the balancer's client-IP hashing spreads them.
+    const socket = connect(`127.0.${1 + Math.floor(i / 250)}.${(i % 250) + 2}`);
     const stats = { socket, received: [], lastAt: null, maxGap: 0, away: [], disconnectedAt: null };
     const channel = socket.subscribe('ticks');
     (async () => {
@@ -68,7 +70,7 @@ test('SIGUSR2 replaces every worker one at a time; every v20 client is back with
   await Promise.all(subscribers.map(({ channel }) =>
     withTimeout(channel.listener('subscribe').once(), 10000, 'subscribe')));
 
-  const publisher = connect('127.0.2.1');
+  const publisher = connect('127.0.200.1');
   await withTimeout(publisher.listener('connect').once(), 5000, 'publisher connect');
   let seq = 0;
   let publishing = true;
