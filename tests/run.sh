@@ -41,4 +41,4 @@ cargo test --workspace --locked
 step "stock client compatibility"
 cd tests/compat
 npm ci --no-audit --no-fund --loglevel=error
-SC_TEST_BIN_DIR="$(cd ../.. && pwd)/target/debug" npm test
+SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" npm test

@@ -11,7 +11,13 @@ export const binDir = process.env.SC_TEST_BIN_DIR || path.resolve(here, '../../t
 // Runs sc-master with the given SC_* environment; resolves once it prints "cluster ready".
 export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
   const child = spawn(path.join(binDir, 'sc-master'), [], {
-    env: { ...process.env, SC_BALANCER__LISTEN: '127.0.0.1:0', RUST_LOG: process.env.RUST_LOG || 'warn', ...env },
+    env: {
+      ...process.env,
+      SC_BALANCER__LISTEN: '127.0.0.1:0',
+      SC_MASTER__ADMIN_LISTEN: '127.0.0.1:0',
+      RUST_LOG: process.env.RUST_LOG || 'warn',
+      ...env,
+    },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let out = '';
@@ -20,10 +26,11 @@ export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
     child.stdout.on('data', (chunk) => {
       out += chunk;
       const m = out.match(/cluster ready: (ws:\/\/\S+)/);
+      const admin = out.match(/admin api: (http:\/\/\S+)/);
       if (m) {
         clearTimeout(timer);
         const url = new URL(m[1]);
-        resolve({ url: m[1], hostname: url.hostname, port: Number(url.port), path: url.pathname });
+        resolve({ url: m[1], hostname: url.hostname, port: Number(url.port), path: url.pathname, admin: admin?.[1] });
       }
     });
     child.on('exit', (code, signal) => {
@@ -71,6 +78,12 @@ export function workerFor(cluster, localAddress) {
     req.on('error', reject);
     req.setTimeout(5000, () => req.destroy(new Error('timeout')));
   });
+}
+
+// GET or POST on the master's admin API; resolves with the parsed JSON body and the status.
+export async function admin(cluster, path, method = 'GET') {
+  const response = await fetch(cluster.admin + path, { method });
+  return { status: response.status, body: await response.json() };
 }
 
 // Resolves with the first value `fn` returns that is not undefined, polling until `ms`.

@@ -68,6 +68,18 @@ pub struct Cluster {
     pub addr: SocketAddr,
     /// The WebSocket URL, from the `cluster ready` line.
     pub url: String,
+    /// The admin API's address, from the `admin api` line.
+    pub admin: SocketAddr,
+}
+
+/// A started sc-master whose `admin api` line has been read; the rest of its stdout is
+/// available line by line.
+#[derive(Debug)]
+pub struct MasterProcess {
+    pub child: Child,
+    pub pid: u32,
+    pub admin: SocketAddr,
+    pub lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 /// One daemon process of a cluster.
@@ -84,18 +96,8 @@ impl Cluster {
     /// Starts sc-master with the balancer on a free loopback port and `env` on top, and waits
     /// for its `cluster ready` line.
     pub async fn start(env: &[(&str, &str)]) -> Result<Self> {
-        let mut command = Command::new(bin("sc-master"));
-        command
-            .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
-        let mut master = command.spawn().context("spawn sc-master")?;
-        let master_pid = master.id().context("master pid")?;
-        let stdout = master.stdout.take().context("master stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
+        let MasterProcess { child: master, pid: master_pid, admin, mut lines } =
+            MasterProcess::start(env).await?;
         let url = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
                 if let Some(url) = line.strip_prefix("cluster ready: ") {
@@ -111,7 +113,12 @@ impl Cluster {
         let authority =
             url.strip_prefix("ws://").and_then(|rest| rest.split('/').next()).context("ws:// url")?;
         let addr = authority.parse().context("balancer address")?;
-        Ok(Self { master, master_pid, addr, url })
+        Ok(Self { master, master_pid, addr, url, admin })
+    }
+
+    /// `GET path` on the admin API, as JSON.
+    pub async fn admin_get(&self, path: &str) -> Result<Value> {
+        Ok(admin_request(self.admin, "GET", path).await?.1)
     }
 
     /// The master's live child processes.
@@ -137,6 +144,70 @@ impl Cluster {
             .context("master did not exit within 20s of SIGTERM")??;
         Ok(status)
     }
+}
+
+impl MasterProcess {
+    /// Starts sc-master with the balancer and the admin API on free loopback ports and `env` on
+    /// top, and waits for its `admin api` line (not for the cluster to be ready).
+    pub async fn start(env: &[(&str, &str)]) -> Result<Self> {
+        let mut command = Command::new(bin("sc-master"));
+        command
+            .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
+            .env("SC_MASTER__ADMIN_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("spawn sc-master")?;
+        let pid = child.id().context("master pid")?;
+        let stdout = child.stdout.take().context("master stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let admin = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("admin api: http://") {
+                    return Ok(url.parse::<SocketAddr>()?);
+                }
+            }
+            Err(anyhow!("sc-master exited before `admin api`"))
+        })
+        .await
+        .context("no `admin api` within 30s")??;
+        Ok(Self { child, pid, admin, lines })
+    }
+
+    /// Keeps draining stdout in the background so the master never blocks on a full pipe.
+    pub fn drain_stdout(self) -> (Child, u32, SocketAddr) {
+        let mut lines = self.lines;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (self.child, self.pid, self.admin)
+    }
+}
+
+/// One HTTP/1.1 request to the master's admin API: the status code and the JSON body.
+pub async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, Value)> {
+    let mut stream = TcpStream::connect(admin).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).context("response body")?;
+    Ok((status, serde_json::from_str(body).context("JSON body")?))
+}
+
+/// The messages of the central log (from the admin API's `/log`).
+pub async fn central_log(admin: SocketAddr) -> Result<Vec<Value>> {
+    let (_, body) = admin_request(admin, "GET", "/log").await?;
+    Ok(body["entries"].as_array().cloned().unwrap_or_default())
+}
+
+/// The member `id` in the admin API's `/status`.
+pub async fn member_status(admin: SocketAddr, id: &str) -> Result<Option<Value>> {
+    let (_, body) = admin_request(admin, "GET", "/status").await?;
+    Ok(body["members"].as_array().and_then(|members| members.iter().find(|m| m["id"] == id).cloned()))
 }
 
 /// Sends a signal to a process.
@@ -354,6 +425,28 @@ impl Client {
         }
     }
 
+    /// Waits for the server to end the connection: `Some(code)` for a close frame (`None`
+    /// inside when the frame had no status code, which clients report as 1005), `None` when
+    /// the connection ended without a close frame.
+    pub async fn close_frame(&mut self, within: Duration) -> Result<Option<Option<u16>>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("not closed within {within:?}"))?;
+            match frame {
+                None | Some(Err(_)) => return Ok(None),
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok(Some(frame.map(|f| u16::from(f.code))));
+                }
+                Some(Ok(Message::Text(text))) if text.as_str().is_empty() => {
+                    let _ = self.ws.send(Message::Text("".into())).await;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
     /// Sends a raw text frame.
     pub async fn send_text(&mut self, text: &str) -> Result<()> {
         self.ws.send(Message::Text(text.into())).await?;
@@ -364,4 +457,23 @@ impl Client {
         self.ws.send(Message::Text(value.to_string().into())).await?;
         Ok(())
     }
+}
+
+/// Starts a member daemon (`sc-worker`, ...) by hand, as systemd or docker compose would, with
+/// `args` and `env` on top of a quiet RUST_LOG.
+pub fn spawn_member(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Child> {
+    Command::new(bin(program))
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {program}"))
+}
+
+/// A loopback port that was free a moment ago (for a listener that needs a fixed port).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
 }

@@ -105,8 +105,10 @@ impl Balancer {
                 }
             }
         }
-        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        // Stop accepting first; forwarded connections run on until their workers close them
+        // (the master drains the workers right after the balancers), within the grace period.
         drop(self.listener);
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         tracker.close();
         tracker.wait().await;
         let _ = grpc_task.await;

@@ -91,6 +91,13 @@ pub struct MasterConfig {
     pub respawn_backoff_max: Duration,
     /// Where the daemon binaries are. Unset: the folder of the sc-master executable.
     pub bin_dir: Option<PathBuf>,
+    /// The admin and status HTTP API (JSON): members, epoch, recent errors, rolling restart.
+    /// Loopback by default: it can restart the cluster and has no authentication.
+    pub admin_listen: SocketAddr,
+    /// Standalone mode: how long a starting master holds back membership updates, so that the
+    /// members of a running cluster register again before anyone is sent a partial membership.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
 }
 
 /// `[balancer]`: the public face.
@@ -221,6 +228,8 @@ impl Default for MasterConfig {
             respawn_backoff: Duration::from_millis(100),
             respawn_backoff_max: Duration::from_secs(30),
             bin_dir: None,
+            admin_listen: loopback(8001),
+            settle: Duration::from_secs(3),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::field::{Field, Visit};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -57,8 +58,8 @@ pub enum MemberCommand {
 }
 
 /// Installs the tracing subscriber: plain or JSON lines on stderr, filtered by RUST_LOG
-/// (default `info`), and the forwarding of warnings and errors to the central log (see
-/// [`central_log`]).
+/// (default `info`), and the forwarding of errors, warnings and lifecycle notices (INFO) to the
+/// central log (see [`central_log`]).
 pub fn init_telemetry(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -66,7 +67,12 @@ pub fn init_telemetry(format: LogFormat) {
         LogFormat::Plain => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(CentralLogLayer).try_init();
+    // RUST_LOG filters the local lines only: the central log gets every notice, warning and
+    // error whatever a daemon's local verbosity.
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(CentralLogLayer.with_filter(LevelFilter::INFO))
+        .try_init();
     install_panic_hook();
 }
 
@@ -81,7 +87,8 @@ pub fn central_log() -> mpsc::Receiver<Event> {
     rx
 }
 
-/// Forwards WARN and ERROR events to the central log queue (never blocking).
+/// Forwards ERROR, WARN and INFO events (INFO is lifecycle only, see STYLE.md) to the central
+/// log queue, never blocking. INFO from dependencies is left out: only ours is lifecycle.
 struct CentralLogLayer;
 
 impl<S: tracing::Subscriber> Layer<S> for CentralLogLayer {
@@ -90,6 +97,7 @@ impl<S: tracing::Subscriber> Layer<S> for CentralLogLayer {
         let severity = match *meta.level() {
             tracing::Level::ERROR => Severity::Error,
             tracing::Level::WARN => Severity::Warning,
+            tracing::Level::INFO if meta.target().starts_with("sc_") => Severity::Notice,
             _ => return,
         };
         // The master link's own troubles cannot be reported through it.
@@ -99,8 +107,10 @@ impl<S: tracing::Subscriber> Layer<S> for CentralLogLayer {
         let Some(tx) = CENTRAL_LOG.get() else { return };
         let mut line = LineVisitor::default();
         event.record(&mut line);
-        let location = match (meta.file(), meta.line()) {
-            (Some(file), Some(line)) => format!("{file}:{line}"),
+        // A `location` field (the panic hook sets one) beats the place of the log macro.
+        let location = match (line.location.take(), meta.file(), meta.line()) {
+            (Some(location), _, _) => location,
+            (None, Some(file), Some(line)) => format!("{file}:{line}"),
             _ => meta.target().to_owned(),
         };
         let _ = tx.try_send(Event::now(severity, line.finish(), location));
@@ -111,6 +121,7 @@ impl<S: tracing::Subscriber> Layer<S> for CentralLogLayer {
 struct LineVisitor {
     message: String,
     fields: String,
+    location: Option<String>,
 }
 
 impl LineVisitor {
@@ -121,7 +132,9 @@ impl LineVisitor {
 
 impl Visit for LineVisitor {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
+        if field.name() == "location" {
+            self.location = Some(format!("{value:?}"));
+        } else if field.name() == "message" {
             let _ = write!(self.message, "{value:?}");
         } else {
             let _ = write!(self.fields, " {}={value:?}", field.name());
@@ -129,7 +142,9 @@ impl Visit for LineVisitor {
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
+        if field.name() == "location" {
+            self.location = Some(value.to_owned());
+        } else if field.name() == "message" {
             self.message.push_str(value);
         } else {
             let _ = write!(self.fields, " {}={value}", field.name());
@@ -147,12 +162,20 @@ fn install_panic_hook() {
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "panic".to_owned());
         let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
-        tracing::error!(%location, "panic: {message}");
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        tracing::error!(location = location.as_str(), thread, "panic: {message}");
     }));
 }
 
 /// The first SIGTERM or SIGINT cancels `shutdown` (a graceful drain); a second one exits at once.
 pub fn spawn_signal_handler(shutdown: CancellationToken) {
+    spawn_signal_handler_then(shutdown, || {});
+}
+
+/// As [`spawn_signal_handler`], running `on_second` (say, killing child processes) right
+/// before the immediate exit of a second signal.
+pub fn spawn_signal_handler_then(shutdown: CancellationToken, on_second: impl FnOnce() + Send + 'static) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -170,6 +193,7 @@ pub fn spawn_signal_handler(shutdown: CancellationToken) {
             _ = int.recv() => {}
         }
         tracing::warn!("second signal, exiting now");
+        on_second();
         std::process::exit(EXIT_FAILURE);
     });
 }

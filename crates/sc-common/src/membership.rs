@@ -15,6 +15,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{Error, secret};
 
+/// How often a linked daemon registers again (see [`MasterLink::spawn`]).
+const REREGISTER: Duration = Duration::from_secs(5);
+
 /// What a daemon is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
@@ -163,8 +166,21 @@ impl MasterLink {
                 tracing::debug!(id = %self.me.id, "registered with master");
                 lost_since = None;
                 backoff.reset();
-                while let Some(snapshot) = stream.message().await? {
-                    tx.send_replace(membership_from_pb(snapshot));
+                // Registering again now and then brings back a member that the health checks
+                // removed while it was only slow or stopped (SIGSTOP, then SIGCONT): nothing
+                // else would tell the master it is alive. Same record, same epoch: cheap.
+                let mut heartbeat =
+                    tokio::time::interval_at(tokio::time::Instant::now() + REREGISTER, REREGISTER);
+                loop {
+                    tokio::select! {
+                        snapshot = stream.message() => match snapshot? {
+                            Some(snapshot) => {
+                                tx.send_replace(membership_from_pb(snapshot));
+                            }
+                            None => break,
+                        },
+                        _ = heartbeat.tick() => self.register().await?,
+                    }
                 }
                 Ok::<(), tonic::Status>(())
             };

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use sc_common::membership::{self, Member, Severity};
 use sc_proto::master::v1 as pb;
+use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
@@ -18,6 +19,11 @@ use crate::registry::Registry;
 pub struct MasterService {
     pub registry: Arc<Registry>,
     pub log: Arc<CentralLog>,
+    /// Membership streams send nothing before this instant. A standalone master that starts
+    /// (or restarts) while the cluster runs gives the surviving members time to register again,
+    /// so that nobody is sent a partial membership (a worker told "no brokers" would drop its
+    /// broker links).
+    pub settle_until: Option<Instant>,
 }
 
 type MembershipStream = Pin<Box<dyn Stream<Item = Result<pb::Membership, Status>> + Send>>;
@@ -50,7 +56,7 @@ impl pb::master_server::Master for MasterService {
         };
         let (id, pid) = (member.id.clone(), member.pid);
         let before = self.registry.snapshot().epoch;
-        let epoch = self.registry.register(member);
+        let epoch = self.registry.register(member).map_err(|e| e.to_status())?;
         if epoch != before {
             self.log.master(Severity::Notice, format!("{id} (pid {pid}) registered, epoch {epoch}"));
         }
@@ -77,7 +83,16 @@ impl pb::master_server::Master for MasterService {
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
         let roles: Vec<_> =
             request.into_inner().roles.into_iter().filter_map(membership::role_from_pb).collect();
-        let stream = WatchStream::new(self.registry.watch()).map(move |snapshot| {
+        let settle = self.settle_until;
+        let registry = self.registry.clone();
+        let snapshots = futures_util::stream::once(async move {
+            if let Some(until) = settle {
+                tokio::time::sleep_until(until).await;
+            }
+            WatchStream::new(registry.watch())
+        })
+        .flatten();
+        let stream = snapshots.map(move |snapshot| {
             let members = snapshot
                 .members
                 .iter()

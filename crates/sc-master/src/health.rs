@@ -2,16 +2,18 @@
 //!
 //! A member that fails `[master] health_failures` checks in a row (no answer within the
 //! interval, an error, or NOT_SERVING) leaves the membership; in supervise mode the supervisor
-//! is told, kills it and respawns it. The set of members that passed a check since they
-//! registered is published for the "cluster ready" line.
+//! is told, kills it and respawns it. The health of every checked member (healthy since when,
+//! misses in a row) is published on a watch channel for the "cluster ready" line, the
+//! supervisor (backoff reset, rolling restart) and the status API.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use sc_common::membership::Severity;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -24,6 +26,18 @@ use crate::registry::Registry;
 /// A member process: its id and pid.
 pub type Instance = (String, u32);
 
+/// The health of every checked member process.
+pub type HealthMap = BTreeMap<Instance, Health>;
+
+/// What the checks say about one member process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Health {
+    /// Passing every check since then; `None` until the first pass and after a miss.
+    pub healthy_since: Option<Instant>,
+    /// Failed checks in a row.
+    pub misses: u32,
+}
+
 /// The checker's settings and outputs.
 #[derive(Debug)]
 pub struct Checker {
@@ -33,8 +47,8 @@ pub struct Checker {
     pub failures: u32,
     /// Members removed for failing their checks, for the supervisor to kill.
     pub failed: mpsc::UnboundedSender<Instance>,
-    /// Members that passed a check since they registered.
-    pub healthy: watch::Sender<BTreeSet<Instance>>,
+    /// The health of every registered member.
+    pub healthy: watch::Sender<HealthMap>,
 }
 
 struct Target {
@@ -59,7 +73,7 @@ impl Checker {
             targets.retain(|instance, _| live.contains(instance));
             self.healthy.send_if_modified(|healthy| {
                 let before = healthy.len();
-                healthy.retain(|instance| live.contains(instance));
+                healthy.retain(|instance, _| live.contains(instance));
                 healthy.len() != before
             });
             for member in &snapshot.members {
@@ -91,10 +105,22 @@ impl Checker {
                 match verdict {
                     Ok(()) => {
                         target.misses = 0;
-                        self.healthy.send_if_modified(|healthy| healthy.insert(instance.clone()));
+                        self.healthy.send_if_modified(|healthy| {
+                            let health = healthy.entry(instance.clone()).or_default();
+                            let before = *health;
+                            health.misses = 0;
+                            health.healthy_since.get_or_insert_with(Instant::now);
+                            *health != before
+                        });
                     }
                     Err(why) => {
                         target.misses += 1;
+                        let misses = target.misses;
+                        self.healthy.send_modify(|healthy| {
+                            let health = healthy.entry(instance.clone()).or_default();
+                            health.misses = misses;
+                            health.healthy_since = None;
+                        });
                         tracing::debug!(id = %instance.0, misses = target.misses, %why, "health check failed");
                         if target.misses == self.failures
                             && self.registry.remove(&instance.0, Some(instance.1))

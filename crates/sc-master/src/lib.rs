@@ -2,19 +2,21 @@
 //!
 //! It keeps the membership ([`registry`]) that balancers and workers watch over gRPC
 //! ([`grpc`], `sc.master.v1`), checks every member's health ([`health`]), writes the central
-//! log of every daemon's errors ([`central_log`]) and, in supervise mode, runs the balancer,
-//! workers and brokers as child processes and respawns them ([`supervisor`]). It is not on the
-//! data path: the other daemons keep serving without it.
+//! log of every daemon's errors and notices ([`central_log`]), serves the admin and status API
+//! ([`admin`]) and, in supervise mode, runs the balancer, workers and brokers as child
+//! processes, respawns them and restarts the workers one at a time on SIGUSR2 ([`supervisor`]).
+//! It is not on the data path: the other daemons keep serving without it, and in standalone
+//! mode they register again when it comes back.
 //!
 //! Entry points: [`Master::bind`], then [`Master::serve`].
 
+pub mod admin;
 pub mod central_log;
 pub mod grpc;
 pub mod health;
 pub mod registry;
 pub mod supervisor;
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,9 +31,35 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::central_log::CentralLog;
-use crate::health::Instance;
+use crate::health::HealthMap;
 use crate::registry::Registry;
-use crate::supervisor::{ChildSpec, Supervisor};
+use crate::supervisor::{ChildSpec, Children, Supervisor};
+
+/// What the master turns down, mapped to gRPC and HTTP codes in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MasterError {
+    /// A process being replaced in a rolling restart tried to register again.
+    #[error("{id} (pid {pid}) is being replaced and may not register again")]
+    Retired { id: String, pid: u32 },
+    /// A rolling restart was asked for while one runs.
+    #[error("a rolling restart is already running")]
+    RollingRestartRunning,
+    /// A rolling restart was asked of a standalone master.
+    #[error("standalone mode: the master runs no processes to restart")]
+    Standalone,
+}
+
+impl MasterError {
+    /// The gRPC status for this error.
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::failed_precondition(self.to_string())
+    }
+
+    /// The HTTP status for this error (admin API).
+    pub fn http_status(&self) -> http::StatusCode {
+        http::StatusCode::CONFLICT
+    }
+}
 
 /// A master with its gRPC listener bound.
 #[derive(Debug)]
@@ -40,13 +68,17 @@ pub struct Master {
     config_file: Option<PathBuf>,
     listener: TcpListener,
     addr: SocketAddr,
+    admin: TcpListener,
+    admin_addr: SocketAddr,
     registry: Arc<Registry>,
     log: Arc<CentralLog>,
+    children: Arc<Children>,
 }
 
 impl Master {
     /// Binds the gRPC listener (`[master] listen`; port 0 picks a free one, which suits
-    /// supervise mode and tests). `config_file` is handed on to the children in supervise mode.
+    /// supervise mode and tests) and the admin API (`[master] admin_listen`). `config_file` is
+    /// handed on to the children in supervise mode.
     pub async fn bind(mut config: Config, config_file: Option<&Path>) -> Result<Self, Error> {
         if config.cluster.secret.is_empty() {
             config.cluster.secret = secret::generate();
@@ -54,19 +86,35 @@ impl Master {
         let config_file = config_file.map(std::path::absolute).transpose()?;
         let listener = daemon::bind(config.master.listen).await?;
         let addr = listener.local_addr()?;
+        let admin = daemon::bind(config.master.admin_listen).await?;
+        let admin_addr = admin.local_addr()?;
         Ok(Self {
             config,
             config_file,
             listener,
             addr,
+            admin,
+            admin_addr,
             registry: Arc::new(Registry::default()),
             log: Arc::new(CentralLog::default()),
+            children: Arc::new(Children::default()),
         })
     }
 
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The supervised children (empty in standalone mode); `main` kills them on a second
+    /// signal.
+    pub fn children(&self) -> Arc<Children> {
+        self.children.clone()
     }
 
     /// The membership table (for tests and the status API).
@@ -80,13 +128,15 @@ impl Master {
     }
 
     /// Serves until `shutdown`; in supervise mode runs the cluster and stops it in order
-    /// (balancers, workers, brokers) on the way out.
+    /// (balancers, workers, brokers) within `[master] shutdown_grace` on the way out. SIGUSR2
+    /// starts a rolling restart of the workers.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let supervise = self.config.master.mode == MasterMode::Supervise;
-        let specs = if supervise { self.child_specs()? } else { Vec::new() };
         let child_env = self.child_env();
+        let specs = if supervise { self.child_specs()? } else { Vec::new() };
+        let started = tokio::time::Instant::now();
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
-        let (healthy_tx, healthy_rx) = watch::channel(BTreeSet::new());
+        let (health_tx, health_rx) = watch::channel(HealthMap::new());
         let checks = shutdown.child_token();
         let checker = health::Checker {
             registry: self.registry.clone(),
@@ -94,43 +144,74 @@ impl Master {
             interval: self.config.master.health_interval,
             failures: self.config.master.health_failures,
             failed: failed_tx,
-            healthy: healthy_tx,
+            healthy: health_tx,
         };
         tokio::spawn(checker.run(checks.clone()));
 
         let grpc_shutdown = CancellationToken::new();
         let (health_reporter, health) = daemon::health();
-        let service = grpc::MasterService { registry: self.registry.clone(), log: self.log.clone() };
+        let service = grpc::MasterService {
+            registry: self.registry.clone(),
+            log: self.log.clone(),
+            settle_until: (!supervise).then(|| started + self.config.master.settle),
+        };
         let secret = &self.config.cluster.secret;
         let router = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(MasterServer::with_interceptor(service, secret::Check::new(secret)));
         let grpc = tokio::spawn(daemon::serve_grpc(router, self.listener, grpc_shutdown.clone()));
-        tracing::info!(addr = %self.addr, mode = ?self.config.master.mode, "master listening");
+        tracing::info!(addr = %self.addr, admin = %self.admin_addr, mode = ?self.config.master.mode, "master listening");
+        println!("admin api: http://{}", self.admin_addr);
 
-        if supervise {
-            let expected: Vec<String> = specs.iter().flatten().map(|s| s.id.clone()).collect();
+        let supervisor = supervise.then(|| {
             let settings = supervisor::Settings {
                 registry: self.registry.clone(),
                 log: self.log.clone(),
+                health: health_rx.clone(),
+                children: self.children.clone(),
                 env: child_env,
                 backoff: self.config.master.respawn_backoff,
                 backoff_max: self.config.master.respawn_backoff_max,
                 grace: self.config.master.shutdown_grace,
             };
-            let supervisor = Supervisor::start(specs, settings);
-            let path = self.config.worker.path.clone();
-            tokio::spawn(announce_ready(self.registry.watch(), healthy_rx, expected, path, shutdown.clone()));
+            let expected: Vec<String> = specs.iter().flatten().map(|s| s.id.clone()).collect();
+            tokio::spawn(announce_ready(
+                self.registry.watch(),
+                health_rx.clone(),
+                expected,
+                self.config.worker.path.clone(),
+                shutdown.clone(),
+            ));
+            Arc::new(Supervisor::start(specs, settings))
+        });
+
+        let admin_shutdown = CancellationToken::new();
+        let admin = Arc::new(admin::Admin {
+            mode: self.config.master.mode,
+            grpc: self.addr,
+            started,
+            registry: self.registry.clone(),
+            log: self.log.clone(),
+            health: health_rx,
+            children: self.children.clone(),
+            supervisor: supervisor.clone(),
+        });
+        let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
+        tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));
+
+        if let Some(supervisor) = &supervisor {
             supervisor.kill_failed(&mut failed_rx, &shutdown).await;
             shutdown.cancelled().await;
             tracing::info!("stopping the cluster");
-            supervisor.stop().await;
+            supervisor.stop(self.config.master.shutdown_grace).await;
         } else {
             shutdown.cancelled().await;
         }
         checks.cancel();
         health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         grpc_shutdown.cancel();
+        admin_shutdown.cancel();
+        let _ = admin_task.await;
         match grpc.await {
             Ok(outcome) => outcome?,
             Err(e) => tracing::error!(error = %e, "grpc task failed"),
@@ -140,7 +221,7 @@ impl Master {
     }
 
     /// What every child gets in its environment: the cluster secret and, unless configured, a
-    /// per-cluster auth key so a token signed on one worker is valid on all.
+    /// per-cluster auth key, so that a token signed on one worker is valid on all of them.
     fn child_env(&self) -> Vec<(String, String)> {
         let mut env = vec![("SC_CLUSTER__SECRET".to_owned(), self.config.cluster.secret.clone())];
         if self.config.worker.auth_key.is_empty() && self.config.worker.auth_algorithm.starts_with("HS") {
@@ -148,7 +229,6 @@ impl Master {
         }
         env
     }
-
     /// The children of supervise mode, by shutdown tier: balancer, workers, brokers.
     fn child_specs(&self) -> Result<Vec<Vec<ChildSpec>>, Error> {
         let bin_dir = match &self.config.master.bin_dir {
@@ -200,11 +280,38 @@ impl Master {
     }
 }
 
+/// SIGUSR2 starts a rolling restart of the workers (supervise mode), as with the Node
+/// original's `rebootOnSignal`, but one worker at a time.
+async fn rolling_restart_on_sigusr2(
+    supervisor: Option<Arc<Supervisor>>,
+    log: Arc<CentralLog>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::error!("cannot install the SIGUSR2 handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = usr2.recv() => if received.is_none() { return },
+        }
+        let outcome = match &supervisor {
+            Some(supervisor) => supervisor.start_rolling_restart(),
+            None => Err(MasterError::Standalone),
+        };
+        if let Err(why) = outcome {
+            log.master(sc_common::membership::Severity::Warning, format!("SIGUSR2 ignored: {why}"));
+        }
+    }
+}
+
 /// Prints `cluster ready: <url>` on stdout once every expected member is registered and has
 /// passed a health check.
 async fn announce_ready(
     mut members: watch::Receiver<Arc<Membership>>,
-    mut healthy: watch::Receiver<BTreeSet<Instance>>,
+    mut healthy: watch::Receiver<HealthMap>,
     expected: Vec<String>,
     path: String,
     shutdown: CancellationToken,
@@ -214,7 +321,10 @@ async fn announce_ready(
             let snapshot = members.borrow_and_update().clone();
             let healthy = healthy.borrow_and_update();
             let all_up = expected.iter().all(|id| {
-                snapshot.members.iter().any(|m| &m.id == id && healthy.contains(&(m.id.clone(), m.pid)))
+                snapshot.members.iter().any(|m| {
+                    &m.id == id
+                        && healthy.get(&(m.id.clone(), m.pid)).is_some_and(|h| h.healthy_since.is_some())
+                })
             });
             all_up.then(|| public_url(&snapshot, &path)).flatten()
         };

@@ -49,9 +49,11 @@ async fn main() -> ExitCode {
     }
     daemon::init_telemetry(config.cluster.log_format);
     let shutdown = CancellationToken::new();
-    daemon::spawn_signal_handler(shutdown.clone());
     let outcome = async {
         let master = sc_master::Master::bind(config, cli.config.as_deref()).await?;
+        // A second signal must not leave the children behind: they are killed before the exit.
+        let children = master.children();
+        daemon::spawn_signal_handler_then(shutdown.clone(), move || children.kill_all());
         master.serve(shutdown).await
     };
     match outcome.await {

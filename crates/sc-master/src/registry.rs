@@ -2,13 +2,17 @@
 //!
 //! Registration (gRPC `Register`) adds or replaces a member; the health checker and the
 //! supervisor remove it. Every change publishes a whole snapshot on a watch channel, which the
-//! `WatchMembers` streams forward.
+//! `WatchMembers` streams forward. A process being replaced in a rolling restart is *retired*:
+//! it may not register again, so its replacement (same id) keeps the record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use sc_common::membership::{Member, Membership};
 use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::MasterError;
 
 /// The master's member table.
 #[derive(Debug)]
@@ -22,6 +26,10 @@ pub struct Registry {
 struct Inner {
     epoch: u64,
     members: BTreeMap<String, Member>,
+    /// When each member's current record was registered (for uptimes in standalone mode).
+    since: HashMap<String, Instant>,
+    /// Processes (id, pid) that may not register again.
+    retired: HashSet<(String, u32)>,
 }
 
 impl Default for Registry {
@@ -34,14 +42,35 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// Adds or replaces a member; returns the new epoch.
-    pub fn register(&self, member: Member) -> u64 {
+    /// Adds or replaces a member; returns the new epoch, or [`MasterError::Retired`] for a
+    /// process that is being replaced.
+    pub fn register(&self, member: Member) -> Result<u64, MasterError> {
         let mut inner = self.lock();
-        if inner.members.get(&member.id) == Some(&member) {
-            return inner.epoch;
+        if inner.retired.contains(&(member.id.clone(), member.pid)) {
+            return Err(MasterError::Retired { id: member.id, pid: member.pid });
         }
+        if inner.members.get(&member.id) == Some(&member) {
+            return Ok(inner.epoch);
+        }
+        inner.since.insert(member.id.clone(), Instant::now());
         inner.members.insert(member.id.clone(), member);
-        self.publish(&mut inner)
+        Ok(self.publish(&mut inner))
+    }
+
+    /// Turns down further registrations of the process `pid` of member `id` (a rolling restart
+    /// is replacing it), or, with `retire` false, lifts that again once the process is gone.
+    pub fn retire(&self, id: &str, pid: u32, retire: bool) {
+        let mut inner = self.lock();
+        if retire {
+            inner.retired.insert((id.to_owned(), pid));
+        } else {
+            inner.retired.remove(&(id.to_owned(), pid));
+        }
+    }
+
+    /// When each member's current record was registered.
+    pub fn registered_since(&self) -> HashMap<String, Instant> {
+        self.lock().since.clone()
     }
 
     /// Removes a member if it is still the process `pid` (any process if `None`); returns
@@ -51,6 +80,7 @@ impl Registry {
         let matches = inner.members.get(id).is_some_and(|m| pid.is_none_or(|pid| m.pid == pid));
         if matches {
             inner.members.remove(id);
+            inner.since.remove(id);
             self.publish(&mut inner);
         }
         matches
@@ -98,28 +128,40 @@ mod tests {
     #[test]
     fn epoch_moves_on_changes_only() {
         let registry = Registry::default();
-        assert_eq!(registry.register(member("w-1", 10)), 1);
-        assert_eq!(registry.register(member("w-1", 10)), 1, "same record, same epoch");
-        assert_eq!(registry.register(member("w-1", 11)), 2);
-        assert_eq!(registry.register(member("w-2", 12)), 3);
+        assert_eq!(registry.register(member("w-1", 10)), Ok(1));
+        assert_eq!(registry.register(member("w-1", 10)), Ok(1), "same record, same epoch");
+        assert_eq!(registry.register(member("w-1", 11)), Ok(2));
+        assert_eq!(registry.register(member("w-2", 12)), Ok(3));
         assert_eq!(registry.snapshot().members.len(), 2);
     }
 
     #[test]
     fn remove_checks_the_pid() {
         let registry = Registry::default();
-        registry.register(member("w-1", 10));
+        registry.register(member("w-1", 10)).unwrap();
         assert!(!registry.remove("w-1", Some(9)), "an older process's exit keeps the new one");
         assert!(registry.remove("w-1", Some(10)));
         assert!(!registry.remove("w-1", None));
         assert_eq!(registry.snapshot().epoch, 2);
     }
 
+    #[test]
+    fn a_retired_process_cannot_take_its_record_back() {
+        let registry = Registry::default();
+        registry.register(member("w-1", 10)).unwrap();
+        registry.retire("w-1", 10, true);
+        assert_eq!(registry.register(member("w-1", 11)), Ok(2), "the replacement");
+        assert!(registry.register(member("w-1", 10)).is_err());
+        assert_eq!(registry.snapshot().members[0].pid, 11);
+        registry.retire("w-1", 10, false);
+        assert!(registry.register(member("w-1", 10)).is_ok());
+    }
+
     #[tokio::test]
     async fn watchers_see_changes() {
         let registry = Registry::default();
         let mut rx = registry.watch();
-        registry.register(member("w-1", 10));
+        registry.register(member("w-1", 10)).unwrap();
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().epoch, 1);
     }

@@ -5,13 +5,20 @@
 //! real client address); then hyper serves HTTP/1.1 on it, and an upgrade request on the
 //! configured path that passes the origin check and the app's `upgrade` hook becomes a
 //! SocketCluster socket ([`crate::socket::run`]).
+//!
+//! Each socket runs in its own task, tracked so that a draining worker waits for every close
+//! frame to go out. A panic in one socket's task is caught here: it is logged (and so reaches
+//! the master's central log, with the panic hook's message and location) and ends that socket
+//! only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -21,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
 
 use crate::app::UpgradeRequest;
 use crate::origins::Origins;
@@ -28,6 +36,10 @@ use crate::socket::{self, Context, Peer};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time.
 const READ_BUFFER: usize = 4 * 1024;
+/// Fault injection for the cross-daemon tests: with this variable set to `1`, a socket whose
+/// upgrade URL carries `sc-test-panic` in its query panics shortly after it opens. Nothing
+/// else reads it; it lets the tests prove that a panic ends one socket only.
+pub const FAULTS_ENV: &str = "SC_TEST_FAULTS";
 
 /// What the HTTP handler needs.
 #[derive(Debug)]
@@ -45,6 +57,10 @@ pub struct Http {
     pub static_dir: Option<PathBuf>,
     /// `[worker] api_key`; empty: the HTTP API is off.
     pub api_key: String,
+    /// Every socket task, so that shutdown can wait for their close frames.
+    pub sockets: TaskTracker,
+    /// [`FAULTS_ENV`] was set.
+    pub faults: bool,
 }
 
 type Body = Full<Bytes>;
@@ -150,10 +166,11 @@ impl Http {
             return owned_text(status, rejection.message);
         }
         let accept = derive_accept_key(key.as_bytes());
+        let inject_panic = self.faults && request.uri().query().is_some_and(|q| q.contains("sc-test-panic"));
         let on_upgrade = hyper::upgrade::on(&mut request);
         let context = self.context.clone();
         let max_payload = self.max_payload;
-        tokio::spawn(async move {
+        let socket = async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {
@@ -168,7 +185,25 @@ impl Http {
                 .max_write_buffer_size(4 * max_payload.max(64 * 1024));
             let ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            socket::run(ws, context, peer).await;
+            if inject_panic {
+                let run = socket::run(ws, context, peer);
+                tokio::select! {
+                    _ = run => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                        panic!("injected socket panic ({FAULTS_ENV})");
+                    }
+                }
+            } else {
+                socket::run(ws, context, peer).await;
+            }
+        };
+        self.sockets.spawn(async move {
+            // The socket's state is dropped with the panic (its channels left, see
+            // `Conversation`'s Drop); the hub's locks recover from poisoning, so the worker
+            // carries on.
+            if AssertUnwindSafe(socket).catch_unwind().await.is_err() {
+                tracing::error!("socket task panicked; that socket was closed");
+            }
         });
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

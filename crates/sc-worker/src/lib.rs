@@ -159,12 +159,17 @@ impl Worker {
             .id
             .parse()
             .map_err(|_| Error::Config(format!("worker.id: {:?} is not a valid header value", self.id)))?;
+        // Sockets are closed only after the listener is gone (see below), so a client that
+        // reconnects at once is refused here and goes to another worker instead of waiting in
+        // this listener's backlog.
+        let close_sockets = CancellationToken::new();
+        let sockets = TaskTracker::new();
         let context = Arc::new(socket::Context {
             hub,
             handler: self.handler.clone(),
             auth: self.auth,
             settings: socket::Settings::from_config(&self.config.worker),
-            shutdown: shutdown.clone(),
+            shutdown: close_sockets.clone(),
         });
         let http = Arc::new(http::Http {
             context,
@@ -174,6 +179,8 @@ impl Worker {
             max_payload: usize::try_from(self.config.worker.max_payload).unwrap_or(usize::MAX),
             static_dir,
             api_key: self.config.worker.api_key.clone(),
+            sockets: sockets.clone(),
+            faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
         });
 
         let (health_reporter, health) = daemon::health();
@@ -198,10 +205,17 @@ impl Worker {
                 }
             }
         }
-        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        // Drain: refuse new connections first, then close every socket with the reconnect-now
+        // close, then wait for the close frames to be written (bounded by the caller's grace).
         drop(self.listener);
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let open = sockets.len();
+        close_sockets.cancel();
         tracker.close();
         tracker.wait().await;
+        sockets.close();
+        sockets.wait().await;
+        tracing::info!(id = %self.id, sockets = open, "worker drained");
         let _ = grpc_task.await;
         tracing::info!(id = %self.id, "worker stopped");
         Ok(())

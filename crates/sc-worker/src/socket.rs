@@ -49,8 +49,11 @@ pub const CLOSE_BEFORE_HANDSHAKE: u16 = 4009;
 /// Close code: the socket's outbound queue overflowed (it did not read fast enough); clients
 /// reconnect with backoff.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4100;
-/// Close code: the worker is shutting down (service restart; clients reconnect).
-pub const CLOSE_SHUTDOWN: u16 = 1012;
+/// Close code: the worker is shutting down or being replaced in a rolling restart. It is sent as
+/// a close frame *without* a status code, which the clients report as 1005: with 4000 and 4001,
+/// the only codes after which both the v14 and the v20 clients reconnect at once instead of
+/// after a 10-20 s backoff (see docs/architecture.md, "Draining a worker").
+pub const CLOSE_SHUTDOWN: u16 = 1005;
 /// Close code: a message larger than `[worker] max_payload`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
@@ -93,6 +96,14 @@ struct Conversation {
     subscriptions: HashSet<Arc<str>>,
     /// Frames to write at the end of this wake-up.
     replies: Vec<String>,
+}
+
+impl Drop for Conversation {
+    /// A socket task that ends by a panic (caught in [`crate::http`]) still leaves its channels,
+    /// so the hub holds no dead subscriber.
+    fn drop(&mut self) {
+        self.leave_all();
+    }
 }
 
 /// Why the loop ended.
@@ -151,13 +162,17 @@ where
         End::Gone(code) => code,
         End::Close(code, reason) => {
             tracing::debug!(id = %socket.id(), code, %reason, "closing socket");
-            // v1 clients read the reason from a #disconnect event before the close.
-            if socket.protocol_version() != Some(2) {
+            // v1 clients read the reason from a #disconnect event before the close; the v14
+            // client closes itself with that code, so only codes a close frame may carry.
+            let sendable = !matches!(code, 1004..=1006 | 1015);
+            if socket.protocol_version() != Some(2) && sendable {
                 let _ = ws.feed(Message::Text(protocol::encode_disconnect(code, &reason).into())).await;
             }
-            let frame = CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() };
+            // 1005 may not travel in a frame (RFC 6455 7.4.1): it is an empty close frame.
+            let frame = sendable
+                .then(|| CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() });
             // A peer that stalls must not hold the task: the close gets a bounded time.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(frame)).await;
             Some(code)
         }
     };

@@ -39,6 +39,8 @@ impl Cell {
         let mut config = Config::default();
         config.cluster.secret = "s".into();
         config.master.mode = MasterMode::Standalone;
+        config.master.admin_listen = "127.0.0.1:0".parse().unwrap();
+        config.master.settle = Duration::ZERO;
         config.worker.auth_key = "k".into();
         tune(&mut config);
         let master = sc_master::Master::bind(config.clone(), None).await.unwrap();

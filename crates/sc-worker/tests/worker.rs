@@ -33,6 +33,8 @@ async fn start(tune: impl FnOnce(&mut Config)) -> Cell {
     config.cluster.secret = "s".into();
     config.master.mode = MasterMode::Standalone;
     config.master.health_interval = Duration::from_millis(200);
+    config.master.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.master.settle = Duration::ZERO;
     tune(&mut config);
     let master = sc_master::Master::bind(config.clone(), None).await.unwrap();
     let master_url = format!("http://{}", master.local_addr());
