@@ -8,14 +8,25 @@
 //! [`HALF_CLOSED_LINGER`] after the first one did: a WebSocket peer answers a close at once, and
 //! one that does not (a hung client after its worker drained) must not hold the connection, nor
 //! a stopping balancer, for ever.
+//!
+//! Two paths: [`forward`] for plain connections (both directions in one task, each waiting on
+//! its own readiness) and [`forward_tls`] for TLS ones, which drives the rustls connection by
+//! hand after the handshake: readiness of either socket, then a non-blocking step in each
+//! direction. The only buffers an idle TLS connection keeps are rustls' own (its small
+//! receive buffer); the plaintext copies are pooled like the plain path's. The worker side is
+//! a TCP or a Unix stream ([`Stream`]).
 
 use std::cell::RefCell;
-use std::io;
+use std::future::Future;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use rustls::ServerConnection;
+use tokio::io::{Interest, Ready};
+use tokio::net::{TcpStream, UnixStream};
 
 /// How long a connection stays up once one direction has ended.
 pub const HALF_CLOSED_LINGER: Duration = Duration::from_secs(2);
@@ -29,16 +40,83 @@ thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A non-blocking socket the forwarder can wait on: tokio's TCP and Unix streams.
+pub trait Stream: AsFd + Sync {
+    /// Waits until the socket is ready for `interest`.
+    fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<Ready>> + Send;
+    /// A read that fails with `WouldBlock` (and clears the readiness) when nothing is there.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// A write that fails with `WouldBlock` (and clears the readiness) when the socket is full.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+/// Where a step of [`forward_tls`] stopped.
+enum Flow {
+    /// Waiting for a socket to be ready again.
+    Blocked,
+    /// The direction reached its end of stream.
+    Eof,
+}
+
+/// Bytes read and not yet written to the worker.
+struct Pending {
+    buffer: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// `std::io` over the non-blocking calls of a [`Stream`], for rustls' `read_tls`/`write_tls`.
+struct TryIo<'a, S>(&'a S);
+
+impl Stream for TcpStream {
+    fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<Ready>> + Send {
+        TcpStream::ready(self, interest)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+}
+
+impl Stream for UnixStream {
+    fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<Ready>> + Send {
+        UnixStream::ready(self, interest)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        UnixStream::try_read(self, buf)
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        UnixStream::try_write(self, buf)
+    }
+}
+
+impl<S: Stream> Read for TryIo<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl<S: Stream> Write for TryIo<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Forwards both ways until both directions reached end of stream (or one failed), or
 /// [`HALF_CLOSED_LINGER`] after the first end of stream. Returns the bytes sent (client to
 /// worker, worker to client).
-pub async fn forward(client: &TcpStream, worker: &TcpStream) -> io::Result<(u64, u64)> {
+pub async fn forward<C: Stream, W: Stream>(client: &C, worker: &W) -> io::Result<(u64, u64)> {
     forward_with_linger(client, worker, HALF_CLOSED_LINGER).await
 }
 
-async fn forward_with_linger(
-    client: &TcpStream,
-    worker: &TcpStream,
+async fn forward_with_linger<C: Stream, W: Stream>(
+    client: &C,
+    worker: &W,
     linger: Duration,
 ) -> io::Result<(u64, u64)> {
     // Counted outside the pumps so that a direction cut short by the linger still reports.
@@ -56,16 +134,16 @@ async fn forward_with_linger(
     Ok((sent_up.load(Ordering::Relaxed), sent_down.load(Ordering::Relaxed)))
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream, total: &AtomicU64) -> io::Result<()> {
+async fn pump<F: Stream, T: Stream>(from: &F, to: &T, total: &AtomicU64) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        from.ready(Interest::READABLE).await?;
         let mut buffer = take_buffer();
         let read = from.try_read(&mut buffer);
         let outcome = match read {
             Ok(0) => {
                 give_buffer(buffer);
                 // Pass the end of stream on; the peer may already be gone.
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                shutdown(to, Shutdown::Write);
                 return Ok(());
             }
             Ok(n) => {
@@ -78,23 +156,229 @@ async fn pump(from: &TcpStream, to: &TcpStream, total: &AtomicU64) -> io::Result
         give_buffer(buffer);
         if let Err(e) = outcome {
             // Make the other direction notice too.
-            let _ = socket2::SockRef::from(from).shutdown(Shutdown::Both);
-            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Both);
+            shutdown(from, Shutdown::Both);
+            shutdown(to, Shutdown::Both);
             return Err(e);
         }
     }
 }
 
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes all of `bytes`, waiting for writability as needed.
+pub async fn write_all<S: Stream>(to: &S, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match to.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                to.ready(Interest::WRITABLE).await?;
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Forwards a TLS client (its handshake done: `tls` is the rustls side of `client`) to a
+/// worker, with the same end-of-stream and linger rules as [`forward`]. The client's
+/// close_notify (or a bare end of stream) half-closes the worker; the worker's end of stream
+/// sends close_notify and then half-closes the client.
+pub async fn forward_tls<W: Stream>(
+    client: &TcpStream,
+    tls: &mut ServerConnection,
+    worker: &W,
+    linger: Duration,
+) -> io::Result<(u64, u64)> {
+    let mut up: Option<Pending> = None;
+    let (mut up_done, mut down_done, mut client_shut) = (false, false, false);
+    let (mut sent_up, mut sent_down) = (0u64, 0u64);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let outcome = loop {
+        // Never wait before both directions are stuck: rustls may hold decrypted bytes that no
+        // socket readiness would announce.
+        if !up_done {
+            match step_up(client, tls, worker, &mut up, &mut sent_up) {
+                Ok(Flow::Blocked) => {}
+                Ok(Flow::Eof) => {
+                    up_done = true;
+                    shutdown(worker, Shutdown::Write);
+                }
+                Err(e) => break Err(e),
+            }
+        }
+        if !down_done {
+            match step_down(client, tls, worker, &mut sent_down) {
+                Ok(Flow::Blocked) => {}
+                Ok(Flow::Eof) => {
+                    down_done = true;
+                    tls.send_close_notify();
+                }
+                Err(e) => break Err(e),
+            }
+        }
+        if let Err(e) = flush_tls(client, tls) {
+            break Err(e);
+        }
+        if down_done && !client_shut && !tls.wants_write() {
+            shutdown(client, Shutdown::Write);
+            client_shut = true;
+        }
+        if up_done && down_done && !tls.wants_write() {
+            break Ok(());
+        }
+        if (up_done || down_done) && deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + linger);
+        }
+        let client_interest = either(
+            (!up_done && up.is_none()).then_some(Interest::READABLE),
+            tls.wants_write().then_some(Interest::WRITABLE),
+        );
+        let worker_interest = either(
+            up.is_some().then_some(Interest::WRITABLE),
+            (!down_done && !tls.wants_write()).then_some(Interest::READABLE),
+        );
+        let linger_over = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ready = client.ready(client_interest.unwrap_or(Interest::READABLE)), if client_interest.is_some() => {
+                if let Err(e) = ready { break Err(e) }
+            }
+            ready = worker.ready(worker_interest.unwrap_or(Interest::READABLE)), if worker_interest.is_some() => {
+                if let Err(e) = ready { break Err(e) }
+            }
+            _ = linger_over => break Ok(()),
+        }
+    };
+    if let Some(pending) = up.take() {
+        give_buffer(pending.buffer);
+    }
+    if outcome.is_err() {
+        // A TLS error leaves an alert queued: send it if the socket takes it at once.
+        let _ = flush_tls(client, tls);
+        shutdown(client, Shutdown::Both);
+        shutdown(worker, Shutdown::Both);
+    }
+    outcome.map(|()| (sent_up, sent_down))
+}
+
+/// Client to worker, without waiting: write what is pending, then decrypt and write more,
+/// reading TLS records from the client as needed.
+fn step_up<W: Stream>(
+    client: &TcpStream,
+    tls: &mut ServerConnection,
+    worker: &W,
+    up: &mut Option<Pending>,
+    sent: &mut u64,
+) -> io::Result<Flow> {
+    loop {
+        if let Some(pending) = up.as_mut() {
+            match worker.try_write(&pending.buffer[pending.start..pending.end]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    pending.start += n;
+                    if pending.start == pending.end
+                        && let Some(done) = up.take()
+                    {
+                        give_buffer(done.buffer);
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Blocked),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut buffer = take_buffer();
+        match tls.reader().read(&mut buffer) {
+            // close_notify: a clean end of stream.
+            Ok(0) => {
+                give_buffer(buffer);
+                return Ok(Flow::Eof);
+            }
+            Ok(n) => {
+                *sent += n as u64;
+                *up = Some(Pending { buffer, start: 0, end: n });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_buffer(buffer);
+                match tls.read_tls(&mut TryIo(client)) {
+                    // The client went away without close_notify; pass it on all the same.
+                    Ok(0) => return Ok(Flow::Eof),
+                    Ok(_) => {
+                        tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Blocked),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                give_buffer(buffer);
+                return Ok(Flow::Eof);
+            }
+            Err(e) => {
+                give_buffer(buffer);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Worker to client, without waiting: read from the worker only once rustls has sent out
+/// everything it holds, so that it never buffers more than one read.
+fn step_down<W: Stream>(
+    client: &TcpStream,
+    tls: &mut ServerConnection,
+    worker: &W,
+    sent: &mut u64,
+) -> io::Result<Flow> {
+    loop {
+        flush_tls(client, tls)?;
+        if tls.wants_write() {
+            return Ok(Flow::Blocked);
+        }
+        let mut buffer = take_buffer();
+        let outcome = match worker.try_read(&mut buffer) {
+            Ok(0) => Ok(Some(Flow::Eof)),
+            Ok(n) => {
+                *sent += n as u64;
+                // rustls takes it all: its outgoing buffer is empty and its limit (64 KiB) is
+                // more than one read.
+                tls.writer().write_all(&buffer[..n]).map(|()| None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(Flow::Blocked)),
+            Err(e) => Err(e),
+        };
+        give_buffer(buffer);
+        if let Some(flow) = outcome? {
+            return Ok(flow);
+        }
+    }
+}
+
+/// Writes what rustls has for the client until the socket is full.
+fn flush_tls(client: &TcpStream, tls: &mut ServerConnection) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(&mut TryIo(client)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn either(a: Option<Interest>, b: Option<Interest>) -> Option<Interest> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a | b),
+        (a, b) => a.or(b),
+    }
+}
+
+fn shutdown<S: AsFd>(socket: &S, how: Shutdown) {
+    // The peer may already be gone; nothing to do about it.
+    let _ = socket2::SockRef::from(socket).shutdown(how);
 }
 
 fn take_buffer() -> Box<[u8]> {
@@ -144,6 +428,23 @@ mod tests {
         client_end.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, b"reply after half-close");
         assert_eq!(task.await.unwrap().unwrap(), (200_000, 22));
+    }
+
+    #[tokio::test]
+    async fn forwards_to_a_unix_stream() {
+        let (mut client_end, client_side) = pair().await;
+        let (worker_side, mut worker_end) = UnixStream::pair().unwrap();
+        let task = tokio::spawn(async move { forward(&client_side, &worker_side).await });
+        client_end.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        worker_end.read_exact(&mut got).await.unwrap();
+        worker_end.write_all(b"pong!").await.unwrap();
+        drop(worker_end);
+        let mut reply = Vec::new();
+        client_end.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"pong!");
+        drop(client_end);
+        assert_eq!(task.await.unwrap().unwrap(), (4, 5));
     }
 
     #[tokio::test]

@@ -1,27 +1,37 @@
 //! sc-balancer: the cluster's public listener.
 //!
-//! It accepts client connections on `[balancer] listen`, picks a worker by rendezvous hashing
-//! of the client IP over the live workers (so a client keeps its worker while the membership is
-//! unchanged, and only the clients of a worker that leaves move), connects to it (the next in
-//! rendezvous order if it refuses), writes a PROXY v2 header with the real client address and
-//! then forwards bytes both ways without parsing them ([`forward`]). It watches the worker
-//! membership through the master and serves grpc.health.v1.
+//! It accepts client connections on `[balancer] listen` (SO_REUSEPORT, so that several
+//! balancers can share the port), ends TLS when `[balancer] tls_cert` is set ([`tls`]; SIGHUP
+//! reloads the certificate), picks a worker by rendezvous hashing of the client IP over the
+//! live workers (so a client keeps its worker while the membership is unchanged, and only the
+//! clients of a worker that leaves move), connects to it (over its Unix socket when the worker
+//! has one on this host, else TCP; the next worker in rendezvous order if it refuses), writes a
+//! PROXY v2 header with the real client address and the TLS flag, and then forwards bytes both
+//! ways without parsing them ([`forward`]). It watches the worker membership through the master
+//! and serves grpc.health.v1.
 //!
 //! Entry points: [`Balancer::bind`], then [`Balancer::serve`].
 
 pub mod forward;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sc_common::config::Config;
 use sc_common::membership::{Event, MasterLink, Member, Membership, Role};
 use sc_common::{Error, daemon, proxy_protocol, rendezvous};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use tls::TlsError;
+
+/// The listen queue of the public listener: a burst of reconnecting clients (a worker drained,
+/// a balancer restarted) waits there instead of being refused.
+const BACKLOG: u32 = 4096;
 
 /// A balancer with its listeners bound.
 #[derive(Debug)]
@@ -30,23 +40,48 @@ pub struct Balancer {
     id: String,
     listener: TcpListener,
     grpc: TcpListener,
+    tls: Option<Arc<tls::Certificates>>,
 }
 
 /// A worker a connection can go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub id: String,
+    /// TCP "host:port".
     pub addr: String,
+    /// Its Unix socket path; empty if none.
+    pub unix: String,
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+struct Shared {
+    local: SocketAddr,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    tls: Option<Arc<tls::Certificates>>,
+}
+
+/// The connection to a worker.
+enum WorkerStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
 impl Balancer {
-    /// Binds the public listener (`[balancer] listen`) and the gRPC health listener
-    /// (`[balancer] grpc_listen`).
+    /// Loads the TLS certificate (if configured), binds the public listener (`[balancer]
+    /// listen`, SO_REUSEPORT) and the gRPC health listener (`[balancer] grpc_listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
         let id = config.balancer.id.clone().unwrap_or_else(|| daemon::default_id(Role::Balancer));
-        let listener = daemon::bind(config.balancer.listen).await?;
+        let tls = match (&config.balancer.tls_cert, &config.balancer.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                tls::Certificates::load(cert, key).map_err(|e| Error::Config(format!("balancer.tls_cert: {e}")))?,
+            )),
+            _ => None,
+        };
+        let listener = daemon::bind_shared(config.balancer.listen, BACKLOG)?;
         let grpc = daemon::bind(config.balancer.grpc_listen).await?;
-        Ok(Self { config, id, listener, grpc })
+        Ok(Self { config, id, listener, grpc, tls })
     }
 
     /// The bound public address.
@@ -85,21 +120,46 @@ impl Balancer {
         let (health_reporter, health) = daemon::health();
         let grpc = tonic::transport::Server::builder().add_service(health);
         let grpc_task = tokio::spawn(daemon::serve_grpc(grpc, self.grpc, shutdown.clone()));
+        if let Some(certificates) = &self.tls {
+            tokio::spawn(reload_on_sighup(certificates.clone(), shutdown.clone()));
+        }
 
-        tracing::info!(id = %self.id, %addr, grpc = %grpc_addr, "balancer listening");
-        let connect_timeout = self.config.balancer.connect_timeout;
+        let shared = Arc::new(Shared {
+            local: addr,
+            connect_timeout: self.config.balancer.connect_timeout,
+            handshake_timeout: self.config.balancer.tls_handshake_timeout,
+            tls: self.tls.clone(),
+        });
+        // One permit per open connection: at the limit the accept loop waits for a permit, so
+        // new clients queue in the kernel's backlog instead of costing memory and descriptors.
+        let limit = match self.config.balancer.max_connections {
+            0 => None,
+            n => Some(Arc::new(Semaphore::new(n))),
+        };
+        tracing::info!(id = %self.id, %addr, grpc = %grpc_addr, tls = self.tls.is_some(), "balancer listening");
         let tracker = TaskTracker::new();
         loop {
+            let permit = match &limit {
+                Some(limit) => tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = limit.clone().acquire_owned() => permit.ok(),
+                },
+                None => None,
+            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {
                 Ok((client, remote)) => {
-                    let workers = workers.clone();
-                    tracker.spawn(handle(client, remote, addr, workers, connect_timeout));
+                    let task = handle(client, remote, workers.clone(), shared.clone());
+                    tracker.spawn(async move {
+                        task.await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -110,6 +170,7 @@ impl Balancer {
         drop(self.listener);
         health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         tracker.close();
+        tracing::info!(id = %self.id, open = tracker.len(), "balancer draining");
         tracker.wait().await;
         let _ = grpc_task.await;
         tracing::info!(id = %self.id, "balancer stopped");
@@ -124,20 +185,84 @@ pub fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target
     let ids = rendezvous::ranked(workers.iter().map(|m| m.id.as_str()), key.as_bytes());
     ids.into_iter()
         .filter_map(|id| workers.iter().find(|m| m.id == id))
-        .map(|m| Target { id: m.id.clone(), addr: m.public.clone() })
+        .map(|m| Target { id: m.id.clone(), addr: m.public.clone(), unix: m.unix.clone() })
         .collect()
+}
+
+/// SIGHUP reloads the certificate and key; a bad pair is reported and the old one kept.
+async fn reload_on_sighup(certificates: Arc<tls::Certificates>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = hup.recv() => if received.is_none() { return },
+        }
+        match certificates.reload() {
+            Ok(()) => tracing::info!("tls certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "tls certificate reload failed, keeping the previous one"),
+        }
+    }
 }
 
 async fn handle(
     client: TcpStream,
     remote: SocketAddr,
-    local: SocketAddr,
-    mut workers: watch::Receiver<Membership>,
-    connect_timeout: Duration,
+    workers: watch::Receiver<Membership>,
+    shared: Arc<Shared>,
 ) {
     let _ = client.set_nodelay(true);
+    let Some(certificates) = &shared.tls else {
+        let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
+        tracing::debug!(%remote, worker = %id, "forwarding");
+        let outcome = match &worker {
+            WorkerStream::Tcp(worker) => forward::forward(&client, worker).await,
+            WorkerStream::Unix(worker) => forward::forward(&client, worker).await,
+        };
+        if let Err(e) = outcome {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
+        return;
+    };
+    // Boxed: the handshake's state is large and short-lived; the task keeps only what the
+    // forwarding needs.
+    let accept = Box::pin(tokio_rustls::TlsAcceptor::from(certificates.current()).accept(client));
+    let (client, mut tls) = match tokio::time::timeout(shared.handshake_timeout, accept).await {
+        Ok(Ok(stream)) => stream.into_inner(),
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "tls handshake timed out");
+            return;
+        }
+    };
+    let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else { return };
+    tracing::debug!(%remote, worker = %id, "forwarding tls");
+    let linger = forward::HALF_CLOSED_LINGER;
+    let outcome = match &worker {
+        WorkerStream::Tcp(worker) => forward::forward_tls(&client, &mut tls, worker, linger).await,
+        WorkerStream::Unix(worker) => forward::forward_tls(&client, &mut tls, worker, linger).await,
+    };
+    if let Err(e) = outcome {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// Connects to the client's worker (the next in rendezvous order if it refuses) and sends the
+/// PROXY v2 header; `None` when no worker takes the connection.
+async fn connect_worker(
+    remote: SocketAddr,
+    mut workers: watch::Receiver<Membership>,
+    shared: &Shared,
+    tls: bool,
+) -> Option<(WorkerStream, String)> {
     // Right after start-up the membership may still be empty: wait a little for workers.
-    let deadline = tokio::time::Instant::now() + connect_timeout;
+    let deadline = tokio::time::Instant::now() + shared.connect_timeout;
     let targets = loop {
         let targets = ranked_targets(&workers.borrow_and_update(), remote);
         if !targets.is_empty() {
@@ -145,34 +270,49 @@ async fn handle(
         }
         if tokio::time::timeout_at(deadline, workers.changed()).await.is_err() {
             tracing::debug!(%remote, "no live worker, dropping connection");
-            return;
+            return None;
         }
     };
-    let header = proxy_protocol::encode(remote, local, false);
+    drop(workers);
+    let header = proxy_protocol::encode(remote, shared.local, tls);
     for target in targets {
-        let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(&target.addr)).await;
-        let mut worker = match connect {
-            Ok(Ok(worker)) => worker,
-            Ok(Err(e)) => {
-                tracing::debug!(worker = %target.id, error = %e, "worker refused, trying the next");
-                continue;
-            }
-            Err(_) => {
-                tracing::debug!(worker = %target.id, "worker connect timed out, trying the next");
-                continue;
-            }
+        let Some(worker) = Box::pin(connect(&target, shared.connect_timeout)).await else { continue };
+        let written = match &worker {
+            WorkerStream::Tcp(stream) => forward::write_all(stream, &header).await,
+            WorkerStream::Unix(stream) => forward::write_all(stream, &header).await,
         };
-        let _ = worker.set_nodelay(true);
-        if worker.write_all(&header).await.is_err() {
-            continue;
+        if written.is_ok() {
+            return Some((worker, target.id));
         }
-        tracing::debug!(%remote, worker = %target.id, "forwarding");
-        if let Err(e) = forward::forward(&client, &worker).await {
-            tracing::debug!(%remote, error = %e, "connection ended with an error");
-        }
-        return;
     }
     tracing::debug!(%remote, "every worker refused, dropping connection");
+    None
+}
+
+/// The worker's Unix socket if it has one here (same host), else its TCP listener.
+async fn connect(target: &Target, timeout: Duration) -> Option<WorkerStream> {
+    if !target.unix.is_empty() {
+        match tokio::time::timeout(timeout, UnixStream::connect(&target.unix)).await {
+            Ok(Ok(stream)) => return Some(WorkerStream::Unix(stream)),
+            // Not on this host, or gone: TCP below.
+            Ok(Err(e)) => tracing::trace!(worker = %target.id, error = %e, "unix socket refused, using tcp"),
+            Err(_) => tracing::trace!(worker = %target.id, "unix connect timed out, using tcp"),
+        }
+    }
+    match tokio::time::timeout(timeout, TcpStream::connect(&target.addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Some(WorkerStream::Tcp(stream))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(worker = %target.id, error = %e, "worker refused, trying the next");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(worker = %target.id, "worker connect timed out, trying the next");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

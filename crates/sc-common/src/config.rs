@@ -40,6 +40,9 @@ pub struct ClusterConfig {
     pub workers: usize,
     /// Brokers the master runs in supervise mode.
     pub brokers: usize,
+    /// Balancers the master runs in supervise mode; they all bind `[balancer] listen` with
+    /// SO_REUSEPORT and the kernel spreads new connections over them.
+    pub balancers: usize,
     /// The shared secret that authenticates internal gRPC calls. Empty: the master makes a
     /// random one per start and hands it to the daemons it spawns.
     pub secret: String,
@@ -117,6 +120,17 @@ pub struct BalancerConfig {
     /// How long to wait for a worker to accept before trying the next one.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// PEM certificate chain for TLS on the public listener (wss://, https://). Set with
+    /// `tls_key`; unset: plain ws:// and http://. SIGHUP reloads both files.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// A client that has not finished its TLS handshake within this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Most client connections one balancer forwards at once; at the limit it stops accepting
+    /// (new clients wait in the listen backlog) until one closes. 0: no limit.
+    pub max_connections: usize,
 }
 
 /// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
@@ -132,6 +146,14 @@ pub struct WorkerConfig {
     pub command: Option<PathBuf>,
     /// The HTTP and WebSocket listener that balancers forward to.
     pub listen: SocketAddr,
+    /// A folder where the worker also listens on a Unix socket (`<id>-<pid>.sock`), which
+    /// balancers on the same host use instead of TCP (no ephemeral ports used up). Unset: TCP
+    /// only; in supervise mode the master sets a per-cluster folder and removes it on exit.
+    pub unix_dir: Option<PathBuf>,
+    /// Proxies whose `X-Forwarded-For` (and `X-Forwarded-Proto`) the worker believes, as IPs
+    /// or CIDR blocks ("10.0.0.0/8", "::1"). The balancer needs no entry: it tells the worker
+    /// the client address with a PROXY v2 header.
+    pub trusted_proxies: Vec<String>,
     /// The worker's gRPC listener (health).
     pub grpc_listen: SocketAddr,
     /// The WebSocket endpoint; served with and without the trailing slash.
@@ -213,7 +235,7 @@ pub struct BrokerConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { workers: 2, brokers: 1, secret: String::new(), log_format: LogFormat::Plain }
+        Self { workers: 2, brokers: 1, balancers: 1, secret: String::new(), log_format: LogFormat::Plain }
     }
 }
 
@@ -243,6 +265,10 @@ impl Default for BalancerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
             grpc_listen: loopback(0),
             connect_timeout: Duration::from_secs(2),
+            tls_cert: None,
+            tls_key: None,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_connections: 0,
         }
     }
 }
@@ -254,6 +280,8 @@ impl Default for WorkerConfig {
             master: None,
             command: None,
             listen: loopback(0),
+            unix_dir: None,
+            trusted_proxies: Vec::new(),
             grpc_listen: loopback(0),
             path: "/socketcluster/".to_owned(),
             ping_interval: Duration::from_secs(8),
@@ -346,6 +374,7 @@ impl Config {
                 .try_parsing(true)
                 .list_separator(" ")
                 .with_list_parse_key("worker.origins")
+                .with_list_parse_key("worker.trusted_proxies")
                 .source(Some(env)),
         );
         let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
@@ -362,6 +391,15 @@ impl Config {
         }
         if self.cluster.brokers == 0 {
             return bad("cluster.brokers", "must be at least 1");
+        }
+        if self.cluster.balancers == 0 {
+            return bad("cluster.balancers", "must be at least 1");
+        }
+        if self.balancer.tls_cert.is_some() != self.balancer.tls_key.is_some() {
+            return bad("balancer.tls_cert", "set both balancer.tls_cert and balancer.tls_key, or neither");
+        }
+        if self.balancer.tls_handshake_timeout.is_zero() {
+            return bad("balancer.tls_handshake_timeout", "must be more than 0");
         }
         if self.master.health_interval.is_zero() {
             return bad("master.health_interval", "must be more than 0");
@@ -577,6 +615,9 @@ mod tests {
         full.worker.auth_private_key = Some("x".into());
         full.worker.auth_public_key = Some("x".into());
         full.worker.static_dir = Some("x".into());
+        full.worker.unix_dir = Some("x".into());
+        full.balancer.tls_cert = Some("x".into());
+        full.balancer.tls_key = Some("x".into());
         for (id, master, command) in [
             (&mut full.balancer.id, &mut full.balancer.master, &mut full.balancer.command),
             (&mut full.worker.id, &mut full.worker.master, &mut full.worker.command),

@@ -240,13 +240,26 @@ pub async fn serve_with_grace<E>(
 
 /// Binds a TCP listener, with the address in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    bind_with(addr, false, 1024)
+}
+
+/// Binds a TCP listener with SO_REUSEPORT, so that several processes (balancers) share the
+/// address and the kernel spreads new connections over them; `backlog` is the listen queue.
+pub fn bind_shared(addr: SocketAddr, backlog: u32) -> Result<TcpListener, Error> {
+    bind_with(addr, true, backlog)
+}
+
+fn bind_with(addr: SocketAddr, reuseport: bool, backlog: u32) -> Result<TcpListener, Error> {
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
     let bind_err = |source| Error::Bind { addr: addr.to_string(), source };
     let socket = socket.map_err(bind_err)?;
     socket.set_reuseaddr(true).map_err(bind_err)?;
+    if reuseport {
+        socket.set_reuseport(true).map_err(bind_err)?;
+    }
     socket.bind(addr).map_err(bind_err)?;
-    socket.listen(1024).map_err(bind_err)
+    socket.listen(backlog).map_err(bind_err)
 }
 
 /// A grpc.health.v1 service reporting SERVING for the whole server (service name ""), and the
