@@ -1,10 +1,12 @@
 //! The worker's HTTP side (hyper): the WebSocket upgrade on `[worker] path`, `/healthz`,
 //! `/readyz` and the static folder.
 //!
-//! Each accepted connection may start with a PROXY v2 header (the balancer sends one with the
-//! real client address); then hyper serves HTTP/1.1 on it, and an upgrade request on the
-//! configured path that passes the origin check and the app's `upgrade` hook becomes a
-//! SocketCluster socket ([`crate::socket::run`]).
+//! Each accepted TCP connection may start with a PROXY v2 header (the balancer sends one with
+//! the real client address and whether it came over TLS); a connection on the worker's Unix
+//! socket (from a balancer on the same host) must. Then hyper serves HTTP/1.1 on it, and an
+//! upgrade request on the configured path that passes the origin check and the app's `upgrade`
+//! hook becomes a SocketCluster socket ([`crate::socket::run`]). `X-Forwarded-For` and
+//! `X-Forwarded-Proto` count only from `[worker] trusted_proxies` ([`crate::proxies`]).
 //!
 //! Each socket runs in its own task, tracked so that a draining worker waits for every close
 //! frame to go out. A panic in one socket's task is caught here: it is logged (and so reaches
@@ -24,7 +26,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sc_common::proxy_protocol;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -32,10 +35,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::UpgradeRequest;
 use crate::origins::Origins;
+use crate::proxies::TrustedProxies;
 use crate::socket::{self, Context, Peer};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time.
 const READ_BUFFER: usize = 4 * 1024;
+/// How long a connection may take to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Fault injection for the cross-daemon tests: with this variable set to `1`, a socket whose
 /// upgrade URL carries `sc-test-panic` in its query panics shortly after it opens. Nothing
 /// else reads it; it lets the tests prove that a panic ends one socket only.
@@ -51,6 +57,8 @@ pub struct Http {
     /// test) can see where the balancer sent a client.
     pub worker_id: HeaderValue,
     pub origins: Origins,
+    /// `[worker] trusted_proxies`.
+    pub trusted_proxies: TrustedProxies,
     /// `[worker] max_payload`.
     pub max_payload: usize,
     /// `[worker] static_dir`, canonicalised.
@@ -73,30 +81,48 @@ impl Http {
     }
 }
 
-/// Serves one accepted connection.
+/// Serves one accepted TCP connection.
 pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let mut peer = Peer { addr: Some(remote), tls: false };
     // A PROXY v2 header starts with "\r\n"; an HTTP request never does.
     let mut first = [0u8; 1];
     match stream.peek(&mut first).await {
-        Ok(1) if first[0] == proxy_protocol::SIGNATURE[0] => {
-            let read = proxy_protocol::read_header(&mut stream);
-            match tokio::time::timeout(std::time::Duration::from_secs(5), read).await {
-                Ok(Ok(header)) => {
-                    peer.addr = header.source.or(peer.addr);
-                    peer.tls = header.tls;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "bad PROXY header");
-                    return;
-                }
-                Err(_) => return,
-            }
-        }
+        Ok(1) if first[0] == proxy_protocol::SIGNATURE[0] => match read_proxy_header(&mut stream, peer).await {
+            Some(from_header) => peer = from_header,
+            None => return,
+        },
         Ok(_) => {}
         Err(_) => return,
     }
+    serve_http(http, stream, peer).await;
+}
+
+/// Serves one connection accepted on the worker's Unix socket: a balancer on this host, which
+/// starts with a PROXY v2 header.
+pub async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream) {
+    let Some(peer) = read_proxy_header(&mut stream, Peer { addr: None, tls: false }).await else { return };
+    serve_http(http, stream, peer).await;
+}
+
+/// The peer as the PROXY v2 header at the start of `stream` tells it; `None` (and the
+/// connection is dropped) for a bad or late header.
+async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S, peer: Peer) -> Option<Peer> {
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy_protocol::read_header(stream)).await {
+        Ok(Ok(header)) => Some(Peer { addr: header.source.or(peer.addr), tls: header.tls }),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = ?peer.addr, error = %e, "bad PROXY header");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn serve_http<S>(http: Arc<Http>, stream: S, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let remote = peer.addr;
     let service = hyper::service::service_fn(move |request| {
         let http = http.clone();
         async move {
@@ -109,12 +135,13 @@ pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: So
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(e) = connection.await {
-        tracing::debug!(%remote, error = %e, "http connection failed");
+        tracing::debug!(?remote, error = %e, "http connection failed");
     }
 }
 
 impl Http {
     async fn route(&self, request: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let peer = self.trusted_proxies.client(peer, request.headers());
         let path = request.uri().path();
         if Self::normalise_path(path) == self.path {
             return self.upgrade(request, peer).await;

@@ -1,7 +1,8 @@
 //! sc-worker: the SocketCluster server of the cluster.
 //!
 //! Balancers forward client connections here (with a PROXY v2 header carrying the real client
-//! address). The worker serves HTTP with hyper, upgrades `[worker] path` to WebSocket
+//! address), over TCP or, from a balancer on the same host, over the worker's Unix socket in
+//! `[worker] unix_dir`. The worker serves HTTP with hyper, upgrades `[worker] path` to WebSocket
 //! (tungstenite) and speaks the SocketCluster protocol ([`protocol`], [`socket`]). Channels are
 //! fanned out locally ([`hub`]) and shared with the other workers through the brokers
 //! ([`brokers`]): one broker subscription per channel per worker, one encode per message.
@@ -20,6 +21,7 @@ pub mod http;
 pub mod hub;
 pub mod origins;
 pub mod outbox;
+pub mod proxies;
 pub mod protocol;
 pub mod socket;
 
@@ -27,12 +29,13 @@ pub use app::{DefaultHandler, ErrorObject, Handler, Socket};
 pub use exchange::Exchange;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use sc_common::config::Config;
 use sc_common::daemon;
 use sc_common::membership::{Event, MasterLink, Member, Role};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,7 +47,10 @@ pub struct Worker {
     config: Config,
     id: String,
     listener: TcpListener,
+    /// The Unix socket listener and its path, with `[worker] unix_dir`.
+    unix: Option<(UnixListener, PathBuf)>,
     grpc: TcpListener,
+    trusted_proxies: proxies::TrustedProxies,
     hub: Arc<hub::Hub>,
     handler: Arc<dyn Handler>,
     auth: auth::AuthEngine,
@@ -88,9 +94,15 @@ impl Worker {
         .map_err(|e| Error::Config(e.to_string()))?;
         let pool = brokers::BrokerPool::new(id.clone(), config.cluster.secret.clone());
         let hub = Arc::new(hub::Hub::new(pool, handler.clone()));
+        let trusted_proxies =
+            proxies::TrustedProxies::parse(&config.worker.trusted_proxies).map_err(Error::Config)?;
         let listener = daemon::bind(config.worker.listen).await?;
+        let unix = match &config.worker.unix_dir {
+            Some(dir) => Some(bind_unix(dir, &id)?),
+            None => None,
+        };
         let grpc = daemon::bind(config.worker.grpc_listen).await?;
-        Ok(Self { config, id, listener, grpc, hub, handler, auth })
+        Ok(Self { config, id, listener, unix, grpc, trusted_proxies, hub, handler, auth })
     }
 
     /// The exchange: publish and subscribe from server code.
@@ -101,6 +113,11 @@ impl Worker {
     /// The bound HTTP/WebSocket address.
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// The path of the Unix socket listener, with `[worker] unix_dir`.
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        self.unix.as_ref().map(|(_, path)| path.as_path())
     }
 
     /// The bound gRPC (health) address.
@@ -125,7 +142,7 @@ impl Worker {
                 id: self.id.clone(),
                 grpc: grpc_addr.to_string(),
                 public: addr.to_string(),
-                unix: String::new(),
+                unix: self.unix_path().map(|p| p.display().to_string()).unwrap_or_default(),
                 pid: std::process::id(),
             };
             let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Broker])?;
@@ -176,6 +193,7 @@ impl Worker {
             path: http::Http::normalise_path(&self.config.worker.path),
             worker_id,
             origins: origins::Origins::new(&self.config.worker.origins),
+            trusted_proxies: self.trusted_proxies.clone(),
             max_payload: usize::try_from(self.config.worker.max_payload).unwrap_or(usize::MAX),
             static_dir,
             api_key: self.config.worker.api_key.clone(),
@@ -187,12 +205,29 @@ impl Worker {
         let grpc = tonic::transport::Server::builder().add_service(health);
         let grpc_task = tokio::spawn(daemon::serve_grpc(grpc, self.grpc, shutdown.clone()));
 
-        tracing::info!(id = %self.id, %addr, grpc = %grpc_addr, path = %self.config.worker.path, "worker listening");
+        let (unix_listener, unix_path) = match self.unix {
+            Some((listener, path)) => (Some(listener), Some(path)),
+            None => (None, None),
+        };
+        tracing::info!(id = %self.id, %addr, unix = ?unix_path, grpc = %grpc_addr, path = %self.config.worker.path, "worker listening");
         let tracker = TaskTracker::new();
         loop {
+            let accept_unix = async {
+                match &unix_listener {
+                    Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+                    None => std::future::pending().await,
+                }
+            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => accepted,
+                accepted = accept_unix => match accepted {
+                    Ok(stream) => {
+                        tracker.spawn(http::serve_unix_connection(http.clone(), stream));
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
             };
             match accepted {
                 Ok((stream, remote)) => {
@@ -208,6 +243,10 @@ impl Worker {
         // Drain: refuse new connections first, then close every socket with the reconnect-now
         // close, then wait for the close frames to be written (bounded by the caller's grace).
         drop(self.listener);
+        drop(unix_listener);
+        if let Some(path) = &unix_path {
+            let _ = std::fs::remove_file(path);
+        }
         health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let open = sockets.len();
         close_sockets.cancel();
@@ -220,4 +259,16 @@ impl Worker {
         tracing::info!(id = %self.id, "worker stopped");
         Ok(())
     }
+}
+
+/// Binds `<dir>/<id>-<pid>.sock`: the pid keeps a rolling restart's replacement (same id) off
+/// the old process's socket, so each removes only its own on exit.
+fn bind_unix(dir: &std::path::Path, id: &str) -> Result<(UnixListener, PathBuf), Error> {
+    let path = dir.join(format!("{id}-{}.sock", std::process::id()));
+    let bind_err = |source| Error::Bind { addr: path.display().to_string(), source };
+    std::fs::create_dir_all(dir).map_err(bind_err)?;
+    // A leftover of an earlier process with the same pid.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(bind_err)?;
+    Ok((listener, path))
 }

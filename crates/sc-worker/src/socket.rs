@@ -80,7 +80,7 @@ pub struct Context {
 }
 
 /// Who is on the other end, as far as the worker knows.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     /// The client's address (from the PROXY header when behind the balancer).
     pub addr: Option<SocketAddr>,
