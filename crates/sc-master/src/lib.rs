@@ -5,6 +5,9 @@
 //! log of every daemon's errors and notices ([`central_log`]), serves the admin and status API
 //! ([`admin`]) and, in supervise mode, runs the balancer, workers and brokers as child
 //! processes, respawns them and restarts the workers one at a time on SIGUSR2 ([`supervisor`]).
+//! In supervise mode it also gives the workers a per-cluster folder for their Unix sockets
+//! (removed on exit) so that the balancers reach them without TCP, lets `[cluster] balancers`
+//! share one port, and passes SIGHUP on to the balancers (TLS certificate reload).
 //! It is not on the data path: the other daemons keep serving without it, and in standalone
 //! mode they register again when it comes back.
 //!
@@ -73,6 +76,9 @@ pub struct Master {
     registry: Arc<Registry>,
     log: Arc<CentralLog>,
     children: Arc<Children>,
+    /// The workers' Unix socket folder this master made (supervise mode, `[worker] unix_dir`
+    /// unset); removed when it stops.
+    runtime_dir: Option<PathBuf>,
 }
 
 impl Master {
@@ -88,7 +94,13 @@ impl Master {
         let addr = listener.local_addr()?;
         let admin = daemon::bind(config.master.admin_listen).await?;
         let admin_addr = admin.local_addr()?;
+        let runtime_dir = if config.master.mode == MasterMode::Supervise && config.worker.unix_dir.is_none() {
+            Some(make_runtime_dir()?)
+        } else {
+            None
+        };
         Ok(Self {
+            runtime_dir,
             config,
             config_file,
             listener,
@@ -117,6 +129,12 @@ impl Master {
         self.children.clone()
     }
 
+    /// The folder of the workers' Unix sockets that this master made and removes on exit;
+    /// `main` removes it too on an immediate exit.
+    pub fn runtime_dir(&self) -> Option<PathBuf> {
+        self.runtime_dir.clone()
+    }
+
     /// The membership table (for tests and the status API).
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
@@ -132,7 +150,7 @@ impl Master {
     /// starts a rolling restart of the workers.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let supervise = self.config.master.mode == MasterMode::Supervise;
-        let child_env = self.child_env();
+        let child_env = self.child_env()?;
         let specs = if supervise { self.child_specs()? } else { Vec::new() };
         let started = tokio::time::Instant::now();
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
@@ -175,11 +193,12 @@ impl Master {
                 grace: self.config.master.shutdown_grace,
             };
             let expected: Vec<String> = specs.iter().flatten().map(|s| s.id.clone()).collect();
+            let scheme = if self.config.balancer.tls_cert.is_some() { "wss" } else { "ws" };
             tokio::spawn(announce_ready(
                 self.registry.watch(),
                 health_rx.clone(),
                 expected,
-                self.config.worker.path.clone(),
+                format!("{scheme}://{{}}{}", self.config.worker.path),
                 shutdown.clone(),
             ));
             Arc::new(Supervisor::start(specs, settings))
@@ -198,6 +217,7 @@ impl Master {
         });
         let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
         tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));
+        tokio::spawn(forward_sighup(self.children.clone(), shutdown.clone()));
 
         if let Some(supervisor) = &supervisor {
             supervisor.kill_failed(&mut failed_rx, &shutdown).await;
@@ -216,18 +236,34 @@ impl Master {
             Ok(outcome) => outcome?,
             Err(e) => tracing::error!(error = %e, "grpc task failed"),
         }
+        if let Some(dir) = &self.runtime_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         tracing::info!("master stopped");
         Ok(())
     }
 
     /// What every child gets in its environment: the cluster secret and, unless configured, a
     /// per-cluster auth key, so that a token signed on one worker is valid on all of them.
-    fn child_env(&self) -> Vec<(String, String)> {
+    /// In supervise mode also the workers' Unix socket folder and, for several balancers on a
+    /// port 0 listener, one free port for all of them (each would pick its own otherwise).
+    fn child_env(&self) -> Result<Vec<(String, String)>, Error> {
         let mut env = vec![("SC_CLUSTER__SECRET".to_owned(), self.config.cluster.secret.clone())];
         if self.config.worker.auth_key.is_empty() && self.config.worker.auth_algorithm.starts_with("HS") {
             env.push(("SC_WORKER__AUTH_KEY".to_owned(), secret::generate()));
         }
-        env
+        if let Some(dir) = &self.runtime_dir {
+            env.push(("SC_WORKER__UNIX_DIR".to_owned(), dir.display().to_string()));
+        }
+        let listen = self.config.balancer.listen;
+        if self.config.cluster.balancers > 1 && listen.port() == 0 {
+            let port = std::net::TcpListener::bind(listen)
+                .and_then(|l| l.local_addr())
+                .map_err(|source| Error::Bind { addr: listen.to_string(), source })?
+                .port();
+            env.push(("SC_BALANCER__LISTEN".to_owned(), SocketAddr::new(listen.ip(), port).to_string()));
+        }
+        Ok(env)
     }
     /// The children of supervise mode, by shutdown tier: balancer, workers, brokers.
     fn child_specs(&self) -> Result<Vec<Vec<ChildSpec>>, Error> {
@@ -269,7 +305,9 @@ impl Master {
         let worker = program(Role::Worker, &self.config.worker.command)?;
         let broker = program(Role::Broker, &self.config.broker.command)?;
         Ok(vec![
-            vec![spec(Role::Balancer, "balancer-0".into(), &balancer)],
+            (0..self.config.cluster.balancers)
+                .map(|i| spec(Role::Balancer, format!("balancer-{i}"), &balancer))
+                .collect(),
             (0..self.config.cluster.workers)
                 .map(|i| spec(Role::Worker, format!("worker-{i}"), &worker))
                 .collect(),
@@ -307,13 +345,41 @@ async fn rolling_restart_on_sigusr2(
     }
 }
 
+/// SIGHUP goes on to every balancer child, which reloads its TLS certificate and key.
+async fn forward_sighup(children: Arc<Children>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = hup.recv() => if received.is_none() { return },
+        }
+        let signalled = children.signal_role(Role::Balancer, libc::SIGHUP);
+        tracing::info!(balancers = signalled, "sighup passed on to the balancers");
+    }
+}
+
+/// Makes the per-cluster folder of the workers' Unix sockets, readable by this user only.
+fn make_runtime_dir() -> Result<PathBuf, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sc-{}", std::process::id()));
+    // A leftover of an earlier master with the same pid.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}
+
 /// Prints `cluster ready: <url>` on stdout once every expected member is registered and has
 /// passed a health check.
 async fn announce_ready(
     mut members: watch::Receiver<Arc<Membership>>,
     mut healthy: watch::Receiver<HealthMap>,
     expected: Vec<String>,
-    path: String,
+    url_template: String,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -326,7 +392,7 @@ async fn announce_ready(
                         && healthy.get(&(m.id.clone(), m.pid)).is_some_and(|h| h.healthy_since.is_some())
                 })
             });
-            all_up.then(|| public_url(&snapshot, &path)).flatten()
+            all_up.then(|| public_url(&snapshot, &url_template)).flatten()
         };
         if let Some(url) = url {
             tracing::info!(%url, "cluster ready");
@@ -341,8 +407,9 @@ async fn announce_ready(
     }
 }
 
-/// The WebSocket URL of the first balancer, with a wildcard address shown as loopback.
-fn public_url(membership: &Membership, path: &str) -> Option<String> {
+/// The WebSocket URL of the first balancer (`template` with `{}` for the address), with a
+/// wildcard address shown as loopback.
+fn public_url(membership: &Membership, template: &str) -> Option<String> {
     let balancer = membership.with_role(Role::Balancer).next()?;
     let mut addr: SocketAddr = balancer.public.parse().ok()?;
     if addr.ip().is_unspecified() {
@@ -352,5 +419,5 @@ fn public_url(membership: &Membership, path: &str) -> Option<String> {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    Some(format!("ws://{addr}{path}"))
+    Some(template.replacen("{}", &addr.to_string(), 1))
 }

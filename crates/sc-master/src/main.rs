@@ -53,7 +53,13 @@ async fn main() -> ExitCode {
         let master = sc_master::Master::bind(config, cli.config.as_deref()).await?;
         // A second signal must not leave the children behind: they are killed before the exit.
         let children = master.children();
-        daemon::spawn_signal_handler_then(shutdown.clone(), move || children.kill_all());
+        let runtime_dir = master.runtime_dir();
+        daemon::spawn_signal_handler_then(shutdown.clone(), move || {
+            children.kill_all();
+            if let Some(dir) = runtime_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        });
         master.serve(shutdown).await
     };
     match outcome.await {

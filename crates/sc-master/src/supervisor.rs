@@ -176,6 +176,15 @@ impl Children {
         }
     }
 
+    /// Sends `signal` to every running child of `role`; returns how many there were.
+    pub fn signal_role(&self, role: Role, signal_number: i32) -> usize {
+        let pids: Vec<u32> = self.lock().values().filter(|s| s.role == role).filter_map(|s| s.pid).collect();
+        for pid in &pids {
+            signal(*pid, signal_number);
+        }
+        pids.len()
+    }
+
     fn update(&self, id: &str, role: Role, change: impl FnOnce(&mut ChildStatus)) {
         let mut table = self.lock();
         let status = table.entry(id.to_owned()).or_insert(ChildStatus {
