@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Where the daemon binaries are.
 pub fn bin_dir() -> PathBuf {
@@ -110,8 +110,11 @@ impl Cluster {
         .context("no `cluster ready` within 30s")??;
         // Keep draining stdout so the master never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let authority =
-            url.strip_prefix("ws://").and_then(|rest| rest.split('/').next()).context("ws:// url")?;
+        let authority = url
+            .strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("wss://"))
+            .and_then(|rest| rest.split('/').next())
+            .context("ws:// or wss:// url")?;
         let addr = authority.parse().context("balancer address")?;
         Ok(Self { master, master_pid, addr, url, admin })
     }
@@ -303,10 +306,15 @@ pub async fn source_ip_per_worker(
     bail!("client IPs reached only {found:?}")
 }
 
+/// A byte stream a [`Client`] can run over: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> Io for T {}
+
 /// A minimal SocketCluster protocol v2 client, enough to drive the cluster from Rust tests.
 #[derive(Debug)]
 pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: WebSocketStream<Box<dyn Io>>,
     next_cid: u64,
     /// Messages read while waiting for something else.
     backlog: Vec<Value>,
@@ -318,7 +326,18 @@ impl Client {
     /// Connects from `local` to the cluster's WebSocket `url` and completes the handshake.
     pub async fn connect(local: IpAddr, addr: SocketAddr, url: &str) -> Result<Self> {
         let stream = connect_from(local, addr).await?;
-        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        Self::over(Box::new(stream), url).await
+    }
+
+    /// As [`Client::connect`], over TLS checked against `ca` (the `url` may say ws:// or
+    /// wss://: the scheme is not looked at, the stream is already TLS).
+    pub async fn connect_tls(local: IpAddr, addr: SocketAddr, url: &str, ca: &TestCa) -> Result<Self> {
+        let stream = tls_connect(local, addr, ca).await?;
+        Self::over(Box::new(stream), &url.replacen("wss://", "ws://", 1)).await
+    }
+
+    async fn over(stream: Box<dyn Io>, url: &str) -> Result<Self> {
+        let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
         let mut client = Self { ws, next_cid: 0, backlog: Vec::new(), handshake: Value::Null };
         let reply = client.invoke("#handshake", json!({ "authToken": null })).await?;
         client.handshake = reply.get("data").cloned().unwrap_or(Value::Null);
@@ -477,3 +496,120 @@ pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
+
+/// A certificate authority made at test time, and a server certificate it signed for
+/// `localhost` and 127.0.0.1, written as PEM files into a temporary folder.
+#[derive(Debug)]
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    /// The CA certificate (what clients trust).
+    pub ca_pem: String,
+    /// The server certificate and key files, for `[balancer] tls_cert` / `tls_key`.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA with a server certificate (named `common_name`) in a new folder.
+    pub fn new(common_name: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (ca_pem, cert_pem, key_pem) = make_certificates(common_name)?;
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, cert_pem)?;
+        std::fs::write(&key, key_pem)?;
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem)?;
+        Ok(Self { dir, ca_pem, cert, key })
+    }
+
+    /// Writes a new pair from another CA over this one's files (a certificate swapped on
+    /// disk) and returns that CA, which is what new connections must now trust.
+    pub fn swap_in(&self, common_name: &str) -> Result<String> {
+        let (ca_pem, cert_pem, key_pem) = make_certificates(common_name)?;
+        // Key first, then certificate, each replaced whole (write then rename) as a careful
+        // operator (or certbot) would.
+        for (path, text) in [(&self.key, key_pem), (&self.cert, cert_pem)] {
+            let temporary = path.with_extension("new");
+            std::fs::write(&temporary, text)?;
+            std::fs::rename(&temporary, path)?;
+        }
+        Ok(ca_pem)
+    }
+
+    /// The client configuration that trusts this CA.
+    pub fn client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+        client_config(&self.ca_pem)
+    }
+}
+
+/// (CA PEM, server certificate PEM, server key PEM) from a fresh CA; the server certificate is
+/// for `localhost` and 127.0.0.1 with `common_name` as its CN.
+pub fn make_certificates(common_name: &str) -> Result<(String, String, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, format!("sc-rs test CA for {common_name}"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+    params.subject_alt_names.push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
+}
+
+/// A rustls client configuration (ring) trusting the CA in `ca_pem`.
+pub fn client_config(ca_pem: &str) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// A TLS connection from `local` to `to`, checked against `ca` for the name 127.0.0.1.
+pub async fn tls_connect(
+    local: IpAddr,
+    to: SocketAddr,
+    ca: &TestCa,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_connect_with(local, to, ca.client_config()?).await
+}
+
+/// As [`tls_connect`], with a given client configuration.
+pub async fn tls_connect_with(
+    local: IpAddr,
+    to: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let stream = connect_from(local, to).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let connect = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+    Ok(tokio::time::timeout(Duration::from_secs(5), connect).await.context("tls handshake timed out")??)
+}
+
+/// A plain HTTP/1.1 GET over TLS: the status code and the `x-sc-worker` header.
+pub async fn https_get(local: IpAddr, to: SocketAddr, path: &str, ca: &TestCa) -> Result<(u16, Option<String>)> {
+    let mut stream = tls_connect(local, to, ca).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    // A peer that closes without close_notify ends the read with an error after the bytes.
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await?;
+    let response = String::from_utf8_lossy(&response);
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
+    let worker = response.lines().find_map(|l| l.strip_prefix("x-sc-worker: ")).map(|s| s.trim().to_owned());
+    Ok((status, worker))
+}
+

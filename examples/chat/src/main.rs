@@ -4,7 +4,8 @@
 //!   `#setAuthToken`) and answers `{"username": …}`;
 //! - channels named `private` or `private/…` need an authenticated socket to subscribe;
 //! - messages published to `chat/…` are stamped with the sender's username (publish-in rewrite);
-//! - `echo`: answers its data; `whoami`: the token payload;
+//! - `echo`: answers its data; `whoami`: the token payload; `peer`: the client's address and
+//!   whether it came over TLS, as the worker knows them (from the balancer's PROXY header);
 //! - `ask` {event, data}: invokes `event` on the calling client and answers with its reply (a
 //!   server-to-client invoke round trip); `tell` {event, data}: transmits to the client;
 //! - `kick` {channel, message}, `logout`, `bye` {code, reason}: kick out, deauthenticate and
@@ -88,6 +89,11 @@ impl Handler for Chat {
             }
             "echo" => Ok(data),
             "whoami" => Ok(socket.auth_token().unwrap_or(Value::Null)),
+            "peer" => Ok(json!({
+                "remoteAddress": socket.remote_addr().map(|a| a.ip().to_string()),
+                "remotePort": socket.remote_addr().map(|a| a.port()),
+                "tls": socket.is_tls(),
+            })),
             "ask" => socket.invoke(field(&data, "event")?, &data["data"]).await,
             "tell" => {
                 socket.transmit(field(&data, "event")?, &data["data"]);
