@@ -25,7 +25,7 @@ export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
     const timer = setTimeout(() => reject(new Error(`no "cluster ready" within ${readyTimeoutMs} ms:\n${out}`)), readyTimeoutMs);
     child.stdout.on('data', (chunk) => {
       out += chunk;
-      const m = out.match(/cluster ready: (ws:\/\/\S+)/);
+      const m = out.match(/cluster ready: (wss?:\/\/\S+)/);
       const admin = out.match(/admin api: (http:\/\/\S+)/);
       if (m) {
         clearTimeout(timer);
