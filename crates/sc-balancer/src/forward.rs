@@ -307,7 +307,8 @@ fn step_up<W: Stream>(
                     // The client went away without close_notify; pass it on all the same.
                     Ok(0) => return Ok(Flow::Eof),
                     Ok(_) => {
-                        tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        tls.process_new_packets()
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Blocked),
                     Err(e) => return Err(e),
@@ -445,6 +446,69 @@ mod tests {
         assert_eq!(reply, b"pong!");
         drop(client_end);
         assert_eq!(task.await.unwrap().unwrap(), (4, 5));
+    }
+
+    #[tokio::test]
+    async fn tls_both_ways_at_once_then_close_notify_each_way() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let server =
+            crate::tls::server_config(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client_config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+
+        let (client_end, client_side) = pair().await;
+        let (worker_side, worker_end) = pair().await;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, accepted) = tokio::join!(
+            tokio_rustls::TlsConnector::from(Arc::new(client_config)).connect(name, client_end),
+            tokio_rustls::TlsAcceptor::from(server).accept(client_side),
+        );
+        let (client_side, mut tls) = accepted.unwrap().into_inner();
+        let task = tokio::spawn(async move {
+            forward_tls(&client_side, &mut tls, &worker_side, Duration::from_secs(5)).await
+        });
+
+        // A megabyte each way at the same time: neither direction may wait on the other.
+        let up = vec![1u8; 1 << 20];
+        let down = vec![2u8; 1 << 20];
+        let (mut client_read, mut client_write) = tokio::io::split(client.unwrap());
+        let (mut worker_read, mut worker_write) = worker_end.into_split();
+        let (sent_up, sent_down) = (up.clone(), down.clone());
+        let client_writes = tokio::spawn(async move {
+            client_write.write_all(&sent_up).await.unwrap();
+            client_write
+        });
+        let worker_writes = tokio::spawn(async move {
+            worker_write.write_all(&sent_down).await.unwrap();
+            // The worker's end of stream reaches the client as close_notify, then EOF.
+            worker_write.shutdown().await.unwrap();
+        });
+        let mut got_up = vec![0u8; up.len()];
+        worker_read.read_exact(&mut got_up).await.unwrap();
+        let mut got_down = Vec::new();
+        client_read.read_to_end(&mut got_down).await.unwrap();
+        assert!(got_up == up && got_down == down, "bytes arrive whole both ways");
+        worker_writes.await.unwrap();
+        // The client's close_notify reaches the worker as an end of stream.
+        let mut client_write = client_writes.await.unwrap();
+        client_write.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        worker_read.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let outcome = tokio::time::timeout(Duration::from_secs(5), task).await.expect("ended");
+        assert_eq!(outcome.unwrap().unwrap(), (1 << 20, 1 << 20));
     }
 
     #[tokio::test]

@@ -59,7 +59,6 @@ struct Shared {
     local: SocketAddr,
     connect_timeout: Duration,
     handshake_timeout: Duration,
-    tls: Option<Arc<tls::Certificates>>,
 }
 
 /// The connection to a worker.
@@ -75,7 +74,8 @@ impl Balancer {
         let id = config.balancer.id.clone().unwrap_or_else(|| daemon::default_id(Role::Balancer));
         let tls = match (&config.balancer.tls_cert, &config.balancer.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(
-                tls::Certificates::load(cert, key).map_err(|e| Error::Config(format!("balancer.tls_cert: {e}")))?,
+                tls::Certificates::load(cert, key)
+                    .map_err(|e| Error::Config(format!("balancer.tls_cert: {e}")))?,
             )),
             _ => None,
         };
@@ -128,7 +128,6 @@ impl Balancer {
             local: addr,
             connect_timeout: self.config.balancer.connect_timeout,
             handshake_timeout: self.config.balancer.tls_handshake_timeout,
-            tls: self.tls.clone(),
         });
         // One permit per open connection: at the limit the accept loop waits for a permit, so
         // new clients queue in the kernel's backlog instead of costing memory and descriptors.
@@ -152,11 +151,23 @@ impl Balancer {
             };
             match accepted {
                 Ok((client, remote)) => {
-                    let task = handle(client, remote, workers.clone(), shared.clone());
-                    tracker.spawn(async move {
-                        task.await;
-                        drop(permit);
-                    });
+                    let (workers, shared) = (workers.clone(), shared.clone());
+                    match &self.tls {
+                        Some(certificates) => {
+                            let task = handle_tls(client, remote, workers, shared, certificates.current());
+                            tracker.spawn(async move {
+                                task.await;
+                                drop(permit);
+                            });
+                        }
+                        None => {
+                            let task = handle_plain(client, remote, workers, shared);
+                            tracker.spawn(async move {
+                                task.await;
+                                drop(permit);
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -208,28 +219,41 @@ async fn reload_on_sighup(certificates: Arc<tls::Certificates>, shutdown: Cancel
     }
 }
 
-async fn handle(
+/// A plain client: pick and connect a worker, then forward. Its own task (not a branch of
+/// the TLS one) so that a plain connection's task is only as large as its own state.
+async fn handle_plain(
     client: TcpStream,
     remote: SocketAddr,
     workers: watch::Receiver<Membership>,
     shared: Arc<Shared>,
 ) {
     let _ = client.set_nodelay(true);
-    let Some(certificates) = &shared.tls else {
-        let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
-        tracing::debug!(%remote, worker = %id, "forwarding");
-        let outcome = match &worker {
-            WorkerStream::Tcp(worker) => forward::forward(&client, worker).await,
-            WorkerStream::Unix(worker) => forward::forward(&client, worker).await,
-        };
-        if let Err(e) = outcome {
-            tracing::debug!(%remote, error = %e, "connection ended with an error");
-        }
-        return;
+    let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
+    drop(shared);
+    tracing::debug!(%remote, worker = %id, "forwarding");
+    drop(id);
+    let outcome = match &worker {
+        WorkerStream::Tcp(worker) => forward::forward(&client, worker).await,
+        WorkerStream::Unix(worker) => forward::forward(&client, worker).await,
     };
+    if let Err(e) = outcome {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// A TLS client: the handshake (bounded by `[balancer] tls_handshake_timeout`), then as
+/// [`handle_plain`] with the PROXY header's TLS flag set.
+async fn handle_tls(
+    client: TcpStream,
+    remote: SocketAddr,
+    workers: watch::Receiver<Membership>,
+    shared: Arc<Shared>,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let _ = client.set_nodelay(true);
     // Boxed: the handshake's state is large and short-lived; the task keeps only what the
     // forwarding needs.
-    let accept = Box::pin(tokio_rustls::TlsAcceptor::from(certificates.current()).accept(client));
+    let accept = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(client));
     let (client, mut tls) = match tokio::time::timeout(shared.handshake_timeout, accept).await {
         Ok(Ok(stream)) => stream.into_inner(),
         Ok(Err(e)) => {
@@ -242,7 +266,9 @@ async fn handle(
         }
     };
     let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else { return };
+    drop(shared);
     tracing::debug!(%remote, worker = %id, "forwarding tls");
+    drop(id);
     let linger = forward::HALF_CLOSED_LINGER;
     let outcome = match &worker {
         WorkerStream::Tcp(worker) => forward::forward_tls(&client, &mut tls, worker, linger).await,

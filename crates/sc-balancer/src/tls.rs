@@ -87,10 +87,20 @@ mod tests {
     }
 
     #[test]
+    fn reads_pkcs1_rsa_and_sec1_ec_keys() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
+        for (cert, key) in [("rsa.crt", "rsa-pkcs1.key"), ("ec.crt", "ec-sec1.key")] {
+            let certificates = Certificates::load(&data.join(cert), &data.join(key));
+            assert!(certificates.is_ok(), "{key}: {:?}", certificates.err());
+        }
+    }
+
+    #[test]
     fn loads_a_pair_names_bad_files_and_keeps_the_old_pair_on_a_bad_reload() {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
         let cert_path = write(dir.path(), "cert.pem", &cert.pem());
         let key_path = write(dir.path(), "key.pem", &key.serialize_pem());
         let certificates = Certificates::load(&cert_path, &key_path).unwrap();
