@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use sc_tests::{Client, Cluster, TestCa, alive, bin, eventually, http_get, https_get, signal_pid, tls_connect};
+use sc_tests::{
+    Client, Cluster, TestCa, alive, bin, eventually, http_get, https_get, signal_pid, tls_connect,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -72,7 +74,10 @@ async fn wss_end_to_end_and_a_sighup_reload_keeps_open_connections() -> Result<(
         sc_tests::tls_connect_with(ip(4), cluster.addr, second_config.clone()).await.ok()
     })
     .await?;
-    assert!(tls_connect(ip(4), cluster.addr, &ca).await.is_err(), "new connections no longer get the old one");
+    assert!(
+        tls_connect(ip(4), cluster.addr, &ca).await.is_err(),
+        "new connections no longer get the old one"
+    );
 
     // The old connection is still up and served.
     old.publish("tls", json!("after the reload")).await?;
@@ -123,7 +128,8 @@ async fn bad_tls_input_closes_that_connection_and_nothing_else() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_ip_keeps_its_worker_and_only_a_leavers_clients_move() -> Result<()> {
     // A killed worker stays out for a while (long respawn backoff), so the membership changes.
-    let cluster = Cluster::start(&[("SC_CLUSTER__WORKERS", "3"), ("SC_MASTER__RESPAWN_BACKOFF", "60s")]).await?;
+    let cluster =
+        Cluster::start(&[("SC_CLUSTER__WORKERS", "3"), ("SC_MASTER__RESPAWN_BACKOFF", "60s")]).await?;
     let ips: Vec<IpAddr> = (2..=31).map(ip).collect();
     let mut before = BTreeMap::new();
     for &ip in &ips {
@@ -142,9 +148,8 @@ async fn the_same_ip_keeps_its_worker_and_only_a_leavers_clients_move() -> Resul
     // The balancer reaches the workers over their Unix sockets: the accepted ends show up in
     // /proc/net/unix under the cluster's folder, besides the listeners.
     let folder = format!("/sc-{}/", cluster.master_pid);
-    let unix_sockets = || {
-        std::fs::read_to_string("/proc/net/unix").unwrap().lines().filter(|l| l.contains(&folder)).count()
-    };
+    let unix_sockets =
+        || std::fs::read_to_string("/proc/net/unix").unwrap().lines().filter(|l| l.contains(&folder)).count();
     let listeners = unix_sockets();
     let _held = Client::connect(ips[0], cluster.addr, &cluster.url).await?;
     assert!(unix_sockets() > listeners, "the balancer did not connect over a Unix socket");
@@ -179,7 +184,9 @@ fn sockets_of(pid: u32) -> usize {
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+                .filter(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
                 .count()
         })
         .unwrap_or(0)
@@ -214,7 +221,8 @@ async fn several_balancers_share_one_port() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_connections_accepting_pauses() -> Result<()> {
-    let cluster = Cluster::start(&[("SC_CLUSTER__WORKERS", "1"), ("SC_BALANCER__MAX_CONNECTIONS", "2")]).await?;
+    let cluster =
+        Cluster::start(&[("SC_CLUSTER__WORKERS", "1"), ("SC_BALANCER__MAX_CONNECTIONS", "2")]).await?;
     let first = Client::connect(ip(2), cluster.addr, &cluster.url).await?;
     let _second = Client::connect(ip(3), cluster.addr, &cluster.url).await?;
     // The third waits in the backlog: connected, but not answered.

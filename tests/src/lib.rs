@@ -600,7 +600,12 @@ pub async fn tls_connect_with(
 }
 
 /// A plain HTTP/1.1 GET over TLS: the status code and the `x-sc-worker` header.
-pub async fn https_get(local: IpAddr, to: SocketAddr, path: &str, ca: &TestCa) -> Result<(u16, Option<String>)> {
+pub async fn https_get(
+    local: IpAddr,
+    to: SocketAddr,
+    path: &str,
+    ca: &TestCa,
+) -> Result<(u16, Option<String>)> {
     let mut stream = tls_connect(local, to, ca).await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
@@ -612,4 +617,3 @@ pub async fn https_get(local: IpAddr, to: SocketAddr, path: &str, ca: &TestCa) -
     let worker = response.lines().find_map(|l| l.strip_prefix("x-sc-worker: ")).map(|s| s.trim().to_owned());
     Ok((status, worker))
 }
-

@@ -88,7 +88,8 @@ pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: So
     // A PROXY v2 header starts with "\r\n"; an HTTP request never does.
     let mut first = [0u8; 1];
     match stream.peek(&mut first).await {
-        Ok(1) if first[0] == proxy_protocol::SIGNATURE[0] => match read_proxy_header(&mut stream, peer).await {
+        Ok(1) if first[0] == proxy_protocol::SIGNATURE[0] => match read_proxy_header(&mut stream, peer).await
+        {
             Some(from_header) => peer = from_header,
             None => return,
         },

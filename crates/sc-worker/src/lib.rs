@@ -21,8 +21,8 @@ pub mod http;
 pub mod hub;
 pub mod origins;
 pub mod outbox;
-pub mod proxies;
 pub mod protocol;
+pub mod proxies;
 pub mod socket;
 
 pub use app::{DefaultHandler, ErrorObject, Handler, Socket};

@@ -114,9 +114,11 @@ async fn the_proxy_header_reaches_both_hooks_over_tcp_and_unix() {
 
     // The worker removes its socket file when it stops.
     started.shutdown.cancel();
-    sc_tests::eventually(Duration::from_secs(5), "socket file removed", || async { (!path.exists()).then_some(()) })
-        .await
-        .unwrap();
+    sc_tests::eventually(Duration::from_secs(5), "socket file removed", || async {
+        (!path.exists()).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

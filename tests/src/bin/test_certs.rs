@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args_os().skip(1);
-    let dir: PathBuf = args.next().map(Into::into).ok_or_else(|| anyhow::anyhow!("usage: sc-test-certs DIR [NAME]"))?;
+    let dir: PathBuf =
+        args.next().map(Into::into).ok_or_else(|| anyhow::anyhow!("usage: sc-test-certs DIR [NAME]"))?;
     let name = args.next().and_then(|n| n.into_string().ok()).unwrap_or_else(|| "sc-rs test".to_owned());
     std::fs::create_dir_all(&dir)?;
     let (ca, cert, key) = sc_tests::make_certificates(&name)?;
