@@ -208,8 +208,20 @@ async fn several_balancers_share_one_port() -> Result<()> {
     assert_eq!(added.iter().sum::<usize>(), 80, "{added:?}");
     assert!(added.iter().all(|&n| n > 0), "the kernel spread connections over both: {added:?}");
 
+    // SIGHUP without TLS is harmless: the master passes it on, the balancers ignore it.
+    cluster.signal_master(libc::SIGHUP);
+    let (status, _) = http_get(ip(60), cluster.addr, "/healthz").await?;
+    assert_eq!(status, 200);
+    assert!(balancers.iter().all(|b| alive(b.pid)), "a balancer died of SIGHUP");
+    assert!(alive(cluster.master_pid));
+
     // One balancer gone: the other serves new clients on the same port.
     signal_pid(balancers[0].pid, libc::SIGKILL);
+    // Connections queued on the killed one's listener are reset with it: wait until it is gone.
+    eventually(Duration::from_secs(5), "the killed balancer gone", || async {
+        (!alive(balancers[0].pid)).then_some(())
+    })
+    .await?;
     for last in 42..52 {
         let (status, _) = http_get(ip(last), cluster.addr, "/healthz").await?;
         assert_eq!(status, 200);

@@ -120,9 +120,7 @@ impl Balancer {
         let (health_reporter, health) = daemon::health();
         let grpc = tonic::transport::Server::builder().add_service(health);
         let grpc_task = tokio::spawn(daemon::serve_grpc(grpc, self.grpc, shutdown.clone()));
-        if let Some(certificates) = &self.tls {
-            tokio::spawn(reload_on_sighup(certificates.clone(), shutdown.clone()));
-        }
+        tokio::spawn(reload_on_sighup(self.tls.clone(), shutdown.clone()));
 
         let shared = Arc::new(Shared {
             local: addr,
@@ -200,8 +198,10 @@ pub fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target
         .collect()
 }
 
-/// SIGHUP reloads the certificate and key; a bad pair is reported and the old one kept.
-async fn reload_on_sighup(certificates: Arc<tls::Certificates>, shutdown: CancellationToken) {
+/// SIGHUP reloads the certificate and key; a bad pair is reported and the old one kept. Without
+/// TLS the signal is ignored (the master passes SIGHUP on to every balancer, and its default
+/// action would end the process).
+async fn reload_on_sighup(certificates: Option<Arc<tls::Certificates>>, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler");
@@ -212,6 +212,10 @@ async fn reload_on_sighup(certificates: Arc<tls::Certificates>, shutdown: Cancel
             _ = shutdown.cancelled() => return,
             received = hup.recv() => if received.is_none() { return },
         }
+        let Some(certificates) = &certificates else {
+            tracing::debug!("sighup without tls: nothing to reload");
+            continue;
+        };
         match certificates.reload() {
             Ok(()) => tracing::info!("tls certificate reloaded"),
             Err(e) => tracing::error!(error = %e, "tls certificate reload failed, keeping the previous one"),
