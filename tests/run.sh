@@ -25,7 +25,7 @@ step "stock Node servers (reference peers for the sc-client tests)"
 # into target/; without them those tests print "skipping" and pass.
 peers_src="$(pwd)/../shared/peers"
 if [ -z "${SC_PEERS_DIR:-}" ] && [ -d "$peers_src" ] && command -v npm >/dev/null; then
-  export SC_PEERS_DIR="$(pwd)/target/peers"
+  export SC_PEERS_DIR="${CARGO_TARGET_DIR:-$(pwd)/target}/peers"
   if [ ! -d "$SC_PEERS_DIR/node_modules" ]; then
     rm -rf "$SC_PEERS_DIR"
     cp -r "$peers_src" "$SC_PEERS_DIR"
