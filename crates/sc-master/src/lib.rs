@@ -365,7 +365,13 @@ async fn forward_sighup(children: Arc<Children>, shutdown: CancellationToken) {
 /// Makes the per-cluster folder of the workers' Unix sockets, readable by this user only.
 fn make_runtime_dir() -> Result<PathBuf, Error> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("sc-{}", std::process::id()));
+    // One per master; a process that runs several (tests) numbers the later ones.
+    static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = match MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+        0 => format!("sc-{}", std::process::id()),
+        n => format!("sc-{}-{n}", std::process::id()),
+    };
+    let dir = std::env::temp_dir().join(name);
     // A leftover of an earlier master with the same pid.
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
