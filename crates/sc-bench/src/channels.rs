@@ -100,7 +100,8 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
     while start.elapsed().as_secs_f64() < p.duration && !handles.is_empty() {
         tick.tick().await;
         let elapsed = start.elapsed().as_secs_f64();
-        let own_due = (elapsed * p.rate) as u64;
+        // Message k is due at k / rate: stamped with that time, sent at the first tick after it.
+        let own_due = (elapsed * p.rate) as u64 + 1;
         while own < own_due {
             let i = (own % handles.len() as u64) as usize;
             let scheduled = start_us + (own as f64 * 1e6 / p.rate) as u64;
@@ -108,7 +109,7 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
             handles[i].transmit_publish(&names[i], &data).await?;
             own += 1;
         }
-        let shared_due = (elapsed * p.shared_rate) as u64;
+        let shared_due = (elapsed * p.shared_rate) as u64 + 1;
         while shared < shared_due {
             let scheduled = start_us + (shared as f64 * 1e6 / p.shared_rate) as u64;
             let data = RawValue::from_string(payload(scheduled, shared, &pad))?;
@@ -133,7 +134,10 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
     sink.stopping.store(true, Ordering::Relaxed);
     drop(handles);
     drop(shared_publisher);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async { while consumers.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while consumers.join_next().await.is_some() {}
+    })
+    .await;
     let delivered = counters.received.load(Ordering::Relaxed);
     let seconds = (sink.last_delivery_us.load(Ordering::Relaxed).saturating_sub(start_us)) as f64 / 1e6;
     let server_cpu_sec = after.cpu_sec - before.cpu_sec;

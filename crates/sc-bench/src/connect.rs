@@ -2,8 +2,8 @@
 //! each one is TCP connect, WebSocket upgrade and `#handshake` (the time recorded), then a
 //! close. `wss://` URLs measure the TLS handshake too, once sc-client speaks TLS.
 
-use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use clap::Args;
@@ -54,7 +54,8 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
     for index in 0..p.connections {
         let config = target.client_config(index);
         let permit = Arc::clone(&gate).acquire_owned().await?;
-        let (counters, latency, first_error) = (Arc::clone(&counters), Arc::clone(&latency), Arc::clone(&first_error));
+        let (counters, latency, first_error) =
+            (Arc::clone(&counters), Arc::clone(&latency), Arc::clone(&first_error));
         set.spawn(async move {
             let t0 = Instant::now();
             let result = sc_client::connect(config).await;
@@ -70,7 +71,10 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
                 }
                 Err(e) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
-                    first_error.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(|| e.to_string());
+                    first_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_or_insert_with(|| e.to_string());
                 }
             }
         });

@@ -67,6 +67,8 @@ pub struct Outcome {
     pub deliveries_per_sec: f64,
     pub latency: Summary,
     pub server_cpu_sec: f64,
+    /// Server CPU seconds by program name (sc-worker, sc-balancer, sc-broker, node).
+    pub server_cpu_by_program: std::collections::BTreeMap<String, f64>,
     pub server_cpu_us_per_delivery: f64,
     pub server_rss_kb_before: u64,
     pub server_rss_kb_after: u64,
@@ -106,6 +108,7 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
     let n = p.subscribers as u64;
     let pad = padding(p.payload);
     let before = procs::sample(target.pid);
+    let by_program0 = procs::cpu_by_program(target.pid);
     let client_cpu0 = procs::self_cpu_sec();
     let start = Instant::now();
     let start_us = now_us();
@@ -153,6 +156,7 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
         }
     }
     let after = procs::sample(target.pid);
+    let server_cpu_by_program = procs::cpu_delta(&by_program0, &procs::cpu_by_program(target.pid));
     let client_cpu_sec = procs::self_cpu_sec() - client_cpu0;
 
     sink.stopping.store(true, Ordering::Relaxed);
@@ -192,6 +196,7 @@ pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Out
         deliveries_per_sec: if seconds > 0.0 { delivered as f64 / seconds } else { 0.0 },
         latency: summarize(&sink.latency.merged()),
         server_cpu_sec,
+        server_cpu_by_program,
         server_cpu_us_per_delivery: if delivered > 0 { server_cpu_sec * 1e6 / delivered as f64 } else { 0.0 },
         server_rss_kb_before: before.rss_kb,
         server_rss_kb_after: after.rss_kb,

@@ -121,8 +121,10 @@ async fn measure(target: &Target, p: &Params) -> procs::Sample {
 /// A minimal HTTP/1.0 GET; the body is ignored.
 async fn http_get(url: &str) -> anyhow::Result<()> {
     let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(authority)).await??;
+    let (authority, path) =
+        rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(authority)).await??;
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).await?;
     let mut sink = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await??;

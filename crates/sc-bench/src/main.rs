@@ -97,7 +97,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let load_before = common::load_average();
     let json = match &cli.scenario {
         Scenario::Fanout(p) => report(cli, "fanout", load_before, p, fanout::run(t, p, cli.quiet).await?)?,
-        Scenario::Channels(p) => report(cli, "channels", load_before, p, channels::run(t, p, cli.quiet).await?)?,
+        Scenario::Channels(p) => {
+            report(cli, "channels", load_before, p, channels::run(t, p, cli.quiet).await?)?
+        }
         Scenario::Rpc(p) => report(cli, "rpc", load_before, p, rpc::run(t, p, cli.quiet).await?)?,
         Scenario::Idle(p) => report(cli, "idle", load_before, p, idle::run(t, p, cli.quiet).await?)?,
         Scenario::Connect(p) => report(cli, "connect", load_before, p, connect::run(t, p, cli.quiet).await?)?,

@@ -1,6 +1,7 @@
 //! The server side of a measurement, read from /proc: the process tree under a root pid (the
 //! Node server, or sc-master with its balancer, workers and brokers), its summed RSS and CPU.
 
+use std::collections::BTreeMap;
 use std::fs;
 
 use serde::Serialize;
@@ -55,6 +56,28 @@ pub fn sample(root: Option<u32>) -> Sample {
         }
     }
     s
+}
+
+/// CPU seconds of each process in the tree of `root`, summed by program name (sc-worker,
+/// sc-balancer, node...): where the server's time goes.
+pub fn cpu_by_program(root: Option<u32>) -> BTreeMap<String, f64> {
+    let mut by = BTreeMap::new();
+    let Some(root) = root else { return by };
+    let ticks = clock_ticks();
+    for pid in tree(root) {
+        let name =
+            fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_owned()).unwrap_or_default();
+        if let Some(fields) = stat_fields(pid) {
+            let t = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            *by.entry(name).or_insert(0.0) += (t(11) + t(12)) as f64 / ticks;
+        }
+    }
+    by
+}
+
+/// The difference `after - before` per program.
+pub fn cpu_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0))).collect()
 }
 
 /// The bench process's own CPU seconds (user + system).

@@ -60,8 +60,14 @@ impl Sink {
                     }
                     Event::Closed(info) if !self.stopping.load(Ordering::Relaxed) => {
                         self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        let code = info.code.map_or_else(|| format!("none: {}", info.reason), |c| c.to_string());
-                        *self.closes.lock().unwrap_or_else(PoisonError::into_inner).entry(code).or_default() += 1;
+                        let code =
+                            info.code.map_or_else(|| format!("none: {}", info.reason), |c| c.to_string());
+                        *self
+                            .closes
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .entry(code)
+                            .or_default() += 1;
                     }
                     _ => {}
                 }
