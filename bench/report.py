@@ -75,6 +75,9 @@ def main():
         ("fanout-rate-20", "p99 latency ms at 20k deliveries/s", lambda r: r["result"]["latency"]["p99_ms"], "f1", False),
         ("fanout-rate-20", "server CPU us/delivery at 20k/s", lambda r: r["result"]["server_cpu_us_per_delivery"], "f2", False),
         ("fanout-rate-20", "  of which sc-balancer", lambda r: balancer_us(r), "f2", False),
+        ("fanout-rate-200", "p50 latency ms, 100 subs x 200 msg/s (20k/s)", lambda r: r["result"]["latency"]["p50_ms"], "f2", False),
+        ("fanout-rate-200", "p99 latency ms, 100 subs x 200 msg/s (20k/s)", lambda r: r["result"]["latency"]["p99_ms"], "f2", False),
+        ("fanout-rate-200", "server CPU us/delivery, 100 x 200/s", lambda r: r["result"]["server_cpu_us_per_delivery"], "f2", False),
         ("channels", "channels deliveries/s (1000 own + shared)", lambda r: r["result"]["deliveries_per_sec"], "k", True),
         ("channels", "channels p99 latency ms", lambda r: r["result"]["latency"]["p99_ms"], "f1", False),
         ("rpc", "rpc echo calls/s (50 clients)", lambda r: r["result"]["calls_per_sec"], "k", True),
@@ -133,6 +136,8 @@ def plot_sweep(by, servers, out):
         points = defaultdict(list)
         for key, per in by.items():
             if not key.startswith("fanout-rate-"):
+                continue
+            if any(r["params"]["subscribers"] != 1000 for r in per.get(s, [])):
                 continue
             for r in per.get(s, []):
                 res = r["result"]
