@@ -3,7 +3,7 @@
 # run, interleaved (A B C D, A B C D, ...) so that a noisy neighbour hurts every server alike,
 # then draws the table and the plots (bench/report.py).
 #
-#   bash bench/run.sh                 # every scenario (about 15 minutes on 2 cores)
+#   bash bench/run.sh                 # every scenario (about 20 minutes on 2 cores)
 #   bash bench/run.sh fanout idle     # some of: fanout sweep narrow channels rpc idle connect
 #   REPEAT=5 bash bench/run.sh fanout # more repeats (default 3)
 #
