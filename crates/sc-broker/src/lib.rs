@@ -82,7 +82,7 @@ impl Broker {
             let me = Member {
                 role: Role::Broker,
                 id: self.id.clone(),
-                grpc: self.addr.to_string(),
+                grpc: daemon::advertised(self.addr, self.config.cluster.advertise_ip, Some(url)).to_string(),
                 public: String::new(),
                 unix: String::new(),
                 pid: std::process::id(),
