@@ -368,7 +368,6 @@ fn route_to(url: &str) -> Option<std::net::IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
-
 /// The whole `main` of a member daemon (balancer, worker, broker): parses [`MemberCli`], loads
 /// the config (exit 64 on error), handles `print-config`, sets up telemetry, signals and the
 /// orphan watchdog, then runs `serve(config, central_log, shutdown)` with the shutdown grace
