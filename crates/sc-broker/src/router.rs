@@ -167,6 +167,11 @@ impl Router {
         }
     }
 
+    /// Attached worker streams.
+    pub fn stream_count(&self) -> usize {
+        self.lock().streams.len()
+    }
+
     /// Channels with at least one subscribed stream.
     pub fn channel_count(&self) -> usize {
         self.lock().channels.len()

@@ -37,8 +37,10 @@ const PUBLISH_WINDOW: usize = 8192;
 /// Most commands in one gRPC message.
 const MAX_BATCH: usize = 512;
 /// How long the old owner of a moved channel (or a broker that left) keeps delivering to this
-/// worker; must be shorter than a leaving broker's drain (`sc_broker::DRAIN`).
-pub const BREAK_DELAY: Duration = Duration::from_millis(1000);
+/// worker: long enough for every other worker to see the same membership change and stop
+/// publishing to the old owner. A leaving broker drains until the workers closed their streams
+/// (at most `sc_broker::DRAIN`, which is longer).
+pub const BREAK_DELAY: Duration = Duration::from_secs(2);
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
 pub const LINK_WAIT: Duration = Duration::from_secs(3);
