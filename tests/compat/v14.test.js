@@ -230,3 +230,14 @@ test('after its worker is killed the client reconnects and resubscribes by itsel
   await eventually(() => new Promise((resolve) => publisher.publish('survivors14', 'back', (err) => resolve(!err))), 10000, 'a publish after the restart');
   assert.equal(await received, 'back');
 });
+
+test('app hooks: a handshake rejected by the app closes with its code (data.code for v14)', async () => {
+  const issuer = await connected(connect());
+  await emit(issuer, 'login', { username: 'banned' });
+  const socket = connect({ autoConnect: false });
+  await new Promise((resolve) => socket.auth.saveToken(socket.authTokenName, issuer.signedAuthToken, {}, resolve));
+  const closed = event(socket, 'close');
+  socket.connect();
+  const [code] = await closed;
+  assert.equal(code, 4403);
+});

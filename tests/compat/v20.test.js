@@ -287,3 +287,19 @@ test('after its worker is killed the client reconnects and resubscribes by itsel
   }, 10000, 'a publish after the restart');
   assert.equal(await received, 'back');
 });
+
+test('app hooks: the upgrade hook answers 401, the handshake hook closes with its code', async () => {
+  const refused = connect({ query: { deny: '1' } });
+  const { error } = await once(refused.listener('error'), 'upgrade refused');
+  assert.ok(error);
+  refused.disconnect();
+
+  const issuer = connect();
+  await issuer.invoke('login', { username: 'banned' });
+  const socket = connect({ autoConnect: false });
+  await socket.auth.saveToken(socket.authTokenName, issuer.signedAuthToken);
+  const closed = once(socket.listener('close'), 'close');
+  socket.connect();
+  const { code } = await closed;
+  assert.equal(code, 4403);
+});

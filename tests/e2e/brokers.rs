@@ -178,13 +178,20 @@ async fn a_broker_killed_mid_stream_is_replaced_and_every_channel_delivers_again
     .await?;
 
     let mut lost = 0;
+    let mut swaps = 0;
     let mut longest_gap = Duration::ZERO;
     for channel in &channels {
         let got = arrivals.get(channel).cloned().unwrap_or_default();
-        assert_eq!(got.last().map(|(s, _)| *s), Some(ROUNDS - 1), "{channel} delivers to the end");
-        let mut sorted: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-        assert!(sorted.windows(2).all(|w| w[0] < w[1]), "{channel} in order, no duplicates");
+        assert!(got.iter().any(|(s, _)| *s == ROUNDS - 1), "{channel} delivers to the end");
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        // In order, except where the channel moved (to a surviving broker, and back to the
+        // respawned one): messages in flight on the old stream may swap with the new one's.
+        swaps += seqs.windows(2).filter(|w| w[0] > w[1]).count();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        let before = sorted.len();
         sorted.dedup();
+        assert_eq!(sorted.len(), before, "{channel}: no duplicates");
         lost += ROUNDS as usize - sorted.len();
         for pair in got.windows(2) {
             if pair[1].1 > killed_at {
@@ -193,10 +200,11 @@ async fn a_broker_killed_mid_stream_is_replaced_and_every_channel_delivers_again
         }
     }
     eprintln!(
-        "broker-1 killed; respawned as pid {}; messages lost: {lost} of {}; longest silence on a channel: {longest_gap:?}",
+        "broker-1 killed; respawned as pid {}; messages lost: {lost} of {}; out of order at a move: {swaps}; longest silence on a channel: {longest_gap:?}",
         respawned.pid,
         ROUNDS as usize * channels.len()
     );
+    assert!(swaps <= 2 * channels.len(), "reordering only at the moves ({swaps})");
     assert!(
         longest_gap < Duration::from_secs(2),
         "every channel delivered again within 2 s ({longest_gap:?})"

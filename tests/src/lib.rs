@@ -429,19 +429,10 @@ impl Client {
         self.send(Value::Array(packets)).await
     }
 
-    /// Waits for the server to close the connection; returns the close code.
+    /// Waits for the server to close the connection; returns the close code (`None` for no
+    /// close frame, or one without a status code).
     pub async fn closed(&mut self, within: Duration) -> Result<Option<u16>> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .map_err(|_| anyhow!("not closed within {within:?}"))?;
-            match frame {
-                None | Some(Err(_)) => return Ok(None),
-                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
-                Some(Ok(_)) => {}
-            }
-        }
+        Ok(self.close_frame(within).await?.flatten())
     }
 
     /// Waits for the server to end the connection: `Some(code)` for a close frame (`None`

@@ -100,11 +100,12 @@ impl Balancer {
         let grpc_addr = self.grpc.local_addr()?;
         let workers = match &self.config.balancer.master {
             Some(url) => {
+                let advertise_ip = self.config.cluster.advertise_ip;
                 let me = Member {
                     role: Role::Balancer,
                     id: self.id.clone(),
-                    grpc: grpc_addr.to_string(),
-                    public: addr.to_string(),
+                    grpc: daemon::advertised(grpc_addr, advertise_ip, Some(url)).to_string(),
+                    public: daemon::advertised(addr, advertise_ip, Some(url)).to_string(),
                     unix: String::new(),
                     pid: std::process::id(),
                 };

@@ -72,6 +72,7 @@ impl pb::broker_server::Broker for BrokerService {
                     match command.kind {
                         Some(pb::command::Kind::Subscribe(channel)) => router.subscribe(id, &channel),
                         Some(pb::command::Kind::Unsubscribe(channel)) => router.unsubscribe(id, &channel),
+                        Some(pb::command::Kind::Sync(token)) => router.sync(id, token),
                         Some(pb::command::Kind::Publish(publish)) => {
                             let congested = router.publish(&publish.channel, publish.data);
                             if !congested.is_empty() {
@@ -91,12 +92,17 @@ impl pb::broker_server::Broker for BrokerService {
         let cut = attachment.cut;
         let deliveries = BatchStream::new(attachment.deliveries, MAX_BATCH)
             .map(|batch| {
-                Ok(pb::DeliveryBatch {
-                    deliveries: batch
-                        .into_iter()
-                        .map(|d| pb::Delivery { channel: d.channel.to_string(), data: d.data })
-                        .collect(),
-                })
+                let mut out =
+                    pb::DeliveryBatch { deliveries: Vec::with_capacity(batch.len()), synced: Vec::new() };
+                for item in batch {
+                    match item {
+                        router::Outgoing::Delivery(d) => {
+                            out.deliveries.push(pb::Delivery { channel: d.channel.to_string(), data: d.data })
+                        }
+                        router::Outgoing::Synced(token) => out.synced.push(token),
+                    }
+                }
+                Ok(out)
             })
             .take_until(cut.cancelled_owned());
         Ok(Response::new(Box::pin(deliveries)))

@@ -27,9 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use sc_common::Error;
 
-/// How long a leaving broker keeps serving after it left the membership: longer than workers
-/// keep their streams to a broker that left (their break delay), so nothing in flight is lost.
-pub const DRAIN: Duration = Duration::from_millis(1500);
+/// The longest a leaving broker keeps serving after it left the membership. It stops sooner
+/// once every worker closed its stream, which workers do a break delay after they saw it leave
+/// (so nothing in flight to it is lost).
+pub const DRAIN: Duration = Duration::from_secs(6);
 
 /// Drops expired exchange keys every second.
 async fn sweep(exchange: Arc<exchange::Exchange>, stopped: CancellationToken) {
@@ -82,7 +83,7 @@ impl Broker {
             let me = Member {
                 role: Role::Broker,
                 id: self.id.clone(),
-                grpc: self.addr.to_string(),
+                grpc: daemon::advertised(self.addr, self.config.cluster.advertise_ip, Some(url)).to_string(),
                 public: String::new(),
                 unix: String::new(),
                 pid: std::process::id(),
@@ -94,8 +95,9 @@ impl Broker {
         let exchange = Arc::new(exchange::Exchange::default());
         // The worker streams and the gRPC server outlive `shutdown` by the drain period.
         let stopped = CancellationToken::new();
+        let routes = Arc::new(router::Router::new(queue));
         let service = grpc::BrokerService {
-            router: Arc::new(router::Router::new(queue)),
+            router: routes.clone(),
             exchange: exchange.clone(),
             queue,
             shutdown: stopped.clone(),
@@ -118,7 +120,10 @@ impl Broker {
                 if let Some(url) = master {
                     membership::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))
                         .await;
-                    tokio::time::sleep(DRAIN).await;
+                    let deadline = tokio::time::Instant::now() + DRAIN;
+                    while routes.stream_count() > 0 && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 stopped.cancel();
             }

@@ -22,6 +22,14 @@ pub struct Delivery {
     pub data: Bytes,
 }
 
+/// What goes out on a worker stream: deliveries, and the answers to its sync markers.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Delivery(Delivery),
+    /// Every command the worker sent before this marker is applied.
+    Synced(u64),
+}
+
 /// Identifies one attached worker stream.
 pub type StreamId = u64;
 
@@ -38,7 +46,7 @@ pub struct Router {
 pub struct Attachment {
     pub id: StreamId,
     /// Deliveries for this worker.
-    pub deliveries: mpsc::Receiver<Delivery>,
+    pub deliveries: mpsc::Receiver<Outgoing>,
     /// Cancelled when the router cuts this stream (slow consumer).
     pub cut: CancellationToken,
 }
@@ -53,7 +61,7 @@ struct Inner {
 #[derive(Debug)]
 struct Stream {
     worker: String,
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Outgoing>,
     cut: CancellationToken,
     channels: HashSet<Arc<str>>,
 }
@@ -119,7 +127,7 @@ impl Router {
 
     /// Queues a message to every stream subscribed to `channel`. Returns the queues that are
     /// more than half full, for the publisher to wait on (see [`wait_for_room`]).
-    pub fn publish(&self, channel: &str, data: Bytes) -> Vec<mpsc::Sender<Delivery>> {
+    pub fn publish(&self, channel: &str, data: Bytes) -> Vec<mpsc::Sender<Outgoing>> {
         let mut congested = Vec::new();
         let inner = self.lock();
         let Some((channel, subscribers)) = inner.channels.get_key_value(channel) else {
@@ -129,7 +137,7 @@ impl Router {
             let Some(stream) = inner.streams.get(id) else {
                 continue;
             };
-            let delivery = Delivery { channel: channel.clone(), data: data.clone() };
+            let delivery = Outgoing::Delivery(Delivery { channel: channel.clone(), data: data.clone() });
             match stream.tx.try_send(delivery) {
                 Ok(()) => {
                     if stream.tx.capacity() < self.queue / 2 {
@@ -146,6 +154,22 @@ impl Router {
             }
         }
         congested
+    }
+
+    /// Answers a stream's sync marker: the commands before it are applied (the caller applies
+    /// commands in order). A full queue cuts the stream, as for deliveries.
+    pub fn sync(&self, id: StreamId, token: u64) {
+        let inner = self.lock();
+        let Some(stream) = inner.streams.get(&id) else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = stream.tx.try_send(Outgoing::Synced(token)) {
+            tracing::error!(worker = %stream.worker, "worker stream not reading, cutting it");
+            stream.cut.cancel();
+        }
+    }
+
+    /// Attached worker streams.
+    pub fn stream_count(&self) -> usize {
+        self.lock().streams.len()
     }
 
     /// Channels with at least one subscribed stream.
@@ -171,7 +195,7 @@ impl Inner {
 }
 
 /// Waits until each congested queue is back to at most half full, or closed.
-pub async fn wait_for_room(congested: Vec<mpsc::Sender<Delivery>>, queue: usize) {
+pub async fn wait_for_room(congested: Vec<mpsc::Sender<Outgoing>>, queue: usize) {
     for tx in congested {
         // Reserving half the queue waits for the consumer to drain it; the permits are given
         // back at once.
@@ -198,10 +222,13 @@ mod tests {
         router.publish("news", data("1"));
         router.publish("chat", data("2"));
         router.publish("none", data("3"));
-        let got = a.deliveries.recv().await.unwrap();
+        let Outgoing::Delivery(got) = a.deliveries.recv().await.unwrap() else { panic!() };
         assert_eq!((&*got.channel, &got.data[..]), ("news", &b"1"[..]));
         assert!(a.deliveries.try_recv().is_err(), "subscribing twice delivers once");
-        assert_eq!(&b.deliveries.recv().await.unwrap().data[..], b"2");
+        let Outgoing::Delivery(got) = b.deliveries.recv().await.unwrap() else { panic!() };
+        assert_eq!(&got.data[..], b"2");
+        router.sync(b.id, 7);
+        assert!(matches!(b.deliveries.recv().await.unwrap(), Outgoing::Synced(7)));
     }
 
     #[tokio::test]

@@ -48,6 +48,9 @@ pub struct ClusterConfig {
     pub secret: String,
     /// Log format of every daemon: "plain" or "json". The filter comes from RUST_LOG.
     pub log_format: LogFormat,
+    /// The IP a daemon tells the others for listeners bound to 0.0.0.0 or ::. Unset: the local
+    /// address it uses to reach the master.
+    pub advertise_ip: Option<std::net::IpAddr>,
 }
 
 /// Log line format.
@@ -235,7 +238,14 @@ pub struct BrokerConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { workers: 2, brokers: 1, balancers: 1, secret: String::new(), log_format: LogFormat::Plain }
+        Self {
+            workers: 2,
+            brokers: 1,
+            balancers: 1,
+            secret: String::new(),
+            log_format: LogFormat::Plain,
+            advertise_ip: None,
+        }
     }
 }
 
@@ -612,6 +622,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let mut full = config.clone();
         full.master.bin_dir = Some("/bin".into());
+        full.cluster.advertise_ip = Some([10, 0, 0, 1].into());
         full.worker.auth_private_key = Some("x".into());
         full.worker.auth_public_key = Some("x".into());
         full.worker.static_dir = Some("x".into());

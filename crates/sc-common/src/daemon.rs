@@ -55,6 +55,14 @@ pub enum MemberCommand {
     Run,
     /// Print the effective configuration as TOML and exit.
     PrintConfig,
+    /// Ask the running daemon's grpc.health.v1 whether it serves (exit 0) or not (exit 1), for
+    /// container and service-manager health checks. The address is the configured gRPC listener
+    /// (a wildcard IP is asked on loopback) unless given.
+    Healthcheck {
+        /// host:port of the daemon's gRPC listener.
+        #[arg(long)]
+        addr: Option<String>,
+    },
 }
 
 /// Installs the tracing subscriber: plain or JSON lines on stderr, filtered by RUST_LOG
@@ -282,8 +290,95 @@ pub async fn serve_grpc(
 }
 
 /// The id a member uses when none is configured: role and pid.
+/// The id a member uses when none is configured: role, host name and pid, which is unique on
+/// one host and, in a container (pid 1), stable across restarts of the container.
 pub fn default_id(role: crate::Role) -> String {
-    format!("{}-{}", role.as_str(), std::process::id())
+    format!("{}-{}-{}", role.as_str(), hostname(), std::process::id())
+}
+
+/// One grpc.health.v1 Check against `target`, for `healthcheck`: exit 0 if serving.
+fn healthcheck(name: &str, target: &str) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return ExitCode::from(EXIT_FAILURE as u8);
+    };
+    let verdict = runtime.block_on(async {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{target}")).map_err(|e| e.to_string())?;
+        let check = async {
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let reply = HealthClient::new(channel)
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            Ok::<_, String>(reply.into_inner().status)
+        };
+        tokio::time::timeout(Duration::from_secs(3), check)
+            .await
+            .map_err(|_| "no answer within 3s".to_owned())?
+    });
+    match verdict {
+        Ok(status) if status == ServingStatus::Serving as i32 => {
+            println!("{name} at {target}: serving");
+            ExitCode::SUCCESS
+        }
+        Ok(_) => {
+            println!("{name} at {target}: not serving");
+            ExitCode::from(EXIT_FAILURE as u8)
+        }
+        Err(e) => {
+            println!("{name} at {target}: {e}");
+            ExitCode::from(EXIT_FAILURE as u8)
+        }
+    }
+}
+
+/// This host's name ("host" if it cannot be read).
+pub fn hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    let end = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
+    match (rc, std::str::from_utf8(&buffer[..end])) {
+        (0, Ok(name)) if !name.is_empty() => name.to_owned(),
+        _ => "host".to_owned(),
+    }
+}
+
+/// The address other members should use for a listener bound to `bound`: as bound, unless it
+/// is a wildcard (0.0.0.0 or ::), which others cannot dial. Then `advertise_ip` if configured,
+/// else the local address this host uses to reach the master (found without sending anything,
+/// by connecting a UDP socket), else loopback.
+pub fn advertised(
+    bound: SocketAddr,
+    advertise_ip: Option<std::net::IpAddr>,
+    master_url: Option<&str>,
+) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ip = advertise_ip.or_else(|| master_url.and_then(route_to)).unwrap_or(if bound.is_ipv4() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    });
+    SocketAddr::new(ip, bound.port())
+}
+
+/// The local IP the kernel would use to reach the host of `url` ("http://host:port").
+fn route_to(url: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let authority = url.split("://").nth(1)?.split('/').next()?;
+    let target = authority.to_socket_addrs().ok()?.next()?;
+    let any: SocketAddr =
+        if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(target).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// The whole `main` of a member daemon (balancer, worker, broker): parses [`MemberCli`], loads
@@ -322,6 +417,15 @@ where
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    if let Some(MemberCommand::Healthcheck { addr }) = &cli.command {
+        let listen = match role {
+            crate::Role::Balancer => config.balancer.grpc_listen,
+            crate::Role::Worker => config.worker.grpc_listen,
+            crate::Role::Broker => config.broker.listen,
+        };
+        let target = addr.clone().unwrap_or_else(|| advertised(listen, None, None).to_string());
+        return healthcheck(&name, &target);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -350,4 +454,28 @@ where
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_addresses() {
+        let bound: SocketAddr = "127.0.0.5:900".parse().unwrap();
+        assert_eq!(advertised(bound, None, None), bound, "a specific address is kept");
+        let wildcard: SocketAddr = "0.0.0.0:900".parse().unwrap();
+        assert_eq!(advertised(wildcard, Some([10, 1, 2, 3].into()), None), "10.1.2.3:900".parse().unwrap());
+        assert_eq!(
+            advertised(wildcard, None, Some("http://127.0.0.1:9000")),
+            "127.0.0.1:900".parse().unwrap()
+        );
+        assert_eq!(advertised(wildcard, None, None), "127.0.0.1:900".parse().unwrap());
+    }
+
+    #[test]
+    fn default_ids_name_the_host() {
+        let id = default_id(crate::Role::Worker);
+        assert!(id.starts_with(&format!("worker-{}-", hostname())), "{id}");
+    }
 }

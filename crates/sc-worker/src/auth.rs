@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn iso_dates() {
         assert_eq!(iso_date(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso_date(1_795_975_500), "2026-11-29T17:25:00.000Z");
+        assert_eq!(iso_date(1_795_975_500), "2026-11-29T18:05:00.000Z"); // checked with Python datetime
         assert_eq!(iso_date(951_782_400), "2000-02-29T00:00:00.000Z");
     }
 

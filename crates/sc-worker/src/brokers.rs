@@ -15,7 +15,7 @@
 //!
 //! This module is the gRPC edge on the worker side: wire types stay here.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use sc_common::batch::BatchStream;
 use sc_common::membership::Backoff;
 use sc_common::{rendezvous, secret};
 use sc_proto::broker::v1 as pb;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -37,11 +37,13 @@ const PUBLISH_WINDOW: usize = 8192;
 /// Most commands in one gRPC message.
 const MAX_BATCH: usize = 512;
 /// How long the old owner of a moved channel (or a broker that left) keeps delivering to this
-/// worker; must be shorter than a leaving broker's drain (`sc_broker::DRAIN`).
-pub const BREAK_DELAY: Duration = Duration::from_millis(1000);
+/// worker: long enough for every other worker to see the same membership change and stop
+/// publishing to the old owner. A leaving broker drains until the workers closed their streams
+/// (at most `sc_broker::DRAIN`, which is longer).
+pub const BREAK_DELAY: Duration = Duration::from_secs(2);
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
-const LINK_WAIT: Duration = Duration::from_secs(3);
+pub const LINK_WAIT: Duration = Duration::from_secs(3);
 
 /// Why a publish could not be handed to a broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -63,8 +65,10 @@ pub struct BrokerPool {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Channels this worker holds at the broker level.
-    channels: HashSet<Arc<str>>,
+    /// Channels this worker holds at the broker level, each with whether its owner broker has
+    /// confirmed the subscription (a sync marker after it came back).
+    channels: HashMap<Arc<str>, watch::Sender<bool>>,
+    next_sync: u64,
     /// Live brokers by id.
     brokers: BTreeMap<String, Entry>,
     next_generation: u64,
@@ -76,6 +80,8 @@ struct Entry {
     generation: u64,
     /// Left the membership: owns nothing, its stream stays open until [`BREAK_DELAY`] passed.
     leaving: bool,
+    /// Sync markers sent on the open stream, with the channels each confirms.
+    syncs: HashMap<u64, Vec<Arc<str>>>,
     /// The open stream, if any: commands sent while it is `None` are not needed later (the
     /// subscriptions are replayed when it opens; publishes fail fast).
     link: Option<Link>,
@@ -99,11 +105,22 @@ impl BrokerPool {
         Self { worker_id, secret, state: Mutex::new(State::default()), linked: Notify::new() }
     }
 
-    /// Holds `channel` at the broker level (called for its first local subscriber).
-    pub fn subscribe(&self, channel: &Arc<str>) {
+    /// Holds `channel` at the broker level (called for its first local subscriber). The
+    /// receiver turns true once the owner broker confirmed the subscription: from then on every
+    /// publish to the channel reaches this worker.
+    pub fn subscribe(&self, channel: &Arc<str>) -> watch::Receiver<bool> {
         let mut state = self.lock();
-        state.channels.insert(channel.clone());
-        state.send_to_owner(channel, || subscribe(channel));
+        let (tx, rx) = watch::channel(false);
+        state.channels.insert(channel.clone(), tx);
+        if let Some(id) = state.owner(channel.as_bytes()).map(str::to_owned) {
+            state.subscribe_and_sync(&id, vec![channel.clone()]);
+        }
+        rx
+    }
+
+    /// Whether (and when) a held channel's subscription is confirmed; `None` if not held.
+    pub fn confirmation(&self, channel: &str) -> Option<watch::Receiver<bool>> {
+        self.lock().channels.get(channel).map(watch::Sender::subscribe)
     }
 
     /// Stops holding `channel` (called when its last local subscriber left).
@@ -160,7 +177,7 @@ impl BrokerPool {
         let mut state = self.lock();
         let before: Vec<(Arc<str>, Option<String>)> = state
             .channels
-            .iter()
+            .keys()
             .map(|c| (c.clone(), state.owner(c.as_bytes()).map(str::to_owned)))
             .collect();
 
@@ -191,8 +208,14 @@ impl BrokerPool {
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
-            let entry =
-                Entry { grpc: grpc.clone(), generation, leaving: false, link: None, stop: stop.clone() };
+            let entry = Entry {
+                grpc: grpc.clone(),
+                generation,
+                leaving: false,
+                syncs: HashMap::new(),
+                link: None,
+                stop: stop.clone(),
+            };
             state.brokers.insert(id.clone(), entry);
             tracing::debug!(broker = %id, %grpc, "broker joined");
             tokio::spawn(run_link(hub.clone(), id, grpc, generation, stop));
@@ -255,6 +278,32 @@ impl BrokerPool {
 }
 
 impl State {
+    /// Subscribes `channels` on broker `id` (if linked), followed by a sync marker whose answer
+    /// confirms them.
+    fn subscribe_and_sync(&mut self, id: &str, channels: Vec<Arc<str>>) {
+        self.next_sync += 1;
+        let token = self.next_sync;
+        let Some(entry) = self.brokers.get_mut(id) else { return };
+        let Some(link) = &entry.link else { return };
+        for channel in &channels {
+            let _ = link.tx.send(subscribe(channel));
+        }
+        let _ = link.tx.send(pb::Command { kind: Some(pb::command::Kind::Sync(token)) });
+        entry.syncs.insert(token, channels);
+    }
+
+    /// The broker `id` answered sync markers: their channels are confirmed.
+    fn confirm(&mut self, id: &str, generation: u64, tokens: &[u64]) {
+        let Some(entry) = self.brokers.get_mut(id).filter(|e| e.generation == generation) else { return };
+        let confirmed: Vec<Arc<str>> =
+            tokens.iter().filter_map(|t| entry.syncs.remove(t)).flatten().collect();
+        for channel in confirmed {
+            if let Some(tx) = self.channels.get(&channel) {
+                tx.send_replace(true);
+            }
+        }
+    }
+
     /// The owner of a channel or key among the brokers that have not left.
     fn owner(&self, key: &[u8]) -> Option<&str> {
         let live = self.brokers.iter().filter(|(_, e)| !e.leaving).map(|(id, _)| id.as_str());
@@ -298,6 +347,7 @@ async fn run_link(hub: Arc<Hub>, id: String, grpc: String, generation: u64, stop
             let mut state = hub.pool().lock();
             if let Some(entry) = state.brokers.get_mut(&id).filter(|e| e.generation == generation) {
                 entry.link = None;
+                entry.syncs.clear();
             }
         }
         match outcome {
@@ -339,15 +389,15 @@ async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Res
     {
         let mut state = pool.lock();
         let owned: Vec<Arc<str>> =
-            state.channels.iter().filter(|c| state.owner(c.as_bytes()) == Some(id)).cloned().collect();
+            state.channels.keys().filter(|c| state.owner(c.as_bytes()) == Some(id)).cloned().collect();
         let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
             return Ok(false);
         };
-        for channel in &owned {
-            let _ = tx.send(subscribe(channel));
-        }
         entry.link = Some(Link { tx, client: client.clone(), window: window.clone() });
+        entry.syncs.clear();
         tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
+        // Replay this broker's channels (after a restart it knows none), confirmed by one sync.
+        state.subscribe_and_sync(id, owned);
     }
     pool.linked.notify_waiters();
 
@@ -367,6 +417,9 @@ async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Res
             Ok(Some(batch)) => {
                 for delivery in batch.deliveries {
                     hub.deliver(&delivery.channel, &delivery.data);
+                }
+                if !batch.synced.is_empty() {
+                    pool.lock().confirm(id, generation, &batch.synced);
                 }
             }
             Ok(None) => {

@@ -158,7 +158,7 @@ impl Exchange {
     pub fn subscribe(&self, channel: &str) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let key = self.hub.next_key();
-        let channel = self.hub.subscribe(channel, key, &Subscriber::Server(tx));
+        let (channel, _confirmed) = self.hub.subscribe(channel, key, &Subscriber::Server(tx));
         Subscription { hub: self.hub.clone(), key, channel, rx }
     }
 }

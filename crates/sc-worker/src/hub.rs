@@ -11,7 +11,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::app::{Handler, PublishOut};
@@ -74,8 +74,14 @@ impl Hub {
         &self.pool
     }
 
-    /// Adds a subscriber to a channel; returns the shared channel name. Idempotent per key.
-    pub fn subscribe(&self, channel: &str, key: SocketKey, subscriber: &Subscriber) -> Arc<str> {
+    /// Adds a subscriber to a channel (idempotent per key). Returns the shared channel name and
+    /// the broker's confirmation of the channel's subscription (see [`BrokerPool::subscribe`]).
+    pub fn subscribe(
+        &self,
+        channel: &str,
+        key: SocketKey,
+        subscriber: &Subscriber,
+    ) -> (Arc<str>, Option<watch::Receiver<bool>>) {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(subscribers) = channels.get_mut(channel)
             && !subscribers.iter().any(|(k, _)| *k == key)
@@ -83,12 +89,12 @@ impl Hub {
             subscribers.push((key, subscriber.clone()));
         }
         if let Some((name, _)) = channels.get_key_value(channel) {
-            return name.clone();
+            return (name.clone(), self.pool.confirmation(channel));
         }
         let name: Arc<str> = channel.into();
         channels.insert(name.clone(), vec![(key, subscriber.clone())]);
-        self.pool.subscribe(&name);
-        name
+        let confirmed = self.pool.subscribe(&name);
+        (name, Some(confirmed))
     }
 
     /// Removes a socket from a channel; returns whether it was subscribed.

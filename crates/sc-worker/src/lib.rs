@@ -137,11 +137,12 @@ impl Worker {
         let hub = self.hub.clone();
 
         if let Some(url) = &self.config.worker.master {
+            let advertise_ip = self.config.cluster.advertise_ip;
             let me = Member {
                 role: Role::Worker,
                 id: self.id.clone(),
-                grpc: grpc_addr.to_string(),
-                public: addr.to_string(),
+                grpc: daemon::advertised(grpc_addr, advertise_ip, Some(url)).to_string(),
+                public: daemon::advertised(addr, advertise_ip, Some(url)).to_string(),
                 unix: self.unix_path().map(|p| p.display().to_string()).unwrap_or_default(),
                 pid: std::process::id(),
             };

@@ -329,15 +329,8 @@ impl Conversation {
         match event {
             "#handshake" => {
                 if let Some(cid) = cid {
-                    let timeout = self.context.settings.ping_timeout.as_millis() as u64;
-                    let authenticated = self.socket.is_authenticated();
-                    self.replies.push(protocol::encode_handshake(
-                        cid,
-                        self.socket.id(),
-                        timeout,
-                        authenticated,
-                        None,
-                    ));
+                    let reply = self.handshake_reply(cid, None);
+                    self.replies.push(reply);
                 }
             }
             "#subscribe" => self.subscribe(packet.data, cid, expired).await,
@@ -393,19 +386,18 @@ impl Conversation {
             return Err(End::Close(code, error.message.into()));
         }
         self.handshaken = true;
-        let timeout = self.context.settings.ping_timeout.as_millis() as u64;
-        let authenticated = self.socket.is_authenticated();
-        self.replies.push(protocol::encode_handshake(
-            cid,
-            self.socket.id(),
-            timeout,
-            authenticated,
-            auth_error.as_ref(),
-        ));
+        let reply = self.handshake_reply(cid, auth_error.as_ref());
+        self.replies.push(reply);
         if auth_error.as_ref().is_some_and(ErrorObject::is_bad_token) {
             self.replies.push(protocol::encode_remove_auth_token(self.socket.protocol_version() == Some(2)));
         }
         Ok(())
+    }
+
+    /// The handshake reply for the socket's current auth state.
+    fn handshake_reply(&self, cid: &RawValue, auth_error: Option<&ErrorObject>) -> String {
+        let timeout = self.context.settings.ping_timeout.as_millis() as u64;
+        protocol::encode_handshake(cid, self.socket.id(), timeout, self.socket.is_authenticated(), auth_error)
     }
 
     /// Verifies a token and runs the app's authenticate hook; on success the socket is
@@ -523,9 +515,20 @@ impl Conversation {
             reply(&mut self.replies, Some(error));
             return;
         }
-        let name =
-            self.context.hub.subscribe(&channel, self.socket.key(), &Subscriber::Socket(self.socket.clone()));
+        let subscriber = Subscriber::Socket(self.socket.clone());
+        let (name, confirmed) = self.context.hub.subscribe(&channel, self.socket.key(), &subscriber);
         self.subscriptions.insert(name);
+        // Acknowledge once the owner broker has the subscription, so that every publish after
+        // the ack reaches this client (as with the single-process stock server). Without a
+        // broker for now, the subscription stands and is made when one links.
+        if let Some(mut confirmed) = confirmed
+            && !*confirmed.borrow()
+        {
+            let wait = confirmed.wait_for(|done| *done);
+            if tokio::time::timeout(crate::brokers::LINK_WAIT, wait).await.is_err() {
+                tracing::debug!(id = %self.socket.id(), %channel, "subscription not confirmed by a broker yet");
+            }
+        }
         reply(&mut self.replies, None);
     }
 

@@ -11,6 +11,9 @@
 //! - `kick` {channel, message}, `logout`, `bye` {code, reason}: kick out, deauthenticate and
 //!   disconnect the calling socket; `announce` {channel, data}: publishes from server code;
 //! - a transmitted `ping-me` is answered by a transmitted `pong` with the same data;
+//! - an upgrade request whose query has `deny=1` is refused with HTTP 401 (upgrade hook), and a
+//!   handshake with the token of a user logged in as `banned` is rejected with close code 4403
+//!   (handshake hook);
 //! - the page in `public/` (served at `/`) is a small chat client.
 //!
 //! The master runs this binary instead of the stock worker when `[worker] command` names it; see
@@ -20,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sc_common::Role;
-use sc_worker::app::{PublishIn, Socket};
+use sc_worker::app::{HttpRejection, PublishIn, Socket, UpgradeRequest};
 use sc_worker::{ErrorObject, Handler};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -40,6 +43,23 @@ fn field<'a>(data: &'a Value, key: &str) -> Result<&'a str, ErrorObject> {
 
 #[async_trait::async_trait]
 impl Handler for Chat {
+    async fn upgrade(&self, request: &UpgradeRequest) -> Result<(), HttpRejection> {
+        if request.uri.contains("deny=1") {
+            return Err(HttpRejection::new(401, "upgrade refused by the app"));
+        }
+        Ok(())
+    }
+
+    async fn handshake(&self, socket: &Socket) -> Result<(), ErrorObject> {
+        let banned = socket.auth_token().and_then(|t| t.get("username").cloned()) == Some(json!("banned"));
+        if banned {
+            return Err(
+                ErrorObject::new("BannedError", "this user is banned").with("statusCode", json!(4403))
+            );
+        }
+        Ok(())
+    }
+
     async fn subscribe(
         &self,
         socket: &Socket,

@@ -1,0 +1,132 @@
+//! `idle`: N handshaken connections doing nothing (optionally subscribed); the summed RSS of
+//! every process of the server (the Node server, or sc-master and all its children) before and
+//! after, per connection.
+//!
+//! A few connections are opened first and the baseline taken after them, so lazily loaded code
+//! and first-use allocations are not charged per connection. Node servers started with
+//! `--expose-gc` can be collected before each sample (`--gc-url`, peers/servers/common.js).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+
+use crate::common::{Counters, Progress, Target};
+use crate::procs;
+
+/// Warm-up connections before the baseline sample.
+const WARM_UP: usize = 10;
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subscribe {
+    /// No channel.
+    None,
+    /// Every connection on one channel.
+    Shared,
+    /// A channel per connection.
+    Unique,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Params {
+    #[arg(long, default_value_t = 5000)]
+    pub connections: usize,
+    #[arg(long, value_enum, default_value_t = Subscribe::None)]
+    pub subscribe: Subscribe,
+    /// Seconds to wait after connecting, before measuring.
+    #[arg(long, default_value_t = 3.0)]
+    pub settle: f64,
+    /// `http://host:port/path` to GET before each sample (forces a GC in the Node peers).
+    #[arg(long)]
+    pub gc_url: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub connections: usize,
+    pub alive: usize,
+    pub connect_seconds: f64,
+    pub connects_per_sec: f64,
+    pub server_processes: usize,
+    pub server_rss_kb_before: u64,
+    pub server_rss_kb_after: u64,
+    pub rss_kb_per_connection: f64,
+    pub client_rss_kb: u64,
+}
+
+pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(target.pid.is_some(), "idle needs --pid (the server's root process)");
+    let counters = Arc::new(Counters::default());
+    let _progress = Progress::start("idle", Arc::clone(&counters), quiet);
+    let warm = target.connect_many(WARM_UP, &counters).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = measure(target, p).await;
+
+    let start = Instant::now();
+    let clients = target.connect_many(p.connections, &counters).await?;
+    let mut subscribes = JoinSet::new();
+    for (index, (client, _)) in clients.iter().enumerate() {
+        let channel = match p.subscribe {
+            Subscribe::None => continue,
+            Subscribe::Shared => "idle".to_owned(),
+            Subscribe::Unique => format!("c{index}"),
+        };
+        let client = client.clone();
+        subscribes.spawn(async move { client.subscribe(&channel).await });
+        if subscribes.len() >= target.concurrency {
+            subscribes.join_next().await.context("subscribe task")??.context("subscribe")?;
+        }
+    }
+    while let Some(done) = subscribes.join_next().await {
+        done?.context("subscribe")?;
+    }
+    let connect_seconds = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(p.settle)).await;
+    let after = measure(target, p).await;
+    let alive = clients.iter().filter(|(c, _)| c.close_info().is_none()).count();
+    counters.errors.store((clients.len() - alive) as u64, Ordering::Relaxed);
+    let client_rss_kb = procs::sample(Some(std::process::id())).rss_kb;
+    drop(clients);
+    drop(warm);
+    Ok(Outcome {
+        connections: p.connections,
+        alive,
+        connect_seconds,
+        connects_per_sec: p.connections as f64 / connect_seconds,
+        server_processes: after.processes,
+        server_rss_kb_before: before.rss_kb,
+        server_rss_kb_after: after.rss_kb,
+        rss_kb_per_connection: (after.rss_kb as f64 - before.rss_kb as f64) / p.connections as f64,
+        client_rss_kb,
+    })
+}
+
+/// Optionally asks the server to collect garbage, then samples its process tree.
+async fn measure(target: &Target, p: &Params) -> procs::Sample {
+    if let Some(url) = &p.gc_url {
+        if let Err(error) = http_get(url).await {
+            eprintln!("gc request to {url} failed: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    procs::sample(target.pid)
+}
+
+/// A minimal HTTP/1.0 GET; the body is ignored.
+async fn http_get(url: &str) -> anyhow::Result<()> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (authority, path) =
+        rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(authority)).await??;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).await?;
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await??;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! sc-bench: the load generator for sc-rs and the stock SocketCluster servers.
+//!
+//! It speaks the SocketCluster protocol through sc-client, so the same client code drives our
+//! cluster (through sc-balancer) and the Node peers, on the same machine, in the same run.
+//! Scenarios: `fanout`, `channels`, `rpc`, `idle`, `connect` (one module each). Each prints a
+//! live progress line on stderr and one JSON document on stdout (and to `--out`), with the
+//! machine's load average before and after, since the machine is shared.
+//!
+//! A tool rather than a library: its modules are private to the binary, so errors are anyhow
+//! throughout.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+mod channels;
+mod common;
+mod connect;
+mod fanout;
+mod idle;
+mod procs;
+mod rpc;
+mod sink;
+mod stats;
+
+#[derive(Debug, Parser)]
+#[command(name = "sc-bench", version, about = "Load generator for SocketCluster servers")]
+struct Cli {
+    #[command(flatten)]
+    target: common::Target,
+    /// Also write the JSON result to this file.
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long, global = true)]
+    quiet: bool,
+    /// Runtime threads of the load generator (1 leaves the other core to the server on a
+    /// 2-core machine, like the single-threaded Node client).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// N subscribers on one channel, one publisher at a rate or as fast as possible.
+    Fanout(fanout::Params),
+    /// N sockets, each on its own channel plus one shared channel.
+    Channels(channels::Params),
+    /// Invoke round trips (`echo`).
+    Rpc(rpc::Params),
+    /// Idle connections: the server's RSS per connection.
+    Idle(idle::Params),
+    /// Handshakes per second.
+    Connect(connect::Params),
+}
+
+/// The JSON document of one run.
+#[derive(Debug, Serialize)]
+struct Report<P, O> {
+    scenario: &'static str,
+    label: String,
+    url: String,
+    protocol: u8,
+    source_ips: u8,
+    threads: usize,
+    load_before: String,
+    load_after: String,
+    unix_time: u64,
+    params: P,
+    result: O,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = if cli.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cli.threads).enable_all().build()
+    };
+    let outcome = runtime.context("tokio runtime").and_then(|rt| rt.block_on(run(&cli)));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sc-bench: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let t = &cli.target;
+    let load_before = common::load_average();
+    let json = match &cli.scenario {
+        Scenario::Fanout(p) => report(cli, "fanout", load_before, p, fanout::run(t, p, cli.quiet).await?)?,
+        Scenario::Channels(p) => {
+            report(cli, "channels", load_before, p, channels::run(t, p, cli.quiet).await?)?
+        }
+        Scenario::Rpc(p) => report(cli, "rpc", load_before, p, rpc::run(t, p, cli.quiet).await?)?,
+        Scenario::Idle(p) => report(cli, "idle", load_before, p, idle::run(t, p, cli.quiet).await?)?,
+        Scenario::Connect(p) => report(cli, "connect", load_before, p, connect::run(t, p, cli.quiet).await?)?,
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{json}")?;
+    if let Some(path) = &cli.out {
+        std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn report<P: Serialize, O: Serialize>(
+    cli: &Cli,
+    scenario: &'static str,
+    load_before: String,
+    params: &P,
+    result: O,
+) -> anyhow::Result<String> {
+    let t = &cli.target;
+    let report = Report {
+        scenario,
+        label: t.label.clone(),
+        url: t.url.clone(),
+        protocol: t.protocol,
+        source_ips: t.source_ips,
+        threads: cli.threads,
+        load_before,
+        load_after: common::load_average(),
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        params,
+        result,
+    };
+    Ok(serde_json::to_string(&report)?)
+}
