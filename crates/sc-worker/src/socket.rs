@@ -173,6 +173,7 @@ where
                 .then(|| CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() });
             // A peer that stalls must not hold the task: the close gets a bounded time.
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(frame)).await;
+            linger(ws.get_mut()).await;
             Some(code)
         }
     };
@@ -654,6 +655,26 @@ fn error_from_client(raw: &RawValue) -> ErrorObject {
         Ok(other) => ErrorObject::new("Error", other.to_string()),
         Err(_) => ErrorObject::new("Error", raw.get()),
     }
+}
+
+/// Reads and discards what the client still sends, until it closes (bounded in time and bytes).
+/// Closing a socket with unread data makes the kernel send a reset, which can reach the client
+/// before our close frame (it would see 1006 instead of our code): after a too-big message, for
+/// one, the rest of that message is still on its way.
+async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
+    use tokio::io::AsyncReadExt;
+    let drain = async {
+        // On the heap: a buffer in the future would make every socket's task that much larger.
+        let mut buffer = vec![0u8; 4096];
+        let mut left: usize = 8 * 1024 * 1024;
+        while left > 0 {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Close reasons travel in a control frame: at most 123 bytes.
