@@ -48,6 +48,11 @@ pub trait Stream: AsFd + Sync {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// A write that fails with `WouldBlock` (and clears the readiness) when the socket is full.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Forgets the read readiness without a system call, after a read that did not fill its
+    /// buffer (the socket is then drained). Otherwise the next `ready` returns at once and the
+    /// read after it fails with `WouldBlock`: one wasted syscall per message. Safe against
+    /// data that arrived meanwhile: tokio clears only the readiness event it had observed.
+    fn clear_readable(&self);
 }
 
 /// Where a step of [`forward_tls`] stopped.
@@ -78,6 +83,9 @@ impl Stream for TcpStream {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, buf)
     }
+    fn clear_readable(&self) {
+        let _ = self.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+    }
 }
 
 impl Stream for UnixStream {
@@ -89,6 +97,9 @@ impl Stream for UnixStream {
     }
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         UnixStream::try_write(self, buf)
+    }
+    fn clear_readable(&self) {
+        let _ = self.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
 }
 
@@ -148,6 +159,9 @@ async fn pump<F: Stream, T: Stream>(from: &F, to: &T, total: &AtomicU64) -> io::
             }
             Ok(n) => {
                 total.fetch_add(n as u64, Ordering::Relaxed);
+                if n < buffer.len() {
+                    from.clear_readable();
+                }
                 write_all(to, &buffer[..n]).await
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
