@@ -101,14 +101,15 @@ impl Balancer {
         let workers = match &self.config.balancer.master {
             Some(url) => {
                 let advertise_ip = self.config.cluster.advertise_ip;
-                let me = Member {
-                    role: Role::Balancer,
-                    id: self.id.clone(),
-                    grpc: daemon::advertised(grpc_addr, advertise_ip, Some(url)).to_string(),
-                    public: daemon::advertised(addr, advertise_ip, Some(url)).to_string(),
-                    unix: String::new(),
-                    pid: std::process::id(),
-                };
+                let me = Member::this_process(
+                    Role::Balancer,
+                    &self.id,
+                    grpc_addr,
+                    Some(addr),
+                    String::new(),
+                    advertise_ip,
+                    url,
+                );
                 let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Worker])?;
                 link.spawn(events, shutdown.clone())
             }

@@ -80,14 +80,16 @@ impl Broker {
     ) -> Result<(), Error> {
         let secret = &self.config.cluster.secret;
         if let Some(url) = &self.config.broker.master {
-            let me = Member {
-                role: Role::Broker,
-                id: self.id.clone(),
-                grpc: daemon::advertised(self.addr, self.config.cluster.advertise_ip, Some(url)).to_string(),
-                public: String::new(),
-                unix: String::new(),
-                pid: std::process::id(),
-            };
+            let advertise_ip = self.config.cluster.advertise_ip;
+            let me = Member::this_process(
+                Role::Broker,
+                &self.id,
+                self.addr,
+                None,
+                String::new(),
+                advertise_ip,
+                url,
+            );
             let link = MasterLink::new(url, secret, me, vec![Role::Broker])?;
             let _members = link.spawn(events, shutdown.clone());
         }

@@ -88,6 +88,30 @@ impl Role {
     }
 }
 
+impl Member {
+    /// This process as a member with `role`: its listeners as other hosts should dial them
+    /// (a wildcard address becomes a dialable one, see [`crate::daemon::advertised`]).
+    pub fn this_process(
+        role: Role,
+        id: &str,
+        grpc: std::net::SocketAddr,
+        public: Option<std::net::SocketAddr>,
+        unix: String,
+        advertise_ip: Option<std::net::IpAddr>,
+        master_url: &str,
+    ) -> Self {
+        let dialable = |addr| crate::daemon::advertised(addr, advertise_ip, Some(master_url)).to_string();
+        Self {
+            role,
+            id: id.to_owned(),
+            grpc: dialable(grpc),
+            public: public.map(dialable).unwrap_or_default(),
+            unix,
+            pid: std::process::id(),
+        }
+    }
+}
+
 impl Membership {
     /// The members with `role`.
     pub fn with_role(&self, role: Role) -> impl Iterator<Item = &Member> {

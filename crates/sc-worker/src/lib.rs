@@ -137,15 +137,10 @@ impl Worker {
         let hub = self.hub.clone();
 
         if let Some(url) = &self.config.worker.master {
+            let unix = self.unix_path().map(|p| p.display().to_string()).unwrap_or_default();
             let advertise_ip = self.config.cluster.advertise_ip;
-            let me = Member {
-                role: Role::Worker,
-                id: self.id.clone(),
-                grpc: daemon::advertised(grpc_addr, advertise_ip, Some(url)).to_string(),
-                public: daemon::advertised(addr, advertise_ip, Some(url)).to_string(),
-                unix: self.unix_path().map(|p| p.display().to_string()).unwrap_or_default(),
-                pid: std::process::id(),
-            };
+            let me =
+                Member::this_process(Role::Worker, &self.id, grpc_addr, Some(addr), unix, advertise_ip, url);
             let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Broker])?;
             let mut members = link.spawn(events, shutdown.clone());
             let hub = hub.clone();
