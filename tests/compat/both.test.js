@@ -89,7 +89,11 @@ async function conversation14(cluster) {
     const messages = [];
     let arrived = () => {};
     news.watch((data) => { messages.push(data); arrived(); });
-    const next = () => (messages.length ? Promise.resolve(messages.shift()) : wait(new Promise((r) => { arrived = () => r(messages.shift()); }), 'v14 #publish'));
+    // A waiter takes one message and unhooks itself, so a later message stays queued for the
+    // next call instead of going to a waiter that was already served.
+    const next = () => (messages.length
+      ? Promise.resolve(messages.shift())
+      : wait(new Promise((r) => { arrived = () => { arrived = () => {}; r(messages.shift()); }; }), 'v14 #publish'));
     await emit14(socket, 'announce', { channel: 'news-84-v14', data: { headline: 'hi' } });
     assert.deepEqual(await next(), { headline: 'hi' });
     const privateChannel = socket.subscribe('private/room-84-14', { waitForAuth: true });
