@@ -204,25 +204,17 @@ pub fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target
 /// TLS the signal is ignored (the master passes SIGHUP on to every balancer, and its default
 /// action would end the process).
 async fn reload_on_sighup(certificates: Option<Arc<tls::Certificates>>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            received = hup.recv() => if received.is_none() { return },
-        }
+    daemon::on_each_signal(tokio::signal::unix::SignalKind::hangup(), "SIGHUP", shutdown, || {
         let Some(certificates) = &certificates else {
             tracing::debug!("sighup without tls: nothing to reload");
-            continue;
+            return;
         };
         match certificates.reload() {
             Ok(()) => tracing::info!("tls certificate reloaded"),
             Err(e) => tracing::error!(error = %e, "tls certificate reload failed, keeping the previous one"),
         }
-    }
+    })
+    .await;
 }
 
 /// A plain client: pick and connect a worker, then forward. Its own task (not a branch of

@@ -206,6 +206,27 @@ pub fn spawn_signal_handler_then(shutdown: CancellationToken, on_second: impl Fn
     });
 }
 
+/// Runs `each` every time the process receives `kind` (SIGHUP, SIGUSR2, ...), until `shutdown`.
+/// `name` is for the log line if the handler cannot be installed.
+pub async fn on_each_signal(
+    kind: tokio::signal::unix::SignalKind,
+    name: &str,
+    shutdown: CancellationToken,
+    mut each: impl FnMut(),
+) {
+    let Ok(mut signals) = tokio::signal::unix::signal(kind) else {
+        tracing::error!(signal = name, "cannot install the signal handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = signals.recv() => if received.is_none() { return },
+        }
+        each();
+    }
+}
+
 /// A supervised daemon must not outlive its master, even one killed with SIGKILL: this polls
 /// the parent pid and, once it is no longer `supervisor`, cancels `shutdown` and exits after
 /// [`ORPHAN_GRACE`] whatever the drain is doing.

@@ -325,16 +325,7 @@ async fn rolling_restart_on_sigusr2(
     log: Arc<CentralLog>,
     shutdown: CancellationToken,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
-        tracing::error!("cannot install the SIGUSR2 handler");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            received = usr2.recv() => if received.is_none() { return },
-        }
+    daemon::on_each_signal(tokio::signal::unix::SignalKind::user_defined2(), "SIGUSR2", shutdown, || {
         let outcome = match &supervisor {
             Some(supervisor) => supervisor.start_rolling_restart(),
             None => Err(MasterError::Standalone),
@@ -342,24 +333,17 @@ async fn rolling_restart_on_sigusr2(
         if let Err(why) = outcome {
             log.master(sc_common::membership::Severity::Warning, format!("SIGUSR2 ignored: {why}"));
         }
-    }
+    })
+    .await;
 }
 
 /// SIGHUP goes on to every balancer child, which reloads its TLS certificate and key.
 async fn forward_sighup(children: Arc<Children>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            received = hup.recv() => if received.is_none() { return },
-        }
+    daemon::on_each_signal(tokio::signal::unix::SignalKind::hangup(), "SIGHUP", shutdown, || {
         let signalled = children.signal_role(Role::Balancer, libc::SIGHUP);
         tracing::info!(balancers = signalled, "sighup passed on to the balancers");
-    }
+    })
+    .await;
 }
 
 /// Makes the per-cluster folder of the workers' Unix sockets, readable by this user only.
