@@ -22,8 +22,8 @@ use std::net::SocketAddr;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-pub use crate::protocol::ErrorObject;
-pub use crate::socket::handle::Socket;
+use crate::protocol::ErrorObject;
+use crate::socket::Socket;
 
 /// The HTTP upgrade request, as `upgrade` sees it.
 #[derive(Debug, Clone)]
@@ -43,6 +43,7 @@ pub struct UpgradeRequest {
 pub struct HttpRejection {
     /// 401 for the stock server's handshake middleware.
     pub status: u16,
+    /// The response body.
     pub message: String,
 }
 

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::protocol::ErrorObject;
 
 /// Signs and verifies auth tokens for one worker.
-pub struct AuthEngine {
+pub(crate) struct AuthEngine {
     algorithm: Algorithm,
     encoding: EncodingKey,
     decoding: DecodingKey,
@@ -25,18 +25,18 @@ pub struct AuthEngine {
 
 /// A verified token.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AuthToken {
+pub(crate) struct AuthToken {
     /// The signed token as the client holds it.
-    pub signed: String,
+    pub(crate) signed: String,
     /// Its payload.
-    pub payload: Value,
+    pub(crate) payload: Value,
     /// Its `exp` claim, seconds since the Unix epoch.
-    pub exp: Option<u64>,
+    pub(crate) exp: Option<u64>,
 }
 
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("worker.auth_algorithm: unsupported algorithm {0}")]
     Algorithm(String),
     #[error("worker.auth_key: an HS* algorithm needs a secret")]
@@ -53,7 +53,7 @@ impl std::fmt::Debug for AuthEngine {
 
 impl AuthEngine {
     /// An engine for `[worker]` auth settings: `algorithm` with `secret` (HS*) or PEM keys.
-    pub fn new(
+    pub(crate) fn new(
         algorithm: &str,
         secret: &str,
         private_key: Option<&std::path::Path>,
@@ -96,7 +96,7 @@ impl AuthEngine {
     }
 
     /// Signs `payload` (a JSON object), adding `iat` and, unless present, `exp`.
-    pub fn sign(&self, payload: Value) -> Result<AuthToken, ErrorObject> {
+    pub(crate) fn sign(&self, payload: Value) -> Result<AuthToken, ErrorObject> {
         let mut claims = match payload {
             Value::Object(map) => map,
             other => {
@@ -120,7 +120,7 @@ impl AuthEngine {
     }
 
     /// Verifies a signed token. The error is the one to send to the client (with `isBadToken`).
-    pub fn verify(&self, signed: &str) -> Result<AuthToken, ErrorObject> {
+    pub(crate) fn verify(&self, signed: &str) -> Result<AuthToken, ErrorObject> {
         let mut validation = Validation::new(self.algorithm);
         // Like the stock server: exp is checked when present, not required; no leeway.
         validation.required_spec_claims.clear();
@@ -139,13 +139,13 @@ impl AuthEngine {
 
 impl AuthToken {
     /// Whether the token's `exp` has passed.
-    pub fn is_expired(&self) -> bool {
+    pub(crate) fn is_expired(&self) -> bool {
         self.exp.is_some_and(|exp| now_secs() > exp)
     }
 }
 
 /// The error of an expired token found while connected.
-pub fn expired_error(exp: Option<u64>) -> ErrorObject {
+pub(crate) fn expired_error(exp: Option<u64>) -> ErrorObject {
     ErrorObject::new("AuthTokenExpiredError", "The socket auth token has expired")
         .with("expiry", exp.map_or(Value::Null, |e| Value::String(iso_date(e))))
         .with("isBadToken", Value::Bool(true))

@@ -1,4 +1,4 @@
-//! The worker's links to the brokers: one `sc.broker.v1.Broker/Attach` stream per live broker.
+//! The broker pool: which broker owns which channel, and one stream to each live broker.
 //!
 //! A channel's broker is the rendezvous owner of its name among the live brokers' ids. The pool
 //! keeps the set of channels this worker holds (one broker subscription per channel, whatever
@@ -11,9 +11,11 @@
 //!   old owner before they saw the change are still delivered (zero loss when a broker is added or
 //!   leaves gracefully, see docs/architecture.md);
 //! - sends publishes to the owner, with a bounded window of publishes in flight per broker so
-//!   a slow broker slows publishers down instead of growing memory.
+//!   a slow broker slows publishers down instead of growing memory;
+//! - hands what the brokers deliver to its [`DeliverySink`] (the hub).
 //!
-//! This module is the gRPC edge on the worker side: wire types stay here.
+//! The wire is not here: streams are opened through [`crate::broker_link`], the worker's only
+//! gRPC edge towards the brokers, which the unit tests below replace with a fake.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,14 +25,12 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sc_common::batch::BatchStream;
 use sc_common::membership::Backoff;
-use sc_common::{rendezvous, secret};
-use sc_proto::broker::v1 as pb;
+use sc_common::rendezvous;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::hub::Hub;
+use crate::broker_link::{Command, Connect, Kv};
+use crate::error::Error;
 
 /// Publishes that may be queued to one broker before publishers wait.
 const PUBLISH_WINDOW: usize = 8192;
@@ -40,27 +40,26 @@ const MAX_BATCH: usize = 512;
 /// worker: long enough for every other worker to see the same membership change and stop
 /// publishing to the old owner. A leaving broker drains until the workers closed their streams
 /// (at most `sc_broker::DRAIN`, which is longer).
-pub const BREAK_DELAY: Duration = Duration::from_secs(2);
+pub(crate) const BREAK_DELAY: Duration = Duration::from_secs(2);
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
-pub const LINK_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const LINK_WAIT: Duration = Duration::from_secs(3);
 
-/// Why a publish could not be handed to a broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PublishError {
-    #[error("no broker is available for this channel")]
-    NoBroker,
+/// Where the pool hands the messages brokers deliver (the worker's local fan-out).
+pub(crate) trait DeliverySink: Send + Sync + 'static {
+    /// A message for `channel` (JSON text) arrived from its broker.
+    fn deliver(&self, channel: &str, data: &Bytes);
 }
 
 /// The worker's broker links.
-#[derive(Debug)]
-pub struct BrokerPool {
-    worker_id: String,
-    secret: String,
+pub(crate) struct BrokerPool {
+    connector: Arc<dyn Connect>,
     /// std Mutex: held for map updates and non-blocking sends, never across await.
     state: Mutex<State>,
     /// Wakes publishers waiting for a broker stream to open.
     linked: Notify,
+    /// Cancelled by [`BrokerPool::close`]: every link stops.
+    closed: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -88,27 +87,35 @@ struct Entry {
     stop: CancellationToken,
 }
 
-/// A broker client for unary calls (the exchange).
-pub type Client = pb::broker_client::BrokerClient<InterceptedService<Channel, secret::Attach>>;
-
 #[derive(Debug, Clone)]
 struct Link {
-    tx: mpsc::UnboundedSender<pb::Command>,
-    client: Client,
+    tx: mpsc::UnboundedSender<Command>,
+    kv: Kv,
     /// Free slots of the publish window; given back as the stream takes publishes out.
     window: Arc<Semaphore>,
 }
 
+impl std::fmt::Debug for BrokerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerPool").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
 impl BrokerPool {
-    /// A pool for the worker `worker_id`, authenticating with the cluster `secret`.
-    pub fn new(worker_id: String, secret: String) -> Self {
-        Self { worker_id, secret, state: Mutex::new(State::default()), linked: Notify::new() }
+    /// A pool opening its streams with `connector`.
+    pub(crate) fn new(connector: Arc<dyn Connect>) -> Self {
+        Self {
+            connector,
+            state: Mutex::new(State::default()),
+            linked: Notify::new(),
+            closed: CancellationToken::new(),
+        }
     }
 
     /// Holds `channel` at the broker level (called for its first local subscriber). The
     /// receiver turns true once the owner broker confirmed the subscription: from then on every
     /// publish to the channel reaches this worker.
-    pub fn subscribe(&self, channel: &Arc<str>) -> watch::Receiver<bool> {
+    pub(crate) fn subscribe(&self, channel: &Arc<str>) -> watch::Receiver<bool> {
         let mut state = self.lock();
         let (tx, rx) = watch::channel(false);
         state.channels.insert(channel.clone(), tx);
@@ -119,39 +126,38 @@ impl BrokerPool {
     }
 
     /// Whether (and when) a held channel's subscription is confirmed; `None` if not held.
-    pub fn confirmation(&self, channel: &str) -> Option<watch::Receiver<bool>> {
+    pub(crate) fn confirmation(&self, channel: &str) -> Option<watch::Receiver<bool>> {
         self.lock().channels.get(channel).map(watch::Sender::subscribe)
     }
 
     /// Stops holding `channel` (called when its last local subscriber left).
-    pub fn unsubscribe(&self, channel: &str) {
+    pub(crate) fn unsubscribe(&self, channel: &str) {
         let mut state = self.lock();
-        state.channels.remove(channel);
-        state.send_to_owner(channel, || unsubscribe(channel));
+        if let Some((channel, _)) = state.channels.remove_entry(channel) {
+            state.send_to_owner(&channel, Command::Unsubscribe(channel.clone()));
+        }
     }
 
     /// Publishes `data` (JSON text) to `channel` through its owner broker, waiting up to
     /// [`LINK_WAIT`] for that broker's stream to open.
-    pub async fn publish(&self, channel: &str, data: Bytes) -> Result<(), PublishError> {
+    pub(crate) async fn publish(&self, channel: &str, data: Bytes) -> Result<(), Error> {
         let link = self.owner_link(channel.as_bytes()).await?;
         // The permit is given back by the stream when it takes the publish out.
         match link.window.acquire().await {
             Ok(permit) => permit.forget(),
-            Err(_) => return Err(PublishError::NoBroker),
+            Err(_) => return Err(Error::NoBroker),
         }
-        let command = pb::Command {
-            kind: Some(pb::command::Kind::Publish(pb::Publish { channel: channel.to_owned(), data })),
-        };
-        link.tx.send(command).map_err(|_| PublishError::NoBroker)
+        let command = Command::Publish { channel: channel.to_owned(), data };
+        link.tx.send(command).map_err(|_| Error::NoBroker)
     }
 
-    /// A client for unary calls to the broker that owns `key` (the exchange), waiting up to
-    /// [`LINK_WAIT`] for it.
-    pub async fn client_for(&self, key: &str) -> Result<Client, PublishError> {
-        Ok(self.owner_link(key.as_bytes()).await?.client)
+    /// Unary calls to the broker that owns `key` (the exchange), waiting up to [`LINK_WAIT`]
+    /// for its stream.
+    pub(crate) async fn kv(&self, key: &str) -> Result<Kv, Error> {
+        Ok(self.owner_link(key.as_bytes()).await?.kv)
     }
 
-    async fn owner_link(&self, key: &[u8]) -> Result<Link, PublishError> {
+    async fn owner_link(&self, key: &[u8]) -> Result<Link, Error> {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
         loop {
             let linked = self.linked.notified();
@@ -161,19 +167,23 @@ impl BrokerPool {
                 return Ok(link);
             }
             if tokio::time::timeout_at(deadline, linked).await.is_err() {
-                return Err(PublishError::NoBroker);
+                return Err(Error::NoBroker);
             }
         }
     }
 
     /// Brokers with an open stream.
-    pub fn linked(&self) -> usize {
+    pub(crate) fn linked(&self) -> usize {
         self.lock().brokers.values().filter(|e| e.link.is_some()).count()
     }
 
-    /// Applies a new set of live brokers (id, gRPC address): links new ones, lets gone ones
-    /// drain, and moves the channels whose owner changed, make before break.
-    pub fn apply(&self, brokers: Vec<(String, String)>, hub: &Arc<Hub>) {
+    /// Applies a new set of live brokers (id, gRPC address): links new ones (their deliveries
+    /// go to `sink`), lets gone ones drain, and moves the channels whose owner changed, make
+    /// before break.
+    pub(crate) fn apply(self: &Arc<Self>, brokers: Vec<(String, String)>, sink: &Arc<dyn DeliverySink>) {
+        if self.closed.is_cancelled() {
+            return;
+        }
         let mut state = self.lock();
         let before: Vec<(Arc<str>, Option<String>)> = state
             .channels
@@ -207,7 +217,7 @@ impl BrokerPool {
             }
             state.next_generation += 1;
             let generation = state.next_generation;
-            let stop = CancellationToken::new();
+            let stop = self.closed.child_token();
             let entry = Entry {
                 grpc: grpc.clone(),
                 generation,
@@ -218,7 +228,8 @@ impl BrokerPool {
             };
             state.brokers.insert(id.clone(), entry);
             tracing::debug!(broker = %id, %grpc, "broker joined");
-            tokio::spawn(run_link(hub.clone(), id, grpc, generation, stop));
+            let link = LinkTask { pool: self.clone(), sink: sink.clone(), id, grpc, generation };
+            tokio::spawn(link.run(stop));
         }
 
         let mut breaks = Vec::new();
@@ -229,7 +240,7 @@ impl BrokerPool {
             }
             // Make: the new owner at once (or when its stream opens).
             if let Some(link) = new.as_deref().and_then(|id| state.link(id)) {
-                let _ = link.tx.send(subscribe(&channel));
+                let _ = link.tx.send(Command::Subscribe(channel.clone()));
             }
             // Break: later, so that publishes already on their way to the old owner arrive.
             if let Some(old) = old {
@@ -240,12 +251,19 @@ impl BrokerPool {
         // Publishes waiting for an owner may have one now.
         self.linked.notify_waiters();
         if !draining.is_empty() || !breaks.is_empty() {
-            let hub = hub.clone();
+            let pool = self.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(BREAK_DELAY).await;
-                hub.pool().finish_moves(draining, breaks);
+                tokio::select! {
+                    _ = pool.closed.cancelled() => {}
+                    _ = tokio::time::sleep(BREAK_DELAY) => pool.finish_moves(draining, breaks),
+                }
             });
         }
+    }
+
+    /// Stops every link (the worker is shutting down).
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
     }
 
     /// The break half of [`BrokerPool::apply`]: closes the streams of brokers that left and
@@ -267,7 +285,7 @@ impl BrokerPool {
                 && !leaving
                 && let Some(link) = state.link(&old)
             {
-                let _ = link.tx.send(unsubscribe(&channel));
+                let _ = link.tx.send(Command::Unsubscribe(channel));
             }
         }
     }
@@ -286,9 +304,9 @@ impl State {
         let Some(entry) = self.brokers.get_mut(id) else { return };
         let Some(link) = &entry.link else { return };
         for channel in &channels {
-            let _ = link.tx.send(subscribe(channel));
+            let _ = link.tx.send(Command::Subscribe(channel.clone()));
         }
-        let _ = link.tx.send(pb::Command { kind: Some(pb::command::Kind::Sync(token)) });
+        let _ = link.tx.send(Command::Sync(token));
         entry.syncs.insert(token, channels);
     }
 
@@ -318,118 +336,418 @@ impl State {
         self.owner(key).and_then(|id| self.link(id)).cloned()
     }
 
-    fn send_to_owner(&self, channel: &str, command: impl FnOnce() -> pb::Command) {
+    fn send_to_owner(&self, channel: &str, command: Command) {
         if let Some(link) = self.owner(channel.as_bytes()).and_then(|id| self.link(id)) {
-            let _ = link.tx.send(command());
+            let _ = link.tx.send(command);
         }
     }
 }
 
-fn subscribe(channel: &str) -> pb::Command {
-    pb::Command { kind: Some(pb::command::Kind::Subscribe(channel.to_owned())) }
+/// One broker's link: keeps its stream open, reconnecting with backoff, until stopped.
+struct LinkTask {
+    pool: Arc<BrokerPool>,
+    sink: Arc<dyn DeliverySink>,
+    id: String,
+    grpc: String,
+    generation: u64,
 }
 
-fn unsubscribe(channel: &str) -> pb::Command {
-    pb::Command { kind: Some(pb::command::Kind::Unsubscribe(channel.to_owned())) }
+/// How one stream's life ended.
+enum Ended {
+    /// It was open, then the broker closed it or it failed.
+    Closed,
+    /// A newer link to the same broker id replaced this one before it opened.
+    Superseded,
 }
 
-/// Keeps one broker's stream open until `stop`, reconnecting with backoff.
-async fn run_link(hub: Arc<Hub>, id: String, grpc: String, generation: u64, stop: CancellationToken) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    let mut failures = 0u32;
-    loop {
-        let outcome = tokio::select! {
-            _ = stop.cancelled() => return,
-            outcome = link_once(&hub, &id, &grpc, generation) => outcome,
-        };
-        // The stream is gone: stop routing to it.
+impl LinkTask {
+    async fn run(self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut failures = 0u32;
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = self.once() => outcome,
+            };
+            // The stream is gone: stop routing to it.
+            {
+                let mut state = self.pool.lock();
+                if let Some(entry) =
+                    state.brokers.get_mut(&self.id).filter(|e| e.generation == self.generation)
+                {
+                    entry.link = None;
+                    entry.syncs.clear();
+                }
+            }
+            match outcome {
+                Ok(Ended::Closed) => {
+                    backoff.reset();
+                    failures = 0;
+                }
+                Ok(Ended::Superseded) => return,
+                Err(e) => {
+                    failures += 1;
+                    if failures == 5 {
+                        tracing::warn!(broker = %self.id, grpc = %self.grpc, error = %e, "cannot reach broker, retrying");
+                    } else {
+                        tracing::debug!(broker = %self.id, grpc = %self.grpc, error = %e, "broker link failed");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// One stream's life: open, replay this broker's channels, deliver until it ends.
+    async fn once(&self) -> Result<Ended, Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));
+        let taken = window.clone();
+        let commands = Box::pin(BatchStream::new(rx, MAX_BATCH).map(move |commands: Vec<Command>| {
+            let publishes = commands.iter().filter(|c| matches!(c, Command::Publish { .. })).count();
+            taken.add_permits(publishes);
+            commands
+        }));
+        let opened = self.pool.connector.open(&self.grpc, commands).await?;
+        let (id, generation) = (self.id.as_str(), self.generation);
         {
-            let mut state = hub.pool().lock();
-            if let Some(entry) = state.brokers.get_mut(&id).filter(|e| e.generation == generation) {
-                entry.link = None;
-                entry.syncs.clear();
-            }
+            let mut state = self.pool.lock();
+            let owned: Vec<Arc<str>> =
+                state.channels.keys().filter(|c| state.owner(c.as_bytes()) == Some(id)).cloned().collect();
+            let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
+                return Ok(Ended::Superseded);
+            };
+            entry.link = Some(Link { tx, kv: opened.kv, window });
+            entry.syncs.clear();
+            tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
+            // Replay this broker's channels (after a restart it knows none), confirmed by one sync.
+            state.subscribe_and_sync(id, owned);
         }
-        match outcome {
-            Ok(true) => {
-                backoff.reset();
-                failures = 0;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                failures += 1;
-                if failures == 5 {
-                    tracing::warn!(broker = %id, %grpc, error = %e, "cannot reach broker, retrying");
-                } else {
-                    tracing::debug!(broker = %id, %grpc, error = %e, "broker link failed");
+        self.pool.linked.notify_waiters();
+
+        let mut batches = opened.batches;
+        loop {
+            match batches.next().await {
+                Some(Ok(batch)) => {
+                    for (channel, data) in &batch.deliveries {
+                        self.sink.deliver(channel, data);
+                    }
+                    if !batch.synced.is_empty() {
+                        self.pool.lock().confirm(id, generation, &batch.synced);
+                    }
+                }
+                None => {
+                    tracing::debug!(broker = %id, "broker closed the stream");
+                    return Ok(Ended::Closed);
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(broker = %id, %error, "broker stream failed");
+                    return Ok(Ended::Closed);
                 }
             }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
 }
 
-/// One stream's life. `Ok(true)` if it was open and ended, `Ok(false)` if superseded.
-async fn link_once(hub: &Arc<Hub>, id: &str, grpc: &str, generation: u64) -> Result<bool, String> {
-    let pool = hub.pool();
-    let endpoint = Endpoint::from_shared(format!("http://{grpc}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client =
-        pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&pool.secret))
-            .max_decoding_message_size(64 * 1024 * 1024);
+#[cfg(test)]
+mod tests {
+    //! The pool against a fake broker edge: membership changes, make before break, a link that
+    //! fails. Paused time, so BREAK_DELAY and the backoff cost nothing.
 
-    let (tx, rx) = mpsc::unbounded_channel();
-    let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));
-    {
-        let mut state = pool.lock();
-        let owned: Vec<Arc<str>> =
-            state.channels.keys().filter(|c| state.owner(c.as_bytes()) == Some(id)).cloned().collect();
-        let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
-            return Ok(false);
-        };
-        entry.link = Some(Link { tx, client: client.clone(), window: window.clone() });
-        entry.syncs.clear();
-        tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
-        // Replay this broker's channels (after a restart it knows none), confirmed by one sync.
-        state.subscribe_and_sync(id, owned);
-    }
-    pool.linked.notify_waiters();
+    #![allow(clippy::unwrap_used)]
 
-    let commands = BatchStream::new(rx, MAX_BATCH).map(move |commands: Vec<pb::Command>| {
-        let publishes =
-            commands.iter().filter(|c| matches!(c.kind, Some(pb::command::Kind::Publish(_)))).count();
-        window.add_permits(publishes);
-        pb::WorkerBatch { commands }
-    });
-    let mut request = tonic::Request::new(commands);
-    if let Ok(value) = pool.worker_id.parse() {
-        request.metadata_mut().insert("sc-worker-id", value);
+    use std::collections::HashSet;
+
+    use futures_util::stream;
+
+    use super::*;
+    use crate::broker_link::{Batch, Commands, Opened};
+
+    /// A fake edge: records every command per broker address, answers sync markers, and can be
+    /// told to refuse connections or to break an open stream.
+    #[derive(Default)]
+    struct Fake {
+        inner: Arc<Mutex<FakeState>>,
     }
-    let mut deliveries = client.attach(request).await.map_err(|s| s.to_string())?.into_inner();
-    loop {
-        match deliveries.message().await {
-            Ok(Some(batch)) => {
-                for delivery in batch.deliveries {
-                    hub.deliver(&delivery.channel, &delivery.data);
+
+    #[derive(Default)]
+    struct FakeState {
+        /// Every command sent, with the address it went to.
+        sent: Vec<(String, Command)>,
+        /// Connections to refuse, per address.
+        refuse: HashMap<String, u32>,
+        /// Opens per address.
+        opens: HashMap<String, u32>,
+        /// Ends the open stream of an address.
+        breakers: HashMap<String, CancellationToken>,
+        /// Deliveries to push into an address's open stream.
+        inject: HashMap<String, mpsc::UnboundedSender<Result<Batch, Error>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Connect for Fake {
+        async fn open(&self, grpc: &str, mut commands: Commands) -> Result<Opened, Error> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let broken = CancellationToken::new();
+            {
+                let mut state = self.inner.lock().unwrap();
+                if let Some(left) = state.refuse.get_mut(grpc).filter(|n| **n > 0) {
+                    *left -= 1;
+                    return Err(Error::Link("connection refused".into()));
                 }
-                if !batch.synced.is_empty() {
-                    pool.lock().confirm(id, generation, &batch.synced);
+                *state.opens.entry(grpc.to_owned()).or_default() += 1;
+                state.breakers.insert(grpc.to_owned(), broken.clone());
+                state.inject.insert(grpc.to_owned(), tx.clone());
+            }
+            let recorder = Recorder { state: self.inner.clone(), grpc: grpc.to_owned(), answers: tx };
+            tokio::spawn(async move {
+                while let Some(batch) = commands.next().await {
+                    recorder.record(batch);
                 }
+            });
+            let batches = stream::unfold((rx, broken), |(mut rx, broken)| async move {
+                tokio::select! {
+                    _ = broken.cancelled() => None,
+                    item = rx.recv() => item.map(|item| (item, (rx, broken))),
+                }
+            })
+            .boxed();
+            Ok(Opened { kv: Kv::detached(), batches })
+        }
+    }
+
+    /// Records one stream's commands into the fake's state and answers its sync markers.
+    struct Recorder {
+        state: Arc<Mutex<FakeState>>,
+        grpc: String,
+        answers: mpsc::UnboundedSender<Result<Batch, Error>>,
+    }
+
+    impl Recorder {
+        fn record(&self, batch: Vec<Command>) {
+            let mut synced = Vec::new();
+            let mut state = self.state.lock().unwrap();
+            for command in batch {
+                if let Command::Sync(token) = command {
+                    synced.push(token);
+                }
+                state.sent.push((self.grpc.clone(), command));
             }
-            Ok(None) => {
-                tracing::debug!(broker = %id, "broker closed the stream");
-                return Ok(true);
-            }
-            Err(status) => {
-                tracing::debug!(broker = %id, %status, "broker stream failed");
-                return Ok(true);
+            if !synced.is_empty() {
+                let _ = self.answers.send(Ok(Batch { deliveries: Vec::new(), synced }));
             }
         }
+    }
+
+    impl Fake {
+        fn sent(&self, grpc: &str) -> Vec<Command> {
+            let state = self.inner.lock().unwrap();
+            state.sent.iter().filter(|(g, _)| g == grpc).map(|(_, c)| c.clone()).collect()
+        }
+
+        fn subscribed(&self, grpc: &str) -> HashSet<Arc<str>> {
+            let mut held = HashSet::new();
+            for command in self.sent(grpc) {
+                match command {
+                    Command::Subscribe(c) => {
+                        held.insert(c);
+                    }
+                    Command::Unsubscribe(c) => {
+                        held.remove(&c);
+                    }
+                    _ => {}
+                }
+            }
+            held
+        }
+    }
+
+    /// Collects deliveries.
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<(String, Bytes)>>);
+
+    impl DeliverySink for Sink {
+        fn deliver(&self, channel: &str, data: &Bytes) {
+            self.0.lock().unwrap().push((channel.to_owned(), data.clone()));
+        }
+    }
+
+    fn brokers(ids: &[&str]) -> Vec<(String, String)> {
+        ids.iter().map(|id| ((*id).to_owned(), format!("{id}:1"))).collect()
+    }
+
+    /// Lets the spawned link tasks run (time is paused, so this only yields).
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn setup() -> (Arc<Fake>, Arc<BrokerPool>, Arc<Sink>, Arc<dyn DeliverySink>) {
+        let fake = Arc::new(Fake::default());
+        let pool = Arc::new(BrokerPool::new(fake.clone()));
+        let sink = Arc::new(Sink::default());
+        let dyn_sink: Arc<dyn DeliverySink> = sink.clone();
+        (fake, pool, sink, dyn_sink)
+    }
+
+    fn channels(n: usize) -> Vec<Arc<str>> {
+        (0..n).map(|i| Arc::from(format!("channel-{i}"))).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscription_is_confirmed_by_the_owner_and_deliveries_reach_the_sink() {
+        let (fake, pool, sink, dyn_sink) = setup();
+        pool.apply(brokers(&["a"]), &dyn_sink);
+        settle().await;
+        assert_eq!(pool.linked(), 1);
+        let channel: Arc<str> = "news".into();
+        let mut confirmed = pool.subscribe(&channel);
+        tokio::time::timeout(Duration::from_secs(1), confirmed.wait_for(|c| *c)).await.unwrap().unwrap();
+        assert!(fake.subscribed("a:1").contains(&channel));
+
+        let inject = fake.inner.lock().unwrap().inject["a:1"].clone();
+        let batch = Batch { deliveries: vec![("news".into(), Bytes::from_static(b"1"))], synced: vec![] };
+        inject.send(Ok(batch)).unwrap();
+        settle().await;
+        assert_eq!(sink.0.lock().unwrap().as_slice(), [("news".to_owned(), Bytes::from_static(b"1"))]);
+
+        pool.publish("news", Bytes::from_static(b"2")).await.unwrap();
+        settle().await;
+        assert!(
+            fake.sent("a:1")
+                .contains(&Command::Publish { channel: "news".into(), data: Bytes::from_static(b"2") })
+        );
+
+        pool.unsubscribe("news");
+        settle().await;
+        assert!(fake.subscribed("a:1").is_empty());
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_broker_takes_its_channels_make_before_break() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        let all = channels(40);
+        for channel in &all {
+            pool.subscribe(channel);
+        }
+        settle().await;
+        assert_eq!(fake.subscribed("a:1").len(), all.len());
+
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        let moved = fake.subscribed("b:1");
+        assert!(
+            !moved.is_empty() && moved.len() < all.len(),
+            "some, not all, channels move: {}",
+            moved.len()
+        );
+        for channel in &moved {
+            let owner = rendezvous::owner(["a", "b"], channel.as_bytes()).unwrap();
+            assert_eq!(owner, "b");
+        }
+        // Make before break: the old owner still has every channel until BREAK_DELAY passed.
+        assert_eq!(fake.subscribed("a:1").len(), all.len());
+        tokio::time::advance(BREAK_DELAY + Duration::from_millis(10)).await;
+        settle().await;
+        let kept = fake.subscribed("a:1");
+        assert_eq!(kept.len() + moved.len(), all.len());
+        assert!(kept.is_disjoint(&moved));
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_leaves_drains_then_closes() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        let all = channels(40);
+        for channel in &all {
+            pool.subscribe(channel);
+        }
+        settle().await;
+        let on_b = fake.subscribed("b:1");
+        assert!(!on_b.is_empty());
+
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        // Every channel is on a at once; b's stream stays open (and its subscriptions) while
+        // publishes sent to it before the change drain.
+        assert_eq!(fake.subscribed("a:1").len(), all.len());
+        assert_eq!(pool.linked(), 2);
+        tokio::time::advance(BREAK_DELAY + Duration::from_millis(10)).await;
+        settle().await;
+        assert_eq!(pool.linked(), 1);
+        // The leaving broker is closed, not unsubscribed channel by channel.
+        assert_eq!(fake.subscribed("b:1"), on_b);
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_comes_back_within_the_delay_keeps_its_channels() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        for channel in &channels(40) {
+            pool.subscribe(channel);
+        }
+        settle().await;
+        let on_b = fake.subscribed("b:1");
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        tokio::time::advance(BREAK_DELAY + Duration::from_millis(10)).await;
+        settle().await;
+        assert_eq!(pool.linked(), 2);
+        assert_eq!(fake.subscribed("b:1"), on_b);
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_link_retries_and_replays_its_channels() {
+        let (fake, pool, _sink, sink) = setup();
+        fake.inner.lock().unwrap().refuse.insert("a:1".into(), 3);
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        assert_eq!(pool.linked(), 0);
+        // Subscriptions made while no stream is open are confirmed once one opens.
+        let channel: Arc<str> = "late".into();
+        let mut confirmed = pool.subscribe(&channel);
+        // A publish waits for the link (up to LINK_WAIT) instead of failing at once.
+        let publish = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.publish("late", Bytes::from_static(b"x")).await }
+        });
+        tokio::time::timeout(Duration::from_secs(2), confirmed.wait_for(|c| *c)).await.unwrap().unwrap();
+        publish.await.unwrap().unwrap();
+        assert_eq!(fake.inner.lock().unwrap().opens["a:1"], 1);
+
+        // The stream breaks: the link reconnects and subscribes everything again.
+        let breaker = fake.inner.lock().unwrap().breakers["a:1"].clone();
+        breaker.cancel();
+        settle().await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        settle().await;
+        assert_eq!(fake.inner.lock().unwrap().opens["a:1"], 2);
+        let subscribes =
+            fake.sent("a:1").iter().filter(|c| **c == Command::Subscribe(channel.clone())).count();
+        assert_eq!(subscribes, 2, "subscribed once, then again after the reconnect");
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_broker_a_publish_fails_after_the_link_wait() {
+        let (_fake, pool, _sink, _dyn_sink) = setup();
+        let started = tokio::time::Instant::now();
+        assert_eq!(pool.publish("x", Bytes::new()).await, Err(Error::NoBroker));
+        assert!(started.elapsed() >= LINK_WAIT);
+        assert!(matches!(pool.kv("x").await, Err(Error::NoBroker)));
     }
 }

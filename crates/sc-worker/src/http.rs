@@ -45,44 +45,44 @@ const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// Fault injection for the cross-daemon tests: with this variable set to `1`, a socket whose
 /// upgrade URL carries `sc-test-panic` in its query panics shortly after it opens. Nothing
 /// else reads it; it lets the tests prove that a panic ends one socket only.
-pub const FAULTS_ENV: &str = "SC_TEST_FAULTS";
+pub(crate) const FAULTS_ENV: &str = "SC_TEST_FAULTS";
 
 /// What the HTTP handler needs.
 #[derive(Debug)]
-pub struct Http {
-    pub context: Arc<Context>,
+pub(crate) struct Http {
+    pub(crate) context: Arc<Context>,
     /// The WebSocket path without its trailing slash ("/socketcluster").
-    pub path: String,
+    pub(crate) path: String,
     /// This worker's id, sent as `x-sc-worker` on every response so that an operator (or a
     /// test) can see where the balancer sent a client.
-    pub worker_id: HeaderValue,
-    pub origins: Origins,
+    pub(crate) worker_id: HeaderValue,
+    pub(crate) origins: Origins,
     /// `[worker] trusted_proxies`.
-    pub trusted_proxies: TrustedProxies,
+    pub(crate) trusted_proxies: TrustedProxies,
     /// `[worker] max_payload`.
-    pub max_payload: usize,
+    pub(crate) max_payload: usize,
     /// `[worker] static_dir`, canonicalised.
-    pub static_dir: Option<PathBuf>,
+    pub(crate) static_dir: Option<PathBuf>,
     /// `[worker] api_key`; empty: the HTTP API is off.
-    pub api_key: String,
+    pub(crate) api_key: String,
     /// Every socket task, so that shutdown can wait for their close frames.
-    pub sockets: TaskTracker,
+    pub(crate) sockets: TaskTracker,
     /// [`FAULTS_ENV`] was set.
-    pub faults: bool,
+    pub(crate) faults: bool,
 }
 
 type Body = Full<Bytes>;
 
 impl Http {
     /// The WebSocket path, normalised so that it matches with and without a trailing slash.
-    pub fn normalise_path(path: &str) -> String {
+    pub(crate) fn normalise_path(path: &str) -> String {
         let trimmed = path.trim_end_matches('/');
         if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }
     }
 }
 
 /// Serves one accepted TCP connection.
-pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: SocketAddr) {
+pub(crate) async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let mut peer = Peer { addr: Some(remote), tls: false };
     // A PROXY v2 header starts with "\r\n"; an HTTP request never does.
@@ -101,7 +101,7 @@ pub async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, remote: So
 
 /// Serves one connection accepted on the worker's Unix socket: a balancer on this host, which
 /// starts with a PROXY v2 header.
-pub async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream) {
+pub(crate) async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream) {
     let Some(peer) = read_proxy_header(&mut stream, Peer { addr: None, tls: false }).await else { return };
     serve_http(http, stream, peer).await;
 }
@@ -150,7 +150,7 @@ impl Http {
         match (request.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => {
-                if self.context.hub.pool().linked() > 0 {
+                if self.context.pool.linked() > 0 {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no broker linked\n")
@@ -260,7 +260,7 @@ impl Http {
         }
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let exchange = crate::exchange::Exchange::new(self.context.hub.clone());
+        let exchange = crate::exchange::Exchange::new(self.context.hub.clone(), self.context.pool.clone());
         match (&method, path.as_str()) {
             (&Method::POST, "/api/publish") => {
                 let body = match self.read_json(request).await {
@@ -276,7 +276,7 @@ impl Http {
                 let data = body.get("data").map(|d| Bytes::from(d.to_string())).unwrap_or_default();
                 match exchange.publish_raw(channel, data).await {
                     Ok(()) => json_response(StatusCode::OK, r#"{"ok":true}"#.into()),
-                    Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                    Err(e) => error_response(&e),
                 }
             }
             (_, path) if path.starts_with("/api/exchange/") => {
@@ -307,12 +307,7 @@ impl Http {
                     }),
                     _ => return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
                 };
-                outcome.unwrap_or_else(|e| match e {
-                    crate::exchange::ExchangeError::NoBroker => {
-                        json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
-                    }
-                    other => json_error(StatusCode::BAD_GATEWAY, &other.to_string()),
-                })
+                outcome.unwrap_or_else(|e| error_response(&e))
             }
             _ => json_error(StatusCode::NOT_FOUND, "no such API call"),
         }
@@ -413,6 +408,12 @@ fn json_response(status: StatusCode, body: String) -> Response<Body> {
 
 fn json_error(status: StatusCode, message: &str) -> Response<Body> {
     json_response(status, serde_json::json!({ "error": message }).to_string())
+}
+
+/// A worker error as the HTTP API answers it: its status, its message and its code.
+fn error_response(error: &crate::error::Error) -> Response<Body> {
+    let body = serde_json::json!({ "error": error.to_string(), "code": error.code() });
+    json_response(error.http_status(), body.to_string())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

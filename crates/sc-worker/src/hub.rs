@@ -1,9 +1,11 @@
 //! Local fan-out: which of this worker's sockets hold which channels.
 //!
 //! The worker subscribes a channel on its broker once, when the first local socket subscribes,
-//! and drops it when the last one leaves ([`BrokerPool`] does the broker side). A message
-//! delivered by a broker is encoded into a `#publish` frame once, and the same bytes are queued
-//! to every local subscriber's [`Outbox`].
+//! and drops it when the last one leaves ([`BrokerPool`] does the broker side). The hub is the
+//! pool's [`DeliverySink`]: a message delivered by a broker is encoded into a `#publish` frame
+//! once, and the same bytes are queued to every local subscriber's outbox
+//! ([`crate::outbox::Outbox`]). Publishing does not pass through here: sockets and the exchange
+//! hand publishes to the pool directly.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,38 +17,33 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::app::{Handler, PublishOut};
-use crate::brokers::BrokerPool;
+use crate::brokers::{BrokerPool, DeliverySink};
 use crate::protocol;
-use crate::socket::handle::Socket;
+use crate::socket::Socket;
 
 /// Identifies one subscriber (a socket or an exchange subscription) within this worker.
-pub type SocketKey = u64;
-
-/// A channel message for server code: the channel and the message as JSON text.
-#[derive(Debug, Clone)]
-pub struct ServerMessage {
-    pub channel: Arc<str>,
-    pub data: Bytes,
-}
+pub(crate) type SocketKey = u64;
 
 /// Who receives a channel's messages on this worker.
 #[derive(Debug, Clone)]
-pub enum Subscriber {
+pub(crate) enum Subscriber {
     /// A client socket: gets `#publish` frames in its outbox.
     Socket(Socket),
-    /// Server code (an exchange subscription): gets the raw messages.
-    Server(mpsc::Sender<ServerMessage>),
+    /// Server code (an exchange subscription): gets the messages as JSON text.
+    Server(mpsc::Sender<Bytes>),
 }
 
 /// The local subscribers of one channel.
 type Subscribers = Vec<(SocketKey, Subscriber)>;
 
-/// The worker's channel table and its broker pool.
-pub struct Hub {
+/// The worker's channel table.
+pub(crate) struct Hub {
     /// RwLock: deliveries (readers) far outnumber subscription changes (writers). Never held
-    /// across await; lock order is hub, then pool.
+    /// across await; lock order is hub, then pool (a channel's first subscriber and the pool's
+    /// subscription are made under the same write lock, so they cannot cross a last leave).
     channels: RwLock<HashMap<Arc<str>, Subscribers>>,
-    pool: BrokerPool,
+    /// Where channels are held at the broker level.
+    pool: Arc<BrokerPool>,
     handler: Arc<dyn Handler>,
     next_key: AtomicU64,
 }
@@ -58,25 +55,20 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub sending broker traffic through `pool`, asking `handler` about each delivery when
-    /// it has a `publish_out` hook.
-    pub fn new(pool: BrokerPool, handler: Arc<dyn Handler>) -> Self {
+    /// A hub holding its channels on `pool`, asking `handler` about each delivery when it has a
+    /// `publish_out` hook.
+    pub(crate) fn new(pool: Arc<BrokerPool>, handler: Arc<dyn Handler>) -> Self {
         Self { channels: RwLock::new(HashMap::new()), pool, handler, next_key: AtomicU64::new(1) }
     }
 
     /// A fresh subscriber key.
-    pub fn next_key(&self) -> SocketKey {
+    pub(crate) fn next_key(&self) -> SocketKey {
         self.next_key.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The broker pool.
-    pub fn pool(&self) -> &BrokerPool {
-        &self.pool
     }
 
     /// Adds a subscriber to a channel (idempotent per key). Returns the shared channel name and
     /// the broker's confirmation of the channel's subscription (see [`BrokerPool::subscribe`]).
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         channel: &str,
         key: SocketKey,
@@ -98,7 +90,7 @@ impl Hub {
     }
 
     /// Removes a socket from a channel; returns whether it was subscribed.
-    pub fn unsubscribe(&self, channel: &str, key: SocketKey) -> bool {
+    pub(crate) fn unsubscribe(&self, channel: &str, key: SocketKey) -> bool {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let Some(subscribers) = channels.get_mut(channel) else {
             return false;
@@ -113,12 +105,14 @@ impl Hub {
         }
         true
     }
+}
 
+impl DeliverySink for Hub {
     /// Queues a broker delivery to every local subscriber: one encode, shared bytes (unless a
     /// `publish_out` hook rewrites it for a recipient).
-    pub fn deliver(&self, channel: &str, data: &Bytes) {
+    fn deliver(&self, channel: &str, data: &Bytes) {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-        let Some((name, subscribers)) = channels.get_key_value(channel) else { return };
+        let Some(subscribers) = channels.get(channel) else { return };
         let frame = Utf8Bytes::from(protocol::encode_publish(channel, data));
         let raw: Option<Box<RawValue>> = if self.handler.has_publish_out() {
             let text = if data.is_empty() { "null" } else { std::str::from_utf8(data).unwrap_or("null") };
@@ -140,17 +134,11 @@ impl Hub {
                     socket.outbox().push(frame);
                 }
                 Subscriber::Server(tx) => {
-                    let message = ServerMessage { channel: name.clone(), data: data.clone() };
-                    if tx.try_send(message).is_err() {
+                    if tx.try_send(data.clone()).is_err() {
                         tracing::warn!(%channel, "exchange subscription not keeping up, message dropped");
                     }
                 }
             }
         }
-    }
-
-    /// Channels with at least one local subscriber.
-    pub fn channel_count(&self) -> usize {
-        self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 }

@@ -2,35 +2,51 @@
 //!
 //! Balancers forward client connections here (with a PROXY v2 header carrying the real client
 //! address), over TCP or, from a balancer on the same host, over the worker's Unix socket in
-//! `[worker] unix_dir`. The worker serves HTTP with hyper, upgrades `[worker] path` to WebSocket
-//! (tungstenite) and speaks the SocketCluster protocol ([`protocol`], [`socket`]). Channels are
-//! fanned out locally ([`hub`]) and shared with the other workers through the brokers
-//! ([`brokers`]): one broker subscription per channel per worker, one encode per message.
-//! It registers with the master, watches the broker membership and serves grpc.health.v1.
+//! `[worker] unix_dir`. The worker serves HTTP with hyper (`http`), upgrades `[worker] path` to
+//! WebSocket (tungstenite) and speaks the SocketCluster protocol (`protocol`, `socket`).
+//! Channels are fanned out locally (`hub`) and shared with the other workers through the
+//! brokers: `brokers` is the pool (which broker owns which channel, make-before-break moves)
+//! and `broker_link` its only gRPC edge. It registers with the master, watches the broker
+//! membership and serves grpc.health.v1.
 //!
-//! The worker is a library first: an app implements [`app::Handler`] and runs its own worker
-//! binary around [`Worker::bind_with`]; the stock `sc-worker` binary uses [`app::DefaultHandler`].
+//! The publish path, each room crossed once: socket -> brokers (pool) -> broker_link -> the
+//! broker -> broker_link -> brokers -> hub (the pool's delivery sink) -> each socket's outbox.
+//!
+//! The worker is a library first: an app implements [`Handler`] and runs its own worker binary
+//! around [`Worker::bind_with`]; the stock `sc-worker` binary uses [`DefaultHandler`].
 //!
 //! Entry points: [`Worker::bind`] (or [`Worker::bind_with`]), then [`Worker::serve`].
 
-pub mod app;
-pub mod auth;
-pub mod brokers;
-pub mod exchange;
-pub mod http;
-pub mod hub;
-pub mod origins;
-pub mod outbox;
-pub mod protocol;
-pub mod proxies;
-pub mod socket;
+#![warn(missing_docs, unreachable_pub)]
 
-pub use app::{DefaultHandler, ErrorObject, Handler, Socket};
-pub use exchange::Exchange;
+mod app;
+mod auth;
+mod broker_link;
+mod brokers;
+mod error;
+mod exchange;
+mod http;
+mod hub;
+mod origins;
+mod outbox;
+mod protocol;
+mod proxies;
+mod socket;
+
+pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
+pub use error::Error;
+pub use exchange::{Exchange, Subscription};
+pub use protocol::{ErrorObject, Protocol};
+pub use sc_common::Error as StartError;
+pub use socket::{
+    CLOSE_BAD_HANDSHAKE, CLOSE_BEFORE_HANDSHAKE, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PONG_TIMEOUT, CLOSE_SHUTDOWN,
+    CLOSE_SLOW_CONSUMER, CLOSE_TOO_BIG, Socket,
+};
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sc_common::config::Config;
 use sc_common::daemon;
@@ -40,7 +56,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use sc_common::Error;
+use crate::brokers::{BrokerPool, DeliverySink};
+use crate::hub::Hub;
 
 /// A worker with its listeners bound.
 pub struct Worker {
@@ -50,10 +67,11 @@ pub struct Worker {
     /// The Unix socket listener and its path, with `[worker] unix_dir`.
     unix: Option<(UnixListener, PathBuf)>,
     grpc: TcpListener,
-    trusted_proxies: proxies::TrustedProxies,
-    hub: Arc<hub::Hub>,
-    handler: Arc<dyn Handler>,
-    auth: auth::AuthEngine,
+    hub: Arc<Hub>,
+    pool: Arc<BrokerPool>,
+    http: Arc<http::Http>,
+    /// Cancelled by the drain, after the listeners are gone: every socket closes.
+    close_sockets: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -68,12 +86,13 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// Binds the stock worker (pub/sub and auth, no app logic): the HTTP/WebSocket listener
     /// (`[worker] listen`) and the gRPC health listener (`[worker] grpc_listen`).
-    pub async fn bind(config: Config) -> Result<Self, Error> {
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
         Self::bind_with(config, Arc::new(DefaultHandler)).await
     }
 
-    /// Binds a worker running the app `handler`.
-    pub async fn bind_with(config: Config, handler: Arc<dyn Handler>) -> Result<Self, Error> {
+    /// Binds a worker running the app `handler`. Every setting is checked before anything is
+    /// bound.
+    pub async fn bind_with(config: Config, handler: Arc<dyn Handler>) -> Result<Self, StartError> {
         let id = config.worker.id.clone().unwrap_or_else(|| daemon::default_id(Role::Worker));
         let worker = &config.worker;
         let key = if worker.auth_key.is_empty() && worker.auth_algorithm.starts_with("HS") {
@@ -91,111 +110,88 @@ impl Worker {
             worker.auth_public_key.as_deref(),
             worker.auth_default_expiry,
         )
-        .map_err(|e| Error::Config(e.to_string()))?;
-        let pool = brokers::BrokerPool::new(id.clone(), config.cluster.secret.clone());
-        let hub = Arc::new(hub::Hub::new(pool, handler.clone()));
+        .map_err(|e| StartError::Config(e.to_string()))?;
         let trusted_proxies =
-            proxies::TrustedProxies::parse(&config.worker.trusted_proxies).map_err(Error::Config)?;
-        let listener = daemon::bind(config.worker.listen).await?;
-        let unix = match &config.worker.unix_dir {
-            Some(dir) => Some(bind_unix(dir, &id)?),
-            None => None,
-        };
-        let grpc = daemon::bind(config.worker.grpc_listen).await?;
-        Ok(Self { config, id, listener, unix, grpc, trusted_proxies, hub, handler, auth })
-    }
-
-    /// The exchange: publish and subscribe from server code.
-    pub fn exchange(&self) -> Exchange {
-        Exchange::new(self.hub.clone())
-    }
-
-    /// The bound HTTP/WebSocket address.
-    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
-        Ok(self.listener.local_addr()?)
-    }
-
-    /// The path of the Unix socket listener, with `[worker] unix_dir`.
-    pub fn unix_path(&self) -> Option<&std::path::Path> {
-        self.unix.as_ref().map(|(_, path)| path.as_path())
-    }
-
-    /// The bound gRPC (health) address.
-    pub fn grpc_addr(&self) -> Result<SocketAddr, Error> {
-        Ok(self.grpc.local_addr()?)
-    }
-
-    /// Serves until `shutdown` is cancelled, then closes every socket with a reconnect code.
-    /// `events` feeds the master's central log.
-    pub async fn serve(
-        self,
-        events: mpsc::Receiver<Event>,
-        shutdown: CancellationToken,
-    ) -> Result<(), Error> {
-        let addr = self.local_addr()?;
-        let grpc_addr = self.grpc_addr()?;
-        let hub = self.hub.clone();
-
-        if let Some(url) = &self.config.worker.master {
-            let unix = self.unix_path().map(|p| p.display().to_string()).unwrap_or_default();
-            let advertise_ip = self.config.cluster.advertise_ip;
-            let me =
-                Member::this_process(Role::Worker, &self.id, grpc_addr, Some(addr), unix, advertise_ip, url);
-            let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Broker])?;
-            let mut members = link.spawn(events, shutdown.clone());
-            let hub = hub.clone();
-            tokio::spawn(async move {
-                loop {
-                    let brokers: Vec<(String, String)> = members
-                        .borrow_and_update()
-                        .with_role(Role::Broker)
-                        .map(|m| (m.id.clone(), m.grpc.clone()))
-                        .collect();
-                    hub.pool().apply(brokers, &hub);
-                    if members.changed().await.is_err() {
-                        return;
-                    }
-                }
-            });
-        } else {
-            tracing::warn!("no [worker] master configured: no brokers, so no pub/sub");
-        }
-
-        let static_dir = match &self.config.worker.static_dir {
+            proxies::TrustedProxies::parse(&worker.trusted_proxies).map_err(StartError::Config)?;
+        let static_dir = match &worker.static_dir {
             Some(dir) => Some(
                 std::fs::canonicalize(dir)
-                    .map_err(|e| Error::Config(format!("worker.static_dir: {}: {e}", dir.display())))?,
+                    .map_err(|e| StartError::Config(format!("worker.static_dir: {}: {e}", dir.display())))?,
             ),
             None => None,
         };
-        let worker_id = self
-            .id
+        let worker_id = id
             .parse()
-            .map_err(|_| Error::Config(format!("worker.id: {:?} is not a valid header value", self.id)))?;
-        // Sockets are closed only after the listener is gone (see below), so a client that
+            .map_err(|_| StartError::Config(format!("worker.id: {id:?} is not a valid header value")))?;
+
+        let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone());
+        let pool = Arc::new(BrokerPool::new(Arc::new(connector)));
+        let hub = Arc::new(Hub::new(pool.clone(), handler.clone()));
+        // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
         let close_sockets = CancellationToken::new();
-        let sockets = TaskTracker::new();
         let context = Arc::new(socket::Context {
-            hub,
-            handler: self.handler.clone(),
-            auth: self.auth,
-            settings: socket::Settings::from_config(&self.config.worker),
+            hub: hub.clone(),
+            pool: pool.clone(),
+            handler,
+            auth,
+            settings: socket::Settings::from_config(worker),
             shutdown: close_sockets.clone(),
         });
         let http = Arc::new(http::Http {
             context,
-            path: http::Http::normalise_path(&self.config.worker.path),
+            path: http::Http::normalise_path(&worker.path),
             worker_id,
-            origins: origins::Origins::new(&self.config.worker.origins),
-            trusted_proxies: self.trusted_proxies.clone(),
-            max_payload: usize::try_from(self.config.worker.max_payload).unwrap_or(usize::MAX),
+            origins: origins::Origins::new(&worker.origins),
+            trusted_proxies,
+            max_payload: usize::try_from(worker.max_payload).unwrap_or(usize::MAX),
             static_dir,
-            api_key: self.config.worker.api_key.clone(),
-            sockets: sockets.clone(),
+            api_key: worker.api_key.clone(),
+            sockets: TaskTracker::new(),
             faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
         });
+
+        let listener = daemon::bind(worker.listen).await?;
+        let unix = match &worker.unix_dir {
+            Some(dir) => Some(bind_unix(dir, &id)?),
+            None => None,
+        };
+        let grpc = daemon::bind(worker.grpc_listen).await?;
+        Ok(Self { config, id, listener, unix, grpc, hub, pool, http, close_sockets })
+    }
+
+    /// The exchange: publish and subscribe from server code.
+    pub fn exchange(&self) -> Exchange {
+        Exchange::new(self.hub.clone(), self.pool.clone())
+    }
+
+    /// The bound HTTP/WebSocket address.
+    pub fn local_addr(&self) -> Result<SocketAddr, StartError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The path of the Unix socket listener, with `[worker] unix_dir`.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(_, path)| path.as_path())
+    }
+
+    /// The bound gRPC (health) address.
+    pub fn grpc_addr(&self) -> Result<SocketAddr, StartError> {
+        Ok(self.grpc.local_addr()?)
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: refuses new connections, closes every
+    /// socket with a reconnect code and waits for the close frames (the caller bounds the
+    /// time). `events` feeds the master's central log.
+    pub async fn serve(
+        self,
+        events: mpsc::Receiver<Event>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StartError> {
+        let addr = self.local_addr()?;
+        let grpc_addr = self.grpc_addr()?;
+        self.link_brokers(events, grpc_addr, addr, &shutdown)?;
 
         let (health_reporter, health) = daemon::health();
         let grpc = tonic::transport::Server::builder().add_service(health);
@@ -206,62 +202,126 @@ impl Worker {
             None => (None, None),
         };
         tracing::info!(id = %self.id, %addr, unix = ?unix_path, grpc = %grpc_addr, path = %self.config.worker.path, "worker listening");
-        let tracker = TaskTracker::new();
-        loop {
-            let accept_unix = async {
-                match &unix_listener {
-                    Some(listener) => listener.accept().await.map(|(stream, _)| stream),
-                    None => std::future::pending().await,
-                }
-            };
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => accepted,
-                accepted = accept_unix => match accepted {
-                    Ok(stream) => {
-                        tracker.spawn(http::serve_unix_connection(http.clone(), stream));
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                },
-            };
-            match accepted {
-                Ok((stream, remote)) => {
-                    tracker.spawn(http::serve_connection(http.clone(), stream, remote));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-        // Drain: refuse new connections first, then close every socket with the reconnect-now
-        // close, then wait for the close frames to be written (bounded by the caller's grace).
-        drop(self.listener);
-        drop(unix_listener);
+        let connections = accept(&self.http, self.listener, unix_listener, &shutdown).await;
+
+        // Drain: the listeners are gone; now refuse readiness, close every socket with the
+        // reconnect-now close and wait for the close frames to be written.
         if let Some(path) = &unix_path {
             let _ = std::fs::remove_file(path);
         }
         health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let sockets = &self.http.sockets;
         let open = sockets.len();
-        close_sockets.cancel();
-        tracker.close();
-        tracker.wait().await;
+        self.close_sockets.cancel();
+        connections.close();
+        connections.wait().await;
         sockets.close();
         sockets.wait().await;
+        self.pool.close();
         tracing::info!(id = %self.id, sockets = open, "worker drained");
         let _ = grpc_task.await;
         tracing::info!(id = %self.id, "worker stopped");
         Ok(())
     }
+
+    /// Registers with the master (when one is configured) and keeps the broker pool in step
+    /// with the broker membership it announces.
+    fn link_brokers(
+        &self,
+        events: mpsc::Receiver<Event>,
+        grpc_addr: SocketAddr,
+        addr: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StartError> {
+        let Some(url) = &self.config.worker.master else {
+            tracing::warn!("no [worker] master configured: no brokers, so no pub/sub");
+            return Ok(());
+        };
+        let unix = self.unix_path().map(|p| p.display().to_string()).unwrap_or_default();
+        let advertise_ip = self.config.cluster.advertise_ip;
+        let me = Member::this_process(Role::Worker, &self.id, grpc_addr, Some(addr), unix, advertise_ip, url);
+        let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Broker])?;
+        let mut members = link.spawn(events, shutdown.clone());
+        let pool = self.pool.clone();
+        let sink: Arc<dyn DeliverySink> = self.hub.clone();
+        tokio::spawn(async move {
+            loop {
+                let brokers: Vec<(String, String)> = members
+                    .borrow_and_update()
+                    .with_role(Role::Broker)
+                    .map(|m| (m.id.clone(), m.grpc.clone()))
+                    .collect();
+                pool.apply(brokers, &sink);
+                if members.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Accepts connections on the TCP listener and the Unix listener (if any) until `shutdown`,
+/// then drops both listeners; returns the connection tasks (HTTP and upgrades in progress).
+async fn accept(
+    http: &Arc<http::Http>,
+    tcp: TcpListener,
+    unix: Option<UnixListener>,
+    shutdown: &CancellationToken,
+) -> TaskTracker {
+    let connections = TaskTracker::new();
+    loop {
+        let accept_unix = async {
+            match &unix {
+                Some(listener) => accept_next(|| listener.accept(), shutdown).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            accepted = accept_next(|| tcp.accept(), shutdown) => match accepted {
+                Some((stream, remote)) => {
+                    connections.spawn(http::serve_connection(http.clone(), stream, remote));
+                }
+                None => break,
+            },
+            accepted = accept_unix => match accepted {
+                Some((stream, _)) => {
+                    connections.spawn(http::serve_unix_connection(http.clone(), stream));
+                }
+                None => break,
+            },
+        }
+    }
+    connections
+}
+
+/// The next accepted connection, or `None` once `shutdown` is cancelled. Failed accepts (out
+/// of file descriptors and the like) back off instead of spinning.
+async fn accept_next<S, A, F, Fut>(mut accept: F, shutdown: &CancellationToken) -> Option<(S, A)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(S, A)>>,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = accept() => accepted,
+        };
+        match accepted {
+            Ok(accepted) => return Some(accepted),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Binds `<dir>/<id>-<pid>.sock`: the pid keeps a rolling restart's replacement (same id) off
 /// the old process's socket, so each removes only its own on exit.
-fn bind_unix(dir: &std::path::Path, id: &str) -> Result<(UnixListener, PathBuf), Error> {
+fn bind_unix(dir: &Path, id: &str) -> Result<(UnixListener, PathBuf), StartError> {
     let path = dir.join(format!("{id}-{}.sock", std::process::id()));
-    let bind_err = |source| Error::Bind { addr: path.display().to_string(), source };
+    let bind_err = |source| StartError::Bind { addr: path.display().to_string(), source };
     std::fs::create_dir_all(dir).map_err(bind_err)?;
     // A leftover of an earlier process with the same pid.
     let _ = std::fs::remove_file(&path);

@@ -4,19 +4,19 @@
 
 /// An origin allow-list.
 #[derive(Debug, Clone)]
-pub struct Origins {
+pub(crate) struct Origins {
     any: bool,
     entries: Vec<String>,
 }
 
 impl Origins {
     /// The list from config.
-    pub fn new(entries: &[String]) -> Self {
+    pub(crate) fn new(entries: &[String]) -> Self {
         Self { any: entries.iter().any(|e| e == "*:*"), entries: entries.to_vec() }
     }
 
     /// Whether a request with this `Origin` header (if any) may connect.
-    pub fn allows(&self, origin: Option<&str>) -> bool {
+    pub(crate) fn allows(&self, origin: Option<&str>) -> bool {
         if self.any {
             return true;
         }

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The outbound queue of one socket.
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     /// std Mutex: held for a push or a swap, never across await. Starts empty and unallocated,
     /// so an idle socket's outbox costs a few words.
     queue: Mutex<Queue>,
@@ -26,11 +26,11 @@ pub struct Outbox {
 
 /// The socket did not read fast enough: its outbox overflowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overflowed;
+pub(crate) struct Overflowed;
 
 /// Something for the socket's task to send or do.
 #[derive(Debug, Clone)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     /// A text frame to write as is.
     Frame(Utf8Bytes),
     /// Unsubscribe the socket from a channel and tell the client (`#kickOut`, JSON message).
@@ -47,17 +47,17 @@ struct Queue {
 
 impl Outbox {
     /// An outbox holding at most `limit` frames.
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self { queue: Mutex::new(Queue::default()), ready: Notify::new(), limit }
     }
 
     /// Queues a text frame; returns false (and drops it) if the socket is a slow consumer.
-    pub fn push(&self, frame: Utf8Bytes) -> bool {
+    pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
         self.push_item(Outbound::Frame(frame))
     }
 
     /// Queues any item, under the same limit as frames.
-    pub fn push_item(&self, item: Outbound) -> bool {
+    pub(crate) fn push_item(&self, item: Outbound) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
             return false;
@@ -79,12 +79,12 @@ impl Outbox {
     }
 
     /// Waits until something is queued (or the outbox overflowed).
-    pub async fn ready(&self) {
+    pub(crate) async fn ready(&self) {
         self.ready.notified().await;
     }
 
     /// Takes every queued frame; fails if the outbox overflowed.
-    pub fn take(&self, into: &mut VecDeque<Outbound>) -> Result<(), Overflowed> {
+    pub(crate) fn take(&self, into: &mut VecDeque<Outbound>) -> Result<(), Overflowed> {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
             return Err(Overflowed);

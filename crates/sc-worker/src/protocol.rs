@@ -15,17 +15,26 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The v2 ping and pong: an empty text frame.
-pub const PING_V2: &str = "";
+pub(crate) const PING_V2: &str = "";
 /// The v1 ping.
-pub const PING_V1: &str = "#1";
+pub(crate) const PING_V1: &str = "#1";
 /// The v1 pong.
-pub const PONG_V1: &str = "#2";
+pub(crate) const PONG_V1: &str = "#2";
+
+/// The SocketCluster protocol a socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Protocol v1: socketcluster-client v14 and the servers of its time.
+    V1,
+    /// Protocol v2: socketcluster-client v17 to v20.
+    V2,
+}
 
 /// What one inbound text frame is.
 #[derive(Debug)]
-pub enum Inbound<'a> {
-    /// A pong: v2 `""` (2) or v1 `"#2"` (1).
-    Pong(u8),
+pub(crate) enum Inbound<'a> {
+    /// A pong: v2 `""` or v1 `"#2"`.
+    Pong(Protocol),
     /// One packet.
     Packet(Packet<'a>),
     /// A batch of packets, to handle in order. Elements that are not packets are skipped.
@@ -36,35 +45,37 @@ pub enum Inbound<'a> {
 
 /// An event, an RPC request or a response, as sent by a client.
 #[derive(Debug, Default, Deserialize)]
-pub struct Packet<'a> {
+pub(crate) struct Packet<'a> {
     #[serde(borrow, default)]
-    pub event: Option<Cow<'a, str>>,
+    pub(crate) event: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    pub data: Option<&'a RawValue>,
+    pub(crate) data: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    pub cid: Option<&'a RawValue>,
+    pub(crate) cid: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    pub rid: Option<&'a RawValue>,
+    pub(crate) rid: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    pub error: Option<&'a RawValue>,
+    pub(crate) error: Option<&'a RawValue>,
 }
 
 /// `#subscribe` data.
 #[derive(Debug, Deserialize)]
-pub struct SubscribeData<'a> {
+pub(crate) struct SubscribeData<'a> {
     #[serde(borrow)]
-    pub channel: Cow<'a, str>,
+    pub(crate) channel: Cow<'a, str>,
     #[serde(default, rename = "waitForAuth")]
-    pub wait_for_auth: bool,
+    pub(crate) wait_for_auth: bool,
     #[serde(borrow, default)]
-    pub data: Option<&'a RawValue>,
+    pub(crate) data: Option<&'a RawValue>,
 }
 
 /// An error object as the clients rebuild it: `{name, message, …extra}` (sc-errors
 /// `dehydrateError`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErrorObject {
+    /// The error's class name, e.g. `InvalidActionError`.
     pub name: String,
+    /// What went wrong, for people.
     pub message: String,
     /// Further fields (`isBadToken`, `expiry`, `statusCode`, app-defined ones).
     pub extra: Map<String, Value>,
@@ -88,7 +99,7 @@ impl ErrorObject {
     }
 
     /// The JSON object text.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let mut object = Map::with_capacity(self.extra.len() + 2);
         object.insert("name".into(), Value::String(self.name.clone()));
         object.insert("message".into(), Value::String(self.message.clone()));
@@ -101,36 +112,36 @@ impl ErrorObject {
 
 /// `#publish` data.
 #[derive(Debug, Deserialize)]
-pub struct PublishData<'a> {
+pub(crate) struct PublishData<'a> {
     #[serde(borrow)]
-    pub channel: Cow<'a, str>,
+    pub(crate) channel: Cow<'a, str>,
     #[serde(borrow, default)]
-    pub data: Option<&'a RawValue>,
+    pub(crate) data: Option<&'a RawValue>,
 }
 
 /// `#handshake` data.
 #[derive(Debug, Default, Deserialize)]
-pub struct HandshakeData<'a> {
+pub(crate) struct HandshakeData<'a> {
     #[serde(borrow, default, rename = "authToken")]
-    pub auth_token: Option<&'a RawValue>,
+    pub(crate) auth_token: Option<&'a RawValue>,
 }
 
 impl<'a> Packet<'a> {
     /// The call id when this packet is an RPC request. Strict (protocol v2, server and client
     /// v18.1 on): only a JSON number makes an RPC. Lenient (v1): any non-null cid does, and is
     /// echoed back with its own type.
-    pub fn rpc_cid(&self, strict: bool) -> Option<&'a RawValue> {
+    pub(crate) fn rpc_cid(&self, strict: bool) -> Option<&'a RawValue> {
         self.cid.filter(|cid| if strict { is_number(cid) } else { cid.get() != "null" })
     }
 }
 
 /// Decodes one inbound text frame.
-pub fn decode(text: &str) -> Inbound<'_> {
+pub(crate) fn decode(text: &str) -> Inbound<'_> {
     if text == PING_V2 {
-        return Inbound::Pong(2);
+        return Inbound::Pong(Protocol::V2);
     }
     if text == PONG_V1 {
-        return Inbound::Pong(1);
+        return Inbound::Pong(Protocol::V1);
     }
     let trimmed = text.trim_start();
     match trimmed.as_bytes().first() {
@@ -149,7 +160,7 @@ pub fn decode(text: &str) -> Inbound<'_> {
 }
 
 /// `{"rid":<rid>,"data":{"id":…,"pingTimeout":…,"isAuthenticated":…[,"authError":{…}]}}`
-pub fn encode_handshake(
+pub(crate) fn encode_handshake(
     rid: &RawValue,
     socket_id: &str,
     ping_timeout_ms: u64,
@@ -174,34 +185,34 @@ pub fn encode_handshake(
 }
 
 /// A handshake rejection both client lines read: `error.statusCode` (v20) and `data.code` (v14).
-pub fn encode_handshake_rejection(rid: &RawValue, error: &ErrorObject, code: u16) -> String {
+pub(crate) fn encode_handshake_rejection(rid: &RawValue, error: &ErrorObject, code: u16) -> String {
     let error = error.clone().with("statusCode", Value::from(code));
     format!("{{\"rid\":{},\"error\":{},\"data\":{{\"code\":{code}}}}}", rid.get(), error.to_json())
 }
 
 /// `{"rid":<rid>}`
-pub fn encode_ack(rid: &RawValue) -> String {
+pub(crate) fn encode_ack(rid: &RawValue) -> String {
     format!("{{\"rid\":{}}}", rid.get())
 }
 
 /// `{"rid":<rid>,"data":<data>}`; `data` is JSON text.
-pub fn encode_response(rid: &RawValue, data: &str) -> String {
+pub(crate) fn encode_response(rid: &RawValue, data: &str) -> String {
     format!("{{\"rid\":{},\"data\":{data}}}", rid.get())
 }
 
 /// `{"rid":<rid>,"error":{"name":…,"message":…,…}}`
-pub fn encode_error(rid: &RawValue, error: &ErrorObject) -> String {
+pub(crate) fn encode_error(rid: &RawValue, error: &ErrorObject) -> String {
     format!("{{\"rid\":{},\"error\":{}}}", rid.get(), error.to_json())
 }
 
 /// The `#authenticate` success reply.
-pub fn encode_auth_ok(rid: &RawValue) -> String {
+pub(crate) fn encode_auth_ok(rid: &RawValue) -> String {
     format!("{{\"rid\":{},\"data\":{{\"isAuthenticated\":true,\"authError\":null}}}}", rid.get())
 }
 
 /// The `#authenticate` failure reply. A bad token gets the union both client lines accept
 /// (`error` for v20, `data` for v14); another failure only `data`.
-pub fn encode_auth_failure(rid: &RawValue, error: &ErrorObject, bad_token: bool) -> String {
+pub(crate) fn encode_auth_failure(rid: &RawValue, error: &ErrorObject, bad_token: bool) -> String {
     let data = format!("{{\"isAuthenticated\":false,\"authError\":{}}}", error.to_json());
     if bad_token {
         format!("{{\"rid\":{},\"error\":{},\"data\":{data}}}", rid.get(), error.to_json())
@@ -211,7 +222,7 @@ pub fn encode_auth_failure(rid: &RawValue, error: &ErrorObject, bad_token: bool)
 }
 
 /// `{"event":<event>[,"data":<data>][,"cid":<cid>]}`; `data` is JSON text.
-pub fn encode_event(event: &str, data: Option<&str>, cid: Option<u64>) -> String {
+pub(crate) fn encode_event(event: &str, data: Option<&str>, cid: Option<u64>) -> String {
     let mut out = String::with_capacity(32 + event.len() + data.map_or(0, str::len));
     out.push_str("{\"event\":");
     push_json_str(&mut out, event);
@@ -228,7 +239,7 @@ pub fn encode_event(event: &str, data: Option<&str>, cid: Option<u64>) -> String
 }
 
 /// `#setAuthToken`.
-pub fn encode_set_auth_token(token: &str) -> String {
+pub(crate) fn encode_set_auth_token(token: &str) -> String {
     let mut data = String::with_capacity(token.len() + 16);
     data.push_str("{\"token\":");
     push_json_str(&mut data, token);
@@ -238,12 +249,12 @@ pub fn encode_set_auth_token(token: &str) -> String {
 
 /// `#removeAuthToken`: with `"data":null` for v1 (and when the version is not known yet, which
 /// v20 accepts too), without data for v2.
-pub fn encode_remove_auth_token(v2: bool) -> String {
+pub(crate) fn encode_remove_auth_token(v2: bool) -> String {
     encode_event("#removeAuthToken", (!v2).then_some("null"), None)
 }
 
 /// `#kickOut` for one channel; `message` is JSON text.
-pub fn encode_kick_out(channel: &str, message: &str) -> String {
+pub(crate) fn encode_kick_out(channel: &str, message: &str) -> String {
     let mut data = String::with_capacity(channel.len() + message.len() + 32);
     data.push_str("{\"channel\":");
     push_json_str(&mut data, channel);
@@ -254,7 +265,7 @@ pub fn encode_kick_out(channel: &str, message: &str) -> String {
 }
 
 /// The v1 `#disconnect` sent before closing: `{"code":…,"data":<reason>}`.
-pub fn encode_disconnect(code: u16, reason: &str) -> String {
+pub(crate) fn encode_disconnect(code: u16, reason: &str) -> String {
     let mut data = format!("{{\"code\":{code}");
     if !reason.is_empty() {
         data.push_str(",\"data\":");
@@ -265,7 +276,7 @@ pub fn encode_disconnect(code: u16, reason: &str) -> String {
 }
 
 /// `{"event":"#publish","data":{"channel":…,"data":…}}`; `data` is JSON text, empty for none.
-pub fn encode_publish(channel: &str, data: &[u8]) -> String {
+pub(crate) fn encode_publish(channel: &str, data: &[u8]) -> String {
     let mut out = String::with_capacity(48 + channel.len() + data.len());
     out.push_str("{\"event\":\"#publish\",\"data\":{\"channel\":");
     push_json_str(&mut out, channel);
@@ -301,8 +312,8 @@ mod tests {
 
     #[test]
     fn pings_and_pongs() {
-        assert!(matches!(decode(""), Inbound::Pong(2)));
-        assert!(matches!(decode("#2"), Inbound::Pong(1)));
+        assert!(matches!(decode(""), Inbound::Pong(Protocol::V2)));
+        assert!(matches!(decode("#2"), Inbound::Pong(Protocol::V1)));
         assert!(matches!(decode("#1"), Inbound::Raw));
     }
 

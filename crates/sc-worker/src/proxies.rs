@@ -16,13 +16,13 @@ use crate::socket::Peer;
 
 /// IPs and CIDR blocks.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedProxies {
+pub(crate) struct TrustedProxies {
     nets: Vec<(IpAddr, u8)>,
 }
 
 impl TrustedProxies {
     /// Parses "10.0.0.0/8", "192.168.1.7", "::1", "fd00::/8"; an error names the bad entry.
-    pub fn parse(entries: &[String]) -> Result<Self, String> {
+    pub(crate) fn parse(entries: &[String]) -> Result<Self, String> {
         let mut nets = Vec::with_capacity(entries.len());
         for entry in entries {
             let bad = || format!("worker.trusted_proxies: {entry:?} is not an IP or a CIDR block");
@@ -43,12 +43,12 @@ impl TrustedProxies {
     }
 
     /// Whether the list is empty (then no header is ever believed).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.nets.is_empty()
     }
 
     /// Whether `ip` is a trusted proxy.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.nets.iter().any(|&(net, bits)| match (net, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), bits),
@@ -58,7 +58,7 @@ impl TrustedProxies {
     }
 
     /// The client as the request's headers tell it, if the peer is trusted to say so.
-    pub fn client(&self, peer: Peer, headers: &HeaderMap) -> Peer {
+    pub(crate) fn client(&self, peer: Peer, headers: &HeaderMap) -> Peer {
         let Some(from) = peer.addr else { return peer };
         if self.is_empty() || !self.contains(from.ip()) {
             return peer;

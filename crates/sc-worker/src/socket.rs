@@ -9,7 +9,7 @@
 //! pings in both styles (`"#1"` and `""`) until its first pong locks it to v1 or v2; reply shapes
 //! that differ between the client lines use the unions both accept.
 
-pub mod handle;
+mod handle;
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
@@ -32,11 +32,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Handler, PublishIn};
 use crate::auth::{self, AuthEngine};
+use crate::brokers::{BrokerPool, LINK_WAIT};
 use crate::hub::{Hub, Subscriber};
 use crate::outbox::Outbound;
-use crate::protocol::{self, ErrorObject, Inbound, Packet};
+use crate::protocol::{self, ErrorObject, Inbound, Packet, Protocol};
 pub use handle::Socket;
-pub use sc_common::config::ProtocolVersion;
+use sc_common::config::ProtocolVersion;
 
 /// Close code: no pong within the ping timeout (clients reconnect at once).
 pub const CLOSE_PONG_TIMEOUT: u16 = 4001;
@@ -57,35 +58,39 @@ pub const CLOSE_SHUTDOWN: u16 = 1005;
 /// Close code: a message larger than `[worker] max_payload`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
-/// The socket settings of one worker.
+/// The socket settings of one worker (`[worker]`, see the README for each key).
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub protocol: ProtocolVersion,
-    pub ping_interval: Duration,
-    pub ping_timeout: Duration,
-    pub handshake_timeout: Duration,
-    pub outbound_queue: usize,
-    pub socket_channel_limit: usize,
-    pub allow_client_publish: bool,
-    pub ack_timeout: Duration,
+pub(crate) struct Settings {
+    pub(crate) protocol: ProtocolVersion,
+    pub(crate) ping_interval: Duration,
+    pub(crate) ping_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) outbound_queue: usize,
+    pub(crate) socket_channel_limit: usize,
+    pub(crate) allow_client_publish: bool,
+    pub(crate) ack_timeout: Duration,
 }
 
 /// What every socket of a worker shares.
-pub struct Context {
-    pub hub: Arc<Hub>,
-    pub handler: Arc<dyn Handler>,
-    pub auth: AuthEngine,
-    pub settings: Settings,
-    pub shutdown: CancellationToken,
+pub(crate) struct Context {
+    /// Local fan-out: subscriptions.
+    pub(crate) hub: Arc<Hub>,
+    /// The brokers: publishes.
+    pub(crate) pool: Arc<BrokerPool>,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) auth: AuthEngine,
+    pub(crate) settings: Settings,
+    /// Cancelled when the worker drains: every socket closes with [`CLOSE_SHUTDOWN`].
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// Who is on the other end, as far as the worker knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// The client's address (from the PROXY header when behind the balancer).
-    pub addr: Option<SocketAddr>,
+    pub(crate) addr: Option<SocketAddr>,
     /// The client connected over TLS (terminated before the worker).
-    pub tls: bool,
+    pub(crate) tls: bool,
 }
 
 /// The socket task's own state.
@@ -122,7 +127,7 @@ impl std::fmt::Debug for Context {
 
 impl Settings {
     /// The settings from `[worker]`.
-    pub fn from_config(config: &sc_common::config::WorkerConfig) -> Self {
+    pub(crate) fn from_config(config: &sc_common::config::WorkerConfig) -> Self {
         Self {
             protocol: config.protocol_version,
             ping_interval: config.ping_interval,
@@ -137,14 +142,15 @@ impl Settings {
 }
 
 /// Runs one socket until it closes.
-pub async fn run<S>(mut ws: WebSocketStream<S>, context: Arc<Context>, peer: Peer)
+pub(crate) async fn run<S>(mut ws: WebSocketStream<S>, context: Arc<Context>, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Auto mode: unknown until the first pong.
     let version = match context.settings.protocol {
-        ProtocolVersion::Auto => 0,
-        ProtocolVersion::V1 => 1,
-        ProtocolVersion::V2 => 2,
+        ProtocolVersion::Auto => None,
+        ProtocolVersion::V1 => Some(Protocol::V1),
+        ProtocolVersion::V2 => Some(Protocol::V2),
     };
     let socket = Socket::new(context.clone(), context.hub.next_key(), new_socket_id(), peer, version);
     let mut conversation = Conversation {
@@ -165,7 +171,7 @@ where
             // v1 clients read the reason from a #disconnect event before the close; the v14
             // client closes itself with that code, so only codes a close frame may carry.
             let sendable = !matches!(code, 1004..=1006 | 1015);
-            if socket.protocol_version() != Some(2) && sendable {
+            if !socket.speaks(Protocol::V2) && sendable {
                 let _ = ws.feed(Message::Text(protocol::encode_disconnect(code, &reason).into())).await;
             }
             // 1005 may not travel in a frame (RFC 6455 7.4.1): it is an empty close frame.
@@ -248,8 +254,8 @@ impl Conversation {
                     if last_seen.elapsed() > settings.ping_timeout {
                         return End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out".into());
                     }
-                    let version = self.socket.protocol_version();
-                    for (ping, wanted) in [(protocol::PING_V1, version != Some(2)), (protocol::PING_V2, version != Some(1))] {
+                    let (v1, v2) = (self.socket.speaks(Protocol::V1), self.socket.speaks(Protocol::V2));
+                    for (ping, wanted) in [(protocol::PING_V1, !v2), (protocol::PING_V2, !v1)] {
                         if wanted && ws.feed(Message::Text(Utf8Bytes::from_static(ping))).await.is_err() {
                             return End::Gone(None);
                         }
@@ -280,7 +286,7 @@ impl Conversation {
             Inbound::Packet(packet) => self.handle_packet(packet).await,
             // Protocol v1 (server v14) refuses a batch as the first frame; v2 takes one that
             // starts with the handshake.
-            Inbound::Batch(_) if !self.handshaken && self.socket.protocol_version() == Some(1) => {
+            Inbound::Batch(_) if !self.handshaken && self.socket.speaks(Protocol::V1) => {
                 Err(before_handshake())
             }
             Inbound::Batch(packets) => {
@@ -300,7 +306,7 @@ impl Conversation {
     /// Protocol v2 (and auto, whose v20 clients always send numbers) only take numeric cids as
     /// RPCs; v1 takes any.
     fn strict(&self) -> bool {
-        self.socket.protocol_version() != Some(1)
+        !self.socket.speaks(Protocol::V1)
     }
 
     async fn handle_packet(&mut self, packet: Packet<'_>) -> Result<(), End> {
@@ -340,7 +346,7 @@ impl Conversation {
             "#authenticate" => self.authenticate(packet.data, cid).await?,
             "#removeAuthToken" => self.socket.set_verified(None),
             // v1 clients announce their close; a v1 server closes with their code.
-            "#disconnect" if self.socket.protocol_version() != Some(2) => {
+            "#disconnect" if !self.socket.speaks(Protocol::V2) => {
                 let code = packet
                     .data
                     .and_then(|d| serde_json::from_str::<Value>(d.get()).ok())
@@ -358,7 +364,7 @@ impl Conversation {
     async fn handshake(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) -> Result<(), End> {
         let Some(cid) = cid else {
             // Server v14 opened the socket without answering; v18.1+ closes 4008.
-            if self.socket.protocol_version() == Some(1) {
+            if self.socket.speaks(Protocol::V1) {
                 self.handshaken = true;
                 return Ok(());
             }
@@ -390,7 +396,7 @@ impl Conversation {
         let reply = self.handshake_reply(cid, auth_error.as_ref());
         self.replies.push(reply);
         if auth_error.as_ref().is_some_and(ErrorObject::is_bad_token) {
-            self.replies.push(protocol::encode_remove_auth_token(self.socket.protocol_version() == Some(2)));
+            self.replies.push(protocol::encode_remove_auth_token(self.socket.speaks(Protocol::V2)));
         }
         Ok(())
     }
@@ -425,7 +431,7 @@ impl Conversation {
 
     async fn authenticate(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) -> Result<(), End> {
         let Some(cid) = cid else {
-            if self.socket.protocol_version() == Some(1) {
+            if self.socket.speaks(Protocol::V1) {
                 return Ok(());
             }
             return Err(End::Close(CLOSE_BAD_HANDSHAKE, "Authenticate request was malformatted".into()));
@@ -443,7 +449,7 @@ impl Conversation {
             Ok(()) => self.replies.push(protocol::encode_auth_ok(cid)),
             Err(error) => {
                 let bad = error.is_bad_token();
-                let v1 = self.socket.protocol_version() == Some(1);
+                let v1 = self.socket.speaks(Protocol::V1);
                 let remove = protocol::encode_remove_auth_token(!v1);
                 // v14 sent #removeAuthToken before the response, v20 after.
                 if bad && v1 {
@@ -461,7 +467,7 @@ impl Conversation {
     /// Drops an expired token (telling the client); returns the expiry error if it did.
     fn check_expiry(&mut self) -> Option<ErrorObject> {
         let exp = self.socket.expire_token()?;
-        self.replies.push(protocol::encode_remove_auth_token(self.socket.protocol_version() == Some(2)));
+        self.replies.push(protocol::encode_remove_auth_token(self.socket.speaks(Protocol::V2)));
         Some(auth::expired_error(exp))
     }
 
@@ -472,7 +478,7 @@ impl Conversation {
         expired: Option<ErrorObject>,
     ) {
         // v20 ignores a #subscribe without a cid; v14 subscribes anyway.
-        if cid.is_none() && self.socket.protocol_version() == Some(2) {
+        if cid.is_none() && self.socket.speaks(Protocol::V2) {
             return;
         }
         let reply = |replies: &mut Vec<String>, error: Option<ErrorObject>| {
@@ -483,7 +489,7 @@ impl Conversation {
                 });
             }
         };
-        let lenient = self.socket.protocol_version() != Some(2);
+        let lenient = !self.socket.speaks(Protocol::V2);
         let parsed = data.and_then(|d| match serde_json::from_str::<protocol::SubscribeData>(d.get()) {
             Ok(request) => Some((request.channel, request.wait_for_auth, request.data)),
             // v14 also took the bare channel name.
@@ -526,7 +532,7 @@ impl Conversation {
             && !*confirmed.borrow()
         {
             let wait = confirmed.wait_for(|done| *done);
-            if tokio::time::timeout(crate::brokers::LINK_WAIT, wait).await.is_err() {
+            if tokio::time::timeout(LINK_WAIT, wait).await.is_err() {
                 tracing::debug!(id = %self.socket.id(), %channel, "subscription not confirmed by a broker yet");
             }
         }
@@ -584,7 +590,7 @@ impl Conversation {
             },
             Ok(PublishIn::Rewrite(value)) => Bytes::from(value.to_string()),
         };
-        let outcome = self.context.hub.pool().publish(&request.channel, payload).await;
+        let outcome = self.context.pool.publish(&request.channel, payload).await;
         match (outcome, cid) {
             (Ok(()), Some(cid)) => self.replies.push(protocol::encode_ack(cid)),
             (Ok(()), None) => {}

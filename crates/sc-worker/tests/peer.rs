@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use sc_common::config::Config;
 use sc_common::proxy_protocol;
-use sc_worker::app::UpgradeRequest;
+use sc_worker::UpgradeRequest;
 use sc_worker::{ErrorObject, Handler, Socket};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -25,7 +25,7 @@ struct Recorder(Mutex<Vec<(&'static str, Option<SocketAddr>, bool)>>);
 
 #[async_trait::async_trait]
 impl Handler for Recorder {
-    async fn upgrade(&self, request: &UpgradeRequest) -> Result<(), sc_worker::app::HttpRejection> {
+    async fn upgrade(&self, request: &UpgradeRequest) -> Result<(), sc_worker::HttpRejection> {
         self.0.lock().unwrap().push(("upgrade", request.remote_addr, request.tls));
         Ok(())
     }

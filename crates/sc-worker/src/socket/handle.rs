@@ -19,7 +19,7 @@ use super::{Context, Peer};
 use crate::auth::AuthToken;
 use crate::hub::SocketKey;
 use crate::outbox::{Outbound, Outbox};
-use crate::protocol::{self, ErrorObject};
+use crate::protocol::{self, ErrorObject, Protocol};
 
 /// A handle on one client socket; cheap to clone.
 #[derive(Clone)]
@@ -32,7 +32,8 @@ pub(crate) struct State {
     peer: Peer,
     pub(crate) outbox: Outbox,
     pub(crate) context: Arc<Context>,
-    /// 0 while not known (auto mode before the first pong), else 1 or 2.
+    /// The protocol, encoded by [`encode_version`]: 0 while not known (auto mode before the
+    /// first pong), then locked.
     version: AtomicU8,
     /// std Mutex: read or swapped, never held across await.
     auth: Mutex<Option<AuthToken>>,
@@ -53,7 +54,13 @@ impl std::fmt::Debug for Socket {
 }
 
 impl Socket {
-    pub(crate) fn new(context: Arc<Context>, key: SocketKey, id: String, peer: Peer, version: u8) -> Self {
+    pub(crate) fn new(
+        context: Arc<Context>,
+        key: SocketKey,
+        id: String,
+        peer: Peer,
+        version: Option<Protocol>,
+    ) -> Self {
         let outbox = Outbox::new(context.settings.outbound_queue);
         Self(Arc::new(State {
             key,
@@ -61,7 +68,7 @@ impl Socket {
             peer,
             outbox,
             context,
-            version: AtomicU8::new(version),
+            version: AtomicU8::new(encode_version(version)),
             auth: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
         }))
@@ -82,13 +89,19 @@ impl Socket {
         self.0.peer.tls
     }
 
-    /// The protocol version the socket speaks: 1, 2, or `None` while not known yet (auto mode
-    /// before the client's first pong).
-    pub fn protocol_version(&self) -> Option<u8> {
+    /// The protocol the socket speaks, or `None` while not known yet (auto mode before the
+    /// client's first pong).
+    pub fn protocol_version(&self) -> Option<Protocol> {
         match self.0.version.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v),
+            1 => Some(Protocol::V1),
+            2 => Some(Protocol::V2),
+            _ => None,
         }
+    }
+
+    /// Whether the socket is known to speak `protocol` (false while not known).
+    pub(crate) fn speaks(&self, protocol: Protocol) -> bool {
+        self.protocol_version() == Some(protocol)
     }
 
     /// The payload of the socket's valid auth token, if authenticated.
@@ -115,7 +128,7 @@ impl Socket {
     /// Removes the socket's token and tells the client (`#removeAuthToken`).
     pub fn deauthenticate(&self) {
         self.auth().take();
-        self.push_frame(protocol::encode_remove_auth_token(self.protocol_version() == Some(2)));
+        self.push_frame(protocol::encode_remove_auth_token(self.speaks(Protocol::V2)));
     }
 
     /// Sends an event to the client, no answer expected.
@@ -162,7 +175,8 @@ impl Socket {
 
     /// The worker's exchange (publish and subscribe from server code).
     pub fn exchange(&self) -> crate::exchange::Exchange {
-        crate::exchange::Exchange::new(self.0.context.hub.clone())
+        let context = &self.0.context;
+        crate::exchange::Exchange::new(context.hub.clone(), context.pool.clone())
     }
 
     pub(crate) fn key(&self) -> SocketKey {
@@ -173,8 +187,10 @@ impl Socket {
         &self.0.outbox
     }
 
-    pub(crate) fn lock_version(&self, version: u8) {
-        let _ = self.0.version.compare_exchange(0, version, Ordering::Relaxed, Ordering::Relaxed);
+    /// Locks the protocol on the first pong (auto mode); later pongs change nothing.
+    pub(crate) fn lock_version(&self, version: Protocol) {
+        let locked = encode_version(Some(version));
+        let _ = self.0.version.compare_exchange(0, locked, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Replaces the auth state (the socket's own task, after verifying a token).
@@ -213,5 +229,14 @@ impl Socket {
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.0.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The atomic form of a socket's protocol: 0 unknown, 1 or 2.
+fn encode_version(version: Option<Protocol>) -> u8 {
+    match version {
+        None => 0,
+        Some(Protocol::V1) => 1,
+        Some(Protocol::V2) => 2,
     }
 }
