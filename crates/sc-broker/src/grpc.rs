@@ -27,6 +27,17 @@ pub struct BrokerService {
     pub shutdown: CancellationToken,
 }
 
+impl BrokerService {
+    /// The service as tonic serves it, behind the cluster-secret check.
+    pub fn into_server(
+        self,
+        secret: &str,
+    ) -> tonic::codegen::InterceptedService<pb::broker_server::BrokerServer<Self>, sc_common::secret::Check>
+    {
+        pb::broker_server::BrokerServer::with_interceptor(self, sc_common::secret::Check::new(secret))
+    }
+}
+
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::DeliveryBatch, Status>> + Send>>;
 
 #[tonic::async_trait]

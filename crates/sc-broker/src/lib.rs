@@ -19,8 +19,6 @@ use std::time::Duration;
 use sc_common::config::Config;
 use sc_common::daemon;
 use sc_common::membership::{self, Event, MasterLink, Member, Role};
-use sc_common::secret;
-use sc_proto::broker::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,9 +104,8 @@ impl Broker {
         };
         tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = daemon::health();
-        let router = tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(BrokerServer::with_interceptor(service, secret::Check::new(secret)));
+        let router =
+            tonic::transport::Server::builder().add_service(health).add_service(service.into_server(secret));
         tracing::info!(id = %self.id, addr = %self.addr, "broker listening");
         // Graceful leave: out of the membership first, so that workers move their channels (they
         // keep their streams to this broker open a little longer, for publishes already on the

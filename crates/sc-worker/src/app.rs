@@ -22,8 +22,8 @@ use std::net::SocketAddr;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::handle::Socket;
 use crate::protocol::ErrorObject;
-use crate::socket::Socket;
 
 /// The HTTP upgrade request, as `upgrade` sees it.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::broker_link::Kv;
 use crate::brokers::BrokerPool;
 use crate::error::Error;
-use crate::hub::{Hub, SocketKey, Subscriber};
+use crate::hub::{Hub, Message, Recipient, SocketKey};
 
 /// Messages a subscription holds before newer ones are dropped (with a warning).
 const SUBSCRIPTION_QUEUE: usize = 4096;
@@ -126,8 +126,20 @@ impl Exchange {
     pub fn subscribe(&self, channel: &str) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let key = self.hub.next_key();
-        let (channel, _confirmed) = self.hub.subscribe(channel, key, &Subscriber::Server(tx));
+        let recipient: Arc<dyn Recipient> = Arc::new(ServerRecipient(tx));
+        let (channel, _confirmed) = self.hub.subscribe(channel, key, &recipient);
         Subscription { hub: self.hub.clone(), key, channel, rx }
+    }
+}
+
+/// An exchange subscription as the hub sees it: a bounded queue of messages.
+struct ServerRecipient(mpsc::Sender<Bytes>);
+
+impl Recipient for ServerRecipient {
+    fn deliver(&self, message: &Message<'_>) {
+        if self.0.try_send(message.data.clone()).is_err() {
+            tracing::warn!(channel = %message.channel, "exchange subscription not keeping up, message dropped");
+        }
     }
 }
 

@@ -34,9 +34,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
 use crate::app::UpgradeRequest;
+use crate::handle::Peer;
 use crate::origins::Origins;
 use crate::proxies::TrustedProxies;
-use crate::socket::{self, Context, Peer};
+use crate::socket::{self, Context};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time.
 const READ_BUFFER: usize = 4 * 1024;

@@ -3,8 +3,8 @@
 //! The worker subscribes a channel on its broker once, when the first local socket subscribes,
 //! and drops it when the last one leaves ([`BrokerPool`] does the broker side). The hub is the
 //! pool's [`DeliverySink`]: a message delivered by a broker is encoded into a `#publish` frame
-//! once, and the same bytes are queued to every local subscriber's outbox
-//! ([`crate::outbox::Outbox`]). Publishing does not pass through here: sockets and the exchange
+//! once, and the same bytes go to every local subscriber (a [`Recipient`]: a socket's outbox,
+//! or an exchange subscription's queue). Publishing does not pass through here: sockets and the exchange
 //! hand publishes to the pool directly.
 
 use std::collections::HashMap;
@@ -13,28 +13,37 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::app::{Handler, PublishOut};
 use crate::brokers::{BrokerPool, DeliverySink};
 use crate::protocol;
-use crate::socket::Socket;
 
 /// Identifies one subscriber (a socket or an exchange subscription) within this worker.
 pub(crate) type SocketKey = u64;
 
-/// Who receives a channel's messages on this worker.
-#[derive(Debug, Clone)]
-pub(crate) enum Subscriber {
-    /// A client socket: gets `#publish` frames in its outbox.
-    Socket(Socket),
-    /// Server code (an exchange subscription): gets the messages as JSON text.
-    Server(mpsc::Sender<Bytes>),
+/// One channel message, as each local subscriber gets it.
+#[derive(Debug)]
+pub(crate) struct Message<'a> {
+    /// The channel.
+    pub(crate) channel: &'a str,
+    /// The message as JSON text (empty for `null`).
+    pub(crate) data: &'a Bytes,
+    /// The `#publish` frame, encoded once for every socket.
+    pub(crate) frame: &'a Utf8Bytes,
+    /// The message as a JSON value, when the app looks at each delivery (`publish_out`).
+    pub(crate) json: Option<&'a RawValue>,
+}
+
+/// A local subscriber of channels: a client socket or server code. Called on the fan-out
+/// path, under the hub's read lock: it must only queue, never wait.
+pub(crate) trait Recipient: Send + Sync {
+    /// Queues `message` for this subscriber.
+    fn deliver(&self, message: &Message<'_>);
 }
 
 /// The local subscribers of one channel.
-type Subscribers = Vec<(SocketKey, Subscriber)>;
+type Subscribers = Vec<(SocketKey, Arc<dyn Recipient>)>;
 
 /// The worker's channel table.
 pub(crate) struct Hub {
@@ -44,7 +53,8 @@ pub(crate) struct Hub {
     channels: RwLock<HashMap<Arc<str>, Subscribers>>,
     /// Where channels are held at the broker level.
     pool: Arc<BrokerPool>,
-    handler: Arc<dyn Handler>,
+    /// The app has a `publish_out` hook: recipients get each message as a JSON value too.
+    with_json: bool,
     next_key: AtomicU64,
 }
 
@@ -55,10 +65,10 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub holding its channels on `pool`, asking `handler` about each delivery when it has a
-    /// `publish_out` hook.
-    pub(crate) fn new(pool: Arc<BrokerPool>, handler: Arc<dyn Handler>) -> Self {
-        Self { channels: RwLock::new(HashMap::new()), pool, handler, next_key: AtomicU64::new(1) }
+    /// A hub holding its channels on `pool`; `with_json` when recipients look at each message
+    /// (the app's `publish_out` hook), so it is parsed once per delivery, not per recipient.
+    pub(crate) fn new(pool: Arc<BrokerPool>, with_json: bool) -> Self {
+        Self { channels: RwLock::new(HashMap::new()), pool, with_json, next_key: AtomicU64::new(1) }
     }
 
     /// A fresh subscriber key.
@@ -72,7 +82,7 @@ impl Hub {
         &self,
         channel: &str,
         key: SocketKey,
-        subscriber: &Subscriber,
+        subscriber: &Arc<dyn Recipient>,
     ) -> (Arc<str>, Option<watch::Receiver<bool>>) {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(subscribers) = channels.get_mut(channel)
@@ -89,7 +99,7 @@ impl Hub {
         (name, Some(confirmed))
     }
 
-    /// Removes a socket from a channel; returns whether it was subscribed.
+    /// Removes a subscriber from a channel; returns whether it was subscribed.
     pub(crate) fn unsubscribe(&self, channel: &str, key: SocketKey) -> bool {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let Some(subscribers) = channels.get_mut(channel) else {
@@ -108,37 +118,20 @@ impl Hub {
 }
 
 impl DeliverySink for Hub {
-    /// Queues a broker delivery to every local subscriber: one encode, shared bytes (unless a
-    /// `publish_out` hook rewrites it for a recipient).
+    /// Queues a broker delivery to every local subscriber: one encode, shared bytes.
     fn deliver(&self, channel: &str, data: &Bytes) {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         let Some(subscribers) = channels.get(channel) else { return };
         let frame = Utf8Bytes::from(protocol::encode_publish(channel, data));
-        let raw: Option<Box<RawValue>> = if self.handler.has_publish_out() {
+        let json: Option<Box<RawValue>> = if self.with_json {
             let text = if data.is_empty() { "null" } else { std::str::from_utf8(data).unwrap_or("null") };
             RawValue::from_string(text.to_owned()).ok()
         } else {
             None
         };
+        let message = Message { channel, data, frame: &frame, json: json.as_deref() };
         for (_, subscriber) in subscribers {
-            match subscriber {
-                Subscriber::Socket(socket) => {
-                    let decision = raw.as_deref().map(|raw| self.handler.publish_out(socket, channel, raw));
-                    let frame = match decision {
-                        None | Some(PublishOut::Allow) => frame.clone(),
-                        Some(PublishOut::Block) => continue,
-                        Some(PublishOut::Rewrite(value)) => {
-                            Utf8Bytes::from(protocol::encode_publish(channel, value.to_string().as_bytes()))
-                        }
-                    };
-                    socket.outbox().push(frame);
-                }
-                Subscriber::Server(tx) => {
-                    if tx.try_send(data.clone()).is_err() {
-                        tracing::warn!(%channel, "exchange subscription not keeping up, message dropped");
-                    }
-                }
-            }
+            subscriber.deliver(&message);
         }
     }
 }

@@ -25,6 +25,7 @@ mod broker_link;
 mod brokers;
 mod error;
 mod exchange;
+mod handle;
 mod http;
 mod hub;
 mod origins;
@@ -126,16 +127,21 @@ impl Worker {
 
         let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone());
         let pool = Arc::new(BrokerPool::new(Arc::new(connector)));
-        let hub = Arc::new(Hub::new(pool.clone(), handler.clone()));
+        let hub = Arc::new(Hub::new(pool.clone(), handler.has_publish_out()));
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
         let close_sockets = CancellationToken::new();
+        let services = handle::Services {
+            auth,
+            ack_timeout: worker.ack_timeout,
+            exchange: Exchange::new(hub.clone(), pool.clone()),
+        };
         let context = Arc::new(socket::Context {
             hub: hub.clone(),
             pool: pool.clone(),
             handler,
-            auth,
+            services: Arc::new(services),
             settings: socket::Settings::from_config(worker),
             shutdown: close_sockets.clone(),
         });

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
 
-use crate::socket::Peer;
+use crate::handle::Peer;
 
 /// IPs and CIDR blocks.
 #[derive(Debug, Clone, Default)]

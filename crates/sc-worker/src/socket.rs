@@ -9,11 +9,8 @@
 //! pings in both styles (`"#1"` and `""`) until its first pong locks it to v1 or v2; reply shapes
 //! that differ between the client lines use the unions both accept.
 
-mod handle;
-
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,13 +27,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Handler, PublishIn};
-use crate::auth::{self, AuthEngine};
+use crate::app::{Handler, PublishIn, PublishOut};
+use crate::auth;
 use crate::brokers::{BrokerPool, LINK_WAIT};
-use crate::hub::{Hub, Subscriber};
+pub use crate::handle::Socket;
+use crate::handle::{Peer, Services};
+use crate::hub::{self, Hub, Recipient};
 use crate::outbox::Outbound;
 use crate::protocol::{self, ErrorObject, Inbound, Packet, Protocol};
-pub use handle::Socket;
 use sc_common::config::ProtocolVersion;
 
 /// Close code: no pong within the ping timeout (clients reconnect at once).
@@ -68,7 +66,6 @@ pub(crate) struct Settings {
     pub(crate) outbound_queue: usize,
     pub(crate) socket_channel_limit: usize,
     pub(crate) allow_client_publish: bool,
-    pub(crate) ack_timeout: Duration,
 }
 
 /// What every socket of a worker shares.
@@ -77,20 +74,13 @@ pub(crate) struct Context {
     pub(crate) hub: Arc<Hub>,
     /// The brokers: publishes.
     pub(crate) pool: Arc<BrokerPool>,
+    /// The app's hooks.
     pub(crate) handler: Arc<dyn Handler>,
-    pub(crate) auth: AuthEngine,
+    /// What the sockets' handles share (the auth engine among it).
+    pub(crate) services: Arc<Services>,
     pub(crate) settings: Settings,
     /// Cancelled when the worker drains: every socket closes with [`CLOSE_SHUTDOWN`].
     pub(crate) shutdown: CancellationToken,
-}
-
-/// Who is on the other end, as far as the worker knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Peer {
-    /// The client's address (from the PROXY header when behind the balancer).
-    pub(crate) addr: Option<SocketAddr>,
-    /// The client connected over TLS (terminated before the worker).
-    pub(crate) tls: bool,
 }
 
 /// The socket task's own state.
@@ -99,6 +89,8 @@ struct Conversation {
     context: Arc<Context>,
     handshaken: bool,
     subscriptions: HashSet<Arc<str>>,
+    /// This socket as the hub's subscriber, made on its first subscription.
+    recipient: Option<Arc<dyn Recipient>>,
     /// Frames to write at the end of this wake-up.
     replies: Vec<String>,
 }
@@ -109,6 +101,13 @@ impl Drop for Conversation {
     fn drop(&mut self) {
         self.leave_all();
     }
+}
+
+/// A socket as a channel subscriber: deliveries go to its outbox, through the app's
+/// `publish_out` hook when it has one.
+struct Subscriber {
+    socket: Socket,
+    handler: Arc<dyn Handler>,
 }
 
 /// Why the loop ended.
@@ -125,6 +124,20 @@ impl std::fmt::Debug for Context {
     }
 }
 
+impl Recipient for Subscriber {
+    fn deliver(&self, message: &hub::Message<'_>) {
+        let decision = message.json.map(|json| self.handler.publish_out(&self.socket, message.channel, json));
+        let frame = match decision {
+            None | Some(PublishOut::Allow) => message.frame.clone(),
+            Some(PublishOut::Block) => return,
+            Some(PublishOut::Rewrite(value)) => {
+                Utf8Bytes::from(protocol::encode_publish(message.channel, value.to_string().as_bytes()))
+            }
+        };
+        self.socket.outbox().push(frame);
+    }
+}
+
 impl Settings {
     /// The settings from `[worker]`.
     pub(crate) fn from_config(config: &sc_common::config::WorkerConfig) -> Self {
@@ -136,7 +149,6 @@ impl Settings {
             outbound_queue: config.outbound_queue,
             socket_channel_limit: config.socket_channel_limit,
             allow_client_publish: config.allow_client_publish,
-            ack_timeout: config.ack_timeout,
         }
     }
 }
@@ -152,12 +164,20 @@ where
         ProtocolVersion::V1 => Some(Protocol::V1),
         ProtocolVersion::V2 => Some(Protocol::V2),
     };
-    let socket = Socket::new(context.clone(), context.hub.next_key(), new_socket_id(), peer, version);
+    let socket = Socket::new(
+        context.services.clone(),
+        context.settings.outbound_queue,
+        context.hub.next_key(),
+        new_socket_id(),
+        peer,
+        version,
+    );
     let mut conversation = Conversation {
         socket: socket.clone(),
         context: context.clone(),
         handshaken: false,
         subscriptions: HashSet::new(),
+        recipient: None,
         replies: Vec::new(),
     };
     tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
@@ -410,7 +430,7 @@ impl Conversation {
     /// Verifies a token and runs the app's authenticate hook; on success the socket is
     /// authenticated, on failure it is not (whatever it was before).
     async fn verify(&mut self, signed: &str) -> Result<(), ErrorObject> {
-        let outcome = match self.context.auth.verify(signed) {
+        let outcome = match self.context.services.auth.verify(signed) {
             Ok(token) => match self.context.handler.authenticate(&self.socket, &token.payload).await {
                 Ok(()) => Ok(token),
                 Err(error) => Err(error),
@@ -522,8 +542,10 @@ impl Conversation {
             reply(&mut self.replies, Some(error));
             return;
         }
-        let subscriber = Subscriber::Socket(self.socket.clone());
-        let (name, confirmed) = self.context.hub.subscribe(&channel, self.socket.key(), &subscriber);
+        let recipient = self.recipient.get_or_insert_with(|| {
+            Arc::new(Subscriber { socket: self.socket.clone(), handler: self.context.handler.clone() })
+        });
+        let (name, confirmed) = self.context.hub.subscribe(&channel, self.socket.key(), recipient);
         self.subscriptions.insert(name);
         // Acknowledge once the owner broker has the subscription, so that every publish after
         // the ack reaches this client (as with the single-process stock server). Without a

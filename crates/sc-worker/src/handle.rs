@@ -1,5 +1,8 @@
 //! [`Socket`]: the handle an app (and the worker's fan-out) holds on one client socket.
 //!
+//! It depends on nothing of the socket's task ([`crate::socket`]): what it needs of the worker
+//! (signing tokens, the ack timeout, the exchange) comes in one shared [`Services`].
+//!
 //! The socket's task owns the WebSocket; everything else reaches the client through this handle,
 //! which queues frames and requests in the socket's [`Outbox`]. Auth state lives here, behind a
 //! mutex, so `set_auth_token` takes effect at once (as in the stock server), whichever task calls
@@ -10,16 +13,36 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{Context, Peer};
-use crate::auth::AuthToken;
+use crate::auth::{AuthEngine, AuthToken};
+use crate::exchange::Exchange;
 use crate::hub::SocketKey;
 use crate::outbox::{Outbound, Outbox};
 use crate::protocol::{self, ErrorObject, Protocol};
+
+/// What every socket handle of a worker shares.
+pub(crate) struct Services {
+    /// Signs the tokens of `set_auth_token` (and verifies client tokens, in the socket task).
+    pub(crate) auth: AuthEngine,
+    /// `[worker] ack_timeout`: how long a server-to-client invoke waits.
+    pub(crate) ack_timeout: Duration,
+    /// The worker's exchange, for the app.
+    pub(crate) exchange: Exchange,
+}
+
+/// Who is on the other end, as far as the worker knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peer {
+    /// The client's address (from the PROXY header when behind the balancer).
+    pub(crate) addr: Option<SocketAddr>,
+    /// The client connected over TLS (terminated before the worker).
+    pub(crate) tls: bool,
+}
 
 /// A handle on one client socket; cheap to clone.
 #[derive(Clone)]
@@ -31,7 +54,7 @@ pub(crate) struct State {
     id: String,
     peer: Peer,
     pub(crate) outbox: Outbox,
-    pub(crate) context: Arc<Context>,
+    services: Arc<Services>,
     /// The protocol, encoded by [`encode_version`]: 0 while not known (auto mode before the
     /// first pong), then locked.
     version: AtomicU8,
@@ -55,19 +78,20 @@ impl std::fmt::Debug for Socket {
 
 impl Socket {
     pub(crate) fn new(
-        context: Arc<Context>,
+        services: Arc<Services>,
+        outbound_queue: usize,
         key: SocketKey,
         id: String,
         peer: Peer,
         version: Option<Protocol>,
     ) -> Self {
-        let outbox = Outbox::new(context.settings.outbound_queue);
+        let outbox = Outbox::new(outbound_queue);
         Self(Arc::new(State {
             key,
             id,
             peer,
             outbox,
-            context,
+            services,
             version: AtomicU8::new(encode_version(version)),
             auth: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
@@ -117,7 +141,7 @@ impl Socket {
     /// Signs `payload` into a token (adding `iat` and a default `exp`), authenticates the socket
     /// with it at once and sends it to the client (`#setAuthToken`).
     pub fn set_auth_token(&self, payload: Value) -> Result<String, ErrorObject> {
-        let token = self.0.context.auth.sign(payload)?;
+        let token = self.0.services.auth.sign(payload)?;
         let signed = token.signed.clone();
         let frame = protocol::encode_set_auth_token(&signed);
         *self.auth() = Some(token);
@@ -148,7 +172,7 @@ impl Socket {
             cid
         };
         self.push_frame(protocol::encode_event(event, Some(&data.to_string()), Some(cid)));
-        let timeout = self.0.context.settings.ack_timeout;
+        let timeout = self.0.services.ack_timeout;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => {
@@ -174,9 +198,8 @@ impl Socket {
     }
 
     /// The worker's exchange (publish and subscribe from server code).
-    pub fn exchange(&self) -> crate::exchange::Exchange {
-        let context = &self.0.context;
-        crate::exchange::Exchange::new(context.hub.clone(), context.pool.clone())
+    pub fn exchange(&self) -> Exchange {
+        self.0.services.exchange.clone()
     }
 
     pub(crate) fn key(&self) -> SocketKey {
