@@ -112,8 +112,7 @@ impl Worker {
             worker.auth_default_expiry,
         )
         .map_err(|e| StartError::Config(e.to_string()))?;
-        let trusted_proxies =
-            proxies::TrustedProxies::parse(&worker.trusted_proxies).map_err(StartError::Config)?;
+        let trusted_proxies = proxies::TrustedProxies::parse(&worker.trusted_proxies)?;
         let static_dir = match &worker.static_dir {
             Some(dir) => Some(
                 std::fs::canonicalize(dir)
@@ -210,12 +209,20 @@ impl Worker {
         tracing::info!(id = %self.id, %addr, unix = ?unix_path, grpc = %grpc_addr, path = %self.config.worker.path, "worker listening");
         let connections = accept(&self.http, self.listener, unix_listener, &shutdown).await;
 
-        // Drain: the listeners are gone; now refuse readiness, close every socket with the
-        // reconnect-now close and wait for the close frames to be written.
+        // The listeners are gone: not ready any more, then drain.
         if let Some(path) = &unix_path {
             let _ = std::fs::remove_file(path);
         }
         health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        self.drain(connections).await;
+        let _ = grpc_task.await;
+        tracing::info!(id = %self.id, "worker stopped");
+        Ok(())
+    }
+
+    /// Closes every socket with the reconnect-now close, waits for the close frames to be
+    /// written (the caller bounds the time), then stops the broker links.
+    async fn drain(&self, connections: TaskTracker) {
         let sockets = &self.http.sockets;
         let open = sockets.len();
         self.close_sockets.cancel();
@@ -225,9 +232,6 @@ impl Worker {
         sockets.wait().await;
         self.pool.close();
         tracing::info!(id = %self.id, sockets = open, "worker drained");
-        let _ = grpc_task.await;
-        tracing::info!(id = %self.id, "worker stopped");
-        Ok(())
     }
 
     /// Registers with the master (when one is configured) and keeps the broker pool in step

@@ -22,10 +22,14 @@ pub(crate) struct TrustedProxies {
 
 impl TrustedProxies {
     /// Parses "10.0.0.0/8", "192.168.1.7", "::1", "fd00::/8"; an error names the bad entry.
-    pub(crate) fn parse(entries: &[String]) -> Result<Self, String> {
+    pub(crate) fn parse(entries: &[String]) -> Result<Self, sc_common::Error> {
         let mut nets = Vec::with_capacity(entries.len());
         for entry in entries {
-            let bad = || format!("worker.trusted_proxies: {entry:?} is not an IP or a CIDR block");
+            let bad = || {
+                sc_common::Error::Config(format!(
+                    "worker.trusted_proxies: {entry:?} is not an IP or a CIDR block"
+                ))
+            };
             let (ip, bits) = match entry.split_once('/') {
                 Some((ip, bits)) => (ip, Some(bits.parse::<u8>().map_err(|_| bad())?)),
                 None => (entry.as_str(), None),
