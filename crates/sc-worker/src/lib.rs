@@ -71,8 +71,6 @@ pub struct Worker {
     hub: Arc<Hub>,
     pool: Arc<BrokerPool>,
     http: Arc<http::Http>,
-    /// Cancelled by the drain, after the listeners are gone: every socket closes.
-    close_sockets: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -130,7 +128,6 @@ impl Worker {
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
-        let close_sockets = CancellationToken::new();
         let services = handle::Services {
             auth,
             ack_timeout: worker.ack_timeout,
@@ -142,7 +139,7 @@ impl Worker {
             handler,
             services: Arc::new(services),
             settings: socket::Settings::from_config(worker),
-            shutdown: close_sockets.clone(),
+            shutdown: CancellationToken::new(),
         });
         let http = Arc::new(http::Http {
             context,
@@ -163,7 +160,7 @@ impl Worker {
             None => None,
         };
         let grpc = daemon::bind(worker.grpc_listen).await?;
-        Ok(Self { config, id, listener, unix, grpc, hub, pool, http, close_sockets })
+        Ok(Self { config, id, listener, unix, grpc, hub, pool, http })
     }
 
     /// The exchange: publish and subscribe from server code.
@@ -214,24 +211,11 @@ impl Worker {
             let _ = std::fs::remove_file(path);
         }
         health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-        self.drain(connections).await;
+        let open = drain(&self.http, connections).await;
+        tracing::info!(id = %self.id, sockets = open, "worker drained");
         let _ = grpc_task.await;
         tracing::info!(id = %self.id, "worker stopped");
         Ok(())
-    }
-
-    /// Closes every socket with the reconnect-now close, waits for the close frames to be
-    /// written (the caller bounds the time), then stops the broker links.
-    async fn drain(&self, connections: TaskTracker) {
-        let sockets = &self.http.sockets;
-        let open = sockets.len();
-        self.close_sockets.cancel();
-        connections.close();
-        connections.wait().await;
-        sockets.close();
-        sockets.wait().await;
-        self.pool.close();
-        tracing::info!(id = %self.id, sockets = open, "worker drained");
     }
 
     /// Registers with the master (when one is configured) and keeps the broker pool in step
@@ -269,6 +253,20 @@ impl Worker {
         });
         Ok(())
     }
+}
+
+/// Closes every socket with the reconnect-now close, waits for the close frames to be written
+/// (the caller bounds the time), then stops the broker links; returns how many sockets were open.
+async fn drain(http: &http::Http, connections: TaskTracker) -> usize {
+    let sockets = &http.sockets;
+    let open = sockets.len();
+    http.context.shutdown.cancel();
+    connections.close();
+    connections.wait().await;
+    sockets.close();
+    sockets.wait().await;
+    http.context.pool.close();
+    open
 }
 
 /// Accepts connections on the TCP listener and the Unix listener (if any) until `shutdown`,
