@@ -65,7 +65,8 @@ pub(crate) struct Opened {
 /// Opens streams to brokers.
 #[async_trait::async_trait]
 pub(crate) trait Connect: Send + Sync + 'static {
-    /// Connects to the broker at `grpc` (host:port) and attaches a stream that sends `commands`.
+    /// Connects to the broker at `grpc` (host:port); the stream that sends `commands` is
+    /// attached when the returned batches are first polled.
     async fn open(&self, grpc: &str, commands: Commands) -> Result<Opened, Error>;
 }
 
@@ -100,14 +101,25 @@ impl Connect for Grpc {
             .tcp_nodelay(true)
             .connect()
             .await?;
-        let mut client =
+        let client =
             pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&self.secret))
                 .max_decoding_message_size(MAX_DECODING);
         let mut request = tonic::Request::new(encode(commands));
         if let Ok(value) = self.worker_id.parse() {
             request.metadata_mut().insert("sc-worker-id", value);
         }
-        let batches = decode(client.attach(request).await?.into_inner());
+        // The stream is attached when the caller first polls for batches, so the commands it
+        // queues as soon as the connection is made (the replayed subscriptions) leave with the
+        // attach itself: the window in which other workers already publish to this broker
+        // while it does not know this worker's channels stays one connect, not two round trips.
+        let mut attaching = client.clone();
+        let batches = futures_util::stream::once(async move { attaching.attach(request).await })
+            .map(|attached| match attached {
+                Ok(response) => decode(response.into_inner()),
+                Err(status) => futures_util::stream::once(async move { Err(Error::from(status)) }).boxed(),
+            })
+            .flatten()
+            .boxed();
         Ok(Opened { kv: Kv { client: Some(client) }, batches })
     }
 }

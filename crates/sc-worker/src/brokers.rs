@@ -11,7 +11,11 @@
 //!   old owner before they saw the change are still delivered (zero loss when a broker is added or
 //!   leaves gracefully, see docs/architecture.md);
 //! - sends publishes to the owner, with a bounded window of publishes in flight per broker so
-//!   a slow broker slows publishers down instead of growing memory;
+//!   a slow broker slows publishers down instead of growing memory. Publishes follow a
+//!   membership change [`MOVE_GRACE`] later than subscriptions do: for that long they still go
+//!   to a moved channel's old owner (where every worker keeps its subscription until
+//!   [`BREAK_DELAY`]), so that every worker has subscribed on the new owner, whenever it saw
+//!   the change, before anyone publishes there;
 //! - hands what the brokers deliver to its [`DeliverySink`] (the hub).
 //!
 //! The wire is not here: streams are opened through [`crate::broker_link`], the worker's only
@@ -27,6 +31,7 @@ use sc_common::batch::BatchStream;
 use sc_common::membership::Backoff;
 use sc_common::rendezvous;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker_link::{Command, Connect, Kv};
@@ -41,6 +46,10 @@ const MAX_BATCH: usize = 512;
 /// publishing to the old owner. A leaving broker drains until the workers closed their streams
 /// (at most `sc_broker::DRAIN`, which is longer).
 pub(crate) const BREAK_DELAY: Duration = Duration::from_secs(2);
+/// How long publishes keep going to a moved channel's old owner after a membership change:
+/// longer than workers take to see the same change and subscribe on the new owner, shorter
+/// than [`BREAK_DELAY`].
+pub(crate) const MOVE_GRACE: Duration = Duration::from_secs(1);
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
 pub(crate) const LINK_WAIT: Duration = Duration::from_secs(3);
@@ -77,8 +86,12 @@ struct State {
 struct Entry {
     grpc: String,
     generation: u64,
-    /// Left the membership: owns nothing, its stream stays open until [`BREAK_DELAY`] passed.
-    leaving: bool,
+    /// When this broker id joined brokers that were already there (kept when it restarts at a
+    /// new address); `None` for the first brokers this worker saw, which replace no owner.
+    joined: Option<Instant>,
+    /// Left the membership (when): owns nothing, its stream stays open until [`BREAK_DELAY`]
+    /// passed.
+    left: Option<Instant>,
     /// Sync markers sent on the open stream, with the channels each confirms.
     syncs: HashMap<u64, Vec<Arc<str>>>,
     /// The open stream, if any: commands sent while it is `None` are not needed later (the
@@ -141,7 +154,7 @@ impl BrokerPool {
     /// Publishes `data` (JSON text) to `channel` through its owner broker, waiting up to
     /// [`LINK_WAIT`] for that broker's stream to open.
     pub(crate) async fn publish(&self, channel: &str, data: Bytes) -> Result<(), Error> {
-        let link = self.owner_link(channel.as_bytes()).await?;
+        let link = self.owner_link(channel.as_bytes(), Route::Publish).await?;
         // The permit is given back by the stream when it takes the publish out.
         match link.window.acquire().await {
             Ok(permit) => permit.forget(),
@@ -154,16 +167,16 @@ impl BrokerPool {
     /// Unary calls to the broker that owns `key` (the exchange), waiting up to [`LINK_WAIT`]
     /// for its stream.
     pub(crate) async fn kv(&self, key: &str) -> Result<Kv, Error> {
-        Ok(self.owner_link(key.as_bytes()).await?.kv)
+        Ok(self.owner_link(key.as_bytes(), Route::Current).await?.kv)
     }
 
-    async fn owner_link(&self, key: &[u8]) -> Result<Link, Error> {
+    async fn owner_link(&self, key: &[u8], route: Route) -> Result<Link, Error> {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
         loop {
             let linked = self.linked.notified();
             tokio::pin!(linked);
             linked.as_mut().enable();
-            if let Some(link) = self.lock().owner_link(key) {
+            if let Some(link) = self.lock().owner_link(key, route, Instant::now()) {
                 return Ok(link);
             }
             if tokio::time::timeout_at(deadline, linked).await.is_err() {
@@ -191,22 +204,28 @@ impl BrokerPool {
             .map(|c| (c.clone(), state.owner(c.as_bytes()).map(str::to_owned)))
             .collect();
 
+        let now = Instant::now();
+        // Brokers joining an empty pool take no channel from anyone: no grace for them.
+        let joined = (!state.brokers.is_empty()).then_some(now);
         let wanted: BTreeMap<String, String> = brokers.into_iter().collect();
         let mut draining = Vec::new();
+        let mut restarted = HashMap::new();
         state.brokers.retain(|id, entry| match wanted.get(id) {
             Some(grpc) if *grpc == entry.grpc => {
-                entry.leaving = false;
+                entry.left = None;
                 true
             }
-            // Restarted elsewhere: the old process is gone, nothing to drain.
+            // Restarted elsewhere: the old process is gone, nothing to drain; the id owns
+            // what it owned.
             Some(_) => {
                 entry.stop.cancel();
+                restarted.insert(id.clone(), entry.joined);
                 false
             }
-            None if entry.leaving => true,
+            None if entry.left.is_some() => true,
             None => {
                 tracing::debug!(broker = %id, "broker left, draining");
-                entry.leaving = true;
+                entry.left = Some(now);
                 draining.push((id.clone(), entry.generation));
                 true
             }
@@ -221,7 +240,8 @@ impl BrokerPool {
             let entry = Entry {
                 grpc: grpc.clone(),
                 generation,
-                leaving: false,
+                joined: restarted.get(&id).copied().unwrap_or(joined),
+                left: None,
                 syncs: HashMap::new(),
                 link: None,
                 stop: stop.clone(),
@@ -271,7 +291,7 @@ impl BrokerPool {
     fn finish_moves(&self, draining: Vec<(String, u64)>, breaks: Vec<(Arc<str>, String)>) {
         let mut state = self.lock();
         for (id, generation) in draining {
-            if state.brokers.get(&id).is_some_and(|e| e.leaving && e.generation == generation)
+            if state.brokers.get(&id).is_some_and(|e| e.left.is_some() && e.generation == generation)
                 && let Some(entry) = state.brokers.remove(&id)
             {
                 tracing::debug!(broker = %id, "broker stream closed after draining");
@@ -280,7 +300,7 @@ impl BrokerPool {
         }
         for (channel, old) in breaks {
             let still_moved = state.owner(channel.as_bytes()) != Some(old.as_str());
-            let leaving = state.brokers.get(&old).is_none_or(|e| e.leaving);
+            let leaving = state.brokers.get(&old).is_none_or(|e| e.left.is_some());
             if still_moved
                 && !leaving
                 && let Some(link) = state.link(&old)
@@ -324,16 +344,33 @@ impl State {
 
     /// The owner of a channel or key among the brokers that have not left.
     fn owner(&self, key: &[u8]) -> Option<&str> {
-        let live = self.brokers.iter().filter(|(_, e)| !e.leaving).map(|(id, _)| id.as_str());
+        let live = self.brokers.iter().filter(|(_, e)| e.left.is_none()).map(|(id, _)| id.as_str());
         rendezvous::owner(live, key)
+    }
+
+    /// Where publishes to a channel go at `now`: its owner in the membership as it was
+    /// [`MOVE_GRACE`] ago (brokers that joined since do not count yet, brokers that left since
+    /// still do), or the current owner when that view is empty.
+    fn publish_owner(&self, key: &[u8], now: Instant) -> Option<&str> {
+        let settled = self.brokers.iter().filter(|(_, e)| {
+            e.joined.is_none_or(|joined| now.duration_since(joined) >= MOVE_GRACE)
+                && e.left.is_none_or(|left| now.duration_since(left) < MOVE_GRACE)
+        });
+        rendezvous::owner(settled.map(|(id, _)| id.as_str()), key).or_else(|| self.owner(key))
     }
 
     fn link(&self, id: &str) -> Option<&Link> {
         self.brokers.get(id).and_then(|e| e.link.as_ref())
     }
 
-    fn owner_link(&self, key: &[u8]) -> Option<Link> {
-        self.owner(key).and_then(|id| self.link(id)).cloned()
+    /// The open link to the broker that `route` picks for `key`. A publish whose delayed owner
+    /// has no open stream (a broker that died) goes to the current owner.
+    fn owner_link(&self, key: &[u8], route: Route, now: Instant) -> Option<Link> {
+        let delayed = match route {
+            Route::Publish => self.publish_owner(key, now).and_then(|id| self.link(id)),
+            Route::Current => None,
+        };
+        delayed.or_else(|| self.owner(key).and_then(|id| self.link(id))).cloned()
     }
 
     fn send_to_owner(&self, channel: &str, command: Command) {
@@ -341,6 +378,15 @@ impl State {
             let _ = link.tx.send(command);
         }
     }
+}
+
+/// Which owner a call goes to.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// Publishes: the owner as of [`MOVE_GRACE`] ago.
+    Publish,
+    /// Subscriptions and key/value calls: the owner now.
+    Current,
 }
 
 /// One broker's link: keeps its stream open, reconnecting with backoff, until stopped.
@@ -659,6 +705,48 @@ mod tests {
         let kept = fake.subscribed("a:1");
         assert_eq!(kept.len() + moved.len(), all.len());
         assert!(kept.is_disjoint(&moved));
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_follow_a_move_only_after_the_grace() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        tokio::time::advance(MOVE_GRACE * 2).await;
+        let moved = channels(40)
+            .into_iter()
+            .find(|c| rendezvous::owner(["a", "b"], c.as_bytes()) == Some("b"))
+            .unwrap();
+        pool.subscribe(&moved);
+        settle().await;
+
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        // b is linked and holds the channel's subscription, but publishes still go to a, where
+        // every worker keeps its subscription until the break.
+        assert!(fake.subscribed("b:1").contains(&moved));
+        let publish =
+            |n: &'static [u8]| Command::Publish { channel: moved.to_string(), data: Bytes::from_static(n) };
+        pool.publish(&moved, Bytes::from_static(b"1")).await.unwrap();
+        settle().await;
+        assert!(fake.sent("a:1").contains(&publish(b"1")));
+
+        tokio::time::advance(MOVE_GRACE).await;
+        pool.publish(&moved, Bytes::from_static(b"2")).await.unwrap();
+        settle().await;
+        assert!(fake.sent("b:1").contains(&publish(b"2")), "after the grace, the new owner");
+
+        // b leaves: publishes keep going to it while it drains (its stream is open), then to a.
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        pool.publish(&moved, Bytes::from_static(b"3")).await.unwrap();
+        settle().await;
+        assert!(fake.sent("b:1").contains(&publish(b"3")));
+        tokio::time::advance(MOVE_GRACE).await;
+        pool.publish(&moved, Bytes::from_static(b"4")).await.unwrap();
+        settle().await;
+        assert!(fake.sent("a:1").contains(&publish(b"4")));
         pool.close();
     }
 
