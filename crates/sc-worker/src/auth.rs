@@ -30,8 +30,9 @@ pub(crate) struct AuthToken {
     pub(crate) signed: String,
     /// Its payload.
     pub(crate) payload: Value,
-    /// Its `exp` claim, seconds since the Unix epoch.
-    pub(crate) exp: Option<u64>,
+    /// Its `exp` claim, seconds since the Unix epoch (JavaScript clients often write fractional
+    /// seconds: `Date.now() / 1000 + 3600`).
+    pub(crate) exp: Option<f64>,
 }
 
 /// Why the engine could not be built.
@@ -110,7 +111,7 @@ impl AuthEngine {
         if !claims.contains_key("exp") {
             claims.insert("exp".into(), Value::from(now + self.default_expiry.as_secs()));
         }
-        let exp = claims.get("exp").and_then(Value::as_u64);
+        let exp = seconds_claim(&claims, "exp").map_err(|()| invalid_claim("exp"))?;
         let payload = Value::Object(claims);
         let signed =
             jsonwebtoken::encode(&Header::new(self.algorithm), &payload, &self.encoding).map_err(|e| {
@@ -122,44 +123,78 @@ impl AuthEngine {
     /// Verifies a signed token. The error is the one to send to the client (with `isBadToken`).
     pub(crate) fn verify(&self, signed: &str) -> Result<AuthToken, ErrorObject> {
         let mut validation = Validation::new(self.algorithm);
-        // Like the stock server: exp is checked when present, not required; no leeway.
+        // Like the stock server: exp is checked when present, not required; no leeway. `exp`
+        // and `nbf` are read here, not by jsonwebtoken, which takes integers only: clients
+        // write fractional seconds, and a socket's later expiry check must read `exp` the same
+        // way (`AuthToken::is_expired`).
         validation.required_spec_claims.clear();
         validation.leeway = 0;
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.validate_aud = false;
-        match jsonwebtoken::decode::<Value>(signed, &self.decoding, &validation) {
-            Ok(data) => {
-                let exp = data.claims.get("exp").and_then(Value::as_u64);
-                Ok(AuthToken { signed: signed.to_owned(), payload: data.claims, exp })
-            }
-            Err(e) => Err(token_error(signed, e.kind())),
+        let claims = match jsonwebtoken::decode::<Value>(signed, &self.decoding, &validation) {
+            Ok(data) => data.claims,
+            Err(e) => return Err(token_error(e.kind())),
+        };
+        let Value::Object(map) = &claims else {
+            return Err(ErrorObject::new("AuthTokenInvalidError", "jwt malformed").with("isBadToken", Value::Bool(true)));
+        };
+        let exp = seconds_claim(map, "exp").map_err(|()| invalid_claim("exp"))?;
+        let nbf = seconds_claim(map, "nbf").map_err(|()| invalid_claim("nbf"))?;
+        if exp.is_some_and(expired) {
+            return Err(ErrorObject::new("AuthTokenExpiredError", "jwt expired")
+                .with("expiry", expiry(exp))
+                .with("isBadToken", Value::Bool(true)));
         }
+        if nbf.is_some_and(|nbf| nbf > now_secs() as f64) {
+            return Err(ErrorObject::new("AuthTokenNotBeforeError", "jwt not active")
+                .with("isBadToken", Value::Bool(false)));
+        }
+        Ok(AuthToken { signed: signed.to_owned(), payload: claims, exp })
     }
 }
 
 impl AuthToken {
-    /// Whether the token's `exp` has passed.
+    /// Whether the token's `exp` has passed (the same reading as [`AuthEngine::verify`]).
     pub(crate) fn is_expired(&self) -> bool {
-        self.exp.is_some_and(|exp| now_secs() > exp)
+        self.exp.is_some_and(expired)
     }
 }
 
 /// The error of an expired token found while connected.
-pub(crate) fn expired_error(exp: Option<u64>) -> ErrorObject {
+pub(crate) fn expired_error(exp: Option<f64>) -> ErrorObject {
     ErrorObject::new("AuthTokenExpiredError", "The socket auth token has expired")
-        .with("expiry", exp.map_or(Value::Null, |e| Value::String(iso_date(e))))
+        .with("expiry", expiry(exp))
         .with("isBadToken", Value::Bool(true))
 }
 
-fn token_error(signed: &str, kind: &ErrorKind) -> ErrorObject {
+/// Whether a token with this `exp` has expired: as the stock server's jsonwebtoken reads it,
+/// once the current whole second reaches `exp`.
+fn expired(exp: f64) -> bool {
+    now_secs() as f64 >= exp
+}
+
+/// A time claim (`exp`, `nbf`): absent, or a number of seconds (fractional allowed); anything
+/// else is malformed.
+fn seconds_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, ()> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().filter(|f| f.is_finite()).map(Some).ok_or(()),
+        Some(_) => Err(()),
+    }
+}
+
+fn invalid_claim(name: &str) -> ErrorObject {
+    ErrorObject::new("AuthTokenInvalidError", format!("invalid {name} value")).with("isBadToken", Value::Bool(true))
+}
+
+/// The `expiry` field of an expiry error: the ISO date of `exp`.
+fn expiry(exp: Option<f64>) -> Value {
+    exp.map_or(Value::Null, |e| Value::String(iso_date(e)))
+}
+
+fn token_error(kind: &ErrorKind) -> ErrorObject {
     match kind {
-        ErrorKind::ExpiredSignature => {
-            // jsonwebtoken does not hand back the claims of an expired token; read exp ourselves.
-            let exp = unverified_exp(signed);
-            ErrorObject::new("AuthTokenExpiredError", "jwt expired")
-                .with("expiry", exp.map_or(Value::Null, |e| Value::String(iso_date(e))))
-                .with("isBadToken", Value::Bool(true))
-        }
         ErrorKind::ImmatureSignature => ErrorObject::new("AuthTokenNotBeforeError", "jwt not active")
             .with("isBadToken", Value::Bool(false)),
         ErrorKind::InvalidSignature => ErrorObject::new("AuthTokenInvalidError", "invalid signature")
@@ -177,20 +212,15 @@ fn token_error(signed: &str, kind: &ErrorKind) -> ErrorObject {
     }
 }
 
-fn unverified_exp(signed: &str) -> Option<u64> {
-    use base64::Engine as _;
-    let payload = signed.split('.').nth(1)?;
-    let bytes =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_u64()
-}
-
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Seconds since the epoch as an ISO 8601 UTC date, like JavaScript's `Date.toISOString()`.
-fn iso_date(secs: u64) -> String {
+/// Seconds since the epoch as an ISO 8601 UTC date, like JavaScript's
+/// `new Date(secs * 1000).toISOString()` (milliseconds kept).
+fn iso_date(secs: f64) -> String {
+    let millis = (secs * 1000.0).floor().max(0.0) as u64;
+    let (secs, ms) = (millis / 1000, millis % 1000);
     let days = secs / 86400;
     let rem = secs % 86400;
     let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
@@ -204,7 +234,7 @@ fn iso_date(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}.000Z")
+    format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
 }
 
 #[cfg(test)]
@@ -224,14 +254,14 @@ mod tests {
         let verified = engine.verify(&token.signed).unwrap();
         assert_eq!(verified.payload["username"], "bob");
         assert!(verified.payload["iat"].is_u64());
-        assert_eq!(verified.exp, Some(verified.payload["iat"].as_u64().unwrap() + 3600));
+        assert_eq!(verified.exp, Some((verified.payload["iat"].as_u64().unwrap() + 3600) as f64));
         assert!(!verified.is_expired());
     }
 
     #[test]
     fn payload_exp_is_kept() {
         let token = hs().sign(json!({"exp": 4_000_000_000u64})).unwrap();
-        assert_eq!(token.exp, Some(4_000_000_000));
+        assert_eq!(token.exp, Some(4_000_000_000.0));
     }
 
     #[test]
@@ -268,6 +298,26 @@ mod tests {
     }
 
     #[test]
+    fn fractional_exp_is_read_the_same_by_the_verifier_and_the_live_check() {
+        let engine = hs();
+        let now = now_secs() as f64;
+        // Date.now() / 1000 + 3600: valid, and not expired on a live socket either.
+        let token = engine.sign(json!({"exp": now + 3600.5})).unwrap();
+        let verified = engine.verify(&token.signed).unwrap();
+        assert_eq!(verified.exp, Some(now + 3600.5));
+        assert!(!verified.is_expired());
+        // A fractional exp in the past: refused by the verifier, expired on a live socket.
+        let past = AuthToken { exp: Some(now - 0.5), ..verified.clone() };
+        assert!(past.is_expired());
+        let token = engine.sign(json!({"exp": now - 0.5})).unwrap();
+        assert_eq!(engine.verify(&token.signed).unwrap_err().name, "AuthTokenExpiredError");
+        // Not a number: malformed, as the stock server says.
+        let token = engine.sign(json!({"a": 1, "exp": null})).unwrap();
+        assert!(engine.verify(&token.signed).is_ok());
+        assert!(engine.sign(json!({"exp": "soon"})).is_err());
+    }
+
+    #[test]
     fn not_before_is_not_a_bad_token() {
         let engine = hs();
         let token = engine.sign(json!({"nbf": 4_000_000_000u64})).unwrap();
@@ -278,9 +328,10 @@ mod tests {
 
     #[test]
     fn iso_dates() {
-        assert_eq!(iso_date(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso_date(1_795_975_500), "2026-11-29T18:05:00.000Z"); // checked with Python datetime
-        assert_eq!(iso_date(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso_date(0.0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_date(1_795_975_500.0), "2026-11-29T18:05:00.000Z"); // checked with Python datetime
+        assert_eq!(iso_date(951_782_400.0), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso_date(951_782_400.25), "2000-02-29T00:00:00.250Z");
     }
 
     #[test]

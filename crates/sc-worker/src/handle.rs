@@ -222,7 +222,7 @@ impl Socket {
     }
 
     /// Drops an expired token; returns its `exp` if it had expired.
-    pub(crate) fn expire_token(&self) -> Option<Option<u64>> {
+    pub(crate) fn expire_token(&self) -> Option<Option<f64>> {
         let mut auth = self.auth();
         if auth.as_ref().is_some_and(AuthToken::is_expired) {
             return auth.take().map(|t| t.exp);
