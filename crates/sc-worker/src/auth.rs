@@ -137,7 +137,8 @@ impl AuthEngine {
             Err(e) => return Err(token_error(e.kind())),
         };
         let Value::Object(map) = &claims else {
-            return Err(ErrorObject::new("AuthTokenInvalidError", "jwt malformed").with("isBadToken", Value::Bool(true)));
+            return Err(ErrorObject::new("AuthTokenInvalidError", "jwt malformed")
+                .with("isBadToken", Value::Bool(true)));
         };
         let exp = seconds_claim(map, "exp").map_err(|()| invalid_claim("exp"))?;
         let nbf = seconds_claim(map, "nbf").map_err(|()| invalid_claim("nbf"))?;
@@ -185,7 +186,8 @@ fn seconds_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>,
 }
 
 fn invalid_claim(name: &str) -> ErrorObject {
-    ErrorObject::new("AuthTokenInvalidError", format!("invalid {name} value")).with("isBadToken", Value::Bool(true))
+    ErrorObject::new("AuthTokenInvalidError", format!("invalid {name} value"))
+        .with("isBadToken", Value::Bool(true))
 }
 
 /// The `expiry` field of an expiry error: the ISO date of `exp`.

@@ -53,6 +53,11 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4100;
 /// the only codes after which both the v14 and the v20 clients reconnect at once instead of
 /// after a 10-20 s backoff (see docs/architecture.md, "Draining a worker").
 pub const CLOSE_SHUTDOWN: u16 = 1005;
+/// Close code: the client broke the WebSocket protocol (an unmasked or reserved frame, an
+/// oversized control frame...).
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Close code: a text message that is not valid UTF-8.
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 /// Close code: a message larger than `[worker] max_payload`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
@@ -112,7 +117,10 @@ struct Subscriber {
 
 /// Why the loop ended.
 enum End {
-    /// The client closed or the connection failed: nothing more to send.
+    /// The client sent a close frame (with this code): tungstenite has queued the reply (1002
+    /// for a code a close frame may not carry), which still has to be flushed.
+    ClosedByClient(Option<u16>),
+    /// The connection failed: nothing more to send.
     Gone(Option<u16>),
     /// We close, with this code and reason.
     Close(u16, Cow<'static, str>),
@@ -186,6 +194,10 @@ where
     socket.fail_pending();
     let code = match end {
         End::Gone(code) => code,
+        End::ClosedByClient(code) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+            code
+        }
         End::Close(code, reason) => {
             tracing::debug!(id = %socket.id(), code, %reason, "closing socket");
             // v1 clients read the reason from a #disconnect event before the close; the v14
@@ -234,7 +246,7 @@ impl Conversation {
                         }
                         Some(Err(e)) => {
                             tracing::debug!(id = %self.socket.id(), error = %e, "socket read failed");
-                            return End::Gone(None);
+                            return violation(&e).unwrap_or(End::Gone(None));
                         }
                         Some(Ok(Message::Text(text))) => text,
                         // The stock server decodes binary frames as text too.
@@ -242,7 +254,7 @@ impl Conversation {
                             Ok(text) => text,
                             Err(_) => continue,
                         },
-                        Some(Ok(Message::Close(frame))) => return End::Gone(frame.map(|f| u16::from(f.code))),
+                        Some(Ok(Message::Close(frame))) => return End::ClosedByClient(frame.map(|f| u16::from(f.code))),
                         Some(Ok(_)) => continue, // WebSocket-level ping/pong: tungstenite answers
                     };
                     last_seen = Instant::now();
@@ -661,6 +673,31 @@ impl Conversation {
         for channel in self.subscriptions.drain() {
             self.context.hub.unsubscribe(&channel, self.socket.key());
         }
+    }
+}
+
+/// The close that RFC 6455 asks for when a client breaks the protocol (section 7.4.1: 1002 for
+/// a protocol error, 1007 for a text message that is not UTF-8); `None` for a connection that
+/// simply failed.
+fn violation(error: &tungstenite::Error) -> Option<End> {
+    use tungstenite::error::ProtocolError as P;
+    match error {
+        tungstenite::Error::Utf8(_) => {
+            Some(End::Close(CLOSE_INVALID_DATA, "Invalid UTF-8 in a text message".into()))
+        }
+        tungstenite::Error::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence,
+        ) => Some(End::Close(CLOSE_PROTOCOL_ERROR, "WebSocket protocol error".into())),
+        _ => None,
     }
 }
 

@@ -23,8 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sc_common::Role;
-use sc_worker::{HttpRejection, PublishIn, Socket, UpgradeRequest};
 use sc_worker::{ErrorObject, Handler};
+use sc_worker::{HttpRejection, PublishIn, Socket, UpgradeRequest};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
