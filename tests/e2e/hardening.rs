@@ -137,8 +137,7 @@ async fn a_fractional_exp_expires_on_an_open_socket() -> Result<()> {
     assert_eq!(reply["data"]["isAuthenticated"], true, "{reply}");
 
     // The open socket drops it once it expires (checked on each pong), and tells the client.
-    let removed =
-        client.recv_matching(|m| m["event"] == "#removeAuthToken", Duration::from_secs(6)).await?;
+    let removed = client.recv_matching(|m| m["event"] == "#removeAuthToken", Duration::from_secs(6)).await?;
     let at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     assert!(at >= now + 2.0, "removed {:.2} s after signing", at - now);
     assert_eq!(removed["event"], "#removeAuthToken");

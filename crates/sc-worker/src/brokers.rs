@@ -54,6 +54,15 @@ pub(crate) const MOVE_GRACE: Duration = Duration::from_secs(1);
 /// or a broker that is being replaced) before it fails.
 pub(crate) const LINK_WAIT: Duration = Duration::from_secs(3);
 
+/// Called once when the owner broker has applied a publish (`Ok`: every worker subscribed to
+/// the channel will get it unless that broker dies first), or when that can no longer happen
+/// (`Err`: the stream to the broker ended first). It runs on the link's task: it must not block.
+pub(crate) type Receipt = Box<dyn FnOnce(Result<(), Error>) + Send>;
+
+/// Publishes waiting for their receipt on one stream, by sync token. std Mutex: taken for an
+/// insert or a removal, never across await.
+type Receipts = Arc<Mutex<HashMap<u64, Receipt>>>;
+
 /// Where the pool hands the messages brokers deliver (the worker's local fan-out).
 pub(crate) trait DeliverySink: Send + Sync + 'static {
     /// A message for `channel` (JSON text) arrived from its broker.
@@ -100,12 +109,20 @@ struct Entry {
     stop: CancellationToken,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Link {
     tx: mpsc::UnboundedSender<Command>,
     kv: Kv,
     /// Free slots of the publish window; given back as the stream takes publishes out.
     window: Arc<Semaphore>,
+    /// Publishes waiting for the broker's sync marker; failed when the stream ends.
+    receipts: Receipts,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("kv", &self.kv).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for BrokerPool {
@@ -152,8 +169,15 @@ impl BrokerPool {
     }
 
     /// Publishes `data` (JSON text) to `channel` through its owner broker, waiting up to
-    /// [`LINK_WAIT`] for that broker's stream to open.
-    pub(crate) async fn publish(&self, channel: &str, data: Bytes) -> Result<(), Error> {
+    /// [`LINK_WAIT`] for that broker's stream to open. With a `receipt`, the broker confirms the
+    /// publish (a sync marker right after it) and the receipt is called with the outcome,
+    /// exactly once, unless this returns an error first (then the receipt is dropped unused).
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+        receipt: Option<Receipt>,
+    ) -> Result<(), Error> {
         let link = self.owner_link(channel.as_bytes(), Route::Publish).await?;
         // The permit is given back by the stream when it takes the publish out.
         match link.window.acquire().await {
@@ -161,7 +185,19 @@ impl BrokerPool {
             Err(_) => return Err(Error::NoBroker),
         }
         let command = Command::Publish { channel: channel.to_owned(), data };
-        link.tx.send(command).map_err(|_| Error::NoBroker)
+        let Some(receipt) = receipt else {
+            return link.tx.send(command).map_err(|_| Error::NoBroker);
+        };
+        let token = self.lock().next_token();
+        // Registered before the marker is sent, so the answer cannot come first.
+        lock(&link.receipts).insert(token, receipt);
+        if link.tx.send(command).and_then(|()| link.tx.send(Command::Sync(token))).is_err() {
+            // The stream ended meanwhile: fail the receipt unless its drain already did.
+            if let Some(receipt) = lock(&link.receipts).remove(&token) {
+                receipt(Err(Error::NoBroker));
+            }
+        }
+        Ok(())
     }
 
     /// Unary calls to the broker that owns `key` (the exchange), waiting up to [`LINK_WAIT`]
@@ -319,8 +355,7 @@ impl State {
     /// Subscribes `channels` on broker `id` (if linked), followed by a sync marker whose answer
     /// confirms them.
     fn subscribe_and_sync(&mut self, id: &str, channels: Vec<Arc<str>>) {
-        self.next_sync += 1;
-        let token = self.next_sync;
+        let token = self.next_token();
         let Some(entry) = self.brokers.get_mut(id) else { return };
         let Some(link) = &entry.link else { return };
         for channel in &channels {
@@ -328,6 +363,12 @@ impl State {
         }
         let _ = link.tx.send(Command::Sync(token));
         entry.syncs.insert(token, channels);
+    }
+
+    /// A fresh sync marker (for subscriptions and publish receipts alike, so they never clash).
+    fn next_token(&mut self) -> u64 {
+        self.next_sync += 1;
+        self.next_sync
     }
 
     /// The broker `id` answered sync markers: their channels are confirmed.
@@ -459,6 +500,7 @@ impl LinkTask {
         }));
         let opened = self.pool.connector.open(&self.grpc, commands).await?;
         let (id, generation) = (self.id.as_str(), self.generation);
+        let receipts = Receipts::default();
         {
             let mut state = self.pool.lock();
             let owned: Vec<Arc<str>> =
@@ -466,7 +508,7 @@ impl LinkTask {
             let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
                 return Ok(Ended::Superseded);
             };
-            entry.link = Some(Link { tx, kv: opened.kv, window });
+            entry.link = Some(Link { tx, kv: opened.kv, window, receipts: receipts.clone() });
             entry.syncs.clear();
             tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
             // Replay this broker's channels (after a restart it knows none), confirmed by one sync.
@@ -475,27 +517,47 @@ impl LinkTask {
         self.pool.linked.notify_waiters();
 
         let mut batches = opened.batches;
-        loop {
+        let cause = loop {
             match batches.next().await {
                 Some(Ok(batch)) => {
                     for (channel, data) in &batch.deliveries {
                         self.sink.deliver(channel, data);
                     }
                     if !batch.synced.is_empty() {
-                        self.pool.lock().confirm(id, generation, &batch.synced);
+                        self.confirm(&receipts, &batch.synced);
                     }
                 }
-                None => {
-                    tracing::debug!(broker = %id, "broker closed the stream");
-                    return Ok(Ended::Closed);
-                }
-                Some(Err(error)) => {
-                    tracing::debug!(broker = %id, %error, "broker stream failed");
-                    return Ok(Ended::Closed);
-                }
+                None => break Error::Link("the broker closed the stream".into()),
+                Some(Err(error)) => break error,
+            }
+        };
+        tracing::warn!(broker = %id, grpc = %self.grpc, error = %cause, "broker link reset, reconnecting");
+        // Publishes the broker has not confirmed may be lost: tell their publishers.
+        let waiting: Vec<Receipt> = lock(&receipts).drain().map(|(_, receipt)| receipt).collect();
+        for receipt in waiting {
+            receipt(Err(cause.clone()));
+        }
+        Ok(Ended::Closed)
+    }
+
+    /// Sync markers answered: publish receipts succeed, subscriptions are confirmed.
+    fn confirm(&self, receipts: &Receipts, tokens: &[u64]) {
+        let mut subscriptions = Vec::new();
+        for token in tokens {
+            let receipt = lock(receipts).remove(token);
+            match receipt {
+                Some(receipt) => receipt(Ok(())),
+                None => subscriptions.push(*token),
             }
         }
+        if !subscriptions.is_empty() {
+            self.pool.lock().confirm(&self.id, self.generation, &subscriptions);
+        }
     }
+}
+
+fn lock(receipts: &Receipts) -> std::sync::MutexGuard<'_, HashMap<u64, Receipt>> {
+    receipts.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -531,6 +593,8 @@ mod tests {
         breakers: HashMap<String, CancellationToken>,
         /// Deliveries to push into an address's open stream.
         inject: HashMap<String, mpsc::UnboundedSender<Result<Batch, Error>>>,
+        /// Sync markers are not answered (a broker that hangs).
+        mute: bool,
     }
 
     #[async_trait::async_trait]
@@ -582,7 +646,7 @@ mod tests {
                 }
                 state.sent.push((self.grpc.clone(), command));
             }
-            if !synced.is_empty() {
+            if !synced.is_empty() && !state.mute {
                 let _ = self.answers.send(Ok(Batch { deliveries: Vec::new(), synced }));
             }
         }
@@ -661,7 +725,7 @@ mod tests {
         settle().await;
         assert_eq!(sink.0.lock().unwrap().as_slice(), [("news".to_owned(), Bytes::from_static(b"1"))]);
 
-        pool.publish("news", Bytes::from_static(b"2")).await.unwrap();
+        pool.publish("news", Bytes::from_static(b"2"), None).await.unwrap();
         settle().await;
         assert!(
             fake.sent("a:1")
@@ -728,23 +792,23 @@ mod tests {
         assert!(fake.subscribed("b:1").contains(&moved));
         let publish =
             |n: &'static [u8]| Command::Publish { channel: moved.to_string(), data: Bytes::from_static(n) };
-        pool.publish(&moved, Bytes::from_static(b"1")).await.unwrap();
+        pool.publish(&moved, Bytes::from_static(b"1"), None).await.unwrap();
         settle().await;
         assert!(fake.sent("a:1").contains(&publish(b"1")));
 
         tokio::time::advance(MOVE_GRACE).await;
-        pool.publish(&moved, Bytes::from_static(b"2")).await.unwrap();
+        pool.publish(&moved, Bytes::from_static(b"2"), None).await.unwrap();
         settle().await;
         assert!(fake.sent("b:1").contains(&publish(b"2")), "after the grace, the new owner");
 
         // b leaves: publishes keep going to it while it drains (its stream is open), then to a.
         pool.apply(brokers(&["a"]), &sink);
         settle().await;
-        pool.publish(&moved, Bytes::from_static(b"3")).await.unwrap();
+        pool.publish(&moved, Bytes::from_static(b"3"), None).await.unwrap();
         settle().await;
         assert!(fake.sent("b:1").contains(&publish(b"3")));
         tokio::time::advance(MOVE_GRACE).await;
-        pool.publish(&moved, Bytes::from_static(b"4")).await.unwrap();
+        pool.publish(&moved, Bytes::from_static(b"4"), None).await.unwrap();
         settle().await;
         assert!(fake.sent("a:1").contains(&publish(b"4")));
         pool.close();
@@ -811,7 +875,7 @@ mod tests {
         // A publish waits for the link (up to LINK_WAIT) instead of failing at once.
         let publish = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.publish("late", Bytes::from_static(b"x")).await }
+            async move { pool.publish("late", Bytes::from_static(b"x"), None).await }
         });
         tokio::time::timeout(Duration::from_secs(2), confirmed.wait_for(|c| *c)).await.unwrap().unwrap();
         publish.await.unwrap().unwrap();
@@ -831,10 +895,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_publish_receipt_comes_from_the_broker_or_fails_with_the_link() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        let outcomes: Arc<Mutex<Vec<Result<(), Error>>>> = Arc::default();
+        let receipt = || -> Receipt {
+            let outcomes = outcomes.clone();
+            Box::new(move |outcome| outcomes.lock().unwrap().push(outcome))
+        };
+        pool.publish("c", Bytes::from_static(b"1"), Some(receipt())).await.unwrap();
+        settle().await;
+        assert_eq!(outcomes.lock().unwrap().as_slice(), [Ok(())]);
+
+        // Unconfirmed when the stream breaks: the publisher hears of it, once.
+        fake.inner.lock().unwrap().mute = true;
+        pool.publish("c", Bytes::from_static(b"2"), Some(receipt())).await.unwrap();
+        settle().await;
+        assert_eq!(outcomes.lock().unwrap().len(), 1, "no receipt before the broker answers");
+        let breaker = fake.inner.lock().unwrap().breakers["a:1"].clone();
+        breaker.cancel();
+        settle().await;
+        let outcomes = outcomes.lock().unwrap();
+        assert_eq!(outcomes.len(), 2);
+        assert!(matches!(outcomes[1], Err(Error::Link(_))), "{:?}", outcomes[1]);
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn without_a_broker_a_publish_fails_after_the_link_wait() {
         let (_fake, pool, _sink, _dyn_sink) = setup();
         let started = tokio::time::Instant::now();
-        assert_eq!(pool.publish("x", Bytes::new()).await, Err(Error::NoBroker));
+        assert_eq!(pool.publish("x", Bytes::new(), None).await, Err(Error::NoBroker));
         assert!(started.elapsed() >= LINK_WAIT);
         assert!(matches!(pool.kv("x").await, Err(Error::NoBroker)));
     }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::broker_link::Kv;
-use crate::brokers::BrokerPool;
+use crate::brokers::{BrokerPool, Receipt};
 use crate::error::Error;
 use crate::hub::{Hub, Message, Recipient, SocketKey};
 
@@ -48,9 +48,15 @@ impl Exchange {
         self.publish_raw(channel, Bytes::from(data.to_string())).await
     }
 
-    /// Publishes JSON text as is (it must be valid JSON).
+    /// Publishes JSON text as is (it must be valid JSON). Returns once the channel's broker has
+    /// the message.
     pub async fn publish_raw(&self, channel: &str, json: Bytes) -> Result<(), Error> {
-        self.pool.publish(channel, json).await
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let receipt: Receipt = Box::new(move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        self.pool.publish(channel, json, Some(receipt)).await?;
+        rx.await.unwrap_or(Err(Error::NoBroker))
     }
 
     /// Stores `value` under `key`.

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Handler, PublishIn, PublishOut};
 use crate::auth;
-use crate::brokers::{BrokerPool, LINK_WAIT};
+use crate::brokers::{BrokerPool, LINK_WAIT, Receipt};
 pub use crate::handle::Socket;
 use crate::handle::{Peer, Services};
 use crate::hub::{self, Hub, Recipient};
@@ -624,14 +624,21 @@ impl Conversation {
             },
             Ok(PublishIn::Rewrite(value)) => Bytes::from(value.to_string()),
         };
-        let outcome = self.context.pool.publish(&request.channel, payload).await;
-        match (outcome, cid) {
-            (Ok(()), Some(cid)) => self.replies.push(protocol::encode_ack(cid)),
-            (Ok(()), None) => {}
-            (Err(e), _) => {
-                let message = format!("Failed to publish to the {} channel - {e}", request.channel);
-                fail(&mut self.replies, ErrorObject::new("BrokerError", message));
-            }
+        // The ack means the channel's broker has the message: it is sent when the broker
+        // confirms, or an error if the link to it fails first (docs/architecture.md).
+        let receipt = cid.map(|cid| {
+            let socket = self.socket.clone();
+            let cid: Box<RawValue> = cid.to_owned();
+            let channel = request.channel.to_string();
+            Box::new(move |outcome: Result<(), crate::error::Error>| {
+                socket.push_frame(match outcome {
+                    Ok(()) => protocol::encode_ack(&cid),
+                    Err(e) => protocol::encode_error(&cid, &publish_failed(&channel, &e)),
+                });
+            }) as Receipt
+        });
+        if let Err(e) = self.context.pool.publish(&request.channel, payload, receipt).await {
+            fail(&mut self.replies, publish_failed(&request.channel, &e));
         }
     }
 
@@ -699,6 +706,11 @@ fn violation(error: &tungstenite::Error) -> Option<End> {
         ) => Some(End::Close(CLOSE_PROTOCOL_ERROR, "WebSocket protocol error".into())),
         _ => None,
     }
+}
+
+/// The error a client gets for a publish the brokers did not take.
+fn publish_failed(channel: &str, error: &crate::error::Error) -> ErrorObject {
+    ErrorObject::new("BrokerError", format!("Failed to publish to the {channel} channel - {error}"))
 }
 
 fn before_handshake() -> End {
