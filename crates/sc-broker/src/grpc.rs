@@ -20,11 +20,11 @@ const MAX_BATCH: usize = 512;
 
 /// The gRPC service of one broker.
 #[derive(Debug, Clone)]
-pub struct BrokerService {
-    pub router: Arc<Router>,
-    pub exchange: Arc<Exchange>,
-    pub queue: usize,
-    pub shutdown: CancellationToken,
+pub(crate) struct BrokerService {
+    pub(crate) router: Arc<Router>,
+    pub(crate) exchange: Arc<Exchange>,
+    pub(crate) queue: usize,
+    pub(crate) shutdown: CancellationToken,
 }
 
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::DeliveryBatch, Status>> + Send>>;

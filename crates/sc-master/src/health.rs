@@ -24,31 +24,31 @@ use crate::central_log::CentralLog;
 use crate::registry::Registry;
 
 /// A member process: its id and pid.
-pub type Instance = (String, u32);
+pub(crate) type Instance = (String, u32);
 
 /// The health of every checked member process.
-pub type HealthMap = BTreeMap<Instance, Health>;
+pub(crate) type HealthMap = BTreeMap<Instance, Health>;
 
 /// What the checks say about one member process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Health {
+pub(crate) struct Health {
     /// Passing every check since then; `None` until the first pass and after a miss.
-    pub healthy_since: Option<Instant>,
+    pub(crate) healthy_since: Option<Instant>,
     /// Failed checks in a row.
-    pub misses: u32,
+    pub(crate) misses: u32,
 }
 
 /// The checker's settings and outputs.
 #[derive(Debug)]
-pub struct Checker {
-    pub registry: Arc<Registry>,
-    pub log: Arc<CentralLog>,
-    pub interval: Duration,
-    pub failures: u32,
+pub(crate) struct Checker {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) log: Arc<CentralLog>,
+    pub(crate) interval: Duration,
+    pub(crate) failures: u32,
     /// Members removed for failing their checks, for the supervisor to kill.
-    pub failed: mpsc::UnboundedSender<Instance>,
+    pub(crate) failed: mpsc::UnboundedSender<Instance>,
     /// The health of every registered member.
-    pub healthy: watch::Sender<HealthMap>,
+    pub(crate) healthy: watch::Sender<HealthMap>,
 }
 
 struct Target {
@@ -59,7 +59,7 @@ struct Target {
 
 impl Checker {
     /// Checks every member each interval until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut targets: HashMap<Instance, Target> = HashMap::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -33,8 +33,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sc_common::config::Config;
-use sc_common::daemon;
-use sc_common::membership::{Event, MasterLink, Member, Role};
+use sc_common::membership::{Event, Member, Role, default_id};
+use sc_common::{MasterLink, net};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -74,7 +74,7 @@ impl Worker {
 
     /// Binds a worker running the app `handler`.
     pub async fn bind_with(config: Config, handler: Arc<dyn Handler>) -> Result<Self, Error> {
-        let id = config.worker.id.clone().unwrap_or_else(|| daemon::default_id(Role::Worker));
+        let id = config.worker.id.clone().unwrap_or_else(|| default_id(Role::Worker));
         let worker = &config.worker;
         let key = if worker.auth_key.is_empty() && worker.auth_algorithm.starts_with("HS") {
             tracing::warn!(
@@ -96,12 +96,12 @@ impl Worker {
         let hub = Arc::new(hub::Hub::new(pool, handler.clone()));
         let trusted_proxies =
             proxies::TrustedProxies::parse(&config.worker.trusted_proxies).map_err(Error::Config)?;
-        let listener = daemon::bind(config.worker.listen).await?;
+        let listener = net::bind(config.worker.listen).await?;
         let unix = match &config.worker.unix_dir {
             Some(dir) => Some(bind_unix(dir, &id)?),
             None => None,
         };
-        let grpc = daemon::bind(config.worker.grpc_listen).await?;
+        let grpc = net::bind(config.worker.grpc_listen).await?;
         Ok(Self { config, id, listener, unix, grpc, trusted_proxies, hub, handler, auth })
     }
 
@@ -197,9 +197,9 @@ impl Worker {
             faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
         });
 
-        let (health_reporter, health) = daemon::health();
+        let (health_reporter, health) = net::health();
         let grpc = tonic::transport::Server::builder().add_service(health);
-        let grpc_task = tokio::spawn(daemon::serve_grpc(grpc, self.grpc, shutdown.clone()));
+        let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
 
         let (unix_listener, unix_path) = match self.unix {
             Some((listener, path)) => (Some(listener), Some(path)),
