@@ -79,11 +79,6 @@ impl Master {
     /// `config_file` is handed on to the children in supervise mode.
     pub async fn bind(mut config: Config, config_file: Option<&Path>) -> Result<Self, Error> {
         let supervise = config.master.mode == MasterMode::Supervise;
-        if !supervise && config.master.listen.port() == 0 {
-            return Err(Error::Config(
-                "master.listen: standalone mode needs a fixed port that daemons can be told".into(),
-            ));
-        }
         let programs = supervise.then(|| supervisor::Programs::find(&config)).transpose()?;
         if config.cluster.secret.is_empty() {
             config.cluster.secret = secret::generate();

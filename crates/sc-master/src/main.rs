@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sc_common::cli::{EXIT_FAILURE, EXIT_USAGE, exit};
-use sc_common::config::Config;
+use sc_common::config::{Config, MasterMode};
 use sc_common::{signal, telemetry};
 use sc_master::{Master, MasterError};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +53,11 @@ async fn main() -> ExitCode {
     if let Some(Command::PrintConfig) = cli.command {
         print!("{}", config.redacted().to_toml());
         return ExitCode::SUCCESS;
+    }
+    if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
+        // Fine for a library user who reads the bound address, not for daemons told a URL.
+        eprintln!("sc-master: master.listen: standalone mode needs a fixed port that daemons can be told");
+        return exit(EXIT_USAGE);
     }
     telemetry::init(config.cluster.log_format);
     let shutdown = CancellationToken::new();
