@@ -1,13 +1,13 @@
 //! sc-balancer: the cluster's public listener.
 //!
 //! It accepts client connections on `[balancer] listen` (SO_REUSEPORT, so that several
-//! balancers can share the port), ends TLS when `[balancer] tls_cert` is set ([`tls`]; SIGHUP
+//! balancers can share the port), ends TLS when `[balancer] tls_cert` is set (`tls`; SIGHUP
 //! reloads the certificate), picks a worker by rendezvous hashing of the client IP over the
 //! live workers (so a client keeps its worker while the membership is unchanged, and only the
 //! clients of a worker that leaves move), connects to it (over its Unix socket when the worker
 //! has one on this host, else TCP; the next worker in rendezvous order if it refuses), writes a
 //! PROXY v2 header with the real client address and the TLS flag, and then forwards bytes both
-//! ways without parsing them ([`forward`]). It watches the worker membership through the master
+//! ways without parsing them (`forward`). It watches the worker membership through the master
 //! and serves grpc.health.v1.
 //!
 //! Entry points: [`Balancer::bind`], then [`Balancer::serve`].

@@ -31,8 +31,6 @@ pub mod signal;
 pub mod size;
 pub mod telemetry;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 pub use config::Config;
 pub use master_link::{MasterLink, deregister};
 pub use membership::{Member, Membership, Role};
@@ -66,7 +64,7 @@ pub enum Error {
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -1,7 +1,7 @@
 //! The cluster secret that authenticates internal gRPC calls.
 //!
 //! Every master and broker call carries `authorization: Bearer <secret>`. Servers check it with
-//! [`check`] (a tonic interceptor); clients add it with [`Attach`]. Health checks are not
+//! [`Check`] (a tonic interceptor); clients add it with [`Attach`]. Health checks are not
 //! authenticated: they reveal nothing and must work for any orchestrator.
 
 use tonic::metadata::MetadataValue;

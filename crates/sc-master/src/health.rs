@@ -3,7 +3,7 @@
 //! A member that fails `[master] health_failures` checks in a row (no answer within the
 //! interval, an error, or NOT_SERVING) leaves the membership; in supervise mode the supervisor
 //! is told, kills it and respawns it. The health of every checked member (healthy since when,
-//! misses in a row) is published on a watch channel for the "cluster ready" line, the
+//! misses in a row) is published on a watch channel for the ready signal (`Master::ready`), the
 //! supervisor (backoff reset, rolling restart) and the status API.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
