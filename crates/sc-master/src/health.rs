@@ -51,6 +51,17 @@ pub(crate) struct Checker {
     pub(crate) healthy: watch::Sender<HealthMap>,
 }
 
+/// Why one health check failed.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailed {
+    #[error("not serving")]
+    NotServing,
+    #[error("{}", .0.message())]
+    Refused(tonic::Status),
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+}
+
 struct Target {
     grpc: String,
     client: HealthClient<Channel>,
@@ -95,9 +106,9 @@ impl Checker {
                 let outcome = tokio::time::timeout(timeout, target.client.check(request)).await;
                 let verdict = match outcome {
                     Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
-                    Ok(Ok(_)) => Err("not serving".to_owned()),
-                    Ok(Err(status)) => Err(status.message().to_owned()),
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                    Ok(Ok(_)) => Err(CheckFailed::NotServing),
+                    Ok(Err(status)) => Err(CheckFailed::Refused(status)),
+                    Err(_) => Err(CheckFailed::NoAnswer(timeout)),
                 };
                 (instance, target, verdict)
             });
