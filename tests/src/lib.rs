@@ -4,6 +4,7 @@
 //! The binaries are taken from `SC_TEST_BIN_DIR`, or else from the cargo target folder these
 //! tests run from; `cargo build --workspace` must have built them (tests/run.sh does).
 
+#![allow(unsafe_code)] // removed by helper B
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, SocketAddr};

@@ -29,7 +29,7 @@ use tokio::io::{Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
 
 /// How long a connection stays up once one direction has ended.
-pub const HALF_CLOSED_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const HALF_CLOSED_LINGER: Duration = Duration::from_secs(2);
 
 /// Size of a copy buffer.
 const BUFFER: usize = 16 * 1024;
@@ -41,7 +41,7 @@ thread_local! {
 }
 
 /// A non-blocking socket the forwarder can wait on: tokio's TCP and Unix streams.
-pub trait Stream: AsFd + Sync {
+pub(crate) trait Stream: AsFd + Sync {
     /// Waits until the socket is ready for `interest`.
     fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<Ready>> + Send;
     /// A read that fails with `WouldBlock` (and clears the readiness) when nothing is there.
@@ -121,7 +121,7 @@ impl<S: Stream> Write for TryIo<'_, S> {
 /// Forwards both ways until both directions reached end of stream (or one failed), or
 /// [`HALF_CLOSED_LINGER`] after the first end of stream. Returns the bytes sent (client to
 /// worker, worker to client).
-pub async fn forward<C: Stream, W: Stream>(client: &C, worker: &W) -> io::Result<(u64, u64)> {
+pub(crate) async fn forward<C: Stream, W: Stream>(client: &C, worker: &W) -> io::Result<(u64, u64)> {
     forward_with_linger(client, worker, HALF_CLOSED_LINGER).await
 }
 
@@ -178,7 +178,7 @@ async fn pump<F: Stream, T: Stream>(from: &F, to: &T, total: &AtomicU64) -> io::
 }
 
 /// Writes all of `bytes`, waiting for writability as needed.
-pub async fn write_all<S: Stream>(to: &S, mut bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all<S: Stream>(to: &S, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match to.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -196,7 +196,7 @@ pub async fn write_all<S: Stream>(to: &S, mut bytes: &[u8]) -> io::Result<()> {
 /// worker, with the same end-of-stream and linger rules as [`forward`]. The client's
 /// close_notify (or a bare end of stream) half-closes the worker; the worker's end of stream
 /// sends close_notify and then half-closes the client.
-pub async fn forward_tls<W: Stream>(
+pub(crate) async fn forward_tls<W: Stream>(
     client: &TcpStream,
     tls: &mut ServerConnection,
     worker: &W,

@@ -1,33 +1,33 @@
 //! sc-balancer: the cluster's public listener.
 //!
 //! It accepts client connections on `[balancer] listen` (SO_REUSEPORT, so that several
-//! balancers can share the port), ends TLS when `[balancer] tls_cert` is set ([`tls`]; SIGHUP
+//! balancers can share the port), ends TLS when `[balancer] tls_cert` is set (`tls`; SIGHUP
 //! reloads the certificate), picks a worker by rendezvous hashing of the client IP over the
 //! live workers (so a client keeps its worker while the membership is unchanged, and only the
 //! clients of a worker that leaves move), connects to it (over its Unix socket when the worker
 //! has one on this host, else TCP; the next worker in rendezvous order if it refuses), writes a
 //! PROXY v2 header with the real client address and the TLS flag, and then forwards bytes both
-//! ways without parsing them ([`forward`]). It watches the worker membership through the master
+//! ways without parsing them (`forward`). It watches the worker membership through the master
 //! and serves grpc.health.v1.
 //!
 //! Entry points: [`Balancer::bind`], then [`Balancer::serve`].
 
-pub mod forward;
-pub mod tls;
+#![warn(missing_docs)]
+
+mod forward;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sc_common::config::Config;
-use sc_common::membership::{Event, MasterLink, Member, Membership, Role};
-use sc_common::{Error, daemon, proxy_protocol, rendezvous};
+use sc_common::membership::{Event, Member, Membership, Role, default_id};
+use sc_common::{Error, MasterLink, net, proxy_protocol, rendezvous, signal};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-pub use tls::TlsError;
 
 /// The listen queue of the public listener: a burst of reconnecting clients (a worker drained,
 /// a balancer restarted) waits there instead of being refused.
@@ -45,12 +45,12 @@ pub struct Balancer {
 
 /// A worker a connection can go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub id: String,
+struct Target {
+    id: String,
     /// TCP "host:port".
-    pub addr: String,
+    addr: String,
     /// Its Unix socket path; empty if none.
-    pub unix: String,
+    unix: String,
 }
 
 /// What every connection task shares.
@@ -71,7 +71,7 @@ impl Balancer {
     /// Loads the TLS certificate (if configured), binds the public listener (`[balancer]
     /// listen`, SO_REUSEPORT) and the gRPC health listener (`[balancer] grpc_listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
-        let id = config.balancer.id.clone().unwrap_or_else(|| daemon::default_id(Role::Balancer));
+        let id = config.balancer.id.clone().unwrap_or_else(|| default_id(Role::Balancer));
         let tls = match (&config.balancer.tls_cert, &config.balancer.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(
                 tls::Certificates::load(cert, key)
@@ -79,8 +79,8 @@ impl Balancer {
             )),
             _ => None,
         };
-        let listener = daemon::bind_shared(config.balancer.listen, BACKLOG)?;
-        let grpc = daemon::bind(config.balancer.grpc_listen).await?;
+        let listener = net::bind_shared(config.balancer.listen, BACKLOG)?;
+        let grpc = net::bind(config.balancer.grpc_listen).await?;
         Ok(Self { config, id, listener, grpc, tls })
     }
 
@@ -119,9 +119,9 @@ impl Balancer {
             }
         };
 
-        let (health_reporter, health) = daemon::health();
+        let (health_reporter, health) = net::health();
         let grpc = tonic::transport::Server::builder().add_service(health);
-        let grpc_task = tokio::spawn(daemon::serve_grpc(grpc, self.grpc, shutdown.clone()));
+        let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
         tokio::spawn(reload_on_sighup(self.tls.clone(), shutdown.clone()));
 
         let shared = Arc::new(Shared {
@@ -145,34 +145,23 @@ impl Balancer {
                 },
                 None => None,
             };
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((client, remote)) => {
-                    let (workers, shared) = (workers.clone(), shared.clone());
-                    match &self.tls {
-                        Some(certificates) => {
-                            let task = handle_tls(client, remote, workers, shared, certificates.current());
-                            tracker.spawn(async move {
-                                task.await;
-                                drop(permit);
-                            });
-                        }
-                        None => {
-                            let task = handle_plain(client, remote, workers, shared);
-                            tracker.spawn(async move {
-                                task.await;
-                                drop(permit);
-                            });
-                        }
-                    }
+            let listener = &self.listener;
+            let Some((client, remote)) = net::accept(|| listener.accept(), &shutdown).await else { break };
+            let (workers, shared) = (workers.clone(), shared.clone());
+            match &self.tls {
+                Some(certificates) => {
+                    let task = handle_tls(client, remote, workers, shared, certificates.current());
+                    tracker.spawn(async move {
+                        task.await;
+                        drop(permit);
+                    });
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                None => {
+                    let task = handle_plain(client, remote, workers, shared);
+                    tracker.spawn(async move {
+                        task.await;
+                        drop(permit);
+                    });
                 }
             }
         }
@@ -190,7 +179,7 @@ impl Balancer {
 }
 
 /// The workers in rendezvous order for a client IP: the owner first, then the fallbacks.
-pub fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target> {
+fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target> {
     let workers: Vec<&Member> = membership.with_role(Role::Worker).collect();
     let key = client.ip().to_string();
     let ids = rendezvous::ranked(workers.iter().map(|m| m.id.as_str()), key.as_bytes());
@@ -204,7 +193,7 @@ pub fn ranked_targets(membership: &Membership, client: SocketAddr) -> Vec<Target
 /// TLS the signal is ignored (the master passes SIGHUP on to every balancer, and its default
 /// action would end the process).
 async fn reload_on_sighup(certificates: Option<Arc<tls::Certificates>>, shutdown: CancellationToken) {
-    daemon::on_each_signal(tokio::signal::unix::SignalKind::hangup(), "SIGHUP", shutdown, || {
+    signal::on_each_signal(tokio::signal::unix::SignalKind::hangup(), "SIGHUP", shutdown, || {
         let Some(certificates) = &certificates else {
             tracing::debug!("sighup without tls: nothing to reload");
             return;

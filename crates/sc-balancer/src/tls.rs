@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// What can go wrong with the certificate or key.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A PEM file could not be read or holds nothing usable.
     #[error("{path}: {reason}")]
     Pem { path: String, reason: String },
@@ -27,7 +27,7 @@ pub enum TlsError {
 
 /// The files and the current server configuration built from them.
 #[derive(Debug)]
-pub struct Certificates {
+pub(crate) struct Certificates {
     cert: PathBuf,
     key: PathBuf,
     /// std RwLock: read (an Arc clone) once per handshake, written on SIGHUP; never held
@@ -37,18 +37,18 @@ pub struct Certificates {
 
 impl Certificates {
     /// Loads the pair; an error names the file.
-    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+    pub(crate) fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let config = server_config(cert, key)?;
         Ok(Self { cert: cert.to_owned(), key: key.to_owned(), current: RwLock::new(config) })
     }
 
     /// The configuration for a new handshake.
-    pub fn current(&self) -> Arc<ServerConfig> {
+    pub(crate) fn current(&self) -> Arc<ServerConfig> {
         self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Reads the files again; on error the previous pair stays in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let config = server_config(&self.cert, &self.key)?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
         Ok(())
@@ -56,7 +56,7 @@ impl Certificates {
 }
 
 /// A rustls server configuration (ring provider, TLS 1.2 and 1.3, ALPN http/1.1) for the pair.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let pem = |path: &Path, reason: String| TlsError::Pem { path: path.display().to_string(), reason };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| pem(cert, e.to_string()))?

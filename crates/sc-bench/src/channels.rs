@@ -20,46 +20,46 @@ use crate::sink::Sink;
 use crate::stats::{Summary, summarize};
 
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct Params {
+pub(crate) struct Params {
     /// Sockets, each on its own channel plus the shared one.
     #[arg(long, default_value_t = 1000)]
-    pub sockets: usize,
+    pub(crate) sockets: usize,
     /// Publishes per second to the sockets' own channels, over all sockets.
     #[arg(long, default_value_t = 5000.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Publishes per second to the shared channel (each reaches every socket).
     #[arg(long, default_value_t = 10.0)]
-    pub shared_rate: f64,
+    pub(crate) shared_rate: f64,
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
+    pub(crate) duration: f64,
     #[arg(long, default_value_t = 64)]
-    pub payload: usize,
+    pub(crate) payload: usize,
     /// Seconds without a delivery after which the bench stops waiting.
     #[arg(long, default_value_t = 5.0)]
-    pub stall: f64,
+    pub(crate) stall: f64,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub connect_seconds: f64,
-    pub own_sent: u64,
-    pub shared_sent: u64,
-    pub expected: u64,
-    pub delivered: u64,
-    pub lost: u64,
-    pub errors: u64,
-    pub closes: std::collections::BTreeMap<String, u64>,
-    pub seconds: f64,
-    pub deliveries_per_sec: f64,
-    pub latency: Summary,
-    pub server_cpu_sec: f64,
-    pub server_cpu_us_per_delivery: f64,
-    pub server_rss_kb_after: u64,
-    pub client_cpu_sec: f64,
+pub(crate) struct Outcome {
+    pub(crate) connect_seconds: f64,
+    pub(crate) own_sent: u64,
+    pub(crate) shared_sent: u64,
+    pub(crate) expected: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lost: u64,
+    pub(crate) errors: u64,
+    pub(crate) closes: std::collections::BTreeMap<String, u64>,
+    pub(crate) seconds: f64,
+    pub(crate) deliveries_per_sec: f64,
+    pub(crate) latency: Summary,
+    pub(crate) server_cpu_sec: f64,
+    pub(crate) server_cpu_us_per_delivery: f64,
+    pub(crate) server_rss_kb_after: u64,
+    pub(crate) client_cpu_sec: f64,
 }
 
-pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
     let counters = Arc::new(Counters::default());
     let _progress = Progress::start("channels", Arc::clone(&counters), quiet);
     let sink = Sink::new(Arc::clone(&counters));

@@ -16,47 +16,47 @@ use tokio::task::JoinSet;
 
 /// Where to connect and how; shared by every scenario.
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct Target {
+pub(crate) struct Target {
     /// WebSocket URL of the server (ws://; wss:// needs TLS support in sc-client).
     #[arg(long, default_value = "ws://127.0.0.1:8000/socketcluster/")]
-    pub url: String,
+    pub(crate) url: String,
     /// Wire protocol: 1 (socketcluster v14 line) or 2 (v17-v20).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
-    pub protocol: u8,
+    pub(crate) protocol: u8,
     /// Spread clients over this many loopback source addresses (127.0.0.1, .2, ...): the sc-rs
     /// balancer hashes by client IP, so this spreads them over workers.
     #[arg(long, default_value_t = 1)]
-    pub source_ips: u8,
+    pub(crate) source_ips: u8,
     /// Root pid of the server under test; its whole process tree is sampled for RSS and CPU.
     #[arg(long)]
-    pub pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
     /// Handshakes in flight while connecting many clients.
     #[arg(long, default_value_t = 100)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// A name for the server in the JSON (e.g. "sc-rs 1w1b" or "sc20").
     #[arg(long, default_value = "server")]
-    pub label: String,
+    pub(crate) label: String,
 }
 
 /// Counters the progress line shows; scenarios bump them from any task.
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
-    pub errors: AtomicU64,
-    pub connected: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) connected: AtomicU64,
 }
 
 /// Prints the progress line every half second until dropped.
 #[derive(Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     stop: Arc<AtomicBool>,
     task: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Target {
     /// The client configuration for the `index`-th client.
-    pub fn client_config(&self, index: usize) -> ClientConfig {
+    pub(crate) fn client_config(&self, index: usize) -> ClientConfig {
         let protocol = if self.protocol == 1 { ProtocolVersion::V1 } else { ProtocolVersion::V2 };
         let mut config = ClientConfig::new(self.url.clone()).with_protocol(protocol);
         if self.source_ips > 1 {
@@ -70,7 +70,11 @@ impl Target {
     /// Connects `n` clients, `concurrency` handshakes at a time; returns them in index order.
     /// Fails on the first connection that fails: a bench with missing clients measures
     /// something else.
-    pub async fn connect_many(&self, n: usize, counters: &Counters) -> anyhow::Result<Vec<(Client, Events)>> {
+    pub(crate) async fn connect_many(
+        &self,
+        n: usize,
+        counters: &Counters,
+    ) -> anyhow::Result<Vec<(Client, Events)>> {
         let gate = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut set = JoinSet::new();
         for index in 0..n {
@@ -94,29 +98,29 @@ impl Target {
 }
 
 /// Microseconds since the Unix epoch; publisher and subscribers share this host's clock.
-pub fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// A payload of about `size` bytes of JSON: `{"t":<us>,"s":<seq>,"p":"xxx"}`.
-pub fn payload(t_us: u64, seq: u64, pad: &str) -> String {
+pub(crate) fn payload(t_us: u64, seq: u64, pad: &str) -> String {
     format!("{{\"t\":{t_us},\"s\":{seq},\"p\":\"{pad}\"}}")
 }
 
 /// Padding that brings [`payload`] to about `size` bytes.
-pub fn padding(size: usize) -> String {
+pub(crate) fn padding(size: usize) -> String {
     "x".repeat(size.saturating_sub(40))
 }
 
 /// The send timestamp of a [`payload`], found without parsing the JSON.
-pub fn timestamp_of(json: &str) -> Option<u64> {
+pub(crate) fn timestamp_of(json: &str) -> Option<u64> {
     let start = json.find("\"t\":")? + 4;
     let digits = json[start..].bytes().take_while(u8::is_ascii_digit).count();
     json[start..start + digits].parse().ok()
 }
 
 /// `uptime`'s load averages, recorded with every result since the machine is shared.
-pub fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -125,7 +129,7 @@ pub fn load_average() -> String {
 impl Progress {
     /// Starts printing `scenario` progress to stderr (a carriage-return line on a terminal, a
     /// line every 5 s otherwise); `quiet` prints nothing.
-    pub fn start(scenario: &'static str, counters: Arc<Counters>, quiet: bool) -> Self {
+    pub(crate) fn start(scenario: &'static str, counters: Arc<Counters>, quiet: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         if quiet {
             return Self { stop, task: None };

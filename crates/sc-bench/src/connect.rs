@@ -16,28 +16,28 @@ use crate::procs;
 use crate::stats::{Sharded, Summary, summarize};
 
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct Params {
+pub(crate) struct Params {
     #[arg(long, default_value_t = 5000)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// PEM file of the CA that signed the server's certificate, for wss:// URLs.
     #[arg(long)]
-    pub ca: Option<std::path::PathBuf>,
+    pub(crate) ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub connections: usize,
-    pub ok: u64,
-    pub errors: u64,
-    pub first_error: Option<String>,
-    pub seconds: f64,
-    pub handshakes_per_sec: f64,
-    pub latency: Summary,
-    pub server_cpu_sec: f64,
-    pub server_cpu_us_per_handshake: f64,
+pub(crate) struct Outcome {
+    pub(crate) connections: usize,
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) seconds: f64,
+    pub(crate) handshakes_per_sec: f64,
+    pub(crate) latency: Summary,
+    pub(crate) server_cpu_sec: f64,
+    pub(crate) server_cpu_us_per_handshake: f64,
 }
 
-pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
     anyhow::ensure!(
         !target.url.starts_with("wss://"),
         "wss:// is not supported yet: sc-client has no TLS connector (--ca {:?} is accepted for when it does)",

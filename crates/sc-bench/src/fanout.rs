@@ -23,60 +23,60 @@ use crate::sink::Sink;
 use crate::stats::{Summary, summarize};
 
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct Params {
+pub(crate) struct Params {
     /// Subscribers on the channel.
     #[arg(long, default_value_t = 1000)]
-    pub subscribers: usize,
+    pub(crate) subscribers: usize,
     /// Messages the publisher sends.
     #[arg(long, default_value_t = 2000)]
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Publishes per second; 0 = as fast as the deliveries allow (see --window).
     #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Burst mode: how many messages the publisher may run ahead of the average subscriber;
     /// 0 floods without limit.
     #[arg(long, default_value_t = 64)]
-    pub window: u64,
+    pub(crate) window: u64,
     /// Payload size in bytes (JSON with a timestamp and padding).
     #[arg(long, default_value_t = 64)]
-    pub payload: usize,
+    pub(crate) payload: usize,
     /// The channel name.
     #[arg(long, default_value = "bench")]
-    pub channel: String,
+    pub(crate) channel: String,
     /// Give up waiting for deliveries after this many seconds without one.
     #[arg(long, default_value_t = 5.0)]
-    pub stall: f64,
+    pub(crate) stall: f64,
     /// Hard bound on the publish-and-deliver phase, in seconds.
     #[arg(long, default_value_t = 120.0)]
-    pub timeout: f64,
+    pub(crate) timeout: f64,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub connect_seconds: f64,
-    pub sent: u64,
-    pub expected: u64,
-    pub delivered: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub errors: u64,
-    pub closes: std::collections::BTreeMap<String, u64>,
-    pub publish_seconds: f64,
+pub(crate) struct Outcome {
+    pub(crate) connect_seconds: f64,
+    pub(crate) sent: u64,
+    pub(crate) expected: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) errors: u64,
+    pub(crate) closes: std::collections::BTreeMap<String, u64>,
+    pub(crate) publish_seconds: f64,
     /// First publish to last delivery.
-    pub seconds: f64,
-    pub deliveries_per_sec: f64,
-    pub latency: Summary,
-    pub server_cpu_sec: f64,
+    pub(crate) seconds: f64,
+    pub(crate) deliveries_per_sec: f64,
+    pub(crate) latency: Summary,
+    pub(crate) server_cpu_sec: f64,
     /// Server CPU seconds by program name (sc-worker, sc-balancer, sc-broker, node).
-    pub server_cpu_by_program: std::collections::BTreeMap<String, f64>,
-    pub server_cpu_us_per_delivery: f64,
-    pub server_rss_kb_before: u64,
-    pub server_rss_kb_after: u64,
-    pub server_processes: usize,
-    pub client_cpu_sec: f64,
+    pub(crate) server_cpu_by_program: std::collections::BTreeMap<String, f64>,
+    pub(crate) server_cpu_us_per_delivery: f64,
+    pub(crate) server_rss_kb_before: u64,
+    pub(crate) server_rss_kb_after: u64,
+    pub(crate) server_processes: usize,
+    pub(crate) client_cpu_sec: f64,
 }
 
-pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
     let counters = Arc::new(Counters::default());
     let _progress = Progress::start("fanout", Arc::clone(&counters), quiet);
     let sink = Sink::new(Arc::clone(&counters));

@@ -24,7 +24,7 @@ const WARM_UP: usize = 10;
 
 #[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Subscribe {
+pub(crate) enum Subscribe {
     /// No channel.
     None,
     /// Every connection on one channel.
@@ -34,33 +34,33 @@ pub enum Subscribe {
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct Params {
+pub(crate) struct Params {
     #[arg(long, default_value_t = 5000)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     #[arg(long, value_enum, default_value_t = Subscribe::None)]
-    pub subscribe: Subscribe,
+    pub(crate) subscribe: Subscribe,
     /// Seconds to wait after connecting, before measuring.
     #[arg(long, default_value_t = 3.0)]
-    pub settle: f64,
+    pub(crate) settle: f64,
     /// `http://host:port/path` to GET before each sample (forces a GC in the Node peers).
     #[arg(long)]
-    pub gc_url: Option<String>,
+    pub(crate) gc_url: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub connections: usize,
-    pub alive: usize,
-    pub connect_seconds: f64,
-    pub connects_per_sec: f64,
-    pub server_processes: usize,
-    pub server_rss_kb_before: u64,
-    pub server_rss_kb_after: u64,
-    pub rss_kb_per_connection: f64,
-    pub client_rss_kb: u64,
+pub(crate) struct Outcome {
+    pub(crate) connections: usize,
+    pub(crate) alive: usize,
+    pub(crate) connect_seconds: f64,
+    pub(crate) connects_per_sec: f64,
+    pub(crate) server_processes: usize,
+    pub(crate) server_rss_kb_before: u64,
+    pub(crate) server_rss_kb_after: u64,
+    pub(crate) rss_kb_per_connection: f64,
+    pub(crate) client_rss_kb: u64,
 }
 
-pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
     anyhow::ensure!(target.pid.is_some(), "idle needs --pid (the server's root process)");
     let counters = Arc::new(Counters::default());
     let _progress = Progress::start("idle", Arc::clone(&counters), quiet);

@@ -8,15 +8,15 @@ use serde::Serialize;
 
 /// Resident memory and CPU time of a process tree at one moment.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Sample {
-    pub processes: usize,
-    pub rss_kb: u64,
+pub(crate) struct Sample {
+    pub(crate) processes: usize,
+    pub(crate) rss_kb: u64,
     /// User plus system CPU seconds since each process started.
-    pub cpu_sec: f64,
+    pub(crate) cpu_sec: f64,
 }
 
 /// `root` and every descendant that is alive now.
-pub fn tree(root: u32) -> Vec<u32> {
+pub(crate) fn tree(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = fs::read_dir("/proc") {
         for entry in dir.flatten() {
@@ -42,7 +42,7 @@ pub fn tree(root: u32) -> Vec<u32> {
 }
 
 /// RSS and CPU summed over the tree of `root`; zero when `root` is `None`.
-pub fn sample(root: Option<u32>) -> Sample {
+pub(crate) fn sample(root: Option<u32>) -> Sample {
     let Some(root) = root else { return Sample::default() };
     let pids = tree(root);
     let ticks = clock_ticks();
@@ -60,7 +60,7 @@ pub fn sample(root: Option<u32>) -> Sample {
 
 /// CPU seconds of each process in the tree of `root`, summed by program name (sc-worker,
 /// sc-balancer, node...): where the server's time goes.
-pub fn cpu_by_program(root: Option<u32>) -> BTreeMap<String, f64> {
+pub(crate) fn cpu_by_program(root: Option<u32>) -> BTreeMap<String, f64> {
     let mut by = BTreeMap::new();
     let Some(root) = root else { return by };
     let ticks = clock_ticks();
@@ -76,12 +76,15 @@ pub fn cpu_by_program(root: Option<u32>) -> BTreeMap<String, f64> {
 }
 
 /// The difference `after - before` per program.
-pub fn cpu_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+pub(crate) fn cpu_delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
     after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0))).collect()
 }
 
 /// The bench process's own CPU seconds (user + system).
-pub fn self_cpu_sec() -> f64 {
+pub(crate) fn self_cpu_sec() -> f64 {
     let ticks = clock_ticks();
     stat_fields(std::process::id())
         .map(|f| {

@@ -16,36 +16,36 @@ use crate::procs;
 use crate::stats::{Summary, histogram, record, summarize};
 
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct Params {
+pub(crate) struct Params {
     #[arg(long, default_value_t = 50)]
-    pub clients: usize,
+    pub(crate) clients: usize,
     /// Invokes outstanding per client.
     #[arg(long, default_value_t = 1)]
-    pub inflight: usize,
+    pub(crate) inflight: usize,
     /// Seconds of invoking.
     #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
+    pub(crate) duration: f64,
     /// The procedure to call; it must answer with its data.
     #[arg(long, default_value = "echo")]
-    pub procedure: String,
+    pub(crate) procedure: String,
     #[arg(long, default_value_t = 64)]
-    pub payload: usize,
+    pub(crate) payload: usize,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub calls: u64,
-    pub errors: u64,
-    pub first_error: Option<String>,
-    pub seconds: f64,
-    pub calls_per_sec: f64,
-    pub latency: Summary,
-    pub server_cpu_sec: f64,
-    pub server_cpu_us_per_call: f64,
-    pub client_cpu_sec: f64,
+pub(crate) struct Outcome {
+    pub(crate) calls: u64,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) seconds: f64,
+    pub(crate) calls_per_sec: f64,
+    pub(crate) latency: Summary,
+    pub(crate) server_cpu_sec: f64,
+    pub(crate) server_cpu_us_per_call: f64,
+    pub(crate) client_cpu_sec: f64,
 }
 
-pub async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
     let counters = Arc::new(Counters::default());
     let _progress = Progress::start("rpc", Arc::clone(&counters), quiet);
     let clients = target.connect_many(p.clients, &counters).await?;

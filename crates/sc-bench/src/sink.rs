@@ -17,21 +17,21 @@ const BATCH: usize = 256;
 
 /// What the subscriber tasks share.
 #[derive(Debug)]
-pub struct Sink {
-    pub counters: Arc<Counters>,
-    pub latency: Sharded,
+pub(crate) struct Sink {
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) latency: Sharded,
     /// Unix us of the latest delivery, for the end of the measured interval.
-    pub last_delivery_us: AtomicU64,
+    pub(crate) last_delivery_us: AtomicU64,
     /// Set before the bench closes its clients, so those closes are not errors.
-    pub stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     /// Close codes of connections the server ended during the run.
-    pub closes: Mutex<BTreeMap<String, u64>>,
+    pub(crate) closes: Mutex<BTreeMap<String, u64>>,
     /// Signalled after every drained batch; a windowed publisher waits on it.
-    pub progress: Notify,
+    pub(crate) progress: Notify,
 }
 
 impl Sink {
-    pub fn new(counters: Arc<Counters>) -> Arc<Self> {
+    pub(crate) fn new(counters: Arc<Counters>) -> Arc<Self> {
         Arc::new(Self {
             counters,
             latency: Sharded::new(),
@@ -43,7 +43,7 @@ impl Sink {
     }
 
     /// Drains `events` until the connection ends; returns how many publishes arrived.
-    pub async fn consume(self: Arc<Self>, mut events: Events, index: usize) -> u64 {
+    pub(crate) async fn consume(self: Arc<Self>, mut events: Events, index: usize) -> u64 {
         let mut batch = Vec::with_capacity(BATCH);
         let mut latencies = Vec::with_capacity(BATCH);
         let mut received = 0u64;
@@ -85,7 +85,7 @@ impl Sink {
     }
 
     /// The close codes seen, by code.
-    pub fn closes(&self) -> BTreeMap<String, u64> {
+    pub(crate) fn closes(&self) -> BTreeMap<String, u64> {
         self.closes.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }

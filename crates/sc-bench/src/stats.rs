@@ -18,36 +18,36 @@ const SHARDS: usize = 16;
 
 /// p50/p90/p99/max of a histogram, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Summary {
-    pub count: u64,
-    pub mean_ms: f64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+pub(crate) struct Summary {
+    pub(crate) count: u64,
+    pub(crate) mean_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p90_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) p999_ms: f64,
+    pub(crate) max_ms: f64,
 }
 
 /// A histogram split into shards that tasks record into by index.
 #[derive(Debug)]
-pub struct Sharded {
+pub(crate) struct Sharded {
     shards: Vec<Mutex<Histogram<u64>>>,
 }
 
 /// A new empty latency histogram (us).
-pub fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Start-up invariant: the bounds are valid constants.
     #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds")
 }
 
 /// Records `us`, clamped into the histogram's range.
-pub fn record(h: &mut Histogram<u64>, us: u64) {
+pub(crate) fn record(h: &mut Histogram<u64>, us: u64) {
     h.saturating_record(us.clamp(1, MAX_US));
 }
 
 /// The summary of `h`.
-pub fn summarize(h: &Histogram<u64>) -> Summary {
+pub(crate) fn summarize(h: &Histogram<u64>) -> Summary {
     if h.is_empty() {
         return Summary::default();
     }
@@ -64,12 +64,12 @@ pub fn summarize(h: &Histogram<u64>) -> Summary {
 }
 
 impl Sharded {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { shards: (0..SHARDS).map(|_| Mutex::new(histogram())).collect() }
     }
 
     /// Records a batch of latencies (us) into the shard for `index`, under one lock.
-    pub fn record_all(&self, index: usize, values: &[u64]) {
+    pub(crate) fn record_all(&self, index: usize, values: &[u64]) {
         if values.is_empty() {
             return;
         }
@@ -80,7 +80,7 @@ impl Sharded {
     }
 
     /// All shards merged.
-    pub fn merged(&self) -> Histogram<u64> {
+    pub(crate) fn merged(&self) -> Histogram<u64> {
         let mut all = histogram();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);

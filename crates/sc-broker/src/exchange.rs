@@ -7,13 +7,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use sc_common::now_ms;
 use serde_json::Value;
 
 /// The key/value store of one broker.
 #[derive(Debug, Default)]
-pub struct Exchange {
+pub(crate) struct Exchange {
     /// std Mutex: every operation is a few map accesses, never held across await.
     data: Mutex<HashMap<String, Entry>>,
 }
@@ -27,7 +27,7 @@ struct Entry {
 
 /// Why an operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ExchangeError {
+pub(crate) enum ExchangeError {
     #[error("value is not valid JSON: {0}")]
     BadJson(String),
     #[error("the value under {0:?} is not a list")]
@@ -36,26 +36,26 @@ pub enum ExchangeError {
 
 impl Exchange {
     /// Stores `value` (JSON text) under `key`, replacing it and any expiry.
-    pub fn set(&self, key: String, value: &[u8]) -> Result<(), ExchangeError> {
+    pub(crate) fn set(&self, key: String, value: &[u8]) -> Result<(), ExchangeError> {
         let value = parse(value)?;
         self.lock().insert(key, Entry { value, expires_at: None });
         Ok(())
     }
 
     /// The value under `key`, as JSON text.
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+    pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.with_live(key, |entry| entry.map(|e| to_json(&e.value)))
     }
 
     /// Removes `key`, returning its value as JSON text.
-    pub fn remove(&self, key: &str) -> Option<Vec<u8>> {
+    pub(crate) fn remove(&self, key: &str) -> Option<Vec<u8>> {
         let mut data = self.lock();
         let entry = data.remove(key)?;
         (!expired(&entry)).then(|| to_json(&entry.value))
     }
 
     /// Appends `value` to the list under `key` (creating it); returns its index.
-    pub fn add(&self, key: String, value: &[u8]) -> Result<u64, ExchangeError> {
+    pub(crate) fn add(&self, key: String, value: &[u8]) -> Result<u64, ExchangeError> {
         let value = parse(value)?;
         let mut data = self.lock();
         if data.get(&key).is_some_and(expired) {
@@ -74,7 +74,12 @@ impl Exchange {
     }
 
     /// The slice `[start, end)` of the list under `key` as a JSON array text.
-    pub fn get_range(&self, key: &str, start: i64, end: Option<i64>) -> Result<Vec<u8>, ExchangeError> {
+    pub(crate) fn get_range(
+        &self,
+        key: &str,
+        start: i64,
+        end: Option<i64>,
+    ) -> Result<Vec<u8>, ExchangeError> {
         self.with_live(key, |entry| match entry.map(|e| &e.value) {
             None => Ok(b"[]".to_vec()),
             Some(Value::Array(list)) => {
@@ -86,7 +91,12 @@ impl Exchange {
     }
 
     /// Removes the slice `[start, end)` of the list under `key`; returns it as a JSON array.
-    pub fn remove_range(&self, key: &str, start: i64, end: Option<i64>) -> Result<Vec<u8>, ExchangeError> {
+    pub(crate) fn remove_range(
+        &self,
+        key: &str,
+        start: i64,
+        end: Option<i64>,
+    ) -> Result<Vec<u8>, ExchangeError> {
         let mut data = self.lock();
         if data.get(key).is_some_and(expired) {
             data.remove(key);
@@ -102,7 +112,7 @@ impl Exchange {
     }
 
     /// Elements of the list, or keys of the object, under `key`; 1 for any other value, 0 if absent.
-    pub fn count(&self, key: &str) -> u64 {
+    pub(crate) fn count(&self, key: &str) -> u64 {
         self.with_live(key, |entry| match entry.map(|e| &e.value) {
             None => 0,
             Some(Value::Array(list)) => list.len() as u64,
@@ -112,28 +122,28 @@ impl Exchange {
     }
 
     /// Whether `key` exists.
-    pub fn has_key(&self, key: &str) -> bool {
+    pub(crate) fn has_key(&self, key: &str) -> bool {
         self.with_live(key, |entry| entry.is_some())
     }
 
     /// Makes `keys` expire `seconds` from now; returns how many exist.
-    pub fn expire(&self, keys: &[String], seconds: u64) -> u64 {
+    pub(crate) fn expire(&self, keys: &[String], seconds: u64) -> u64 {
         let at = now_ms().saturating_add(seconds.saturating_mul(1000));
         self.update_expiry(keys, Some(at))
     }
 
     /// Makes `keys` permanent; returns how many exist.
-    pub fn unexpire(&self, keys: &[String]) -> u64 {
+    pub(crate) fn unexpire(&self, keys: &[String]) -> u64 {
         self.update_expiry(keys, None)
     }
 
     /// When `key` expires (ms since the Unix epoch).
-    pub fn get_expiry(&self, key: &str) -> Option<u64> {
+    pub(crate) fn get_expiry(&self, key: &str) -> Option<u64> {
         self.with_live(key, |entry| entry.and_then(|e| e.expires_at))
     }
 
     /// Drops expired keys; returns how many.
-    pub fn sweep(&self) -> usize {
+    pub(crate) fn sweep(&self) -> usize {
         let mut data = self.lock();
         let before = data.len();
         data.retain(|_, entry| !expired(entry));
@@ -183,10 +193,6 @@ fn to_json(value: &Value) -> Vec<u8> {
 
 fn expired(entry: &Entry) -> bool {
     entry.expires_at.is_some_and(|at| now_ms() >= at)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

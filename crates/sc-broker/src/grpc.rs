@@ -20,16 +20,16 @@ const MAX_BATCH: usize = 512;
 
 /// The gRPC service of one broker.
 #[derive(Debug, Clone)]
-pub struct BrokerService {
-    pub router: Arc<Router>,
-    pub exchange: Arc<Exchange>,
-    pub queue: usize,
-    pub shutdown: CancellationToken,
+pub(crate) struct BrokerService {
+    pub(crate) router: Arc<Router>,
+    pub(crate) exchange: Arc<Exchange>,
+    pub(crate) queue: usize,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl BrokerService {
     /// The service as tonic serves it, behind the cluster-secret check.
-    pub fn into_server(
+    pub(crate) fn into_server(
         self,
         secret: &str,
     ) -> tonic::codegen::InterceptedService<pb::broker_server::BrokerServer<Self>, sc_common::secret::Check>

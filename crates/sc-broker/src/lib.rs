@@ -8,17 +8,19 @@
 //!
 //! Entry points: [`Broker::bind`], then [`Broker::serve`].
 
-pub mod exchange;
-pub mod grpc;
-pub mod router;
+#![warn(missing_docs)]
+
+mod exchange;
+mod grpc;
+mod router;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sc_common::config::Config;
-use sc_common::daemon;
-use sc_common::membership::{self, Event, MasterLink, Member, Role};
+use sc_common::membership::{Event, Member, Role, default_id};
+use sc_common::{MasterLink, net};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +60,8 @@ pub struct Broker {
 impl Broker {
     /// Binds the gRPC listener (`[broker] listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
-        let id = config.broker.id.clone().unwrap_or_else(|| daemon::default_id(Role::Broker));
-        let listener = daemon::bind(config.broker.listen).await?;
+        let id = config.broker.id.clone().unwrap_or_else(|| default_id(Role::Broker));
+        let listener = net::bind(config.broker.listen).await?;
         let addr = listener.local_addr()?;
         Ok(Self { config, id, listener, addr })
     }
@@ -103,7 +105,7 @@ impl Broker {
             shutdown: stopped.clone(),
         };
         tokio::spawn(sweep(exchange, stopped.clone()));
-        let (health_reporter, health) = daemon::health();
+        let (health_reporter, health) = net::health();
         let router =
             tonic::transport::Server::builder().add_service(health).add_service(service.into_server(secret));
         tracing::info!(id = %self.id, addr = %self.addr, "broker listening");
@@ -117,7 +119,7 @@ impl Broker {
                 shutdown.cancelled().await;
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 if let Some(url) = master {
-                    membership::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))
+                    sc_common::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))
                         .await;
                     let deadline = tokio::time::Instant::now() + DRAIN;
                     while routes.stream_count() > 0 && tokio::time::Instant::now() < deadline {
@@ -128,6 +130,6 @@ impl Broker {
             }
         };
         tokio::spawn(draining);
-        daemon::serve_grpc(router, self.listener, stopped).await
+        net::serve_grpc(router, self.listener, stopped).await
     }
 }

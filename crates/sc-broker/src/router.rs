@@ -17,25 +17,25 @@ use tokio_util::sync::CancellationToken;
 
 /// A message for one worker stream.
 #[derive(Debug, Clone)]
-pub struct Delivery {
-    pub channel: Arc<str>,
-    pub data: Bytes,
+pub(crate) struct Delivery {
+    pub(crate) channel: Arc<str>,
+    pub(crate) data: Bytes,
 }
 
 /// What goes out on a worker stream: deliveries, and the answers to its sync markers.
 #[derive(Debug, Clone)]
-pub enum Outgoing {
+pub(crate) enum Outgoing {
     Delivery(Delivery),
     /// Every command the worker sent before this marker is applied.
     Synced(u64),
 }
 
 /// Identifies one attached worker stream.
-pub type StreamId = u64;
+pub(crate) type StreamId = u64;
 
 /// Channel subscriptions of the attached worker streams.
 #[derive(Debug)]
-pub struct Router {
+pub(crate) struct Router {
     /// std Mutex: held only for map updates and non-blocking queue pushes, never across await.
     inner: Mutex<Inner>,
     queue: usize,
@@ -43,12 +43,12 @@ pub struct Router {
 
 /// The worker side of an attachment, held by the stream handler.
 #[derive(Debug)]
-pub struct Attachment {
-    pub id: StreamId,
+pub(crate) struct Attachment {
+    pub(crate) id: StreamId,
     /// Deliveries for this worker.
-    pub deliveries: mpsc::Receiver<Outgoing>,
+    pub(crate) deliveries: mpsc::Receiver<Outgoing>,
     /// Cancelled when the router cuts this stream (slow consumer).
-    pub cut: CancellationToken,
+    pub(crate) cut: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -68,12 +68,12 @@ struct Stream {
 
 impl Router {
     /// A router giving each worker stream a queue of `queue` deliveries.
-    pub fn new(queue: usize) -> Self {
+    pub(crate) fn new(queue: usize) -> Self {
         Self { inner: Mutex::new(Inner::default()), queue: queue.max(2) }
     }
 
     /// Attaches a worker stream.
-    pub fn attach(&self, worker: &str) -> Attachment {
+    pub(crate) fn attach(&self, worker: &str) -> Attachment {
         let (tx, deliveries) = mpsc::channel(self.queue);
         let cut = CancellationToken::new();
         let mut inner = self.lock();
@@ -85,7 +85,7 @@ impl Router {
     }
 
     /// Detaches a stream and drops all its subscriptions.
-    pub fn detach(&self, id: StreamId) {
+    pub(crate) fn detach(&self, id: StreamId) {
         let mut inner = self.lock();
         let Some(stream) = inner.streams.remove(&id) else {
             return;
@@ -96,7 +96,7 @@ impl Router {
     }
 
     /// Subscribes a stream to a channel (idempotent).
-    pub fn subscribe(&self, id: StreamId, channel: &str) {
+    pub(crate) fn subscribe(&self, id: StreamId, channel: &str) {
         let mut inner = self.lock();
         let Some(stream) = inner.streams.get_mut(&id) else {
             return;
@@ -115,7 +115,7 @@ impl Router {
     }
 
     /// Unsubscribes a stream from a channel (idempotent).
-    pub fn unsubscribe(&self, id: StreamId, channel: &str) {
+    pub(crate) fn unsubscribe(&self, id: StreamId, channel: &str) {
         let mut inner = self.lock();
         let Some(stream) = inner.streams.get_mut(&id) else {
             return;
@@ -127,7 +127,7 @@ impl Router {
 
     /// Queues a message to every stream subscribed to `channel`. Returns the queues that are
     /// more than half full, for the publisher to wait on (see [`wait_for_room`]).
-    pub fn publish(&self, channel: &str, data: Bytes) -> Vec<mpsc::Sender<Outgoing>> {
+    pub(crate) fn publish(&self, channel: &str, data: Bytes) -> Vec<mpsc::Sender<Outgoing>> {
         let mut congested = Vec::new();
         let inner = self.lock();
         let Some((channel, subscribers)) = inner.channels.get_key_value(channel) else {
@@ -158,7 +158,7 @@ impl Router {
 
     /// Answers a stream's sync marker: the commands before it are applied (the caller applies
     /// commands in order). A full queue cuts the stream, as for deliveries.
-    pub fn sync(&self, id: StreamId, token: u64) {
+    pub(crate) fn sync(&self, id: StreamId, token: u64) {
         let inner = self.lock();
         let Some(stream) = inner.streams.get(&id) else { return };
         if let Err(mpsc::error::TrySendError::Full(_)) = stream.tx.try_send(Outgoing::Synced(token)) {
@@ -168,12 +168,13 @@ impl Router {
     }
 
     /// Attached worker streams.
-    pub fn stream_count(&self) -> usize {
+    pub(crate) fn stream_count(&self) -> usize {
         self.lock().streams.len()
     }
 
     /// Channels with at least one subscribed stream.
-    pub fn channel_count(&self) -> usize {
+    #[cfg(test)]
+    fn channel_count(&self) -> usize {
         self.lock().channels.len()
     }
 
@@ -195,7 +196,7 @@ impl Inner {
 }
 
 /// Waits until each congested queue is back to at most half full, or closed.
-pub async fn wait_for_room(congested: Vec<mpsc::Sender<Outgoing>>, queue: usize) {
+pub(crate) async fn wait_for_room(congested: Vec<mpsc::Sender<Outgoing>>, queue: usize) {
     for tx in congested {
         // Reserving half the queue waits for the consumer to drain it; the permits are given
         // back at once.

@@ -32,6 +32,7 @@ pub struct Handshake {
     pub id: String,
     /// The server expects a ping at least this often; the client closes with 4000 otherwise.
     pub ping_timeout: Duration,
+    /// Whether the token sent in the handshake was accepted.
     pub is_authenticated: bool,
     /// Why the token sent in the handshake was rejected (the handshake still succeeds).
     pub auth_error: Option<Value>,
@@ -40,7 +41,9 @@ pub struct Handshake {
 /// The answer to `#authenticate`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthStatus {
+    /// Whether the token was accepted.
     pub is_authenticated: bool,
+    /// Why it was rejected, as the server sent it.
     pub auth_error: Option<Value>,
 }
 
@@ -123,6 +126,7 @@ impl Client {
         &self.shared.handshake
     }
 
+    /// The protocol version this connection speaks.
     pub fn protocol(&self) -> ProtocolVersion {
         self.shared.protocol
     }

@@ -11,7 +11,12 @@ use crate::CloseInfo;
 pub enum Error {
     /// The URL does not parse, or names no host.
     #[error("invalid url {url}: {reason}")]
-    InvalidUrl { url: String, reason: String },
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A scheme this build cannot speak (`wss://` until TLS is added).
     #[error("unsupported url scheme {0}")]
     UnsupportedScheme(String),
@@ -27,8 +32,11 @@ pub enum Error {
     /// The server answered `#handshake` with an error and closed with `code`.
     #[error("handshake rejected with {code}: {name}: {message}")]
     HandshakeRejected {
+        /// The close code.
         code: u16,
+        /// The error's `name`.
         name: String,
+        /// The error's `message`.
         message: String,
         /// The error object as sent.
         raw: Value,
@@ -36,14 +44,21 @@ pub enum Error {
     /// The server's answer to an invoke was an error object.
     #[error("remote error {name}: {message}")]
     Remote {
+        /// The error's `name`.
         name: String,
+        /// The error's `message`.
         message: String,
         /// The error object as sent (a string stays a string).
         raw: Value,
     },
     /// No answer within the ack timeout; the stock servers never answer unknown procedures.
     #[error("no response to {event} within {after:?}")]
-    Timeout { event: String, after: Duration },
+    Timeout {
+        /// The event invoked.
+        event: String,
+        /// The ack timeout.
+        after: Duration,
+    },
     /// The connection is closed, or closed while the call was pending.
     #[error("connection closed ({})", .0)]
     Closed(CloseInfo),

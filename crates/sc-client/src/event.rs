@@ -23,23 +23,50 @@ use crate::client::Responder;
 pub enum Event {
     /// A message on a subscribed channel (our own publishes come back too). `data` is the
     /// payload's JSON text, `null` when absent; parse it only if needed.
-    Publish { channel: String, data: Box<RawValue> },
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The payload's JSON text.
+        data: Box<RawValue>,
+    },
     /// The server unsubscribed us from `channel`.
-    KickOut { channel: String, message: Value },
+    KickOut {
+        /// The channel.
+        channel: String,
+        /// The server's message, as sent.
+        message: Value,
+    },
     /// The server issued a token; [`crate::Client::auth_token`] already returns it.
     SetAuthToken(String),
     /// The server removed our token.
     RemoveAuthToken,
     /// A custom event without a reply; `data` is `null` when absent.
-    Transmit { event: String, data: Box<RawValue> },
+    Transmit {
+        /// The event name.
+        event: String,
+        /// The payload's JSON text.
+        data: Box<RawValue>,
+    },
     /// A server-to-client invoke; answer through `responder` (dropping it sends nothing, and
     /// the server's call times out).
-    Invoke { event: String, data: Box<RawValue>, responder: Responder },
+    Invoke {
+        /// The procedure name.
+        event: String,
+        /// The payload's JSON text.
+        data: Box<RawValue>,
+        /// Sends the answer.
+        responder: Responder,
+    },
     /// A frame that is not a packet (sc-formatter rules), or a packet the client does not
     /// understand; the whole frame text.
     Raw(String),
     /// v1 only: the server announced that it closes with `code`; [`Event::Closed`] follows.
-    Disconnect { code: Option<u16>, reason: Value },
+    Disconnect {
+        /// The announced close code.
+        code: Option<u16>,
+        /// The announced reason, as sent.
+        reason: Value,
+    },
     /// The connection ended; always the last event.
     Closed(CloseInfo),
 }

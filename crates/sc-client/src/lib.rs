@@ -28,6 +28,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -56,6 +58,7 @@ pub enum ProtocolVersion {
 pub struct ClientConfig {
     /// `ws://host:port/socketcluster/` (a query string is passed through).
     pub url: String,
+    /// The protocol version to speak (the server must speak it too).
     pub protocol: ProtocolVersion,
     /// Sent in `#handshake`; `None` sends `null`, as the stock clients do.
     pub auth_token: Option<String>,

@@ -78,9 +78,8 @@ impl Drop for Peer {
     fn drop(&mut self) {
         if let Some(pid) = self.child.id() {
             // The whole group this test started: sc14's master, worker cluster and brokers.
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(-(pid as i32), libc::SIGKILL);
+            if let Some(group) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
             }
         }
     }

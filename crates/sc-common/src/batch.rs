@@ -20,8 +20,11 @@ pub struct BatchStream<Q> {
 
 /// The tokio receivers a [`BatchStream`] can drain.
 pub trait Queue: Unpin {
+    /// What the queue holds.
     type Item;
+    /// How many items wait now.
     fn queued(&self) -> usize;
+    /// Moves up to `n` items into `into`; ready with how many (0: the queue is closed).
     fn poll_many(&mut self, cx: &mut Context<'_>, into: &mut Vec<Self::Item>, n: usize) -> Poll<usize>;
 }
 

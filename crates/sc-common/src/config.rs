@@ -21,14 +21,22 @@ use crate::Error;
 /// The prefix of environment overrides: `SC_WORKER__PING_INTERVAL` sets `[worker] ping_interval`.
 pub const ENV_PREFIX: &str = "SC";
 
+/// What `print-config` shows instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `[cluster]`.
     pub cluster: ClusterConfig,
+    /// `[master]`.
     pub master: MasterConfig,
+    /// `[balancer]`.
     pub balancer: BalancerConfig,
+    /// `[worker]`.
     pub worker: WorkerConfig,
+    /// `[broker]`.
     pub broker: BrokerConfig,
 }
 
@@ -57,8 +65,10 @@ pub struct ClusterConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines.
     #[default]
     Plain,
+    /// One JSON object per line.
     Json,
 }
 
@@ -77,6 +87,7 @@ pub enum MasterMode {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MasterConfig {
+    /// Supervise (run the cluster) or standalone (only the control plane).
     pub mode: MasterMode,
     /// The master's gRPC listener (membership, central log, health).
     pub listen: SocketAddr,
@@ -454,7 +465,42 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as TOML, for `print-config`.
+    /// The checks of a worker's own that [`Config::validate`] leaves to the worker, before it
+    /// binds: they depend on the host it runs on (`static_dir` must be a folder there) or on
+    /// its final id `id` (set on the command line after loading, or a default), which goes out
+    /// in an HTTP header.
+    pub fn validate_worker(&self, id: &str) -> Result<(), Error> {
+        let bad = |key: &str, why: String| Err(Error::Config(format!("{key}: {why}")));
+        if let Some(dir) = &self.worker.static_dir {
+            match std::fs::metadata(dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return bad("worker.static_dir", format!("{} is not a folder", dir.display())),
+                Err(e) => return bad("worker.static_dir", format!("{}: {e}", dir.display())),
+            }
+        }
+        // The rule of an HTTP header value: visible ASCII, spaces and tabs (RFC 9110), and
+        // nothing else, so that any HTTP library accepts it.
+        let header_safe = |b: u8| b == b'\t' || (0x20..0x7f).contains(&b);
+        if id.is_empty() || !id.bytes().all(header_safe) {
+            return bad("worker.id", format!("{id:?} is not a valid header value"));
+        }
+        Ok(())
+    }
+
+    /// A copy with every secret (`[cluster] secret`, `[worker] auth_key`, `[worker] api_key`)
+    /// replaced by [`REDACTED`], for `print-config`; an empty one stays empty, since it means
+    /// "not set".
+    pub fn redacted(&self) -> Self {
+        let mut copy = self.clone();
+        for secret in [&mut copy.cluster.secret, &mut copy.worker.auth_key, &mut copy.worker.api_key] {
+            if !secret.is_empty() {
+                REDACTED.clone_into(secret);
+            }
+        }
+        copy
+    }
+
+    /// The effective configuration as TOML, for `print-config` (after [`Config::redacted`]).
     pub fn to_toml(&self) -> String {
         // Serializing plain structs of strings, numbers and durations cannot fail.
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
@@ -610,6 +656,50 @@ mod tests {
         let file = write(&config.to_toml());
         let again = Config::load_with_env(Some(file.path()), env(&[])).unwrap();
         assert_eq!(config, again);
+    }
+
+    #[test]
+    fn printed_secrets_are_masked() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("SC_CLUSTER__SECRET", "cluster-s3cret"),
+                ("SC_WORKER__AUTH_KEY", "auth-s3cret"),
+                ("SC_WORKER__API_KEY", "api-s3cret"),
+            ]),
+        )
+        .unwrap();
+        let printed = config.redacted().to_toml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        let printed: toml::Table = toml::from_str(&printed).unwrap();
+        assert_eq!(printed["cluster"]["secret"].as_str(), Some(REDACTED));
+        assert_eq!(printed["worker"]["auth_key"].as_str(), Some(REDACTED));
+        assert_eq!(printed["worker"]["api_key"].as_str(), Some(REDACTED));
+        // Not set stays visibly not set.
+        let printed: toml::Table = toml::from_str(&Config::default().redacted().to_toml()).unwrap();
+        assert_eq!(printed["cluster"]["secret"].as_str(), Some(""));
+        assert_eq!(config.cluster.secret, "cluster-s3cret", "the config itself keeps its secrets");
+    }
+
+    #[test]
+    fn worker_checks_need_a_static_folder_and_a_header_safe_id() {
+        let mut config = Config::default();
+        assert!(config.validate_worker("worker-0").is_ok());
+        let folder = tempfile::tempdir().unwrap();
+        config.worker.static_dir = Some(folder.path().to_owned());
+        assert!(config.validate_worker("worker-0").is_ok());
+        config.worker.static_dir = Some(folder.path().join("missing"));
+        let err = config.validate_worker("worker-0").unwrap_err().to_string();
+        assert!(err.contains("worker.static_dir"), "{err}");
+        let file = write("");
+        config.worker.static_dir = Some(file.path().to_owned());
+        let err = config.validate_worker("worker-0").unwrap_err().to_string();
+        assert!(err.contains("not a folder"), "{err}");
+        config.worker.static_dir = None;
+        for bad in ["", "line\nbreak", "nul\0", "del\x7f"] {
+            let err = config.validate_worker(bad).unwrap_err().to_string();
+            assert!(err.contains("worker.id"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -31,12 +31,16 @@ pub struct Header {
 /// A header that cannot be parsed.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
+    /// The first 12 bytes are not the PROXY v2 signature.
     #[error("not a PROXY v2 header")]
     Signature,
+    /// A version other than 2, or a command other than LOCAL and PROXY.
     #[error("unsupported PROXY version or command {0:#04x}")]
     Command(u8),
+    /// The address block does not fit its family.
     #[error("address block of {0} bytes is too long or too short")]
     Length(usize),
+    /// Reading the header failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -1,7 +1,7 @@
 //! The cluster secret that authenticates internal gRPC calls.
 //!
 //! Every master and broker call carries `authorization: Bearer <secret>`. Servers check it with
-//! [`check`] (a tonic interceptor); clients add it with [`Attach`]. Health checks are not
+//! [`Check`] (a tonic interceptor); clients add it with [`Attach`]. Health checks are not
 //! authenticated: they reveal nothing and must work for any orchestrator.
 
 use tonic::metadata::MetadataValue;
@@ -69,7 +69,9 @@ pub fn generate() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether `a` and `b` are equal, in a time that depends on their lengths only (not on where
+/// they differ), for comparing secrets and keys.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -94,6 +96,15 @@ mod tests {
         assert!(check.call(Request::new(())).is_err());
         let request = Attach::new("other").call(Request::new(())).unwrap();
         assert_eq!(check.call(request).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"key", b"key"));
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"key", b"kez"));
+        assert!(!constant_time_eq(b"key", b"key2"));
+        assert!(!constant_time_eq(b"", b"k"));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   errors of the central log.
 //! - `GET /log?limit=N`: the most recent central log entries (every severity), oldest first.
 //! - `POST /rolling-restart`: starts a rolling restart of the workers (202); 409 if one is
-//!   running or the master is standalone (it runs no processes to restart).
+//!   running, 400 if the master is standalone (it runs no processes to restart); see
+//!   `crate::error` for every code.
 //! - `GET /healthz`: 200 while the master serves.
 //!
 //! It has no authentication: it can restart the cluster, so it listens on loopback by default.
@@ -23,6 +24,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sc_common::config::MasterMode;
 use sc_common::membership::Severity;
+use sc_common::net;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -41,34 +43,24 @@ const STATUS_ERRORS: usize = 50;
 
 /// What the admin API reads and drives.
 #[derive(Debug)]
-pub struct Admin {
-    pub mode: MasterMode,
-    pub grpc: SocketAddr,
-    pub started: Instant,
-    pub registry: Arc<Registry>,
-    pub log: Arc<CentralLog>,
-    pub health: watch::Receiver<HealthMap>,
-    pub children: Arc<Children>,
+pub(crate) struct Admin {
+    pub(crate) mode: MasterMode,
+    pub(crate) grpc: SocketAddr,
+    pub(crate) started: Instant,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) log: Arc<CentralLog>,
+    pub(crate) health: watch::Receiver<HealthMap>,
+    pub(crate) children: Arc<Children>,
     /// `None` in standalone mode.
-    pub supervisor: Option<Arc<Supervisor>>,
+    pub(crate) supervisor: Option<Arc<Supervisor>>,
 }
 
 impl Admin {
     /// Serves the API on `listener` until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         loop {
-            let (stream, remote) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+            let Some((stream, remote)) = net::accept(|| listener.accept(), &shutdown).await else { break };
             let admin = self.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
@@ -127,7 +119,7 @@ impl Admin {
     }
 
     /// The whole `/status` document.
-    pub fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         let snapshot = self.registry.snapshot();
         let since = self.registry.registered_since();
         let health = self.health.borrow().clone();

@@ -8,34 +8,35 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
 use sc_common::Role;
-use sc_common::membership::{Severity, now_ms};
+use sc_common::membership::Severity;
+use sc_common::now_ms;
 
 /// How many entries are kept in memory.
 const KEEP: usize = 1000;
 
 /// One entry of the central log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// `None` for the master itself.
-    pub role: Option<Role>,
-    pub id: String,
-    pub pid: u32,
-    pub time_ms: u64,
-    pub severity: Severity,
-    pub message: String,
-    pub location: String,
+    pub(crate) role: Option<Role>,
+    pub(crate) id: String,
+    pub(crate) pid: u32,
+    pub(crate) time_ms: u64,
+    pub(crate) severity: Severity,
+    pub(crate) message: String,
+    pub(crate) location: String,
 }
 
 /// The in-memory tail of the central log.
 #[derive(Debug, Default)]
-pub struct CentralLog {
+pub(crate) struct CentralLog {
     /// std Mutex: a push or a copy, never held across await.
     recent: Mutex<VecDeque<Entry>>,
 }
 
 impl CentralLog {
     /// Writes an entry to the log and keeps it.
-    pub fn record(&self, entry: Entry) {
+    pub(crate) fn record(&self, entry: Entry) {
         let role = entry.role.map_or("master", Role::as_str);
         let (id, pid, location, message) = (&entry.id, entry.pid, &entry.location, &entry.message);
         match entry.severity {
@@ -57,7 +58,7 @@ impl CentralLog {
     }
 
     /// An event of the master's own.
-    pub fn master(&self, severity: Severity, message: String) {
+    pub(crate) fn master(&self, severity: Severity, message: String) {
         self.record(Entry {
             role: None,
             id: "master".into(),
@@ -70,7 +71,7 @@ impl CentralLog {
     }
 
     /// The most recent entries, oldest first.
-    pub fn recent(&self) -> Vec<Entry> {
+    pub(crate) fn recent(&self) -> Vec<Entry> {
         self.recent.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 }

@@ -1,11 +1,12 @@
-//! The `sc.master.v1` gRPC service: the edge between the wire types and the [`Registry`] and
-//! [`CentralLog`].
+//! The `sc.master.v1` gRPC service: the master's edge, the only module that touches the wire
+//! types; it converts them to and from the domain types of [`sc_common::membership`] for the
+//! [`Registry`] and the [`CentralLog`].
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use sc_common::membership::{self, Member, Severity};
+use sc_common::membership::{Member, Role, Severity};
 use sc_proto::master::v1 as pb;
 use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
@@ -16,17 +17,28 @@ use crate::registry::Registry;
 
 /// The master's gRPC service.
 #[derive(Debug, Clone)]
-pub struct MasterService {
-    pub registry: Arc<Registry>,
-    pub log: Arc<CentralLog>,
+pub(crate) struct MasterService {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) log: Arc<CentralLog>,
     /// Membership streams send nothing before this instant. A standalone master that starts
     /// (or restarts) while the cluster runs gives the surviving members time to register again,
     /// so that nobody is sent a partial membership (a worker told "no brokers" would drop its
     /// broker links).
-    pub settle_until: Option<Instant>,
+    pub(crate) settle_until: Option<Instant>,
 }
 
 type MembershipStream = Pin<Box<dyn Stream<Item = Result<pb::Membership, Status>> + Send>>;
+
+impl MasterService {
+    /// The service as tonic serves it, behind the cluster-secret check.
+    pub(crate) fn into_server(
+        self,
+        secret: &str,
+    ) -> tonic::codegen::InterceptedService<pb::master_server::MasterServer<Self>, sc_common::secret::Check>
+    {
+        pb::master_server::MasterServer::with_interceptor(self, sc_common::secret::Check::new(secret))
+    }
+}
 
 #[tonic::async_trait]
 impl pb::master_server::Master for MasterService {
@@ -37,8 +49,7 @@ impl pb::master_server::Master for MasterService {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let request = request.into_inner();
-        let role =
-            membership::role_from_pb(request.role).ok_or_else(|| Status::invalid_argument("unknown role"))?;
+        let role = role_from_pb(request.role).ok_or_else(|| Status::invalid_argument("unknown role"))?;
         if request.id.is_empty() {
             return Err(Status::invalid_argument("empty member id"));
         }
@@ -56,7 +67,7 @@ impl pb::master_server::Master for MasterService {
         };
         let (id, pid) = (member.id.clone(), member.pid);
         let before = self.registry.snapshot().epoch;
-        let epoch = self.registry.register(member).map_err(|e| e.to_status())?;
+        let epoch = self.registry.register(member)?;
         if epoch != before {
             self.log.master(Severity::Notice, format!("{id} (pid {pid}) registered, epoch {epoch}"));
         }
@@ -81,8 +92,7 @@ impl pb::master_server::Master for MasterService {
         &self,
         request: Request<pb::WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
-        let roles: Vec<_> =
-            request.into_inner().roles.into_iter().filter_map(membership::role_from_pb).collect();
+        let roles: Vec<_> = request.into_inner().roles.into_iter().filter_map(role_from_pb).collect();
         let settle = self.settle_until;
         let registry = self.registry.clone();
         let snapshots = futures_util::stream::once(async move {
@@ -97,7 +107,7 @@ impl pb::master_server::Master for MasterService {
                 .members
                 .iter()
                 .filter(|m| roles.is_empty() || roles.contains(&m.role))
-                .map(membership::member_to_pb)
+                .map(member_to_pb)
                 .collect();
             Ok(pb::Membership { epoch: snapshot.epoch, members })
         });
@@ -115,7 +125,7 @@ impl pb::master_server::Master for MasterService {
             _ => Severity::Notice,
         };
         self.log.record(Entry {
-            role: membership::role_from_pb(event.role),
+            role: role_from_pb(event.role),
             id: event.id,
             pid: event.pid,
             time_ms: event.time_ms,
@@ -124,5 +134,62 @@ impl pb::master_server::Master for MasterService {
             location: event.location,
         });
         Ok(Response::new(pb::ReportEventResponse {}))
+    }
+}
+
+/// A role from its wire form; `None` for an unknown value.
+fn role_from_pb(role: i32) -> Option<Role> {
+    match pb::Role::try_from(role).ok()? {
+        pb::Role::Balancer => Some(Role::Balancer),
+        pb::Role::Worker => Some(Role::Worker),
+        pb::Role::Broker => Some(Role::Broker),
+        pb::Role::Unspecified => None,
+    }
+}
+
+fn role_to_pb(role: Role) -> pb::Role {
+    match role {
+        Role::Balancer => pb::Role::Balancer,
+        Role::Worker => pb::Role::Worker,
+        Role::Broker => pb::Role::Broker,
+    }
+}
+
+/// A member in its wire form.
+fn member_to_pb(member: &Member) -> pb::Member {
+    pb::Member {
+        role: role_to_pb(member.role) as i32,
+        id: member.id.clone(),
+        addresses: Some(pb::Addresses {
+            grpc: member.grpc.clone(),
+            public: member.public.clone(),
+            unix: member.unix.clone(),
+        }),
+        pid: member.pid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_round_trip_through_the_wire_form() {
+        for role in [Role::Balancer, Role::Worker, Role::Broker] {
+            assert_eq!(role_from_pb(role_to_pb(role) as i32), Some(role));
+        }
+        assert_eq!(role_from_pb(pb::Role::Unspecified as i32), None);
+        assert_eq!(role_from_pb(42), None);
+        let member = Member {
+            role: Role::Broker,
+            id: "broker-0".into(),
+            grpc: "127.0.0.1:1".into(),
+            public: String::new(),
+            unix: String::new(),
+            pid: 9,
+        };
+        let wire = member_to_pb(&member);
+        assert_eq!((wire.role, wire.id.as_str(), wire.pid), (pb::Role::Broker as i32, "broker-0", 9));
+        assert_eq!(wire.addresses.unwrap().grpc, "127.0.0.1:1");
     }
 }

@@ -3,7 +3,7 @@
 //! A member that fails `[master] health_failures` checks in a row (no answer within the
 //! interval, an error, or NOT_SERVING) leaves the membership; in supervise mode the supervisor
 //! is told, kills it and respawns it. The health of every checked member (healthy since when,
-//! misses in a row) is published on a watch channel for the "cluster ready" line, the
+//! misses in a row) is published on a watch channel for the ready signal (`Master::ready`), the
 //! supervisor (backoff reset, rolling restart) and the status API.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -24,31 +24,42 @@ use crate::central_log::CentralLog;
 use crate::registry::Registry;
 
 /// A member process: its id and pid.
-pub type Instance = (String, u32);
+pub(crate) type Instance = (String, u32);
 
 /// The health of every checked member process.
-pub type HealthMap = BTreeMap<Instance, Health>;
+pub(crate) type HealthMap = BTreeMap<Instance, Health>;
 
 /// What the checks say about one member process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Health {
+pub(crate) struct Health {
     /// Passing every check since then; `None` until the first pass and after a miss.
-    pub healthy_since: Option<Instant>,
+    pub(crate) healthy_since: Option<Instant>,
     /// Failed checks in a row.
-    pub misses: u32,
+    pub(crate) misses: u32,
 }
 
 /// The checker's settings and outputs.
 #[derive(Debug)]
-pub struct Checker {
-    pub registry: Arc<Registry>,
-    pub log: Arc<CentralLog>,
-    pub interval: Duration,
-    pub failures: u32,
+pub(crate) struct Checker {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) log: Arc<CentralLog>,
+    pub(crate) interval: Duration,
+    pub(crate) failures: u32,
     /// Members removed for failing their checks, for the supervisor to kill.
-    pub failed: mpsc::UnboundedSender<Instance>,
+    pub(crate) failed: mpsc::UnboundedSender<Instance>,
     /// The health of every registered member.
-    pub healthy: watch::Sender<HealthMap>,
+    pub(crate) healthy: watch::Sender<HealthMap>,
+}
+
+/// Why one health check failed.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailed {
+    #[error("not serving")]
+    NotServing,
+    #[error("{}", .0.message())]
+    Refused(tonic::Status),
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
 }
 
 struct Target {
@@ -59,7 +70,7 @@ struct Target {
 
 impl Checker {
     /// Checks every member each interval until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut targets: HashMap<Instance, Target> = HashMap::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,9 +106,9 @@ impl Checker {
                 let outcome = tokio::time::timeout(timeout, target.client.check(request)).await;
                 let verdict = match outcome {
                     Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
-                    Ok(Ok(_)) => Err("not serving".to_owned()),
-                    Ok(Err(status)) => Err(status.message().to_owned()),
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                    Ok(Ok(_)) => Err(CheckFailed::NotServing),
+                    Ok(Err(status)) => Err(CheckFailed::Refused(status)),
+                    Err(_) => Err(CheckFailed::NoAnswer(timeout)),
                 };
                 (instance, target, verdict)
             });

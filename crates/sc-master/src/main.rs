@@ -1,12 +1,14 @@
 //! The sc-master daemon: parse the command line, load the config, run the control plane (and,
-//! in supervise mode, the whole cluster).
+//! in supervise mode, the whole cluster), print the admin API and `cluster ready` lines.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use sc_common::cli::{EXIT_FAILURE, EXIT_USAGE, exit};
 use sc_common::config::{Config, MasterMode};
-use sc_common::daemon::{self, EXIT_FAILURE, EXIT_USAGE};
+use sc_common::{signal, telemetry};
+use sc_master::{Master, MasterError};
 use tokio_util::sync::CancellationToken;
 
 /// Runs a SocketCluster-compatible cluster: with no arguments, one balancer on port 8000, two
@@ -25,8 +27,17 @@ struct Cli {
 enum Command {
     /// Run the master (the default).
     Run,
-    /// Print the effective configuration as TOML and exit.
+    /// Print the effective configuration as TOML, secrets masked, and exit.
     PrintConfig,
+}
+
+/// Why the master did not run to a clean stop.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    StartUp(#[from] sc_common::Error),
+    #[error(transparent)]
+    Run(#[from] MasterError),
 }
 
 #[tokio::main]
@@ -36,41 +47,44 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             eprintln!("sc-master: {e}");
-            return ExitCode::from(EXIT_USAGE as u8);
+            return exit(EXIT_USAGE);
         }
     };
     if let Some(Command::PrintConfig) = cli.command {
-        print!("{}", config.to_toml());
+        print!("{}", config.redacted().to_toml());
         return ExitCode::SUCCESS;
     }
     if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
+        // Fine for a library user who reads the bound address, not for daemons told a URL.
         eprintln!("sc-master: master.listen: standalone mode needs a fixed port that daemons can be told");
-        return ExitCode::from(EXIT_USAGE as u8);
+        return exit(EXIT_USAGE);
     }
-    daemon::init_telemetry(config.cluster.log_format);
+    telemetry::init(config.cluster.log_format);
     let shutdown = CancellationToken::new();
     let outcome = async {
-        let master = sc_master::Master::bind(config, cli.config.as_deref()).await?;
+        let master = Master::bind(config, cli.config.as_deref()).await?;
+        println!("admin api: http://{}", master.admin_addr());
         // A second signal must not leave the children behind: they are killed before the exit.
-        let children = master.children();
-        let runtime_dir = master.runtime_dir();
-        daemon::spawn_signal_handler_then(shutdown.clone(), move || {
-            children.kill_all();
-            if let Some(dir) = runtime_dir {
-                let _ = std::fs::remove_dir_all(dir);
+        signal::spawn_signal_handler_then(shutdown.clone(), master.kill_switch());
+        let mut ready = master.ready();
+        tokio::spawn(async move {
+            let url = ready.wait_for(Option::is_some).await.ok().and_then(|url| url.clone());
+            if let Some(url) = url {
+                println!("cluster ready: {url}");
             }
         });
-        master.serve(shutdown).await
+        master.serve(shutdown).await?;
+        Ok::<(), Failure>(())
     };
     match outcome.await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(sc_common::Error::Config(e)) => {
+        Err(Failure::StartUp(sc_common::Error::Config(e))) => {
             tracing::error!("config: {e}");
-            ExitCode::from(EXIT_USAGE as u8)
+            exit(EXIT_USAGE)
         }
         Err(e) => {
             tracing::error!("{e}");
-            ExitCode::from(EXIT_FAILURE as u8)
+            exit(EXIT_FAILURE)
         }
     }
 }

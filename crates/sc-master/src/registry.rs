@@ -16,7 +16,7 @@ use crate::MasterError;
 
 /// The master's member table.
 #[derive(Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     /// std Mutex: each operation is a map update plus a non-blocking watch send.
     inner: Mutex<Inner>,
     snapshots: watch::Sender<Arc<Membership>>,
@@ -44,7 +44,7 @@ impl Default for Registry {
 impl Registry {
     /// Adds or replaces a member; returns the new epoch, or [`MasterError::Retired`] for a
     /// process that is being replaced.
-    pub fn register(&self, member: Member) -> Result<u64, MasterError> {
+    pub(crate) fn register(&self, member: Member) -> Result<u64, MasterError> {
         let mut inner = self.lock();
         if inner.retired.contains(&(member.id.clone(), member.pid)) {
             return Err(MasterError::Retired { id: member.id, pid: member.pid });
@@ -59,7 +59,7 @@ impl Registry {
 
     /// Turns down further registrations of the process `pid` of member `id` (a rolling restart
     /// is replacing it), or, with `retire` false, lifts that again once the process is gone.
-    pub fn retire(&self, id: &str, pid: u32, retire: bool) {
+    pub(crate) fn retire(&self, id: &str, pid: u32, retire: bool) {
         let mut inner = self.lock();
         if retire {
             inner.retired.insert((id.to_owned(), pid));
@@ -69,13 +69,13 @@ impl Registry {
     }
 
     /// When each member's current record was registered.
-    pub fn registered_since(&self) -> HashMap<String, Instant> {
+    pub(crate) fn registered_since(&self) -> HashMap<String, Instant> {
         self.lock().since.clone()
     }
 
     /// Removes a member if it is still the process `pid` (any process if `None`); returns
     /// whether it was removed.
-    pub fn remove(&self, id: &str, pid: Option<u32>) -> bool {
+    pub(crate) fn remove(&self, id: &str, pid: Option<u32>) -> bool {
         let mut inner = self.lock();
         let matches = inner.members.get(id).is_some_and(|m| pid.is_none_or(|pid| m.pid == pid));
         if matches {
@@ -87,12 +87,12 @@ impl Registry {
     }
 
     /// The current membership.
-    pub fn snapshot(&self) -> Arc<Membership> {
+    pub(crate) fn snapshot(&self) -> Arc<Membership> {
         self.snapshots.borrow().clone()
     }
 
     /// A receiver of every new snapshot.
-    pub fn watch(&self) -> watch::Receiver<Arc<Membership>> {
+    pub(crate) fn watch(&self) -> watch::Receiver<Arc<Membership>> {
         self.snapshots.subscribe()
     }
 
@@ -128,10 +128,10 @@ mod tests {
     #[test]
     fn epoch_moves_on_changes_only() {
         let registry = Registry::default();
-        assert_eq!(registry.register(member("w-1", 10)), Ok(1));
-        assert_eq!(registry.register(member("w-1", 10)), Ok(1), "same record, same epoch");
-        assert_eq!(registry.register(member("w-1", 11)), Ok(2));
-        assert_eq!(registry.register(member("w-2", 12)), Ok(3));
+        assert_eq!(registry.register(member("w-1", 10)).ok(), Some(1));
+        assert_eq!(registry.register(member("w-1", 10)).ok(), Some(1), "same record, same epoch");
+        assert_eq!(registry.register(member("w-1", 11)).ok(), Some(2));
+        assert_eq!(registry.register(member("w-2", 12)).ok(), Some(3));
         assert_eq!(registry.snapshot().members.len(), 2);
     }
 
@@ -150,8 +150,8 @@ mod tests {
         let registry = Registry::default();
         registry.register(member("w-1", 10)).unwrap();
         registry.retire("w-1", 10, true);
-        assert_eq!(registry.register(member("w-1", 11)), Ok(2), "the replacement");
-        assert!(registry.register(member("w-1", 10)).is_err());
+        assert_eq!(registry.register(member("w-1", 11)).ok(), Some(2), "the replacement");
+        assert!(matches!(registry.register(member("w-1", 10)), Err(MasterError::Retired { pid: 10, .. })));
         assert_eq!(registry.snapshot().members[0].pid, 11);
         registry.retire("w-1", 10, false);
         assert!(registry.register(member("w-1", 10)).is_ok());

@@ -1,118 +1,71 @@
 //! Supervise mode: the master runs the balancer, workers and brokers as child processes.
 //!
-//! Each child has a task ([`supervise`]) that starts it, waits for it to exit (or kills it when
-//! the health checker gave up on it: a hung process), takes it out of the membership and starts
-//! it again after an exponential backoff (`[master] respawn_backoff` doubling to
-//! `respawn_backoff_max`, back to the start once the child has passed its health checks for a
-//! minute). Every exit goes to the central log with its exit code or signal; three exits in a
-//! row without that healthy minute are reported as a crash loop, at ERROR.
+//! Each child has a task ([`supervise`]) that runs one process after another: [`run_child`] is
+//! one process's life (start it, wait for it to exit or kill it when the health checker gave up
+//! on it, a hung process, and take it out of the membership), and the child's [`CrashLoop`]
+//! says how long to wait before the next one and whether the exits make a crash loop. Every
+//! exit goes to the central log with its exit code or signal.
 //!
-//! Rolling restart ([`Supervisor::rolling_restart`], SIGUSR2 or the admin API) replaces the
-//! workers one at a time, make before break: the old process is retired (it may not register
-//! again, so it cannot take its record back) and the new process (same id, so rendezvous
-//! placement does not move) is started while the old one still serves; once the new one is
-//! registered and healthy, the old one is drained with SIGTERM and its clients reconnect at once
-//! to the new one. The next worker goes only after that.
+//! Rolling restart ([`Supervisor::start_rolling_restart`], SIGUSR2 or the admin API) replaces
+//! the workers one at a time, make before break: the old process is retired (it may not
+//! register again, so it cannot take its record back) and the new process (same id, so
+//! rendezvous placement does not move) is started while the old one still serves; once the new
+//! one is registered and healthy, the old one is drained with SIGTERM and its clients reconnect
+//! at once to the new one. The next worker goes only after that.
 //!
-//! Children are started with `--id`, `--master` (this master's gRPC URL), `--supervisor-pid`
-//! (they exit when this process is gone, even after a SIGKILL) and the cluster secret in
-//! `SC_CLUSTER__SECRET`. Shutdown ([`Supervisor::stop`]) goes by tiers within one deadline:
+//! What a child is started with is in [`env`]; the table of children (status API, last-resort
+//! kill) in [`children`]. Shutdown ([`Supervisor::stop`]) goes by tiers within one deadline:
 //! SIGTERM to the balancers (they stop accepting), then to the workers (they drain), then,
 //! once both are gone, to the brokers; whatever still runs at the deadline is killed.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsString;
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rustix::process::Signal;
 use sc_common::Role;
-use sc_common::membership::{Backoff, Severity};
+use sc_common::membership::Severity;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod children;
+mod crash_loop;
+mod env;
+
+pub(crate) use children::{ChildState, Children};
+pub(crate) use env::{ChildSpec, Programs, child_env, child_specs};
+
 use crate::MasterError;
 use crate::central_log::CentralLog;
 use crate::health::{HealthMap, Instance};
 use crate::registry::Registry;
+use children::{signal, signal_name};
+use crash_loop::CrashLoop;
 
-/// Time healthy after which a child's backoff starts over.
-const STABLE_UPTIME: Duration = Duration::from_secs(60);
-/// Exits in a row (without a healthy minute between them) that make a crash loop.
-const CRASH_LOOP: u32 = 3;
 /// How long a replacement may take to register and pass a health check in a rolling restart.
 const REPLACE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One child process to keep running.
-#[derive(Debug, Clone)]
-pub struct ChildSpec {
-    pub id: String,
-    pub role: Role,
-    pub program: PathBuf,
-    pub args: Vec<OsString>,
-}
-
 /// What every child task shares.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub registry: Arc<Registry>,
-    pub log: Arc<CentralLog>,
-    pub health: watch::Receiver<HealthMap>,
-    pub children: Arc<Children>,
-    pub env: Vec<(String, String)>,
-    pub backoff: Duration,
-    pub backoff_max: Duration,
-    pub grace: Duration,
-}
-
-/// What the supervisor knows of each child, for the status API and for the last-resort kill
-/// on a second signal.
-#[derive(Debug, Default)]
-pub struct Children {
-    /// std Mutex: short updates and copies, never held across await.
-    table: Mutex<BTreeMap<String, ChildStatus>>,
-    /// When a shutdown must be over; set once by [`Supervisor::stop`].
-    deadline: OnceLock<Instant>,
-}
-
-/// One supervised child.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChildStatus {
-    pub role: Role,
-    /// The current process; `None` while waiting to respawn.
-    pub pid: Option<u32>,
-    pub state: ChildState,
-    /// Processes started after the first one (respawns and rolling-restart replacements).
-    pub restarts: u32,
-    /// When the current process started.
-    pub started: Option<Instant>,
-    /// A replacement being started in a rolling restart.
-    pub replacement: Option<u32>,
-}
-
-/// The lifecycle state of a supervised child.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChildState {
-    /// Running (healthy or not: the health map says which).
-    Running,
-    /// Being replaced by a new process (rolling restart).
-    Replacing,
-    /// Exited; waiting for the backoff delay before the respawn.
-    Backoff,
-    /// Shutting down with the cluster.
-    Stopping,
-    /// Gone for good (the cluster stopped).
-    Stopped,
+pub(crate) struct Settings {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) log: Arc<CentralLog>,
+    pub(crate) health: watch::Receiver<HealthMap>,
+    pub(crate) children: Arc<Children>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) backoff: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) grace: Duration,
 }
 
 /// The running children.
 #[derive(Debug)]
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     /// One order queue per child task; unbounded because orders are rare (health kills and
     /// rolling restarts) and the sender must never wait.
     orders: HashMap<String, mpsc::UnboundedSender<Order>>,
@@ -134,7 +87,7 @@ enum Order {
     /// Kill the process `pid` (the health checker gave up on it); it will be respawned.
     Kill(u32),
     /// Replace the process with a new one, make before break; answers when the old one is gone.
-    Replace(oneshot::Sender<Result<Replaced, String>>),
+    Replace(oneshot::Sender<Result<Replaced, MasterError>>),
 }
 
 /// What a replacement achieved.
@@ -148,64 +101,9 @@ struct Replaced {
     drained_in: Duration,
 }
 
-impl ChildState {
-    /// The name used in the status API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChildState::Running => "running",
-            ChildState::Replacing => "replacing",
-            ChildState::Backoff => "backoff",
-            ChildState::Stopping => "stopping",
-            ChildState::Stopped => "stopped",
-        }
-    }
-}
-
-impl Children {
-    /// A copy of the table.
-    pub fn snapshot(&self) -> BTreeMap<String, ChildStatus> {
-        self.lock().clone()
-    }
-
-    /// SIGKILL to every child process, for a master that must exit at once (second signal).
-    pub fn kill_all(&self) {
-        for status in self.lock().values() {
-            for pid in status.pid.iter().chain(status.replacement.iter()) {
-                signal(*pid, libc::SIGKILL);
-            }
-        }
-    }
-
-    /// Sends `signal` to every running child of `role`; returns how many there were.
-    pub fn signal_role(&self, role: Role, signal_number: i32) -> usize {
-        let pids: Vec<u32> = self.lock().values().filter(|s| s.role == role).filter_map(|s| s.pid).collect();
-        for pid in &pids {
-            signal(*pid, signal_number);
-        }
-        pids.len()
-    }
-
-    fn update(&self, id: &str, role: Role, change: impl FnOnce(&mut ChildStatus)) {
-        let mut table = self.lock();
-        let status = table.entry(id.to_owned()).or_insert(ChildStatus {
-            role,
-            pid: None,
-            state: ChildState::Backoff,
-            restarts: 0,
-            started: None,
-            replacement: None,
-        });
-        change(status);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ChildStatus>> {
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 impl Supervisor {
     /// Starts every child. `specs` come grouped by shutdown tier: balancers, workers, brokers.
-    pub fn start(specs: Vec<Vec<ChildSpec>>, settings: Settings) -> Self {
+    pub(crate) fn start(specs: Vec<Vec<ChildSpec>>, settings: Settings) -> Self {
         let mut orders = HashMap::new();
         let mut workers = Vec::new();
         let mut tiers = Vec::new();
@@ -234,14 +132,14 @@ impl Supervisor {
     }
 
     /// Kills the process of a member that the health checker removed (it will be respawned).
-    pub fn kill(&self, instance: &Instance) {
+    pub(crate) fn kill(&self, instance: &Instance) {
         if let Some(orders) = self.orders.get(&instance.0) {
             let _ = orders.send(Order::Kill(instance.1));
         }
     }
 
     /// Forwards health failures to [`Supervisor::kill`] until the channel closes or `shutdown`.
-    pub async fn kill_failed(
+    pub(crate) async fn kill_failed(
         &self,
         failed: &mut mpsc::UnboundedReceiver<Instance>,
         shutdown: &CancellationToken,
@@ -258,12 +156,12 @@ impl Supervisor {
     }
 
     /// Whether a rolling restart is running.
-    pub fn rolling_restart_running(&self) -> bool {
+    pub(crate) fn rolling_restart_running(&self) -> bool {
         self.rolling.load(Ordering::Acquire)
     }
 
     /// Starts a rolling restart of the workers in the background, unless one is running.
-    pub fn start_rolling_restart(self: &Arc<Self>) -> Result<(), MasterError> {
+    pub(crate) fn start_rolling_restart(self: &Arc<Self>) -> Result<(), MasterError> {
         if self.rolling.swap(true, Ordering::AcqRel) {
             return Err(MasterError::RollingRestartRunning);
         }
@@ -312,7 +210,7 @@ impl Supervisor {
     /// Stops the children by tier within `grace` overall: SIGTERM to the balancers (they stop
     /// accepting), then the workers (they drain their sockets), then, once both tiers are gone,
     /// the brokers. Whatever still runs at the deadline is killed.
-    pub async fn stop(&self, grace: Duration) {
+    pub(crate) async fn stop(&self, grace: Duration) {
         let _ = self.children.deadline.set(Instant::now() + grace);
         let mut tiers = std::mem::take(&mut *self.tiers.lock().unwrap_or_else(PoisonError::into_inner));
         // Front tiers (balancers and workers) go together, in order; the brokers last, since
@@ -346,135 +244,148 @@ impl Supervisor {
     }
 }
 
-/// One child's life: start, wait, respawn; obey orders; stop with the cluster.
+/// How one child process's life ended (see [`run_child`]).
+#[derive(Debug)]
+enum Exit {
+    /// It could not be started.
+    NotStarted(MasterError),
+    /// It ended: on its own, or killed by the master after failing its health checks.
+    Ended {
+        pid: u32,
+        status: std::io::Result<ExitStatus>,
+        killed: bool,
+        /// Passing its health checks since then (`None`: never, or not at the end).
+        healthy_since: Option<Instant>,
+    },
+    /// The cluster is stopping: it was terminated and marked stopped.
+    Stopped,
+}
+
+/// One child's life after life: [`run_child`], then the respawn delay of its [`CrashLoop`],
+/// until the cluster stops.
 async fn supervise(
     spec: ChildSpec,
     settings: Settings,
     mut orders: mpsc::UnboundedReceiver<Order>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(settings.backoff, settings.backoff_max);
-    let mut health = settings.health.clone();
-    let log = &settings.log;
-    let children = &settings.children;
-    let mut crashes = 0u32;
-    let mut first = true;
-    loop {
-        if stop.is_cancelled() {
-            break;
-        }
-        let mut child = match spawn(&spec, &settings.env) {
-            Ok(child) => child,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                log.master(
-                    Severity::Error,
+    let mut crashes = CrashLoop::new(settings.backoff, settings.backoff_max);
+    let mut restart = false;
+    while !stop.is_cancelled() {
+        let (severity, message, delay) = match run_child(&spec, &settings, &mut orders, &stop, restart).await
+        {
+            Exit::Stopped => return,
+            Exit::NotStarted(e) => {
+                let delay = crashes.not_started();
+                (Severity::Error, format!("{}: {e}; retrying in {delay:?}", spec.id), delay)
+            }
+            Exit::Ended { pid, status, killed, healthy_since } => {
+                restart = true;
+                if stop.is_cancelled() {
+                    break;
+                }
+                let respawn = crashes.exited(healthy_since, Instant::now());
+                let delay = respawn.delay;
+                let mut how = describe(status);
+                if killed {
+                    how = format!("was killed by the master after failing its health checks ({how})");
+                }
+                let message = if respawn.is_crash_loop() {
                     format!(
-                        "cannot start {} ({}): {e}; retrying in {delay:?}",
-                        spec.id,
-                        spec.program.display()
-                    ),
-                );
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
+                        "{} is crash-looping: {} exits in a row without a healthy minute; the last one (pid {pid}) {how}; respawning in {delay:?}",
+                        spec.id, respawn.exits
+                    )
+                } else {
+                    format!("{} (pid {pid}) {how}; respawning in {delay:?}", spec.id)
+                };
+                (respawn.severity(), message, delay)
             }
         };
-        let mut pid = child.id().unwrap_or(0);
-        let mut healthy_since = None;
-        children.update(&spec.id, spec.role, |s| {
-            s.pid = Some(pid);
-            s.state = ChildState::Running;
-            s.started = Some(Instant::now());
-            if !first {
-                s.restarts += 1;
-            }
-        });
-        first = false;
-        tracing::info!(id = %spec.id, pid, "started");
-        let (status, killed) = loop {
-            tokio::select! {
-                status = child.wait() => break (status, false),
-                order = orders.recv() => match order {
-                    Some(Order::Kill(target)) if target == pid => {
-                        let _ = child.start_kill();
-                        break (child.wait().await, true);
-                    }
-                    Some(Order::Kill(_)) => {}
-                    Some(Order::Replace(done)) => {
-                        match replace(&spec, &settings, &mut child, &stop).await {
-                            Ok((new, replaced)) => {
-                                child = new;
-                                pid = replaced.new;
-                                healthy_since = Some(Instant::now());
-                                let _ = done.send(Ok(replaced));
-                            }
-                            Err(why) => {
-                                let _ = done.send(Err(why));
-                            }
-                        }
-                    }
-                    None => {}
-                },
-                changed = health.changed() => {
-                    if changed.is_ok() {
-                        healthy_since = health
-                            .borrow_and_update()
-                            .get(&(spec.id.clone(), pid))
-                            .and_then(|h| h.healthy_since);
-                    }
-                }
-                _ = stop.cancelled() => {
-                    children.update(&spec.id, spec.role, |s| s.state = ChildState::Stopping);
-                    terminate(&mut child, pid, children.deadline.get().copied(), settings.grace).await;
-                    settings.registry.remove(&spec.id, Some(pid));
-                    tracing::info!(id = %spec.id, pid, "stopped");
-                    children.update(&spec.id, spec.role, |s| {
-                        s.pid = None;
-                        s.state = ChildState::Stopped;
-                    });
-                    return;
-                }
-            }
-        };
-        settings.registry.remove(&spec.id, Some(pid));
-        children.update(&spec.id, spec.role, |s| {
-            s.pid = None;
-            s.state = ChildState::Backoff;
-        });
-        if stop.is_cancelled() {
-            break;
-        }
-        if healthy_since.is_some_and(|since| since.elapsed() >= STABLE_UPTIME) {
-            backoff.reset();
-            crashes = 0;
-        }
-        crashes += 1;
-        let delay = backoff.next_delay();
-        let mut how = describe(status);
-        if killed {
-            how = format!("was killed by the master after failing its health checks ({how})");
-        }
-        let message = if crashes >= CRASH_LOOP {
-            format!(
-                "{} is crash-looping: {crashes} exits in a row without a healthy minute; the last one (pid {pid}) {how}; respawning in {delay:?}",
-                spec.id
-            )
-        } else {
-            format!("{} (pid {pid}) {how}; respawning in {delay:?}", spec.id)
-        };
-        let severity = if crashes >= CRASH_LOOP { Severity::Error } else { Severity::Warning };
-        log.master(severity, message);
+        settings.log.master(severity, message);
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    children.update(&spec.id, spec.role, |s| {
+    settings.children.update(&spec.id, spec.role, |s| {
         s.pid = None;
         s.state = ChildState::Stopped;
     });
+}
+
+/// One process of `spec`: starts it, obeys orders while it runs (a health kill, a rolling
+/// restart's replacement, after which the replacement is the process waited for), stops it
+/// with the cluster, and says how it ended. `restart` counts the start as a restart.
+async fn run_child(
+    spec: &ChildSpec,
+    settings: &Settings,
+    orders: &mut mpsc::UnboundedReceiver<Order>,
+    stop: &CancellationToken,
+    restart: bool,
+) -> Exit {
+    let children = &settings.children;
+    let mut child = match spawn(spec, &settings.env) {
+        Ok(child) => child,
+        Err(e) => return Exit::NotStarted(e),
+    };
+    let mut health = settings.health.clone();
+    let mut pid = child.id().unwrap_or(0);
+    let mut healthy_since = None;
+    children.update(&spec.id, spec.role, |s| {
+        s.pid = Some(pid);
+        s.state = ChildState::Running;
+        s.started = Some(Instant::now());
+        if restart {
+            s.restarts += 1;
+        }
+    });
+    tracing::info!(id = %spec.id, pid, "started");
+    let (status, killed) = loop {
+        tokio::select! {
+            status = child.wait() => break (status, false),
+            order = orders.recv() => match order {
+                Some(Order::Kill(target)) if target == pid => {
+                    let _ = child.start_kill();
+                    break (child.wait().await, true);
+                }
+                Some(Order::Kill(_)) | None => {}
+                Some(Order::Replace(done)) => {
+                    let replaced = replace(spec, settings, &mut child, stop).await.map(|(new, replaced)| {
+                        child = new;
+                        pid = replaced.new;
+                        healthy_since = Some(Instant::now());
+                        replaced
+                    });
+                    let _ = done.send(replaced);
+                }
+            },
+            changed = health.changed() => {
+                if changed.is_ok() {
+                    healthy_since = health
+                        .borrow_and_update()
+                        .get(&(spec.id.clone(), pid))
+                        .and_then(|h| h.healthy_since);
+                }
+            }
+            _ = stop.cancelled() => {
+                children.update(&spec.id, spec.role, |s| s.state = ChildState::Stopping);
+                terminate(&mut child, pid, children.deadline.get().copied(), settings.grace).await;
+                settings.registry.remove(&spec.id, Some(pid));
+                tracing::info!(id = %spec.id, pid, "stopped");
+                children.update(&spec.id, spec.role, |s| {
+                    s.pid = None;
+                    s.state = ChildState::Stopped;
+                });
+                return Exit::Stopped;
+            }
+        }
+    };
+    settings.registry.remove(&spec.id, Some(pid));
+    children.update(&spec.id, spec.role, |s| {
+        s.pid = None;
+        s.state = ChildState::Backoff;
+    });
+    Exit::Ended { pid, status, killed, healthy_since }
 }
 
 /// Make before break: retires `old`, starts a new process for `spec` while `old` serves, waits
@@ -485,7 +396,7 @@ async fn replace(
     settings: &Settings,
     old: &mut Child,
     stop: &CancellationToken,
-) -> Result<(Child, Replaced), String> {
+) -> Result<(Child, Replaced), MasterError> {
     let ordered = Instant::now();
     let old_pid = old.id().unwrap_or(0);
     // Retired first: the old process's periodic re-registration must not take the record back
@@ -495,7 +406,7 @@ async fn replace(
         Ok(new) => new,
         Err(e) => {
             settings.registry.retire(&spec.id, old_pid, false);
-            return Err(format!("cannot start: {e}"));
+            return Err(e);
         }
     };
     let new_pid = new.id().unwrap_or(0);
@@ -514,10 +425,12 @@ async fn replace(
             break Ok(());
         }
         tokio::select! {
-            changed = health.changed() => if changed.is_err() { break Err("the health checker stopped".to_owned()) },
-            status = new.wait() => break Err(format!("the replacement (pid {new_pid}) {}", describe(status))),
-            _ = tokio::time::sleep_until(deadline) => break Err(format!("the replacement (pid {new_pid}) was not healthy within {REPLACE_TIMEOUT:?}")),
-            _ = stop.cancelled() => break Err("the cluster is stopping".to_owned()),
+            changed = health.changed() => if changed.is_err() { break Err(MasterError::HealthCheckerStopped) },
+            status = new.wait() => break Err(MasterError::ReplacementExited { pid: new_pid, how: describe(status) }),
+            _ = tokio::time::sleep_until(deadline) => {
+                break Err(MasterError::ReplacementTimeout { pid: new_pid, timeout: REPLACE_TIMEOUT });
+            }
+            _ = stop.cancelled() => break Err(MasterError::Stopping),
         }
     };
     if let Err(why) = outcome {
@@ -548,18 +461,19 @@ async fn replace(
     Ok((new, Replaced { old: old_pid, new: new_pid, ready_after, drained_in }))
 }
 
-fn spawn(spec: &ChildSpec, env: &[(String, String)]) -> std::io::Result<Child> {
+fn spawn(spec: &ChildSpec, env: &[(String, String)]) -> Result<Child, MasterError> {
     Command::new(&spec.program)
         .args(&spec.args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
+        .map_err(|source| MasterError::Spawn { program: spec.program.display().to_string(), source })
 }
 
 /// SIGTERM, then SIGKILL if the child is still there at `deadline` (or after `grace`).
 async fn terminate(child: &mut Child, pid: u32, deadline: Option<Instant>, grace: Duration) {
-    signal(pid, libc::SIGTERM);
+    signal(pid, Signal::TERM);
     let deadline = deadline.unwrap_or_else(|| Instant::now() + grace);
     if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
         tracing::warn!(pid, ?grace, "child did not stop in time, killing it");
@@ -568,17 +482,7 @@ async fn terminate(child: &mut Child, pid: u32, deadline: Option<Instant>, grace
     }
 }
 
-fn signal(pid: u32, signal: i32) {
-    if let Ok(pid) = i32::try_from(pid)
-        && pid > 0
-    {
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is one we spawned.
-        unsafe {
-            libc::kill(pid, signal);
-        }
-    }
-}
-
+/// How a process ended, for the central log.
 fn describe(status: std::io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -593,22 +497,11 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
-fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGINT => "SIGINT",
-        libc::SIGBUS => "SIGBUS",
-        _ => "signal",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::health::Health;
+    use crash_loop::{CRASH_LOOP, STABLE_UPTIME};
 
     /// Waits (in paused time, which moves on while we wait) for `check` to hold.
     async fn until<T>(mut check: impl FnMut() -> Option<T>) -> T {
@@ -657,7 +550,7 @@ mod tests {
         for (n, delay) in [(1, "100ms"), (2, "200ms"), (3, "400ms")] {
             let pid = until(|| current_pid(&children, "worker-0", &seen)).await;
             seen.push(pid);
-            signal(pid, libc::SIGKILL);
+            signal(pid, Signal::KILL);
             let entry = until(said(format!("pid {pid}) was killed by signal 9"))).await;
             assert!(entry.message.contains(&format!("respawning in {delay}")), "{entry:?}");
             let crash_loop = n >= CRASH_LOOP;
@@ -675,7 +568,7 @@ mod tests {
             map.insert(("worker-0".into(), pid), Health { healthy_since: Some(Instant::now()), misses: 0 });
         });
         tokio::time::advance(STABLE_UPTIME + Duration::from_secs(1)).await;
-        signal(pid, libc::SIGKILL);
+        signal(pid, Signal::KILL);
         let entry = until(said(format!("pid {pid}) was killed by signal 9"))).await;
         assert!(entry.message.contains("respawning in 100ms"), "{entry:?}");
         assert_eq!(entry.severity, Severity::Warning, "no longer a crash loop");

@@ -26,6 +26,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sc_common::proxy_protocol;
+use sc_common::secret::constant_time_eq;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_tungstenite::WebSocketStream;
@@ -415,10 +416,6 @@ fn json_error(status: StatusCode, message: &str) -> Response<Body> {
 fn error_response(error: &crate::error::Error) -> Response<Body> {
     let body = serde_json::json!({ "error": error.to_string(), "code": error.code() });
     json_response(error.http_status(), body.to_string())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

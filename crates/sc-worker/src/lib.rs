@@ -47,11 +47,10 @@ pub use socket::{
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sc_common::config::Config;
-use sc_common::daemon;
-use sc_common::membership::{Event, MasterLink, Member, Role};
+use sc_common::membership::{Event, Member, Role, default_id};
+use sc_common::{MasterLink, net};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +91,8 @@ impl Worker {
     /// Binds a worker running the app `handler`. Every setting is checked before anything is
     /// bound.
     pub async fn bind_with(config: Config, handler: Arc<dyn Handler>) -> Result<Self, StartError> {
-        let id = config.worker.id.clone().unwrap_or_else(|| daemon::default_id(Role::Worker));
+        let id = config.worker.id.clone().unwrap_or_else(|| default_id(Role::Worker));
+        config.validate_worker(&id)?;
         let worker = &config.worker;
         let key = if worker.auth_key.is_empty() && worker.auth_algorithm.starts_with("HS") {
             tracing::warn!(
@@ -154,12 +154,12 @@ impl Worker {
             faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
         });
 
-        let listener = daemon::bind(worker.listen).await?;
+        let listener = net::bind(worker.listen).await?;
         let unix = match &worker.unix_dir {
             Some(dir) => Some(bind_unix(dir, &id)?),
             None => None,
         };
-        let grpc = daemon::bind(worker.grpc_listen).await?;
+        let grpc = net::bind(worker.grpc_listen).await?;
         Ok(Self { config, id, listener, unix, grpc, hub, pool, http })
     }
 
@@ -195,9 +195,9 @@ impl Worker {
         let grpc_addr = self.grpc_addr()?;
         self.link_brokers(events, grpc_addr, addr, &shutdown)?;
 
-        let (health_reporter, health) = daemon::health();
+        let (health_reporter, health) = net::health();
         let grpc = tonic::transport::Server::builder().add_service(health);
-        let grpc_task = tokio::spawn(daemon::serve_grpc(grpc, self.grpc, shutdown.clone()));
+        let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
 
         let (unix_listener, unix_path) = match self.unix {
             Some((listener, path)) => (Some(listener), Some(path)),
@@ -281,12 +281,12 @@ async fn accept(
     loop {
         let accept_unix = async {
             match &unix {
-                Some(listener) => accept_next(|| listener.accept(), shutdown).await,
+                Some(listener) => net::accept(|| listener.accept(), shutdown).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            accepted = accept_next(|| tcp.accept(), shutdown) => match accepted {
+            accepted = net::accept(|| tcp.accept(), shutdown) => match accepted {
                 Some((stream, remote)) => {
                     connections.spawn(http::serve_connection(http.clone(), stream, remote));
                 }
@@ -301,28 +301,6 @@ async fn accept(
         }
     }
     connections
-}
-
-/// The next accepted connection, or `None` once `shutdown` is cancelled. Failed accepts (out
-/// of file descriptors and the like) back off instead of spinning.
-async fn accept_next<S, A, F, Fut>(mut accept: F, shutdown: &CancellationToken) -> Option<(S, A)>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<(S, A)>>,
-{
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            accepted = accept() => accepted,
-        };
-        match accepted {
-            Ok(accepted) => return Some(accepted),
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 /// Binds `<dir>/<id>-<pid>.sock`: the pid keeps a rolling restart's replacement (same id) off

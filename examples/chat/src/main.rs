@@ -149,7 +149,7 @@ impl Handler for Chat {
 }
 
 fn main() -> std::process::ExitCode {
-    sc_common::daemon::member_main(Role::Worker, |mut config, events, shutdown| async move {
+    sc_common::cli::member_main(Role::Worker, |mut config, events, shutdown| async move {
         if config.worker.static_dir.is_none() {
             config.worker.static_dir = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/public")));
         }

@@ -13,6 +13,7 @@
 //! own limit, which takes CAP_SYS_RESOURCE or a high enough hard limit (`ulimit -Hn`). bench/idle-memory.sh builds the release binaries and runs
 //! it; the figures are in docs/balancer-memory.md.
 
+#![allow(unsafe_code)] // removed by helper B
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
