@@ -217,6 +217,13 @@ pub struct WorkerConfig {
     /// The bearer key of the HTTP API for backends (`/api/publish`, `/api/exchange/<key>`).
     /// Empty: the API is off.
     pub api_key: String,
+    /// Bytes written to one socket and not yet taken by the kernel beyond which the client is a
+    /// slow consumer and is closed with 4100 (a client that stopped reading).
+    #[serde(with = "crate::size")]
+    pub max_outbound_bytes: u64,
+    /// Longest channel name a client may subscribe or publish to (bytes of UTF-8).
+    #[serde(with = "crate::size")]
+    pub max_channel_name: u64,
 }
 
 /// Which SocketCluster protocol version(s) a worker speaks.
@@ -322,6 +329,8 @@ impl Default for WorkerConfig {
             ack_timeout: Duration::from_secs(10),
             static_dir: None,
             api_key: String::new(),
+            max_outbound_bytes: 1024 * 1024,
+            max_channel_name: 256,
         }
     }
 }
@@ -404,6 +413,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The largest gRPC message between a worker and a broker, on both ends: one publish of
+    /// `[worker] max_payload` with a channel name of `[worker] max_channel_name` always fits,
+    /// and batches are cut below it (never less than tonic's default of 4 MiB). Brokers read
+    /// the `[worker]` section for it, so workers and brokers need the same values.
+    pub fn grpc_message_limit(&self) -> usize {
+        let one = self.worker.max_payload.saturating_add(self.worker.max_channel_name).saturating_add(64 * 1024);
+        usize::try_from(one.max(4 * 1024 * 1024)).unwrap_or(usize::MAX)
+    }
+
     /// Checks what serde cannot: values that parse but make no sense.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Config(format!("{key}: {why}")));
@@ -436,6 +454,12 @@ impl Config {
         }
         if self.worker.ping_timeout <= self.worker.ping_interval {
             return bad("worker.ping_timeout", "must be longer than worker.ping_interval");
+        }
+        if self.worker.max_channel_name == 0 {
+            return bad("worker.max_channel_name", "must be at least 1");
+        }
+        if self.worker.max_outbound_bytes < self.worker.max_payload {
+            return bad("worker.max_outbound_bytes", "must be at least worker.max_payload");
         }
         if self.worker.outbound_queue == 0 {
             return bad("worker.outbound_queue", "must be at least 1");

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ pub(crate) struct State {
     auth: Mutex<Option<AuthToken>>,
     /// std Mutex: server-to-client invokes waiting for their answers; never held across await.
     pending: Mutex<Pending>,
+    /// The client's invokes being handled (their answers not queued yet).
+    invokes: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -95,6 +97,7 @@ impl Socket {
             version: AtomicU8::new(encode_version(version)),
             auth: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
+            invokes: AtomicUsize::new(0),
         }))
     }
 
@@ -242,6 +245,17 @@ impl Socket {
         self.pending().waiting.clear();
     }
 
+    /// The client's invokes being handled.
+    pub(crate) fn invokes_in_flight(&self) -> usize {
+        self.0.invokes.load(Ordering::Relaxed)
+    }
+
+    /// Counts one of the client's invokes as being handled until the guard is dropped.
+    pub(crate) fn invoke_started(&self) -> InvokeGuard {
+        self.0.invokes.fetch_add(1, Ordering::Relaxed);
+        InvokeGuard(self.clone())
+    }
+
     pub(crate) fn push_frame(&self, frame: String) {
         self.0.outbox.push(Utf8Bytes::from(frame));
     }
@@ -252,6 +266,15 @@ impl Socket {
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.0.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One of the client's invokes being handled; dropped after its answer is queued.
+pub(crate) struct InvokeGuard(Socket);
+
+impl Drop for InvokeGuard {
+    fn drop(&mut self) {
+        self.0.0.invokes.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -78,9 +78,10 @@ impl Outbox {
         true
     }
 
-    /// Waits until something is queued (or the outbox overflowed).
-    pub(crate) async fn ready(&self) {
-        self.ready.notified().await;
+    /// Completes once something is queued (or the outbox overflowed) after the last
+    /// [`Outbox::take`]; the socket's task keeps one pinned and makes a new one after each take.
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 
     /// Takes every queued frame; fails if the outbox overflowed.
@@ -103,7 +104,7 @@ mod tests {
         let outbox = Outbox::new(4);
         assert!(outbox.push("a".into()));
         assert!(outbox.push("b".into()));
-        outbox.ready().await;
+        outbox.notified().await;
         let mut frames = VecDeque::new();
         outbox.take(&mut frames).unwrap();
         let texts: Vec<_> = frames
@@ -123,7 +124,7 @@ mod tests {
         assert!(outbox.push("b".into()));
         assert!(!outbox.push("c".into()));
         assert!(!outbox.push("d".into()));
-        outbox.ready().await;
+        outbox.notified().await;
         assert!(outbox.take(&mut VecDeque::new()).is_err());
     }
 }

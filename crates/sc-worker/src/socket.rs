@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use std::pin::Pin;
+use std::task::Poll;
+
+use futures_util::{Sink, SinkExt, StreamExt};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -61,6 +64,15 @@ pub const CLOSE_INVALID_DATA: u16 = 1007;
 /// Close code: a message larger than `[worker] max_payload`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
+/// How long closing a socket may take: the close frame waits behind what is unsent, which a
+/// client that reads again (a slow consumer catching up) still gets; one that does not is
+/// dropped after this.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Invokes a client may have unanswered before the worker stops reading it (flow control, so
+/// that a client pipelining invokes is slowed, not closed as a slow consumer).
+const MAX_INVOKES_IN_FLIGHT: usize = 256;
+
 /// The socket settings of one worker (`[worker]`, see the README for each key).
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -70,6 +82,7 @@ pub(crate) struct Settings {
     pub(crate) handshake_timeout: Duration,
     pub(crate) outbound_queue: usize,
     pub(crate) socket_channel_limit: usize,
+    pub(crate) max_outbound_bytes: usize,
     pub(crate) allow_client_publish: bool,
 }
 
@@ -115,6 +128,45 @@ struct Subscriber {
     handler: Arc<dyn Handler>,
 }
 
+/// What woke the socket's loop.
+enum Wake {
+    Shutdown,
+    /// The write buffer was flushed to the kernel (or the connection failed).
+    Flushed(Result<(), tungstenite::Error>),
+    /// Something was queued in the outbox.
+    Outbox,
+    /// A client frame, an error, or the end of the stream.
+    Frame(Option<Result<Message, tungstenite::Error>>),
+    Ping,
+    HandshakeTimeout,
+}
+
+/// What the loop has handed to the WebSocket but not yet seen flushed to the kernel.
+#[derive(Default)]
+struct Output {
+    /// Bytes written into the WebSocket since the last completed flush (an estimate: frame
+    /// payloads; headers are a few bytes each).
+    unsent: usize,
+}
+
+impl Output {
+    /// Queues a frame in the WebSocket's write buffer without waiting: the loop flushes it
+    /// when the socket is writable.
+    fn send<S>(&mut self, ws: &mut WebSocketStream<S>, message: Message) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        // The frame and its header.
+        self.unsent += message.len() + 14;
+        Pin::new(ws).start_send(message).map_err(|e| match e {
+            tungstenite::Error::WriteBufferFull(_) => {
+                End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound buffer overflowed".into())
+            }
+            _ => End::Gone(None),
+        })
+    }
+}
+
 /// Why the loop ended.
 enum End {
     /// The client sent a close frame (with this code): tungstenite has queued the reply (1002
@@ -156,6 +208,7 @@ impl Settings {
             handshake_timeout: config.handshake_timeout,
             outbound_queue: config.outbound_queue,
             socket_channel_limit: config.socket_channel_limit,
+            max_outbound_bytes: usize::try_from(config.max_outbound_bytes).unwrap_or(usize::MAX),
             allow_client_publish: config.allow_client_publish,
         }
     }
@@ -189,7 +242,7 @@ where
         replies: Vec::new(),
     };
     tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
-    let end = conversation.serve(&mut ws).await;
+    let Err(end) = conversation.serve(&mut ws).await;
     conversation.leave_all();
     socket.fail_pending();
     let code = match end {
@@ -203,15 +256,23 @@ where
             // v1 clients read the reason from a #disconnect event before the close; the v14
             // client closes itself with that code, so only codes a close frame may carry.
             let sendable = !matches!(code, 1004..=1006 | 1015);
-            if !socket.speaks(Protocol::V2) && sendable {
-                let _ = ws.feed(Message::Text(protocol::encode_disconnect(code, &reason).into())).await;
-            }
+            let v1_disconnect = (!socket.speaks(Protocol::V2) && sendable)
+                .then(|| Message::Text(protocol::encode_disconnect(code, &reason).into()));
             // 1005 may not travel in a frame (RFC 6455 7.4.1): it is an empty close frame.
             let frame = sendable
                 .then(|| CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() });
-            // A peer that stalls must not hold the task: the close gets a bounded time.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(frame)).await;
-            linger(ws.get_mut()).await;
+            // A peer that stalls (a slow consumer, for one) must not hold the task: the whole
+            // close gets a bounded time.
+            let close = async {
+                if let Some(disconnect) = v1_disconnect {
+                    ws.feed(disconnect).await?;
+                }
+                ws.close(frame).await
+            };
+            let closed = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+            if matches!(closed, Ok(Ok(()))) {
+                linger(ws.get_mut()).await;
+            }
             Some(code)
         }
     };
@@ -220,51 +281,74 @@ where
 }
 
 impl Conversation {
-    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> End
+    /// The socket's loop. One `poll_fn` waits on everything at once (shutdown, the outbox,
+    /// the client's frames, write progress, the ping timer, the handshake deadline) with the
+    /// futures kept pinned across iterations, so a wake-up costs what happened, not a re-poll
+    /// of every source. Writes never block the loop: frames go into the WebSocket's write
+    /// buffer, and flushing it is one more thing to wait on; a client that stops reading is
+    /// closed (4100) once `[worker] max_outbound_bytes` are unsent, and the pong timeout (4001)
+    /// fires even while a write is pending.
+    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<std::convert::Infallible, End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let context = self.context.clone();
         let settings = &context.settings;
+        let socket = self.socket.clone();
         let start = Instant::now();
         let mut ping = tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let handshake_deadline = tokio::time::sleep(settings.handshake_timeout);
-        tokio::pin!(handshake_deadline);
+        let mut handshake_deadline = std::pin::pin!(tokio::time::sleep(settings.handshake_timeout));
+        let mut shutdown = std::pin::pin!(context.shutdown.cancelled());
+        let mut outbox_ready = std::pin::pin!(socket.outbox().notified());
         let mut last_seen = start;
         let mut queued = VecDeque::new();
+        let mut output = Output::default();
 
         loop {
-            tokio::select! {
-                _ = context.shutdown.cancelled() => return End::Close(CLOSE_SHUTDOWN, "Worker is shutting down".into()),
-                frame = ws.next() => {
-                    let text = match frame {
-                        None => return End::Gone(None),
-                        Some(Err(tungstenite::Error::Capacity(e))) => {
-                            tracing::debug!(id = %self.socket.id(), error = %e, "message too big");
-                            return End::Close(CLOSE_TOO_BIG, "Message too big".into());
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(id = %self.socket.id(), error = %e, "socket read failed");
-                            return violation(&e).unwrap_or(End::Gone(None));
-                        }
-                        Some(Ok(Message::Text(text))) => text,
-                        // The stock server decodes binary frames as text too.
-                        Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
-                            Ok(text) => text,
-                            Err(_) => continue,
-                        },
-                        Some(Ok(Message::Close(frame))) => return End::ClosedByClient(frame.map(|f| u16::from(f.code))),
-                        Some(Ok(_)) => continue, // WebSocket-level ping/pong: tungstenite answers
-                    };
-                    last_seen = Instant::now();
-                    if let Err(end) = self.handle_text(&text).await {
-                        return end;
-                    }
+            let handshaken = self.handshaken;
+            let reading = socket.invokes_in_flight() < MAX_INVOKES_IN_FLIGHT;
+            let wake = std::future::poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Shutdown);
                 }
-                _ = self.socket.outbox().ready() => {
-                    if self.socket.outbox().take(&mut queued).is_err() {
-                        return End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound queue overflowed".into());
+                if output.unsent > 0
+                    && let Poll::Ready(flushed) = Pin::new(&mut *ws).poll_flush(cx)
+                {
+                    return Poll::Ready(Wake::Flushed(flushed));
+                }
+                if outbox_ready.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Outbox);
+                }
+                // Flow control: with too many of its invokes unanswered, the client is not read
+                // until some are (an answer wakes the loop through the outbox).
+                if reading && let Poll::Ready(frame) = ws.poll_next_unpin(cx) {
+                    return Poll::Ready(Wake::Frame(frame));
+                }
+                if ping.poll_tick(cx).is_ready() {
+                    return Poll::Ready(Wake::Ping);
+                }
+                if !handshaken && handshake_deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::HandshakeTimeout);
+                }
+                Poll::Pending
+            })
+            .await;
+
+            match wake {
+                Wake::Shutdown => return Err(End::Close(CLOSE_SHUTDOWN, "Worker is shutting down".into())),
+                Wake::HandshakeTimeout => {
+                    return Err(End::Close(
+                        CLOSE_HANDSHAKE_TIMEOUT,
+                        "Did not receive #handshake from client before timeout".into(),
+                    ));
+                }
+                Wake::Flushed(Ok(())) => output.unsent = 0,
+                Wake::Flushed(Err(_)) => return Err(End::Gone(None)),
+                Wake::Outbox => {
+                    outbox_ready.set(socket.outbox().notified());
+                    if socket.outbox().take(&mut queued).is_err() {
+                        return Err(End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound queue overflowed".into()));
                     }
                     for item in queued.drain(..) {
                         let frame = match item {
@@ -275,35 +359,61 @@ impl Conversation {
                                 }
                                 protocol::encode_kick_out(&channel, &message).into()
                             }
-                            Outbound::Close { code, reason } => return End::Close(code, reason.into()),
+                            Outbound::Close { code, reason } => return Err(End::Close(code, reason.into())),
                         };
-                        if ws.feed(Message::Text(frame)).await.is_err() {
-                            return End::Gone(None);
-                        }
+                        output.send(ws, Message::Text(frame))?;
                     }
                 }
-                _ = ping.tick() => {
+                Wake::Ping => {
                     if last_seen.elapsed() > settings.ping_timeout {
-                        return End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out".into());
+                        return Err(End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out".into()));
                     }
-                    let (v1, v2) = (self.socket.speaks(Protocol::V1), self.socket.speaks(Protocol::V2));
+                    let (v1, v2) = (socket.speaks(Protocol::V1), socket.speaks(Protocol::V2));
                     for (ping, wanted) in [(protocol::PING_V1, !v2), (protocol::PING_V2, !v1)] {
-                        if wanted && ws.feed(Message::Text(Utf8Bytes::from_static(ping))).await.is_err() {
-                            return End::Gone(None);
+                        if wanted {
+                            output.send(ws, Message::Text(Utf8Bytes::from_static(ping)))?;
                         }
                     }
                 }
-                _ = &mut handshake_deadline, if !self.handshaken => {
-                    return End::Close(CLOSE_HANDSHAKE_TIMEOUT, "Did not receive #handshake from client before timeout".into());
+                Wake::Frame(frame) => {
+                    let text = match frame {
+                        None => return Err(End::Gone(None)),
+                        Some(Err(tungstenite::Error::Capacity(e))) => {
+                            tracing::debug!(id = %socket.id(), error = %e, "message too big");
+                            return Err(End::Close(CLOSE_TOO_BIG, "Message too big".into()));
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(id = %socket.id(), error = %e, "socket read failed");
+                            return Err(violation(&e).unwrap_or(End::Gone(None)));
+                        }
+                        Some(Ok(Message::Text(text))) => text,
+                        // The stock server decodes binary frames as text too.
+                        Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
+                            Ok(text) => text,
+                            Err(_) => continue,
+                        },
+                        Some(Ok(Message::Close(frame))) => {
+                            return Err(End::ClosedByClient(frame.map(|f| u16::from(f.code))));
+                        }
+                        // WebSocket-level ping/pong: tungstenite queued the answer.
+                        Some(Ok(_)) => {
+                            output.unsent += 1;
+                            continue;
+                        }
+                    };
+                    last_seen = Instant::now();
+                    // Boxed: the handling future is large and lives only while a frame is
+                    // handled, not in every idle socket.
+                    if let Err(end) = Box::pin(self.handle_text(&text)).await {
+                        return Err(end);
+                    }
                 }
             }
             for reply in self.replies.drain(..) {
-                if ws.feed(Message::Text(reply.into())).await.is_err() {
-                    return End::Gone(None);
-                }
+                output.send(ws, Message::Text(reply.into()))?;
             }
-            if ws.flush().await.is_err() {
-                return End::Gone(None);
+            if output.unsent > settings.max_outbound_bytes {
+                return Err(End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound buffer overflowed".into()));
             }
         }
     }
@@ -652,11 +762,15 @@ impl Conversation {
         match cid {
             Some(cid) => {
                 let cid: Box<RawValue> = cid.to_owned();
+                let in_flight = socket.invoke_started();
                 tokio::spawn(async move {
                     let frame = match handler.invoke(&socket, &name, data.as_deref()).await {
                         Ok(value) => protocol::encode_response(&cid, &value.to_string()),
                         Err(error) => protocol::encode_error(&cid, &error),
                     };
+                    // Counted out before the answer wakes the socket's loop, which may then
+                    // read the client again.
+                    drop(in_flight);
                     socket.push_frame(frame);
                 });
             }
