@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use sc_tests::{Client, Cluster};
@@ -141,6 +141,159 @@ async fn a_fractional_exp_expires_on_an_open_socket() -> Result<()> {
     let at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     assert!(at >= now + 2.0, "removed {:.2} s after signing", at - now);
     assert_eq!(removed["event"], "#removeAuthToken");
+    cluster.stop().await?;
+    Ok(())
+}
+
+/// The WebSocket address of the cluster's first worker (straight to its TCP listener, without
+/// the balancer's buffers in between).
+async fn worker_addr(cluster: &Cluster) -> Result<SocketAddr> {
+    let status = cluster.admin_get("/status").await?;
+    let members = status["members"].as_array().context("members")?;
+    let worker = members.iter().find(|m| m["role"] == "worker").context("a worker")?;
+    Ok(worker["address"].as_str().context("worker address")?.parse()?)
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0
+}
+
+/// Publishes `count` messages of `size` bytes to `channel` at `rate` per second (no acks), then
+/// returns each subscriber's latencies in ms (they must all get every message, in order).
+async fn fan_out(
+    publisher: &mut Client,
+    subscribers: Vec<Client>,
+    channel: &'static str,
+    count: u64,
+    size: usize,
+    rate: u64,
+) -> Result<Vec<f64>> {
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for n in 0..count {
+                    let data = client.next_publish(channel, Duration::from_secs(10)).await?;
+                    assert_eq!(data["n"], n, "in order, none lost");
+                    latencies.push(now_ms() - data["t"].as_f64().unwrap());
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let padding = "x".repeat(size);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for n in 0..count {
+        tick.tick().await;
+        let data = json!({"channel": channel, "data": {"n": n, "t": now_ms(), "pad": padding}});
+        publisher.transmit("#publish", data).await?;
+    }
+    let mut all = Vec::new();
+    for reader in readers {
+        all.extend(reader.await??);
+    }
+    all.sort_by(f64::total_cmp);
+    Ok(all)
+}
+
+fn p99(sorted: &[f64]) -> f64 {
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_closed_and_costs_the_others_nothing() -> Result<()> {
+    let cluster = Cluster::start(&[("SC_CLUSTER__WORKERS", "1")]).await?;
+    let worker = worker_addr(&cluster).await?;
+    let url = format!("ws://{worker}/socketcluster/");
+    let (count, size, rate) = (2000, 4096, 800);
+
+    // Baseline: five subscribers, nobody stalled.
+    let mut publisher = Client::connect(LOCAL, worker, &url).await?;
+    let mut subscribers = Vec::new();
+    for _ in 0..5 {
+        let mut client = Client::connect(LOCAL, worker, &url).await?;
+        client.subscribe("base").await?;
+        subscribers.push(client);
+    }
+    let base = fan_out(&mut publisher, subscribers, "base", count, size, rate).await?;
+
+    // The same with a sixth subscriber that never reads (a small receive buffer, so that the
+    // worker feels it soon).
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let stream = socket.connect(worker).await?;
+    let (mut stalled, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    for (cid, packet) in [
+        (1, json!({"event": "#handshake", "data": {}})),
+        (2, json!({"event": "#subscribe", "data": {"channel": "stall"}})),
+    ] {
+        let mut packet = packet;
+        packet["cid"] = json!(cid);
+        stalled.send(Message::Text(packet.to_string().into())).await?;
+    }
+    let mut subscribers = Vec::new();
+    for _ in 0..5 {
+        let mut client = Client::connect(LOCAL, worker, &url).await?;
+        client.subscribe("stall").await?;
+        subscribers.push(client);
+    }
+    let started = Instant::now();
+    let with_stalled = fan_out(&mut publisher, subscribers, "stall", count, size, rate).await?;
+
+    // The stalled socket was closed: reading it again ends within a bounded time, after at most
+    // what the kernel buffers held plus [worker] max_outbound_bytes, not the whole feed.
+    let mut received = 0usize;
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(frame) = stalled.next().await {
+            match frame {
+                Ok(Message::Close(frame)) => return Some(frame.map(|f| u16::from(f.code))),
+                Ok(message) => received += message.len(),
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .context("the stalled socket was never closed")?;
+    let fed = (count as usize) * size;
+    eprintln!(
+        "stalled socket: {received} of {fed} bytes received, then {end:?}, {:?} after the feed started; \
+         p99 {:.1} ms without it, {:.1} ms with it ({} deliveries each)",
+        started.elapsed(),
+        p99(&base),
+        p99(&with_stalled),
+        base.len()
+    );
+    assert!(received < fed, "the worker stopped sending to the stalled socket");
+    // Others unaffected: every message arrived in order (checked in fan_out), and the tail
+    // latency holds (a few ms of slack for a shared test machine).
+    assert!(p99(&with_stalled) <= 1.5 * p99(&base) + 5.0, "p99 {} vs {}", p99(&with_stalled), p99(&base));
+    cluster.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pipelining_invokes_is_slowed_not_closed() -> Result<()> {
+    let cluster = Cluster::start(&[("SC_CLUSTER__WORKERS", "1")]).await?;
+    let url = format!("ws://{}/socketcluster/", cluster.addr);
+    let mut client = Client::connect(LOCAL, cluster.addr, &url).await?;
+    // 3,000 invokes in a row, each its own frame, three times the outbound queue (1,024).
+    let count = 3000u64;
+    for cid in 1..=count {
+        client.send_text(&json!({"event": "nothing", "data": cid, "cid": cid + 100}).to_string()).await?;
+    }
+    let mut answered = 0;
+    while answered < count {
+        let reply = client.recv_matching(|m| m.get("rid").is_some(), Duration::from_secs(10)).await?;
+        assert!(reply.get("error").is_some(), "the stock worker has no such procedure: {reply}");
+        answered += 1;
+    }
+    // Still connected and served.
+    client.subscribe("after").await?;
     cluster.stop().await?;
     Ok(())
 }

@@ -418,7 +418,8 @@ impl Config {
     /// and batches are cut below it (never less than tonic's default of 4 MiB). Brokers read
     /// the `[worker]` section for it, so workers and brokers need the same values.
     pub fn grpc_message_limit(&self) -> usize {
-        let one = self.worker.max_payload.saturating_add(self.worker.max_channel_name).saturating_add(64 * 1024);
+        let one =
+            self.worker.max_payload.saturating_add(self.worker.max_channel_name).saturating_add(64 * 1024);
         usize::try_from(one.max(4 * 1024 * 1024)).unwrap_or(usize::MAX)
     }
 

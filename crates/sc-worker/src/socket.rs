@@ -348,7 +348,10 @@ impl Conversation {
                 Wake::Outbox => {
                     outbox_ready.set(socket.outbox().notified());
                     if socket.outbox().take(&mut queued).is_err() {
-                        return Err(End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound queue overflowed".into()));
+                        return Err(End::Close(
+                            CLOSE_SLOW_CONSUMER,
+                            "Socket outbound queue overflowed".into(),
+                        ));
                     }
                     for item in queued.drain(..) {
                         let frame = match item {
