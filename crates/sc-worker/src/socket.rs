@@ -407,9 +407,7 @@ impl Conversation {
                     last_seen = Instant::now();
                     // Boxed: the handling future is large and lives only while a frame is
                     // handled, not in every idle socket.
-                    if let Err(end) = Box::pin(self.handle_text(&text)).await {
-                        return Err(end);
-                    }
+                    Box::pin(self.handle_text(&text)).await?;
                 }
             }
             for reply in self.replies.drain(..) {
