@@ -297,3 +297,115 @@ async fn a_client_pipelining_invokes_is_slowed_not_closed() -> Result<()> {
     cluster.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_names_have_a_limit_and_big_publishes_do_not_break_the_broker_link() -> Result<()> {
+    // A subscriber that takes a 29 MB burst needs more than the default 1 MiB of slack when
+    // the test process reads slower than the worker writes; the link is what is under test.
+    let cluster =
+        Cluster::start(&[("SC_CLUSTER__WORKERS", "1"), ("SC_WORKER__MAX_OUTBOUND_BYTES", "64MiB")]).await?;
+    let url = format!("ws://{}/socketcluster/", cluster.addr);
+    let mut client = Client::connect(LOCAL, cluster.addr, &url).await?;
+    // Past [worker] max_channel_name (256 bytes by default): refused to that client, clearly.
+    let long = "n".repeat(300);
+    let reply = client.invoke("#subscribe", json!({ "channel": long })).await?;
+    assert_eq!(reply["error"]["name"], "InvalidActionError", "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("256"), "{reply}");
+    let reply = client.invoke("#publish", json!({ "channel": long, "data": 1 })).await?;
+    assert_eq!(reply["error"]["name"], "InvalidActionError", "{reply}");
+
+    // Bursts of large publishes (4 clients x 8 x 900 KB at once, batches far past 4 MiB)
+    // while a small channel's publishes are acknowledged: every acknowledged message arrives.
+    let mut small = Client::connect(LOCAL, cluster.addr, &url).await?;
+    small.subscribe("small").await?;
+    let mut big_subscriber = Client::connect(LOCAL, cluster.addr, &url).await?;
+    for c in 0..4 {
+        big_subscriber.subscribe(&format!("big-{c}")).await?;
+    }
+    let payload = "b".repeat(900 * 1024);
+    // The big subscriber reads as they come (one that does not would be a slow consumer).
+    let expected_len = payload.len();
+    let big_reader = tokio::spawn(async move {
+        let mut big = 0;
+        while big < 32 {
+            let message = big_subscriber.next_message(Duration::from_secs(20)).await?;
+            if message["event"] == "#publish" {
+                assert_eq!(message["data"]["data"].as_str().map(str::len), Some(expected_len));
+                big += 1;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let mut bursts = Vec::new();
+    for c in 0..4 {
+        let mut publisher = Client::connect(LOCAL, cluster.addr, &url).await?;
+        let payload = payload.clone();
+        bursts.push(tokio::spawn(async move {
+            for _ in 0..8 {
+                publisher
+                    .transmit("#publish", json!({ "channel": format!("big-{c}"), "data": payload }))
+                    .await?;
+            }
+            anyhow::Ok(publisher)
+        }));
+    }
+    let mut small_publisher = Client::connect(LOCAL, cluster.addr, &url).await?;
+    for n in 0..50 {
+        small_publisher.publish("small", json!(n)).await?;
+    }
+    for n in 0..50 {
+        assert_eq!(small.next_publish("small", Duration::from_secs(10)).await?, json!(n));
+    }
+    for burst in bursts {
+        burst.await??;
+    }
+    big_reader.await??;
+    cluster.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabyte_channel_names_survive_a_broker_restart() -> Result<()> {
+    // Limits raised on purpose: 1 MB channel names and 5 MB messages are legal here, so the
+    // replayed subscriptions after a broker restart (5 MB) and one publish exceed tonic's
+    // default 4 MiB message; the link must carry them.
+    let cluster = Cluster::start(&[
+        ("SC_CLUSTER__WORKERS", "1"),
+        ("SC_WORKER__MAX_CHANNEL_NAME", "2MiB"),
+        ("SC_WORKER__MAX_PAYLOAD", "8MiB"),
+        ("SC_WORKER__MAX_OUTBOUND_BYTES", "32MiB"),
+    ])
+    .await?;
+    let url = format!("ws://{}/socketcluster/", cluster.addr);
+    let mut client = Client::connect(LOCAL, cluster.addr, &url).await?;
+    let names: Vec<String> = (0..5).map(|i| format!("{i}{}", "c".repeat(1024 * 1024))).collect();
+    for name in &names {
+        client.subscribe(name).await?;
+    }
+    client.subscribe("small").await?;
+    let broker = cluster.daemons_named("sc-broker").into_iter().next().context("a broker")?;
+    sc_tests::signal_pid(broker.pid, libc::SIGKILL);
+
+    // Once the broker is back, the worker's replay (5 MB of names) went through: publishes on
+    // every channel arrive again.
+    let mut publisher = Client::connect(LOCAL, cluster.addr, &url).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let published = publisher.publish("small", json!("back?")).await;
+        if published.is_ok() && client.next_publish("small", Duration::from_millis(500)).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never relinked its broker");
+    }
+    for (i, name) in names.iter().enumerate() {
+        publisher.publish(name, json!(i)).await?;
+        assert_eq!(client.next_publish(name, Duration::from_secs(10)).await?, json!(i));
+    }
+    // One 5 MB message, inside the raised max_payload, travels too.
+    let five = "f".repeat(5 * 1024 * 1024);
+    publisher.publish("small", json!(five)).await?;
+    let got = client.next_publish("small", Duration::from_secs(20)).await?;
+    assert_eq!(got.as_str().map(str::len), Some(five.len()));
+    cluster.stop().await?;
+    Ok(())
+}

@@ -25,6 +25,9 @@ pub(crate) struct BrokerService {
     pub(crate) exchange: Arc<Exchange>,
     pub(crate) queue: usize,
     pub(crate) shutdown: CancellationToken,
+    /// The largest gRPC message to or from a worker (`Config::grpc_message_limit`): delivery
+    /// batches are cut below it.
+    pub(crate) message_limit: usize,
 }
 
 impl BrokerService {
@@ -34,7 +37,11 @@ impl BrokerService {
         secret: &str,
     ) -> tonic::codegen::InterceptedService<pb::broker_server::BrokerServer<Self>, sc_common::secret::Check>
     {
-        pb::broker_server::BrokerServer::with_interceptor(self, sc_common::secret::Check::new(secret))
+        let limit = self.message_limit;
+        let server = pb::broker_server::BrokerServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        tonic::codegen::InterceptedService::new(server, sc_common::secret::Check::new(secret))
     }
 }
 
@@ -101,7 +108,11 @@ impl pb::broker_server::Broker for BrokerService {
 
         // Deliveries: whatever is queued goes out in one message.
         let cut = attachment.cut;
+        // Cut below the message limit: the channel and data of each item, and a margin for the
+        // protobuf framing (a few bytes per item).
+        let budget = self.message_limit.saturating_sub(64 * 1024);
         let deliveries = BatchStream::new(attachment.deliveries, MAX_BATCH)
+            .with_byte_limit(budget, router::Outgoing::wire_size)
             .map(|batch| {
                 let mut out =
                     pb::DeliveryBatch { deliveries: Vec::with_capacity(batch.len()), synced: Vec::new() };

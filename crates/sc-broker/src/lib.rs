@@ -103,6 +103,7 @@ impl Broker {
             exchange: exchange.clone(),
             queue,
             shutdown: stopped.clone(),
+            message_limit: self.config.grpc_message_limit(),
         };
         tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = net::health();

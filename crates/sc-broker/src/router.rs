@@ -30,6 +30,16 @@ pub(crate) enum Outgoing {
     Synced(u64),
 }
 
+impl Outgoing {
+    /// About how many bytes this item takes in a gRPC message (for cutting batches).
+    pub(crate) fn wire_size(&self) -> usize {
+        match self {
+            Self::Delivery(d) => d.channel.len() + d.data.len() + 16,
+            Self::Synced(_) => 12,
+        }
+    }
+}
+
 /// Identifies one attached worker stream.
 pub(crate) type StreamId = u64;
 

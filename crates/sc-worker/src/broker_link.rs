@@ -25,9 +25,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
 
-/// Largest gRPC message the worker accepts from a broker.
-const MAX_DECODING: usize = 64 * 1024 * 1024;
-
 /// One command on a broker stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Command {
@@ -39,6 +36,18 @@ pub(crate) enum Command {
     Publish { channel: String, data: Bytes },
     /// A marker the broker echoes once it has handled every command before it.
     Sync(u64),
+}
+
+impl Command {
+    /// About how many bytes this command takes in a gRPC message (for cutting batches below
+    /// the message limit): its strings and bytes, and a margin for the framing.
+    pub(crate) fn wire_size(&self) -> usize {
+        16 + match self {
+            Self::Subscribe(channel) | Self::Unsubscribe(channel) => channel.len(),
+            Self::Publish { channel, data } => channel.len() + data.len(),
+            Self::Sync(_) => 0,
+        }
+    }
 }
 
 /// What a broker sent on the stream in one message.
@@ -75,6 +84,8 @@ pub(crate) trait Connect: Send + Sync + 'static {
 pub(crate) struct Grpc {
     worker_id: String,
     secret: String,
+    /// The largest gRPC message either way (`Config::grpc_message_limit`).
+    message_limit: usize,
 }
 
 type Client = pb::broker_client::BrokerClient<InterceptedService<Channel, secret::Attach>>;
@@ -87,9 +98,10 @@ pub(crate) struct Kv {
 }
 
 impl Grpc {
-    /// A connector for the worker `worker_id`, authenticating with the cluster `secret`.
-    pub(crate) fn new(worker_id: String, secret: String) -> Self {
-        Self { worker_id, secret }
+    /// A connector for the worker `worker_id`, authenticating with the cluster `secret`, with
+    /// gRPC messages up to `message_limit` bytes both ways.
+    pub(crate) fn new(worker_id: String, secret: String, message_limit: usize) -> Self {
+        Self { worker_id, secret, message_limit }
     }
 }
 
@@ -103,7 +115,8 @@ impl Connect for Grpc {
             .await?;
         let client =
             pb::broker_client::BrokerClient::with_interceptor(channel, secret::Attach::new(&self.secret))
-                .max_decoding_message_size(MAX_DECODING);
+                .max_decoding_message_size(self.message_limit)
+                .max_encoding_message_size(self.message_limit);
         let mut request = tonic::Request::new(encode(commands));
         if let Ok(value) = self.worker_id.parse() {
             request.metadata_mut().insert("sc-worker-id", value);

@@ -72,6 +72,9 @@ pub(crate) trait DeliverySink: Send + Sync + 'static {
 /// The worker's broker links.
 pub(crate) struct BrokerPool {
     connector: Arc<dyn Connect>,
+    /// The largest gRPC message to a broker: command batches are cut below it, and a publish
+    /// that could not fit is refused.
+    message_limit: usize,
     /// std Mutex: held for map updates and non-blocking sends, never across await.
     state: Mutex<State>,
     /// Wakes publishers waiting for a broker stream to open.
@@ -133,9 +136,10 @@ impl std::fmt::Debug for BrokerPool {
 
 impl BrokerPool {
     /// A pool opening its streams with `connector`.
-    pub(crate) fn new(connector: Arc<dyn Connect>) -> Self {
+    pub(crate) fn new(connector: Arc<dyn Connect>, message_limit: usize) -> Self {
         Self {
             connector,
+            message_limit,
             state: Mutex::new(State::default()),
             linked: Notify::new(),
             closed: CancellationToken::new(),
@@ -178,13 +182,16 @@ impl BrokerPool {
         data: Bytes,
         receipt: Option<Receipt>,
     ) -> Result<(), Error> {
+        let command = Command::Publish { channel: channel.to_owned(), data };
+        if command.wire_size() > self.batch_budget() {
+            return Err(Error::TooLarge);
+        }
         let link = self.owner_link(channel.as_bytes(), Route::Publish).await?;
         // The permit is given back by the stream when it takes the publish out.
         match link.window.acquire().await {
             Ok(permit) => permit.forget(),
             Err(_) => return Err(Error::NoBroker),
         }
-        let command = Command::Publish { channel: channel.to_owned(), data };
         let Some(receipt) = receipt else {
             return link.tx.send(command).map_err(|_| Error::NoBroker);
         };
@@ -315,6 +322,11 @@ impl BrokerPool {
                 }
             });
         }
+    }
+
+    /// Most bytes of commands in one gRPC message: the limit less a margin for the framing.
+    fn batch_budget(&self) -> usize {
+        self.message_limit.saturating_sub(64 * 1024)
     }
 
     /// Stops every link (the worker is shutting down).
@@ -493,7 +505,9 @@ impl LinkTask {
         let (tx, rx) = mpsc::unbounded_channel();
         let window = Arc::new(Semaphore::new(PUBLISH_WINDOW));
         let taken = window.clone();
-        let commands = Box::pin(BatchStream::new(rx, MAX_BATCH).map(move |commands: Vec<Command>| {
+        let batches =
+            BatchStream::new(rx, MAX_BATCH).with_byte_limit(self.pool.batch_budget(), Command::wire_size);
+        let commands = Box::pin(batches.map(move |commands: Vec<Command>| {
             let publishes = commands.iter().filter(|c| matches!(c, Command::Publish { .. })).count();
             taken.add_permits(publishes);
             commands
@@ -698,7 +712,7 @@ mod tests {
 
     fn setup() -> (Arc<Fake>, Arc<BrokerPool>, Arc<Sink>, Arc<dyn DeliverySink>) {
         let fake = Arc::new(Fake::default());
-        let pool = Arc::new(BrokerPool::new(fake.clone()));
+        let pool = Arc::new(BrokerPool::new(fake.clone(), 4 * 1024 * 1024));
         let sink = Arc::new(Sink::default());
         let dyn_sink: Arc<dyn DeliverySink> = sink.clone();
         (fake, pool, sink, dyn_sink)

@@ -26,6 +26,10 @@ pub enum Error {
     /// The broker's reply could not be read (not the JSON the exchange stores).
     #[error("the broker sent a bad reply: {0}")]
     BadReply(String),
+    /// A publish larger than the worker-broker link carries (`[worker] max_payload` plus
+    /// `max_channel_name`).
+    #[error("the message is too large for the brokers")]
+    TooLarge,
     /// The connection to a broker could not be made or broke.
     #[error("broker link failed: {0}")]
     Link(String),
@@ -39,6 +43,7 @@ impl Error {
             Self::Refused { .. } => "refused",
             Self::BadReply(_) => "bad_reply",
             Self::Link(_) => "link_failed",
+            Self::TooLarge => "too_large",
         }
     }
 
@@ -58,6 +63,7 @@ impl Error {
                 _ => StatusCode::BAD_GATEWAY,
             },
             Self::BadReply(_) => StatusCode::BAD_GATEWAY,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }
@@ -81,6 +87,7 @@ impl From<Error> for tonic::Status {
             Error::NoBroker | Error::Link(_) => Self::unavailable(message),
             Error::Refused { code, message } => Self::new(code, message),
             Error::BadReply(_) => Self::internal(message),
+            Error::TooLarge => Self::resource_exhausted(message),
         }
     }
 }

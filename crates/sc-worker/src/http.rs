@@ -200,6 +200,7 @@ impl Http {
         let on_upgrade = hyper::upgrade::on(&mut request);
         let context = self.context.clone();
         let max_payload = self.max_payload;
+        let max_outbound = self.context.settings.max_outbound_bytes;
         let socket = async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
@@ -212,7 +213,9 @@ impl Http {
                 .read_buffer_size(READ_BUFFER)
                 .max_message_size(Some(max_payload))
                 .max_frame_size(Some(max_payload))
-                .max_write_buffer_size(4 * max_payload.max(64 * 1024));
+                // Past [worker] max_outbound_bytes the socket's loop closes the client (4100);
+                // tungstenite's own cap sits above it, with room for one more whole message.
+                .max_write_buffer_size(max_outbound.saturating_add(max_payload).saturating_add(64 * 1024));
             let ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
             if inject_panic {
@@ -275,6 +278,12 @@ impl Http {
                         r#"{"error":"channel must be a string"}"#.into(),
                     );
                 };
+                if channel.len() > self.context.settings.max_channel_name {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "channel name longer than [worker] max_channel_name",
+                    );
+                }
                 let data = body.get("data").map(|d| Bytes::from(d.to_string())).unwrap_or_default();
                 match exchange.publish_raw(channel, data).await {
                     Ok(()) => json_response(StatusCode::OK, r#"{"ok":true}"#.into()),

@@ -122,8 +122,9 @@ impl Worker {
             .parse()
             .map_err(|_| StartError::Config(format!("worker.id: {id:?} is not a valid header value")))?;
 
-        let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone());
-        let pool = Arc::new(BrokerPool::new(Arc::new(connector)));
+        let message_limit = config.grpc_message_limit();
+        let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone(), message_limit);
+        let pool = Arc::new(BrokerPool::new(Arc::new(connector), message_limit));
         let hub = Arc::new(Hub::new(pool.clone(), handler.has_publish_out()));
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in

@@ -83,6 +83,7 @@ pub(crate) struct Settings {
     pub(crate) outbound_queue: usize,
     pub(crate) socket_channel_limit: usize,
     pub(crate) max_outbound_bytes: usize,
+    pub(crate) max_channel_name: usize,
     pub(crate) allow_client_publish: bool,
 }
 
@@ -209,6 +210,7 @@ impl Settings {
             outbound_queue: config.outbound_queue,
             socket_channel_limit: config.socket_channel_limit,
             max_outbound_bytes: usize::try_from(config.max_outbound_bytes).unwrap_or(usize::MAX),
+            max_channel_name: usize::try_from(config.max_channel_name).unwrap_or(usize::MAX),
             allow_client_publish: config.allow_client_publish,
         }
     }
@@ -648,6 +650,10 @@ impl Conversation {
             reply(&mut self.replies, Some(error));
             return;
         }
+        if let Some(error) = self.channel_too_long(&channel) {
+            reply(&mut self.replies, Some(error));
+            return;
+        }
         if self.subscriptions.contains(&*channel) {
             reply(&mut self.replies, None);
             return;
@@ -722,6 +728,10 @@ impl Conversation {
             );
             return;
         };
+        if let Some(error) = self.channel_too_long(&request.channel) {
+            fail(&mut self.replies, error);
+            return;
+        }
         let null = RawValue::NULL;
         let raw = request.data.unwrap_or(null);
         let payload = match self.context.handler.publish_in(&self.socket, &request.channel, raw).await {
@@ -751,6 +761,17 @@ impl Conversation {
         if let Err(e) = self.context.pool.publish(&request.channel, payload, receipt).await {
             fail(&mut self.replies, publish_failed(&request.channel, &e));
         }
+    }
+
+    /// The error for a channel name longer than `[worker] max_channel_name`, if it is.
+    fn channel_too_long(&self, channel: &str) -> Option<ErrorObject> {
+        let limit = self.context.settings.max_channel_name;
+        (channel.len() > limit).then(|| {
+            ErrorObject::new(
+                "InvalidActionError",
+                format!("Channel name is {} bytes long, more than the limit of {limit} bytes", channel.len()),
+            )
+        })
     }
 
     /// A custom event: an invoke (with a cid) or a transmit. Both run in their own task so that
