@@ -12,6 +12,9 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 
+/// How many bytes an item weighs.
+type Weigh<T> = fn(&T) -> usize;
+
 /// A stream of `Vec<T>` drained from an mpsc receiver (bounded or not), at most `max` items
 /// each (and at most a byte budget, with [`BatchStream::with_byte_limit`]).
 pub struct BatchStream<Q: Queue> {
@@ -19,7 +22,7 @@ pub struct BatchStream<Q: Queue> {
     max: usize,
     /// Most bytes in one batch, and how to weigh an item. A single item heavier than the
     /// budget goes alone.
-    bytes: Option<(usize, fn(&Q::Item) -> usize)>,
+    bytes: Option<(usize, Weigh<Q::Item>)>,
     /// Items taken from the queue that did not fit the previous batch.
     carry: std::collections::VecDeque<Q::Item>,
 }
