@@ -224,6 +224,13 @@ pub struct WorkerConfig {
     /// Longest channel name a client may subscribe or publish to (bytes of UTF-8).
     #[serde(with = "crate::size")]
     pub max_channel_name: u64,
+    /// A connection must send a complete HTTP request head within this long, from its start
+    /// and between requests on a keep-alive connection (so slow and idle ones are closed).
+    #[serde(with = "humantime_serde")]
+    pub request_header_timeout: Duration,
+    /// Connections from one client IP that have not completed their SocketCluster handshake;
+    /// past it, new ones from that address are closed at once. 0: no limit.
+    pub max_pending_per_ip: u32,
 }
 
 /// Which SocketCluster protocol version(s) a worker speaks.
@@ -331,6 +338,8 @@ impl Default for WorkerConfig {
             api_key: String::new(),
             max_outbound_bytes: 1024 * 1024,
             max_channel_name: 256,
+            request_header_timeout: Duration::from_secs(10),
+            max_pending_per_ip: 100,
         }
     }
 }

@@ -24,7 +24,7 @@ use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sc_common::proxy_protocol;
 use sc_common::secret::constant_time_eq;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::UpgradeRequest;
 use crate::handle::Peer;
 use crate::origins::Origins;
+use crate::pending::{Pending, PendingByIp};
 use crate::proxies::TrustedProxies;
 use crate::socket::{self, Context};
 
@@ -71,6 +72,10 @@ pub(crate) struct Http {
     pub(crate) sockets: TaskTracker,
     /// [`FAULTS_ENV`] was set.
     pub(crate) faults: bool,
+    /// Connections per client IP before their SocketCluster handshake.
+    pub(crate) pending: PendingByIp,
+    /// `[worker] request_header_timeout`.
+    pub(crate) header_timeout: std::time::Duration,
 }
 
 type Body = Full<Bytes>;
@@ -88,24 +93,43 @@ pub(crate) async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, rem
     let _ = stream.set_nodelay(true);
     let mut peer = Peer { addr: Some(remote), tls: false };
     // A PROXY v2 header starts with "\r\n"; an HTTP request never does.
+    // A connection that sends nothing is closed after the header timeout, like one that sends
+    // too little.
     let mut first = [0u8; 1];
-    match stream.peek(&mut first).await {
-        Ok(1) if first[0] == proxy_protocol::SIGNATURE[0] => match read_proxy_header(&mut stream, peer).await
-        {
-            Some(from_header) => peer = from_header,
-            None => return,
-        },
-        Ok(_) => {}
-        Err(_) => return,
+    match tokio::time::timeout(http.header_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == proxy_protocol::SIGNATURE[0] => {
+            match read_proxy_header(&mut stream, peer).await {
+                Some(from_header) => peer = from_header,
+                None => return,
+            }
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) | Err(_) => return,
     }
-    serve_http(http, stream, peer).await;
+    let Some(pending) = admit(&http, peer) else { return };
+    serve_http(http, stream, peer, pending).await;
+}
+
+/// Counts a new connection against its client's address; `None` (and the connection is
+/// closed) when that address already has `[worker] max_pending_per_ip` connections that have
+/// not completed their handshake.
+fn admit(http: &Http, peer: Peer) -> Option<Option<Pending>> {
+    let Some(ip) = peer.addr.map(|a| a.ip()) else { return Some(None) };
+    match http.pending.try_acquire(ip) {
+        Some(pending) => Some(Some(pending)),
+        None => {
+            tracing::debug!(%ip, "too many connections from one address before their handshake, closing");
+            None
+        }
+    }
 }
 
 /// Serves one connection accepted on the worker's Unix socket: a balancer on this host, which
 /// starts with a PROXY v2 header.
 pub(crate) async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream) {
     let Some(peer) = read_proxy_header(&mut stream, Peer { addr: None, tls: false }).await else { return };
-    serve_http(http, stream, peer).await;
+    let Some(pending) = admit(&http, peer) else { return };
+    serve_http(http, stream, peer, pending).await;
 }
 
 /// The peer as the PROXY v2 header at the start of `stream` tells it; `None` (and the
@@ -121,11 +145,14 @@ async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S, peer: Peer) -> 
     }
 }
 
-async fn serve_http<S>(http: Arc<Http>, stream: S, peer: Peer)
+/// Serves HTTP on one connection; `_pending` counts it against its client's address until it
+/// ends (an upgraded socket counts on its own until its handshake).
+async fn serve_http<S>(http: Arc<Http>, stream: S, peer: Peer, _pending: Option<Pending>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let remote = peer.addr;
+    let header_timeout = http.header_timeout;
     let service = hyper::service::service_fn(move |request| {
         let http = http.clone();
         async move {
@@ -134,7 +161,11 @@ where
             Ok::<_, Infallible>(response)
         }
     });
+    // The header timeout runs from the start of each request head, and while a keep-alive
+    // connection waits for its next request: slowloris and idle keep-alive are both closed.
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(e) = connection.await {
@@ -199,6 +230,8 @@ impl Http {
         let inject_panic = self.faults && request.uri().query().is_some_and(|q| q.contains("sc-test-panic"));
         let on_upgrade = hyper::upgrade::on(&mut request);
         let context = self.context.clone();
+        // The socket counts against its client's address until its handshake.
+        let pending = peer.addr.map(|a| self.pending.acquire(a.ip()));
         let max_payload = self.max_payload;
         let max_outbound = self.context.settings.max_outbound_bytes;
         let socket = async move {
@@ -219,7 +252,7 @@ impl Http {
             let ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
             if inject_panic {
-                let run = socket::run(ws, context, peer);
+                let run = socket::run(ws, context, peer, pending);
                 tokio::select! {
                     _ = run => {}
                     _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
@@ -227,7 +260,7 @@ impl Http {
                     }
                 }
             } else {
-                socket::run(ws, context, peer).await;
+                socket::run(ws, context, peer, pending).await;
             }
         };
         self.sockets.spawn(async move {

@@ -37,6 +37,7 @@ pub use crate::handle::Socket;
 use crate::handle::{Peer, Services};
 use crate::hub::{self, Hub, Recipient};
 use crate::outbox::Outbound;
+use crate::pending::Pending;
 use crate::protocol::{self, ErrorObject, Inbound, Packet, Protocol};
 use sc_common::config::ProtocolVersion;
 
@@ -112,6 +113,8 @@ struct Conversation {
     recipient: Option<Arc<dyn Recipient>>,
     /// Frames to write at the end of this wake-up.
     replies: Vec<String>,
+    /// Counts the socket against its client's address until the handshake completes.
+    pending: Option<Pending>,
 }
 
 impl Drop for Conversation {
@@ -217,8 +220,12 @@ impl Settings {
 }
 
 /// Runs one socket until it closes.
-pub(crate) async fn run<S>(mut ws: WebSocketStream<S>, context: Arc<Context>, peer: Peer)
-where
+pub(crate) async fn run<S>(
+    mut ws: WebSocketStream<S>,
+    context: Arc<Context>,
+    peer: Peer,
+    pending: Option<Pending>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // Auto mode: unknown until the first pong.
@@ -242,6 +249,7 @@ where
         subscriptions: HashSet::new(),
         recipient: None,
         replies: Vec::new(),
+        pending,
     };
     tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
     let Err(end) = conversation.serve(&mut ws).await;
@@ -511,6 +519,7 @@ impl Conversation {
             // Server v14 opened the socket without answering; v18.1+ closes 4008.
             if self.socket.speaks(Protocol::V1) {
                 self.handshaken = true;
+                self.pending = None;
                 return Ok(());
             }
             return Err(End::Close(CLOSE_BAD_HANDSHAKE, "Handshake request was malformatted".into()));
@@ -538,6 +547,7 @@ impl Conversation {
             return Err(End::Close(code, error.message.into()));
         }
         self.handshaken = true;
+        self.pending = None;
         let reply = self.handshake_reply(cid, auth_error.as_ref());
         self.replies.push(reply);
         if auth_error.as_ref().is_some_and(ErrorObject::is_bad_token) {
