@@ -583,3 +583,34 @@ async fn a_flood_from_one_address_does_not_lock_out_another() -> Result<()> {
     cluster.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_from_anyone_but_a_balancer_is_refused() -> Result<()> {
+    let cluster = Cluster::start(&[("SC_CLUSTER__WORKERS", "1")]).await?;
+    let worker = worker_addr(&cluster).await?;
+    // A PROXY v2 header claiming the client is 198.51.100.1:4000 (TCP over IPv4).
+    let mut forged = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    forged.extend_from_slice(&[198, 51, 100, 1, 127, 0, 0, 1]);
+    forged.extend_from_slice(&4000u16.to_be_bytes());
+    forged.extend_from_slice(&worker.port().to_be_bytes());
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let answer = |from: IpAddr| {
+        let forged = forged.clone();
+        async move {
+            let mut stream = sc_tests::connect_from(from, worker).await?;
+            stream.write_all(&forged).await?;
+            let _ = stream.write_all(request).await;
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response).await;
+            anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+        }
+    };
+    // Another host reaching the worker port cannot forge the client address or the TLS flag.
+    let spoofed = answer(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).await?;
+    assert_eq!(spoofed, "", "a PROXY header from a non-balancer address is refused");
+    // The balancer's host (127.0.0.1 here, from the membership) is believed.
+    let from_balancer_host = answer(LOCAL).await?;
+    assert!(from_balancer_host.starts_with("HTTP/1.1 200"), "{from_balancer_host}");
+    cluster.stop().await?;
+    Ok(())
+}

@@ -38,7 +38,7 @@ use crate::app::UpgradeRequest;
 use crate::handle::Peer;
 use crate::origins::Origins;
 use crate::pending::{Pending, PendingByIp};
-use crate::proxies::TrustedProxies;
+use crate::proxies::{ProxySources, TrustedProxies};
 use crate::socket::{self, Context};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time.
@@ -62,6 +62,8 @@ pub(crate) struct Http {
     pub(crate) origins: Origins,
     /// `[worker] trusted_proxies`.
     pub(crate) trusted_proxies: TrustedProxies,
+    /// Who may send a PROXY header over TCP.
+    pub(crate) proxy_sources: Arc<ProxySources>,
     /// `[worker] max_payload`.
     pub(crate) max_payload: usize,
     /// `[worker] static_dir`, canonicalised.
@@ -98,6 +100,10 @@ pub(crate) async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, rem
     let mut first = [0u8; 1];
     match tokio::time::timeout(http.header_timeout, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == proxy_protocol::SIGNATURE[0] => {
+            if !http.proxy_sources.allows(remote.ip()) {
+                tracing::debug!(peer = %remote, "PROXY header from an address that is not a balancer, closing");
+                return;
+            }
             match read_proxy_header(&mut stream, peer).await {
                 Some(from_header) => peer = from_header,
                 None => return,

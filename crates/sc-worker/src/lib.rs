@@ -148,6 +148,7 @@ impl Worker {
             path: http::Http::normalise_path(&worker.path),
             worker_id,
             origins: origins::Origins::new(&worker.origins),
+            proxy_sources: Arc::new(proxies::ProxySources::new(trusted_proxies.clone())),
             trusted_proxies,
             max_payload: usize::try_from(worker.max_payload).unwrap_or(usize::MAX),
             static_dir,
@@ -222,8 +223,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Registers with the master (when one is configured) and keeps the broker pool in step
-    /// with the broker membership it announces.
+    /// Registers with the master (when one is configured) and keeps the broker pool, and the
+    /// balancers trusted for PROXY headers, in step with the membership it announces.
     fn link_brokers(
         &self,
         events: mpsc::Receiver<Event>,
@@ -238,17 +239,26 @@ impl Worker {
         let unix = self.unix_path().map(|p| p.display().to_string()).unwrap_or_default();
         let advertise_ip = self.config.cluster.advertise_ip;
         let me = Member::this_process(Role::Worker, &self.id, grpc_addr, Some(addr), unix, advertise_ip, url);
-        let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Broker])?;
+        let link = MasterLink::new(url, &self.config.cluster.secret, me, vec![Role::Broker, Role::Balancer])?;
         let mut members = link.spawn(events, shutdown.clone());
         let pool = self.pool.clone();
         let sink: Arc<dyn DeliverySink> = self.hub.clone();
+        let proxy_sources = self.http.proxy_sources.clone();
         tokio::spawn(async move {
             loop {
-                let brokers: Vec<(String, String)> = members
-                    .borrow_and_update()
-                    .with_role(Role::Broker)
-                    .map(|m| (m.id.clone(), m.grpc.clone()))
-                    .collect();
+                let (brokers, balancers) = {
+                    let members = members.borrow_and_update();
+                    let brokers: Vec<(String, String)> =
+                        members.with_role(Role::Broker).map(|m| (m.id.clone(), m.grpc.clone())).collect();
+                    // A balancer connects from the address it advertises (its host).
+                    let balancers: Vec<std::net::IpAddr> = members
+                        .with_role(Role::Balancer)
+                        .flat_map(|m| [m.grpc.as_str(), m.public.as_str()])
+                        .filter_map(|addr| addr.parse::<SocketAddr>().ok().map(|a| a.ip()))
+                        .collect();
+                    (brokers, balancers)
+                };
+                proxy_sources.set_balancers(balancers);
                 pool.apply(brokers, &sink);
                 if members.changed().await.is_err() {
                     return;

@@ -1,18 +1,51 @@
-//! `[worker] trusted_proxies`: whose `X-Forwarded-For` and `X-Forwarded-Proto` the worker
-//! believes.
+//! Whom the worker believes about the client's address.
 //!
-//! The balancer tells the worker the client address in a PROXY v2 header, which needs no
-//! trust list. An HTTP proxy in front of the cluster (or of a worker) says it with headers
+//! The balancer tells the worker the client address in a PROXY v2 header. Over the worker's
+//! Unix socket (a balancer on the same host; the folder is private to the cluster) it is
+//! always believed; over TCP only from a balancer in the current membership or an address in
+//! `[worker] trusted_proxies` ([`ProxySources`]), because anyone who reaches a worker port
+//! could otherwise forge the client IP and the TLS flag the app sees. An HTTP proxy in front of the cluster (or of a worker) says it with headers
 //! instead, and anyone can send those: they count only when the peer (the TCP peer, or the
 //! address from the PROXY header) is a trusted proxy. Then the client is the right-most
 //! `X-Forwarded-For` entry that is not itself a trusted proxy (each proxy appends the address
 //! it saw, so entries to the left of an untrusted one may be forged).
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{PoisonError, RwLock};
 
 use http::HeaderMap;
 
 use crate::handle::Peer;
+
+/// Who may send a PROXY v2 header over TCP: the balancers of the current membership (their
+/// advertised addresses) and `[worker] trusted_proxies`.
+#[derive(Debug, Default)]
+pub(crate) struct ProxySources {
+    configured: TrustedProxies,
+    /// std RwLock: read per connection, replaced on membership changes; never held across
+    /// await.
+    balancers: RwLock<HashSet<IpAddr>>,
+}
+
+impl ProxySources {
+    /// Trusting `configured` and, once known, the membership's balancers.
+    pub(crate) fn new(configured: TrustedProxies) -> Self {
+        Self { configured, balancers: RwLock::default() }
+    }
+
+    /// Replaces the balancers' addresses (from a membership snapshot).
+    pub(crate) fn set_balancers(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        let ips = ips.into_iter().map(canonical).collect();
+        *self.balancers.write().unwrap_or_else(PoisonError::into_inner) = ips;
+    }
+
+    /// Whether a PROXY header from the TCP peer `ip` is believed.
+    pub(crate) fn allows(&self, ip: IpAddr) -> bool {
+        self.configured.contains(ip)
+            || self.balancers.read().unwrap_or_else(PoisonError::into_inner).contains(&canonical(ip))
+    }
+}
 
 /// IPs and CIDR blocks.
 #[derive(Debug, Clone, Default)]
@@ -128,6 +161,20 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_headers_are_believed_from_balancers_and_configured_addresses_only() {
+        let sources = ProxySources::new(list(&["10.9.0.0/16"]));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(sources.allows(ip("10.9.1.2")));
+        assert!(!sources.allows(ip("10.8.1.2")));
+        assert!(!sources.allows(ip("192.0.2.5")));
+        sources.set_balancers([ip("192.0.2.5")]);
+        assert!(sources.allows(ip("192.0.2.5")));
+        assert!(sources.allows(ip("::ffff:192.0.2.5")), "v4-mapped is the same host");
+        sources.set_balancers([]);
+        assert!(!sources.allows(ip("192.0.2.5")), "a balancer that left is not believed");
+    }
 
     fn list(entries: &[&str]) -> TrustedProxies {
         TrustedProxies::parse(&entries.iter().map(|e| (*e).to_owned()).collect::<Vec<_>>()).unwrap()

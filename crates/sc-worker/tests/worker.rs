@@ -174,7 +174,8 @@ async fn http_endpoints() {
 #[tokio::test]
 async fn proxy_header_is_accepted_before_http() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cell = start(|_| {}).await;
+    // Believed from a trusted address only (no balancer here).
+    let cell = start(|c| c.worker.trusted_proxies = vec!["127.0.0.1".into()]).await;
     let mut stream = tokio::net::TcpStream::connect(cell.worker).await.unwrap();
     let header = sc_common::proxy_protocol::encode("203.0.113.9:4000".parse().unwrap(), cell.worker, false);
     stream.write_all(&header).await.unwrap();
@@ -182,6 +183,17 @@ async fn proxy_header_is_accepted_before_http() {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // From an address that is neither a balancer nor trusted, a PROXY header is refused: the
+    // connection is closed without an answer (the client address cannot be forged).
+    let spoofer = tokio::net::TcpSocket::new_v4().unwrap();
+    spoofer.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut stream = spoofer.connect(cell.worker).await.unwrap();
+    stream.write_all(&header).await.unwrap();
+    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    assert_eq!(response, "", "a forged PROXY header is not served");
 }
 
 /// A raw WebSocket that completed the handshake; returns it and the replies seen so far.
