@@ -218,7 +218,8 @@ pub struct WorkerConfig {
     /// Empty: the API is off.
     pub api_key: String,
     /// Bytes written to one socket and not yet taken by the kernel beyond which the client is a
-    /// slow consumer and is closed with 4100 (a client that stopped reading).
+    /// slow consumer and is closed with 4100 (a client that stopped reading). Never less than
+    /// `max_payload` in effect.
     #[serde(with = "crate::size")]
     pub max_outbound_bytes: u64,
     /// Longest channel name a client may subscribe or publish to (bytes of UTF-8).
@@ -467,9 +468,6 @@ impl Config {
         }
         if self.worker.max_channel_name == 0 {
             return bad("worker.max_channel_name", "must be at least 1");
-        }
-        if self.worker.max_outbound_bytes < self.worker.max_payload {
-            return bad("worker.max_outbound_bytes", "must be at least worker.max_payload");
         }
         if self.worker.outbound_queue == 0 {
             return bad("worker.outbound_queue", "must be at least 1");

@@ -15,12 +15,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -87,6 +85,17 @@ impl Http {
     pub(crate) fn normalise_path(path: &str) -> String {
         let trimmed = path.trim_end_matches('/');
         if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }
+    }
+}
+
+/// Set when a socket's task completes; a task dropped before (it panicked) is reported.
+struct Finished(bool);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if !self.0 {
+            tracing::error!("socket task panicked; that socket was closed");
+        }
     }
 }
 
@@ -257,8 +266,14 @@ impl Http {
                 .max_write_buffer_size(max_outbound.saturating_add(max_payload).saturating_add(64 * 1024));
             let ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+            // Reports a task that ends without finishing (a panic: tokio catches it and drops
+            // the task, whose state is dropped with it: the socket leaves its channels, see
+            // `Conversation`'s Drop, and the hub's locks recover from poisoning). A guard, not
+            // a `catch_unwind` wrapper, which would store this whole future twice.
+            let mut finished = Finished(false);
             if inject_panic {
-                let run = socket::run(ws, context, peer, pending);
+                // Test-only path, boxed so that it does not grow every socket's task.
+                let run = Box::pin(socket::run(ws, context, peer, pending));
                 tokio::select! {
                     _ = run => {}
                     _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
@@ -268,15 +283,9 @@ impl Http {
             } else {
                 socket::run(ws, context, peer, pending).await;
             }
+            finished.0 = true;
         };
-        self.sockets.spawn(async move {
-            // The socket's state is dropped with the panic (its channels left, see
-            // `Conversation`'s Drop); the hub's locks recover from poisoning, so the worker
-            // carries on.
-            if AssertUnwindSafe(socket).catch_unwind().await.is_err() {
-                tracing::error!("socket task panicked; that socket was closed");
-            }
-        });
+        self.sockets.spawn(socket);
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();

@@ -212,7 +212,9 @@ impl Settings {
             handshake_timeout: config.handshake_timeout,
             outbound_queue: config.outbound_queue,
             socket_channel_limit: config.socket_channel_limit,
-            max_outbound_bytes: usize::try_from(config.max_outbound_bytes).unwrap_or(usize::MAX),
+            // One whole message always fits.
+            max_outbound_bytes: usize::try_from(config.max_outbound_bytes.max(config.max_payload))
+                .unwrap_or(usize::MAX),
             max_channel_name: usize::try_from(config.max_channel_name).unwrap_or(usize::MAX),
             allow_client_publish: config.allow_client_publish,
         }
@@ -918,6 +920,43 @@ fn new_socket_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an idle socket's task holds is mostly this future (plus the WebSocket's buffers,
+    /// allocated apart). It grows when a large future is held across the loop; keep it inside
+    /// the budget (box what only runs sometimes, as `handle_text` is).
+    #[tokio::test]
+    async fn an_idle_sockets_task_stays_inside_its_memory_budget() {
+        const BUDGET: usize = 1600;
+        let connector = crate::broker_link::Grpc::new("w".into(), "s".into(), 4 << 20);
+        let pool = Arc::new(BrokerPool::new(Arc::new(connector), 4 << 20));
+        let hub = Arc::new(Hub::new(pool.clone(), false));
+        let auth = auth::AuthEngine::new("HS256", "key", None, None, Duration::from_secs(60)).unwrap();
+        let services = Services {
+            auth,
+            ack_timeout: Duration::from_secs(1),
+            exchange: crate::exchange::Exchange::new(hub.clone(), pool.clone()),
+        };
+        let config = sc_common::config::WorkerConfig::default();
+        let context = Arc::new(Context {
+            hub,
+            pool,
+            handler: Arc::new(crate::app::DefaultHandler),
+            services: Arc::new(services),
+            settings: Settings::from_config(&config),
+            shutdown: CancellationToken::new(),
+        });
+        let (server, _client) = tokio::io::duplex(64);
+        let ws = WebSocketStream::from_raw_socket(
+            server,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let task = run(ws, context, Peer { addr: None, tls: false }, None);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("socket task future: {size} bytes (budget {BUDGET})");
+        assert!(size <= BUDGET, "the socket task future is {size} bytes, over its budget of {BUDGET}");
+    }
 
     #[test]
     fn socket_ids_look_like_the_stock_ones() {
