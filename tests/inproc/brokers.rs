@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use sc_common::config::Config;
-use sc_tests::Client;
 use sc_tests::inproc::Cluster;
+use sc_tests::{Client, eventually, member_status};
 use serde_json::json;
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -198,4 +198,32 @@ async fn api(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_under_its_id_registers_again_and_its_channels_deliver() {
+    let mut cell = start(2, 1, |_| {}).await;
+    let mut client = Client::connect(LOCAL, cell.worker(0), &cell.url(0)).await.unwrap();
+    let channels: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    for channel in &channels {
+        client.subscribe(channel).await.unwrap();
+    }
+    let old = cell.broker(0);
+    cell.restart_broker(0).await;
+    let new = cell.broker(0);
+    assert_ne!(new, old, "a new listener");
+    eventually(Duration::from_secs(5), "broker-0 registered again", || async {
+        let member = member_status(cell.master_admin(), "broker-0").await.ok()??;
+        (member["grpc"] == new.to_string()).then_some(())
+    })
+    .await
+    .unwrap();
+    // Every channel delivers, through whichever broker owns it at the moment.
+    for channel in &channels {
+        client.publish(channel, json!(channel)).await.unwrap();
+        assert_eq!(client.next_publish(channel, Duration::from_secs(5)).await.unwrap(), json!(channel));
+    }
+    // Clients gone first: a worker waits a while for a silent client's close handshake.
+    drop(client);
+    cell.shutdown().await;
 }

@@ -13,14 +13,10 @@
 //! fails, fails the test with its name. Dropping the cluster (a test that failed earlier) only
 //! cancels.
 //!
-//! The members run on runtimes of their own, not the test's, which are to them what processes
-//! are to the daemons: once a `serve` has returned, its runtime is shut down, ending whatever
+//! Each member runs on a runtime of its own, not the test's, which is to it what its process
+//! is to a daemon: once its `serve` has returned, the runtime is shut down, ending whatever
 //! tasks the member left behind as a process exit would. (A worker's broker links outlive its
 //! `serve`; left running, they would keep every broker draining for its full drain period.)
-//! The master and each broker have a runtime each; the workers share one, shut down once they
-//! have all stopped, so that they see a membership change at nearly the same moment, as the
-//! tests written before this module expect (a stopped or restarted worker's leftovers run on
-//! until then).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -59,12 +55,10 @@ pub struct Cluster {
     master: Option<Served>,
     /// `broker-<i>` at index i; `None` once stopped.
     brokers: Vec<Option<Served>>,
-    /// `worker-<i>` at index i (or a worker served with [`Cluster::serve_worker`]).
+    /// `worker-<i>` at index i (or one started with [`Cluster::add_named_worker`]).
     workers: Vec<Option<Served>>,
     /// Members stopped one at a time and not yet awaited: awaited by [`Cluster::shutdown`].
     stopping: Vec<Served>,
-    /// The workers' runtime (see the module documentation).
-    workers_runtime: Option<Runtime>,
 }
 
 /// One member's `serve`, running.
@@ -73,7 +67,7 @@ struct Served {
     addr: SocketAddr,
     token: CancellationToken,
     handle: Option<JoinHandle<Result<(), String>>>,
-    /// The member's own runtime (see the module documentation); `None` for a worker.
+    /// The member's own runtime (see the module documentation); taken when it is shut down.
     runtime: Option<Runtime>,
 }
 
@@ -109,7 +103,7 @@ impl Builder {
         }
         let root = CancellationToken::new();
         let master_config = config.clone();
-        let (master, admin) = Served::start("master", None, root.child_token(), |token| async move {
+        let (master, admin) = Served::start("master", root.child_token(), |token| async move {
             let master = sc_master::Master::bind(master_config, None).await.map_err(|e| e.to_string())?;
             let (addr, admin) = (master.local_addr(), master.admin_addr());
             Ok((addr, admin, master.serve(token)))
@@ -124,7 +118,6 @@ impl Builder {
             brokers: Vec::new(),
             workers: Vec::new(),
             stopping: Vec::new(),
-            workers_runtime: Some(runtime("workers", 2)),
         };
         for _ in 0..self.brokers {
             cluster.add_broker().await;
@@ -209,14 +202,13 @@ impl Cluster {
     /// and its exchange (the server-side API an app's code uses).
     pub async fn add_named_worker(&mut self, id: &str) -> (usize, sc_worker::Exchange) {
         let config = self.worker_config(id);
-        let (served, exchange) =
-            Served::start(id, self.workers_runtime(), self.root.child_token(), |token| async move {
-                let worker = sc_worker::Worker::bind(config).await.map_err(|e| e.to_string())?;
-                let addr = worker.local_addr().map_err(|e| e.to_string())?;
-                let exchange = worker.exchange();
-                Ok((addr, exchange, worker.serve(mpsc::channel(1).1, token)))
-            })
-            .await;
+        let (served, exchange) = Served::start(id, self.root.child_token(), |token| async move {
+            let worker = sc_worker::Worker::bind(config).await.map_err(|e| e.to_string())?;
+            let addr = worker.local_addr().map_err(|e| e.to_string())?;
+            let exchange = worker.exchange();
+            Ok((addr, exchange, worker.serve(mpsc::channel(1).1, token)))
+        })
+        .await;
         self.workers.push(Some(served));
         (self.workers.len() - 1, exchange)
     }
@@ -261,22 +253,13 @@ impl Cluster {
     /// does), and awaits each `serve`: panics naming the member if one does not finish within
     /// [`SHUTDOWN_DEADLINE`] or fails.
     pub async fn shutdown(mut self) {
-        let workers: Vec<Served> = self.workers.drain(..).flatten().collect();
-        let brokers: Vec<Served> = self.brokers.drain(..).flatten().collect();
-        let (stopped_workers, stopped_brokers): (Vec<Served>, Vec<Served>) =
-            std::mem::take(&mut self.stopping).into_iter().partition(|s| s.runtime.is_none());
-        for served in &workers {
-            served.token.cancel();
-        }
-        for served in stopped_workers.into_iter().chain(workers) {
-            served.finish().await;
-        }
-        // The workers' "process exit": their broker streams close.
-        if let Some(runtime) = self.workers_runtime.take() {
-            runtime.shutdown_background();
-        }
-        let master = self.master.take();
-        for group in [stopped_brokers, brokers, master.into_iter().collect()] {
+        let workers = self.workers.drain(..).flatten();
+        let brokers = self.brokers.drain(..).flatten();
+        // Those stopped one at a time first: they were told to stop before the others.
+        let stopping = std::mem::take(&mut self.stopping);
+        for group in
+            [stopping, workers.collect(), brokers.collect(), self.master.take().into_iter().collect()]
+        {
             for served in &group {
                 served.token.cancel();
             }
@@ -289,7 +272,7 @@ impl Cluster {
     async fn start_broker(&self, i: usize) -> Served {
         let name = format!("broker-{i}");
         let config = self.broker_config(&name);
-        let (served, ()) = Served::start(&name, None, self.root.child_token(), |token| async move {
+        let (served, ()) = Served::start(&name, self.root.child_token(), |token| async move {
             let broker = sc_broker::Broker::bind(config).await.map_err(|e| e.to_string())?;
             Ok((broker.local_addr(), (), broker.serve(mpsc::channel(1).1, token)))
         })
@@ -300,13 +283,12 @@ impl Cluster {
     async fn start_worker(&self, i: usize) -> Served {
         let name = format!("worker-{i}");
         let config = self.worker_config(&name);
-        let (served, ()) =
-            Served::start(&name, self.workers_runtime(), self.root.child_token(), |token| async move {
-                let worker = sc_worker::Worker::bind(config).await.map_err(|e| e.to_string())?;
-                let addr = worker.local_addr().map_err(|e| e.to_string())?;
-                Ok((addr, (), worker.serve(mpsc::channel(1).1, token)))
-            })
-            .await;
+        let (served, ()) = Served::start(&name, self.root.child_token(), |token| async move {
+            let worker = sc_worker::Worker::bind(config).await.map_err(|e| e.to_string())?;
+            let addr = worker.local_addr().map_err(|e| e.to_string())?;
+            Ok((addr, (), worker.serve(mpsc::channel(1).1, token)))
+        })
+        .await;
         let addr = served.addr;
         eventually(Duration::from_secs(5), &format!("{name} ready"), || async {
             matches!(http_get(LOCAL, addr, "/readyz").await, Ok((200, _))).then_some(())
@@ -314,10 +296,6 @@ impl Cluster {
         .await
         .expect("worker ready");
         served
-    }
-
-    fn workers_runtime(&self) -> Option<&Runtime> {
-        self.workers_runtime.as_ref()
     }
 
     /// Awaits the stopped member `name`.
@@ -330,26 +308,16 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // A test that failed before `shutdown`: stop everything, without waiting.
+        // A test that failed before `shutdown`: stop everything, without waiting (each
+        // member's runtime is shut down as it is dropped).
         self.root.cancel();
-        // Not a blocking drop inside the test's runtime (the members' own runtimes go the same
-        // way, in `Served::drop`).
-        if let Some(runtime) = self.workers_runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 
 impl Served {
-    /// Binds a member on `shared` or else a runtime of its own (`bind` returns its address,
-    /// something for the caller and its `serve` future) and serves it there until `token` is
-    /// cancelled.
-    async fn start<T, B, Fut, S, E>(
-        name: &str,
-        shared: Option<&Runtime>,
-        token: CancellationToken,
-        bind: B,
-    ) -> (Self, T)
+    /// Binds a member on a runtime of its own (`bind` returns its address, something for the
+    /// caller and its `serve` future) and serves it there until `token` is cancelled.
+    async fn start<T, B, Fut, S, E>(name: &str, token: CancellationToken, bind: B) -> (Self, T)
     where
         B: FnOnce(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(SocketAddr, T, S), String>> + Send + 'static,
@@ -357,11 +325,16 @@ impl Served {
         E: std::fmt::Display,
         T: Send + 'static,
     {
-        let own = shared.is_none().then(|| runtime(name, 1));
-        let spawner = shared.or(own.as_ref()).expect("a runtime").handle().clone();
+        // One worker thread: enough for a member under test, and a test starts several.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("a runtime");
         let (bound, bound_rx) = oneshot::channel();
         let serving = token.clone();
-        let handle = spawner.spawn(async move {
+        let handle = runtime.spawn(async move {
             let (addr, extra, serve) = bind(serving).await?;
             let _ = bound.send((addr, extra));
             serve.await.map_err(|e| e.to_string())
@@ -371,7 +344,7 @@ impl Served {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             token,
             handle: Some(handle),
-            runtime: own,
+            runtime: Some(runtime),
         };
         match bound_rx.await {
             Ok((addr, extra)) => {
@@ -387,8 +360,8 @@ impl Served {
         }
     }
 
-    /// Awaits `serve` (already cancelled) within the deadline; the member's runtime ends when
-    /// it is dropped.
+    /// Awaits `serve` (already cancelled) within the deadline; the member's runtime is shut
+    /// down as `self` is dropped.
     async fn finish(mut self) {
         if let Some(handle) = self.handle.take() {
             finish(&self.name, handle).await;
@@ -404,16 +377,6 @@ impl Drop for Served {
             runtime.shutdown_background();
         }
     }
-}
-
-/// A runtime for members, its threads named after them.
-fn runtime(name: &str, threads: usize) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("a runtime")
 }
 
 /// Awaits a `serve` join handle (its future already told to stop) within

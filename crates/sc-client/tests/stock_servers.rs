@@ -33,7 +33,9 @@ impl Peer {
     ///
     /// The stock servers are told their port and report the port they were told, not the one
     /// they got, so the port is picked here: one that another process took in between makes the
-    /// server exit with EADDRINUSE before READY, and it is started again on another port.
+    /// server exit with EADDRINUSE before READY, and it is started again on another port. (sc14
+    /// does not exit then, its master respawning the worker instead: a collision there fails
+    /// the test, as it did before.)
     async fn start(script: &str, env: &[(&str, &str)]) -> Result<Option<Self>> {
         let Some(dir) = peers_dir().await else {
             return Ok(None);
