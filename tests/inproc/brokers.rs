@@ -77,7 +77,19 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
         while count < expected {
             let message = match subscriber.next_message(Duration::from_secs(5)).await {
                 Ok(m) => m,
-                Err(e) => panic!("after {count} of {expected} messages ({:?}): {e}", started.elapsed()),
+                Err(e) => {
+                    let missing: Vec<String> = seen
+                        .iter()
+                        .filter_map(|((channel, p), got)| {
+                            let lost: Vec<u64> = (0..ROUNDS).filter(|s| !got.contains(s)).collect();
+                            (!lost.is_empty()).then(|| format!("{channel} from {p}: {lost:?}"))
+                        })
+                        .collect();
+                    panic!(
+                        "after {count} of {expected} messages ({:?}): {e}; missing {missing:?}",
+                        started.elapsed()
+                    )
+                }
             };
             if message["event"] != "#publish" {
                 continue;

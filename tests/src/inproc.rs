@@ -2,10 +2,15 @@
 //! (`sc_master::Master`, `sc_broker::Broker`, `sc_worker::Worker`), each bound on port 0, in
 //! this test's process.
 //!
-//! ```ignore
+//! ```no_run
+//! # async fn example() {
+//! use sc_tests::inproc::Cluster;
+//!
 //! let cluster = Cluster::builder().brokers(2).workers(2).tune(|c| c.worker.auth_key = "k".into()).start().await;
-//! // ... talk to cluster.worker(0) ...
+//! let ws_url = cluster.url(0);
+//! // ... talk to the workers ...
 //! cluster.shutdown().await;
+//! # }
 //! ```
 //!
 //! [`Cluster::shutdown`] stops the members in the supervisor's order (workers, brokers, master)
