@@ -20,8 +20,8 @@
 //!
 //! Each member runs on a runtime of its own, not the test's, which is to it what its process
 //! is to a daemon: once its `serve` has returned, the runtime is shut down, ending whatever
-//! tasks the member left behind as a process exit would. (A worker's broker links outlive its
-//! `serve`; left running, they would keep every broker draining for its full drain period.)
+//! tasks the member left behind as a process exit would. (Left running, a worker's broker
+//! links, say, would keep every broker draining for its full drain period.)
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
