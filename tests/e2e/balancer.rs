@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use sc_tests::{
-    Client, Cluster, TestCa, alive, bin, eventually, http_get, https_get, signal_pid, tls_connect,
+    Client, Cluster, Signal, TestCa, alive, bin, eventually, http_get, https_get, signal_pid, tls_connect,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,7 +69,7 @@ async fn wss_end_to_end_and_a_sighup_reload_keeps_open_connections() -> Result<(
     // A new pair from another CA on disk, then SIGHUP to the master (it tells the balancers).
     let second = ca.swap_in("second")?;
     let second_config = sc_tests::client_config(&second)?;
-    cluster.signal_master(libc::SIGHUP);
+    cluster.signal_master(Signal::HUP);
     eventually(Duration::from_secs(5), "the new certificate served", || async {
         sc_tests::tls_connect_with(ip(4), cluster.addr, second_config.clone()).await.ok()
     })
@@ -155,7 +155,7 @@ async fn the_same_ip_keeps_its_worker_and_only_a_leavers_clients_move() -> Resul
     assert!(unix_sockets() > listeners, "the balancer did not connect over a Unix socket");
 
     let victim = cluster.daemons_named("sc-worker").into_iter().find(|d| d.id == "worker-1").unwrap();
-    signal_pid(victim.pid, libc::SIGKILL);
+    signal_pid(victim.pid, Signal::KILL);
     eventually(Duration::from_secs(5), "worker-1's clients moved", || async {
         let (_, now) = http_get(on_leaver[0], cluster.addr, "/healthz").await.ok()?;
         (now.as_deref() != Some("worker-1")).then_some(())
@@ -209,14 +209,14 @@ async fn several_balancers_share_one_port() -> Result<()> {
     assert!(added.iter().all(|&n| n > 0), "the kernel spread connections over both: {added:?}");
 
     // SIGHUP without TLS is harmless: the master passes it on, the balancers ignore it.
-    cluster.signal_master(libc::SIGHUP);
+    cluster.signal_master(Signal::HUP);
     let (status, _) = http_get(ip(60), cluster.addr, "/healthz").await?;
     assert_eq!(status, 200);
     assert!(balancers.iter().all(|b| alive(b.pid)), "a balancer died of SIGHUP");
     assert!(alive(cluster.master_pid));
 
     // One balancer gone: the other serves new clients on the same port.
-    signal_pid(balancers[0].pid, libc::SIGKILL);
+    signal_pid(balancers[0].pid, Signal::KILL);
     // Connections queued on the killed one's listener are reset with it: wait until it is gone,
     // reaped by the master (a zombie leader may still have threads closing its descriptors).
     let proc_dir = format!("/proc/{}", balancers[0].pid);

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use sc_tests::{Client, Cluster, eventually, signal_pid, source_ip_per_worker};
+use sc_tests::{Client, Cluster, Signal, eventually, signal_pid, source_ip_per_worker};
 use serde_json::json;
 
 /// A second loopback address on the same worker as `ip` (the balancer hashes by address).
@@ -148,10 +148,11 @@ async fn a_broker_killed_mid_stream_is_replaced_and_every_channel_delivers_again
         }
         Ok::<_, anyhow::Error>(publisher)
     });
+    // The schedule of the test (the kill lands mid-stream), not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let victim = cluster.daemons_named("sc-broker").into_iter().find(|d| d.id == "broker-1").unwrap();
     let killed_at = Instant::now();
-    signal_pid(victim.pid, libc::SIGKILL);
+    signal_pid(victim.pid, Signal::KILL);
 
     // Per channel: the arrival times, to find the longest silence around the kill.
     let mut arrivals: BTreeMap<String, Vec<(u64, Instant)>> = BTreeMap::new();

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use sc_tests::{Client, Cluster, alive, eventually, http_get, signal_pid, source_ip_per_worker};
+use sc_tests::{Client, Cluster, Signal, alive, eventually, http_get, signal_pid, source_ip_per_worker};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +46,7 @@ async fn pubsub_across_workers_then_a_killed_worker_is_replaced() -> Result<()> 
     // SIGKILL the publisher's worker: a new process takes its place and serves.
     let victim = cluster.daemons_named("sc-worker").into_iter().find(|d| d.id == "worker-1").unwrap();
     let killed_at = Instant::now();
-    signal_pid(victim.pid, libc::SIGKILL);
+    signal_pid(victim.pid, Signal::KILL);
     let replacement = eventually(Duration::from_secs(2), "a new worker-1 process", || async {
         cluster.daemons_named("sc-worker").into_iter().find(|d| d.id == "worker-1" && d.pid != victim.pid)
     })
@@ -78,7 +78,7 @@ async fn a_hung_worker_fails_its_health_checks_and_is_replaced() -> Result<()> {
     let cluster =
         Cluster::start(&[("SC_CLUSTER__WORKERS", "1"), ("SC_MASTER__HEALTH_INTERVAL", "200ms")]).await?;
     let worker = cluster.daemons_named("sc-worker").remove(0);
-    signal_pid(worker.pid, libc::SIGSTOP);
+    signal_pid(worker.pid, Signal::STOP);
     let replacement = eventually(Duration::from_secs(5), "a replacement for the stopped worker", || async {
         cluster.daemons_named("sc-worker").into_iter().find(|d| d.pid != worker.pid)
     })
@@ -104,7 +104,7 @@ async fn sigkill_of_the_master_leaves_no_daemon_behind() -> Result<()> {
     let mut cluster = Cluster::start(&[]).await?;
     let daemons = cluster.daemons();
     assert_eq!(daemons.len(), 4, "{daemons:?}");
-    cluster.signal_master(libc::SIGKILL);
+    cluster.signal_master(Signal::KILL);
     let _ = cluster.master.wait().await;
     let killed_at = Instant::now();
     eventually(Duration::from_secs(5), "every daemon gone", || async {

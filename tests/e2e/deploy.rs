@@ -5,15 +5,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use sc_tests::{Client, bin, eventually, http_get, source_ip_per_worker};
-use serde_json::json;
+use sc_tests::{
+    Client, MasterProcess, admin_request, bin, eventually, http_get, on_a_fresh_port, skip,
+    source_ip_per_worker,
+};
+use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -149,11 +152,6 @@ fn compose_file_uses_valid_keys_and_scales() {
     assert_eq!(environment(&services["sc-master"])["SC_MASTER__MODE"], "standalone");
 }
 
-/// A free loopback port (bound and released; good enough for a test on loopback).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Processes(Vec<Child>);
 
 impl Drop for Processes {
@@ -164,31 +162,76 @@ impl Drop for Processes {
     }
 }
 
+/// One service replica run as a process: its environment with the ports moved to loopback, and
+/// which environment keys named which container port.
+struct Replica {
+    name: &'static str,
+    env: BTreeMap<String, String>,
+    ports: Vec<(String, String)>,
+    pid: u32,
+}
+
+/// `service`'s environment for a replica on loopback: `sc-master:9000` becomes the master's
+/// port, and every `0.0.0.0:<port>` listener binds port 0 (read back once it runs), except
+/// the master's 9000, which the members are told in advance.
+fn on_loopback(
+    name: &str,
+    service: &Yaml,
+    master_port: u16,
+) -> (BTreeMap<String, String>, Vec<(String, String)>) {
+    let mut env = environment(service);
+    let mut ports = Vec::new();
+    for (key, value) in env.iter_mut() {
+        *value = value.replace("sc-master:9000", &format!("127.0.0.1:{master_port}"));
+        if let Some(port) = value.strip_prefix("0.0.0.0:") {
+            let local = if name == "sc-master" && port == "9000" { master_port } else { 0 };
+            ports.push((key.clone(), port.to_owned()));
+            *value = format!("127.0.0.1:{local}");
+        }
+    }
+    (env, ports)
+}
+
+/// The address a replica's listener `key` got, from the master's `/status` entry of the
+/// replica (`member`) or, for the master's own, from `admin` and `master_port`.
+fn bound_port(key: &str, member: &Value, admin: SocketAddr, master_port: u16) -> Result<u16> {
+    let field = match key {
+        "SC_MASTER__ADMIN_LISTEN" => return Ok(admin.port()),
+        "SC_MASTER__LISTEN" => return Ok(master_port),
+        // A broker's listener is its gRPC one.
+        "SC_BROKER__LISTEN" => "grpc",
+        key if key.ends_with("__GRPC_LISTEN") => "grpc",
+        _ => "address",
+    };
+    let addr: SocketAddr = member[field].as_str().with_context(|| format!("{field} of {member}"))?.parse()?;
+    Ok(addr.port())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_services_run_as_processes_form_a_cluster_with_scaled_brokers() -> Result<()> {
     let services = compose_services();
-    let master_port = free_port();
-    let mut processes = Processes(Vec::new());
-    let mut balancer_addr = None;
-    let mut healthchecks = Vec::new();
-    // One master, three brokers, two workers, one balancer: `--scale sc-broker=3 --scale sc-worker=2`.
-    for (name, replicas) in [("sc-master", 1), ("sc-broker", 3), ("sc-worker", 2), ("sc-balancer", 1)] {
+    // The master first (the others depend on it). A standalone master needs a fixed port that
+    // the members are told in advance: picked here, again with a fresh one should another
+    // process take it first. Every other listener binds port 0.
+    let master_service = &services["sc-master"];
+    let (master, master_port, master_env, master_ports) = on_a_fresh_port(|master_port| async move {
+        let (env, ports) = on_loopback("sc-master", master_service, master_port);
+        let command = strings(&master_service["command"]);
+        let mut process = Command::new(bin(&command[0]));
+        process.args(&command[1..]).envs(&env).env("RUST_LOG", "warn");
+        let master = MasterProcess::spawn(process).await?;
+        Ok((master, master_port, env, ports))
+    })
+    .await?;
+    let (master, master_pid, admin) = master.drain_stdout();
+    let mut processes = Processes(vec![master]);
+    let mut replicas =
+        vec![Replica { name: "sc-master", env: master_env, ports: master_ports, pid: master_pid }];
+    // Three brokers, two workers, one balancer: `--scale sc-broker=3 --scale sc-worker=2`.
+    for (name, count) in [("sc-broker", 3), ("sc-worker", 2), ("sc-balancer", 1)] {
         let service = &services[name];
-        for _ in 0..replicas {
-            // Container ports become loopback ports, one set per replica.
-            let mut ports: HashMap<String, u16> = HashMap::new();
-            let mut env = environment(service);
-            for value in env.values_mut() {
-                *value = value.replace("sc-master:9000", &format!("127.0.0.1:{master_port}"));
-                if let Some(port) = value.strip_prefix("0.0.0.0:") {
-                    let local = if name == "sc-master" && port == "9000" { master_port } else { free_port() };
-                    ports.insert(port.to_owned(), local);
-                    *value = format!("127.0.0.1:{local}");
-                }
-            }
-            if name == "sc-balancer" {
-                balancer_addr = Some(SocketAddr::from(([127, 0, 0, 1], ports["8000"])));
-            }
+        for _ in 0..count {
+            let (env, ports) = on_loopback(name, service, master_port);
             let command = strings(&service["command"]);
             let child = Command::new(bin(&command[0]))
                 .args(&command[1..])
@@ -199,19 +242,47 @@ async fn compose_services_run_as_processes_form_a_cluster_with_scaled_brokers() 
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("start {name}"))?;
+            let pid = child.id().context("pid")?;
             processes.0.push(child);
-            // The healthcheck, with this replica's ports.
-            let mut test = strings(&service["healthcheck"]["test"]);
-            assert_eq!(test.remove(0), "CMD", "{name}: exec-form healthcheck");
-            for arg in &mut test {
-                for (container, local) in &ports {
-                    *arg = arg.replace(&format!("127.0.0.1:{container}"), &format!("127.0.0.1:{local}"));
-                }
-            }
-            healthchecks.push((name, test, env));
+            replicas.push(Replica { name, env, ports, pid });
         }
     }
-    let balancer = balancer_addr.context("balancer address")?;
+
+    // The ports they bound, as each registered with the master.
+    let members = eventually(Duration::from_secs(20), "every replica registered", || async {
+        let (_, status) = admin_request(admin, "GET", "/status").await.ok()?;
+        let members = status["members"].as_array()?.clone();
+        let registered = |pid: u32| members.iter().any(|m| m["pid"] == pid);
+        replicas.iter().skip(1).all(|r| registered(r.pid)).then_some(members)
+    })
+    .await?;
+    let mut balancer = None;
+    let mut healthchecks = Vec::new();
+    for replica in &replicas {
+        let member = members.iter().find(|m| m["pid"] == replica.pid).cloned().unwrap_or(Value::Null);
+        let mut env = replica.env.clone();
+        let mut bound = Vec::new();
+        for (key, container) in &replica.ports {
+            let port = bound_port(key, &member, admin, master_port)?;
+            env.insert(key.clone(), format!("127.0.0.1:{port}"));
+            bound.push((container.clone(), port));
+        }
+        if replica.name == "sc-balancer" {
+            let port = bound.iter().find(|(container, _)| container == "8000").context("balancer port")?.1;
+            balancer = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        // The healthcheck, with this replica's ports (and its environment, which
+        // `sc-broker healthcheck` reads its address from).
+        let mut test = strings(&services[replica.name]["healthcheck"]["test"]);
+        assert_eq!(test.remove(0), "CMD", "{}: exec-form healthcheck", replica.name);
+        for arg in &mut test {
+            for (container, local) in &bound {
+                *arg = arg.replace(&format!("127.0.0.1:{container}"), &format!("127.0.0.1:{local}"));
+            }
+        }
+        healthchecks.push((replica.name, test, env));
+    }
+    let balancer = balancer.context("balancer address")?;
 
     // Every healthcheck passes once the cluster is up.
     for (name, test, env) in &healthchecks {
@@ -254,7 +325,7 @@ async fn compose_services_run_as_processes_form_a_cluster_with_scaled_brokers() 
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() -> Result<()> {
     let Ok(version) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("skipping: systemd-analyze is not installed");
+        skip("systemd-analyze is not installed");
         return Ok(());
     };
     assert!(version.status.success());
@@ -403,7 +474,7 @@ impl Drop for Hosts {
 async fn pubsub_across_hosts_in_network_namespaces() -> Result<()> {
     // Host 0: master and a broker. Host 1: a worker. Host 2: a worker and a broker.
     let Some(hosts) = Hosts::create(3)? else {
-        eprintln!("skipping: network namespaces are not permitted here (ip netns add failed)");
+        skip("network namespaces are not permitted here (ip netns add failed)");
         return Ok(());
     };
     let master = format!("http://{}:9000", hosts.addr(0));

@@ -384,7 +384,7 @@ async fn megabyte_channel_names_survive_a_broker_restart() -> Result<()> {
     }
     client.subscribe("small").await?;
     let broker = cluster.daemons_named("sc-broker").into_iter().next().context("a broker")?;
-    sc_tests::signal_pid(broker.pid, libc::SIGKILL);
+    sc_tests::signal_pid(broker.pid, sc_tests::Signal::KILL);
 
     // Once the broker is back, the worker's replay (5 MB of names) went through: publishes on
     // every channel arrive again.
@@ -465,7 +465,7 @@ async fn an_acknowledged_publish_survives_a_broker_kill_unless_in_its_last_insta
                 .into_iter()
                 .find(|d| d.id == "broker-1")
                 .context("broker-1")?;
-            sc_tests::signal_pid(victim.pid, libc::SIGKILL);
+            sc_tests::signal_pid(victim.pid, sc_tests::Signal::KILL);
             killed = true;
         }
         while let Ok(reply) = publisher.next_message(Duration::from_millis(1)).await {

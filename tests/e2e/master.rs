@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use sc_tests::{
-    Client, Cluster, MasterProcess, admin_request, alive, central_log, eventually, free_port, http_get,
-    member_status, signal_pid, spawn_member,
+    Client, Cluster, MasterProcess, Signal, admin_request, alive, central_log, eventually, http_get,
+    member_status, on_a_fresh_port, signal_pid, spawn_member,
 };
 use serde_json::{Value, json};
 
@@ -100,7 +100,7 @@ async fn sigkill_sigstop_and_a_socket_panic_are_survived_and_reported() -> Resul
     // kill -9: respawned, reported with the signal, counted in the status API.
     let worker1 = pid_of(admin, "worker-1").await?;
     let killed_at = Instant::now();
-    signal_pid(worker1 as u32, libc::SIGKILL);
+    signal_pid(worker1 as u32, Signal::KILL);
     let status = healthy_again(admin, "worker-1", worker1).await?;
     eprintln!("worker-1 healthy again {:?} after SIGKILL", killed_at.elapsed());
     assert_eq!(status["restarts"], 1, "{status}");
@@ -108,7 +108,7 @@ async fn sigkill_sigstop_and_a_socket_panic_are_survived_and_reported() -> Resul
 
     // SIGSTOP: the health checks catch the hung process; it is killed and replaced.
     let stopped_at = Instant::now();
-    signal_pid(worker0 as u32, libc::SIGSTOP);
+    signal_pid(worker0 as u32, Signal::STOP);
     let status = healthy_again(admin, "worker-0", worker0).await?;
     eprintln!("worker-0 healthy again {:?} after SIGSTOP", stopped_at.elapsed());
     assert_eq!(status["restarts"], 1, "{status}");
@@ -157,7 +157,7 @@ async fn a_crash_loop_is_reported_with_its_exit_status() -> Result<()> {
     })
     .await?;
     assert_eq!(status["registered"], false, "{status}");
-    signal_pid(pid, libc::SIGTERM);
+    signal_pid(pid, Signal::TERM);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
     assert!(exit.success(), "{exit}");
     Ok(())
@@ -216,7 +216,7 @@ async fn rolling_restart_by_admin_call_and_by_sigusr2() -> Result<()> {
     assert_eq!(clients[1].next_publish("rolling", within).await?, json!("back"));
 
     // SIGUSR2 does the same.
-    cluster.signal_master(libc::SIGUSR2);
+    cluster.signal_master(Signal::USR2);
     for (id, old) in ["worker-0", "worker-1"].iter().zip(&after) {
         healthy_again(admin, id, *old).await?;
     }
@@ -232,7 +232,7 @@ async fn shutdown_keeps_its_order_and_grace_and_a_second_signal_exits_at_once() 
     let daemons = cluster.daemons();
     let mut client = Client::connect(IpAddr::V4(Ipv4Addr::LOCALHOST), cluster.addr, &cluster.url).await?;
     client.subscribe("bye").await?;
-    cluster.signal_master(libc::SIGTERM);
+    cluster.signal_master(Signal::TERM);
     let started = Instant::now();
     let mut gone: BTreeMap<u32, Duration> = BTreeMap::new();
     while gone.len() < daemons.len() && started.elapsed() < Duration::from_secs(10) {
@@ -259,9 +259,9 @@ async fn shutdown_keeps_its_order_and_grace_and_a_second_signal_exits_at_once() 
     let mut cluster = Cluster::start(&[("SC_MASTER__SHUTDOWN_GRACE", "2s")]).await?;
     let daemons = cluster.daemons();
     let worker = cluster.daemons_named("sc-worker").remove(0);
-    signal_pid(worker.pid, libc::SIGSTOP);
+    signal_pid(worker.pid, Signal::STOP);
     let started = Instant::now();
-    cluster.signal_master(libc::SIGTERM);
+    cluster.signal_master(Signal::TERM);
     let exit = tokio::time::timeout(Duration::from_secs(10), cluster.master.wait()).await??;
     let took = started.elapsed();
     eprintln!("shutdown with a hung worker took {took:?} (grace 2s)");
@@ -276,15 +276,15 @@ async fn shutdown_keeps_its_order_and_grace_and_a_second_signal_exits_at_once() 
     let mut cluster = Cluster::start(&[]).await?;
     let daemons = cluster.daemons();
     let worker = cluster.daemons_named("sc-worker").remove(0);
-    signal_pid(worker.pid, libc::SIGSTOP);
-    cluster.signal_master(libc::SIGTERM);
+    signal_pid(worker.pid, Signal::STOP);
+    cluster.signal_master(Signal::TERM);
     eventually(Duration::from_secs(5), "the balancer stopped", || async {
         let balancer = daemons.iter().find(|d| d.program == "sc-balancer")?;
         (!alive(balancer.pid)).then_some(())
     })
     .await?;
     let second = Instant::now();
-    cluster.signal_master(libc::SIGINT);
+    cluster.signal_master(Signal::INT);
     let exit = tokio::time::timeout(Duration::from_secs(5), cluster.master.wait()).await??;
     let took = second.elapsed();
     eprintln!("second signal: master gone after {took:?}");
@@ -305,44 +305,77 @@ async fn round_trip(publisher: &mut Client, subscriber: &mut Client, n: u64, lab
     Ok(())
 }
 
+/// Until `members` (processes) have each bound their listeners: all of them hold a socket.
+async fn listening(members: &[tokio::process::Child]) -> Result<()> {
+    let pids: Vec<u32> = members.iter().filter_map(|m| m.id()).collect();
+    anyhow::ensure!(pids.len() == members.len(), "a member exited at start");
+    eventually(Duration::from_secs(10), "the members listening", || async {
+        pids.iter().all(|pid| sockets_of(*pid) > 0).then_some(())
+    })
+    .await
+}
+
+/// The number of sockets a process holds.
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_members_survive_the_master_being_killed_and_restarted() -> Result<()> {
-    let master_port = free_port()?;
-    let master_url = format!("http://127.0.0.1:{master_port}");
-    let balancer_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let url = format!("ws://{balancer_addr}/socketcluster/");
     let secret = ("SC_CLUSTER__SECRET", "standalone-e2e-secret");
-    let master_env = [
-        ("SC_MASTER__MODE", "standalone"),
-        ("SC_MASTER__LISTEN", &*format!("127.0.0.1:{master_port}")),
-        ("SC_MASTER__HEALTH_INTERVAL", "200ms"),
-        secret,
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    // The members are told the master's address before it runs, and a standalone master needs
+    // a fixed port: the one port the test picks in advance (again with a fresh one, members
+    // and all, should another process take it first). Everything else binds port 0.
+    let (_members, master_env, (mut master, master_pid, admin)) = on_a_fresh_port(|master_port| async move {
+        let master_url = format!("http://127.0.0.1:{master_port}");
+        let master_env = [
+            ("SC_MASTER__MODE", "standalone"),
+            ("SC_MASTER__LISTEN", &*format!("127.0.0.1:{master_port}")),
+            ("SC_MASTER__HEALTH_INTERVAL", "200ms"),
+            secret,
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        // The members start first (as docker compose might) and wait for the master.
+        let member = |program: &str, id: &str, env: &[(&str, &str)]| {
+            let mut all = vec![secret];
+            all.extend_from_slice(env);
+            spawn_member(program, &["--id", id, "--master", &master_url], &all)
+        };
+        let members = [
+            member("sc-broker", "broker-a", &[])?,
+            member("sc-worker", "worker-a", &[])?,
+            member("sc-worker", "worker-b", &[])?,
+            member("sc-balancer", "balancer-a", &[("SC_BALANCER__LISTEN", "127.0.0.1:0")])?,
+        ];
+        listening(&members).await?;
+        let env: Vec<(&str, &str)> = master_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let master = MasterProcess::start(&env).await?.drain_stdout();
+        Ok((members, master_env, master))
+    })
+    .await?;
     let master_env: Vec<(&str, &str)> = master_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-
-    // The members start first (as docker compose might) and wait for the master.
-    let member = |program: &str, id: &str, env: &[(&str, &str)]| {
-        let mut all = vec![secret];
-        all.extend_from_slice(env);
-        spawn_member(program, &["--id", id, "--master", &master_url], &all)
-    };
-    let balancer_listen = balancer_addr.to_string();
-    let _members = [
-        member("sc-broker", "broker-a", &[])?,
-        member("sc-worker", "worker-a", &[])?,
-        member("sc-worker", "worker-b", &[])?,
-        member("sc-balancer", "balancer-a", &[("SC_BALANCER__LISTEN", &balancer_listen)])?,
-    ];
     let all_healthy = |admin: SocketAddr| async move {
         let (_, status) = admin_request(admin, "GET", "/status").await.ok()?;
         let members = status["members"].as_array()?;
         (members.len() == 4 && members.iter().all(|m| m["state"] == "healthy")).then_some(status)
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut master, master_pid, admin) = MasterProcess::start(&master_env).await?.drain_stdout();
     let status = eventually(Duration::from_secs(15), "4 healthy members", || all_healthy(admin)).await?;
     assert_eq!(status["mode"], "standalone");
+    // The balancer bound port 0: its address as it registered.
+    let balancer_addr: SocketAddr = status["members"]
+        .as_array()
+        .and_then(|members| members.iter().find(|m| m["id"] == "balancer-a"))
+        .and_then(|m| m["address"].as_str())
+        .context("the balancer's address in /status")?
+        .parse()?;
+    let url = format!("ws://{balancer_addr}/socketcluster/");
 
     let within = Duration::from_secs(3);
     let ips = eventually(Duration::from_secs(10), "both workers reachable", || async {
@@ -357,18 +390,21 @@ async fn standalone_members_survive_the_master_being_killed_and_restarted() -> R
     round_trip(&mut publisher, &mut subscriber, seq, "master up").await?;
 
     // The master dies: publishing and receiving go on, and a new client can join.
-    signal_pid(master_pid, libc::SIGKILL);
+    signal_pid(master_pid, Signal::KILL);
     let _ = master.wait().await;
     let down = Instant::now();
     while down.elapsed() < Duration::from_secs(2) {
         seq += 1;
         round_trip(&mut publisher, &mut subscriber, seq, "master down").await?;
+        // Pacing: publishing on while the master is down, not waiting for anything.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut newcomer = Client::connect(ips["worker-a"], balancer_addr, &url).await?;
     newcomer.subscribe("standalone").await?;
 
-    // It comes back on the same port; the members register again; traffic never stopped.
+    // It comes back on the same port (the members know no other; should another process take
+    // it in the moment between, the test fails with "address in use"); the members register
+    // again; traffic never stopped.
     let (_master, _, admin) = MasterProcess::start(&master_env).await?.drain_stdout();
     let back = Instant::now();
     let mut rounds = 0;
@@ -387,7 +423,7 @@ async fn standalone_members_survive_the_master_being_killed_and_restarted() -> R
 
     // A standalone member that dies leaves the membership through the health checks.
     let worker_b = pid_of(admin, "worker-b").await?;
-    signal_pid(worker_b as u32, libc::SIGKILL);
+    signal_pid(worker_b as u32, Signal::KILL);
     logged(admin, &["worker-b", "failed 3 health checks"]).await?;
     eventually(Duration::from_secs(5), "worker-b gone", || async {
         member_status(admin, "worker-b").await.ok()?.is_none().then_some(())

@@ -4,9 +4,13 @@
 //! The binaries are taken from `SC_TEST_BIN_DIR`, or else from the cargo target folder these
 //! tests run from; `cargo build --workspace` must have built them (tests/run.sh does).
 
-#![allow(unsafe_code)] // removed by helper B
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod inproc;
+
+pub use rustix::process::Signal;
+
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -26,9 +30,12 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SC_TEST_BIN_DIR") {
         return dir.into();
     }
-    // target/<profile>/deps/<test binary> -> target/<profile>
+    // target/<profile>/deps/<test binary> -> target/<profile>; a binary of this package
+    // (sc-idle-memory) is in target/<profile> itself.
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(|deps| deps.parent()).expect("target folder").to_path_buf()
+    let dir = exe.parent().expect("executable folder");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("target folder") } else { dir };
+    dir.to_path_buf()
 }
 
 /// The path of one daemon binary, checked to exist.
@@ -136,13 +143,13 @@ impl Cluster {
     }
 
     /// Sends `signal` to the master.
-    pub fn signal_master(&self, signal: i32) {
+    pub fn signal_master(&self, signal: Signal) {
         signal_pid(self.master_pid, signal);
     }
 
     /// Stops the cluster with SIGTERM and waits for the master (bounded).
     pub async fn stop(mut self) -> Result<std::process::ExitStatus> {
-        self.signal_master(libc::SIGTERM);
+        self.signal_master(Signal::TERM);
         let status = tokio::time::timeout(Duration::from_secs(20), self.master.wait())
             .await
             .context("master did not exit within 20s of SIGTERM")??;
@@ -159,13 +166,21 @@ impl MasterProcess {
             .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
             .env("SC_MASTER__ADMIN_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
+            .envs(env.iter().copied());
+        Self::spawn(command).await
+    }
+
+    /// Starts a prepared sc-master command (its stdin, stdout and stderr are set here) and
+    /// waits for its `admin api` line. Its stderr goes on to this process's stderr; if it exits
+    /// before that line, the error carries the end of its stderr (so that a caller can tell a
+    /// port lost to another process, see [`on_a_fresh_port`]).
+    pub async fn spawn(mut command: Command) -> Result<Self> {
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let mut child = command.spawn().context("spawn sc-master")?;
         let pid = child.id().context("master pid")?;
         let stdout = child.stdout.take().context("master stdout")?;
+        let stderr = child.stderr.take().context("master stderr")?;
+        let stderr_tail = forward_stderr(stderr);
         let mut lines = BufReader::new(stdout).lines();
         let admin = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
@@ -173,7 +188,10 @@ impl MasterProcess {
                     return Ok(url.parse::<SocketAddr>()?);
                 }
             }
-            Err(anyhow!("sc-master exited before `admin api`"))
+            // Its stderr is complete once it has exited.
+            let status = child.wait().await?;
+            let tail = stderr_tail.await.unwrap_or_default();
+            Err(anyhow!("sc-master exited ({status}) before `admin api`: {tail}"))
         })
         .await
         .context("no `admin api` within 30s")??;
@@ -186,6 +204,87 @@ impl MasterProcess {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         (self.child, self.pid, self.admin)
     }
+}
+
+/// Copies a child's stderr to ours, line by line, as it comes; the task ends with the stream
+/// and returns its last lines.
+fn forward_stderr(stderr: tokio::process::ChildStderr) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tail = std::collections::VecDeque::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            // Straight to the stream, like an inherited stderr (not the test harness's capture).
+            let _ = writeln!(std::io::stderr(), "{line}");
+            if tail.len() == 20 {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        Vec::from(tail).join("\n")
+    })
+}
+
+/// Whether `error` says that a listener could not bind because the address is taken.
+pub fn is_address_in_use(error: &anyhow::Error) -> bool {
+    let text = format!("{error:#}");
+    text.contains("Address already in use") || text.contains("os error 98")
+}
+
+/// For a daemon that must be told its port before it starts and cannot report the port it got
+/// (the standalone master's `[master] listen`, which the members are told in advance and which
+/// may not be 0): runs `start` with a loopback port that was free a moment ago and, if the
+/// daemon lost that port to another process in between ([`is_address_in_use`]), again with a
+/// fresh one, up to 3 times. Daemons that can bind port 0 and report their address should do
+/// that instead.
+pub async fn on_a_fresh_port<T, F, Fut>(mut start: F) -> Result<T>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        match start(port).await {
+            Err(e) if attempt < 3 && is_address_in_use(&e) => {
+                eprintln!("port {port} was taken before the daemon bound it; again with another ({e:#})");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Reports a test that did not run here: prints `SKIPPED: <test binary>::<test>: <why>` to
+/// stderr (past the test harness's capture, so that it shows in a passing run) and appends the
+/// line to `skipped-tests.txt` in the target folder, which tests/run.sh prints at the end. Call
+/// it from the test's own thread (the test's name is that thread's name).
+pub fn skip(why: &str) {
+    let exe = std::env::current_exe().ok();
+    let binary = exe
+        .as_deref()
+        .and_then(|e| e.file_stem())
+        .and_then(|s| s.to_str())
+        .map(|s| s.rsplit_once('-').map_or(s, |(name, _hash)| name).to_owned())
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let line = format!("SKIPPED: {binary}::{}: {why}", thread.name().unwrap_or("?"));
+    let _ = writeln!(std::io::stderr(), "{line}");
+    if let Some(dir) = target_dir() {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("skipped-tests.txt"));
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+/// `CARGO_TARGET_DIR`, or else the target folder these tests run from.
+fn target_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return Some(dir.into());
+    }
+    // target/<profile>/deps/<test binary> -> target
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.parent()?.to_path_buf())
 }
 
 /// One HTTP/1.1 request to the master's admin API: the status code and the JSON body.
@@ -214,12 +313,11 @@ pub async fn member_status(admin: SocketAddr, id: &str) -> Result<Option<Value>>
     Ok(body["members"].as_array().and_then(|members| members.iter().find(|m| m["id"] == id).cloned()))
 }
 
-/// Sends a signal to a process.
-pub fn signal_pid(pid: u32, signal: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as i32, signal);
-    }
+/// Sends a signal to a process (one that is gone is not an error: the tests signal daemons
+/// that may have exited).
+pub fn signal_pid(pid: u32, signal: Signal) {
+    let pid = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).expect("a valid pid");
+    let _ = rustix::process::kill_process(pid, signal);
 }
 
 /// Whether a process exists (and is not a zombie).
@@ -481,12 +579,6 @@ pub fn spawn_member(program: &str, args: &[&str], env: &[(&str, &str)]) -> Resul
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("spawn {program}"))
-}
-
-/// A loopback port that was free a moment ago (for a listener that needs a fixed port).
-pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// A certificate authority made at test time, and a server certificate it signed for

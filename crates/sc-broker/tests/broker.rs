@@ -10,6 +10,7 @@ use sc_common::config::Config;
 use sc_common::secret;
 use sc_proto::broker::v1 as pb;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -19,7 +20,34 @@ type Client = pb::broker_client::BrokerClient<InterceptedService<Channel, secret
 
 const SECRET: &str = "test-secret";
 
-async fn start() -> (String, CancellationToken) {
+/// A broker on a real port; stop it with [`Started::stop`].
+struct Started {
+    url: String,
+    shutdown: CancellationToken,
+    /// The broker's `serve`, its error as text.
+    serving: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Started {
+    /// Stops the broker and awaits its `serve`: a shutdown that hangs or fails fails the test.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        let serving = self.serving.take().expect("served once");
+        match tokio::time::timeout(Duration::from_secs(10), serving).await {
+            Err(_) => panic!("the broker did not stop within 10s of shutdown"),
+            Ok(outcome) => outcome.expect("serve task").expect("serve"),
+        }
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // A test that failed before `stop`: stop the broker without waiting.
+        self.shutdown.cancel();
+    }
+}
+
+async fn start() -> Started {
     let mut config = Config::default();
     config.cluster.secret = SECRET.into();
     config.broker.listen = "127.0.0.1:0".parse().unwrap();
@@ -27,8 +55,9 @@ async fn start() -> (String, CancellationToken) {
     let url = format!("http://{}", broker.local_addr());
     let shutdown = CancellationToken::new();
     let (_events_tx, events) = mpsc::channel(1);
-    tokio::spawn(broker.serve(events, shutdown.clone()));
-    (url, shutdown)
+    let serve = broker.serve(events, shutdown.clone());
+    let serving = tokio::spawn(async move { serve.await.map_err(|e| e.to_string()) });
+    Started { url, shutdown, serving: Some(serving) }
 }
 
 async fn client(url: &str, secret: &str) -> Client {
@@ -88,8 +117,8 @@ fn publish(channel: &str, data: &str) -> pb::command::Kind {
 
 #[tokio::test]
 async fn routes_publishes_to_subscribed_streams_in_order() {
-    let (url, shutdown) = start().await;
-    let mut client = client(&url, SECRET).await;
+    let broker = start().await;
+    let mut client = client(&broker.url, SECRET).await;
     let mut a = Stream::attach(&mut client).await;
     let mut b = Stream::attach(&mut client).await;
     // Commands of one stream apply in order, so a publish after a subscribe on the same stream
@@ -115,26 +144,26 @@ async fn routes_publishes_to_subscribed_streams_in_order() {
     b.send(vec![publish("news", "after")]).await;
     assert_eq!(&b.next().await.data[..], b"after");
     a.nothing_within(Duration::from_millis(200)).await;
-    shutdown.cancel();
+    broker.stop().await;
 }
 
 #[tokio::test]
 async fn a_closed_stream_drops_its_subscriptions() {
-    let (url, shutdown) = start().await;
-    let mut client = client(&url, SECRET).await;
+    let broker = start().await;
+    let mut client = client(&broker.url, SECRET).await;
     let a = Stream::attach(&mut client).await;
     let mut b = Stream::attach(&mut client).await;
     a.send(vec![sub("news")]).await;
     drop(a);
     b.send(vec![sub("news"), publish("news", "1")]).await;
     assert_eq!(&b.next().await.data[..], b"1", "publishing still works for the others");
-    shutdown.cancel();
+    broker.stop().await;
 }
 
 #[tokio::test]
 async fn exchange_set_get_remove() {
-    let (url, shutdown) = start().await;
-    let mut client = client(&url, SECRET).await;
+    let broker = start().await;
+    let mut client = client(&broker.url, SECRET).await;
     let value = Bytes::from_static(br#"{"a":[1,2]}"#);
     client.set(pb::SetRequest { key: "k".into(), value: value.clone() }).await.unwrap();
     let got = client.get(pb::GetRequest { key: "k".into() }).await.unwrap().into_inner();
@@ -145,14 +174,14 @@ async fn exchange_set_get_remove() {
     assert_eq!(got.value, None);
     let err = client.get(pb::GetRequest { key: String::new() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    shutdown.cancel();
+    broker.stop().await;
 }
 
 #[tokio::test]
 async fn calls_without_the_cluster_secret_are_refused() {
-    let (url, shutdown) = start().await;
-    let mut client = client(&url, "wrong").await;
+    let broker = start().await;
+    let mut client = client(&broker.url, "wrong").await;
     let err = client.get(pb::GetRequest { key: "k".into() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    shutdown.cancel();
+    broker.stop().await;
 }

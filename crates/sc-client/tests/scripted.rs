@@ -269,6 +269,7 @@ async fn ping_timeout_can_be_disabled_and_disconnect_sends_our_code() -> Result<
     let mut config = ClientConfig::new(&url);
     config.ping_timeout_disabled = true;
     let (client, _events) = sc_client::connect(config).await?;
+    // Three ping timeouts pass (a fixed wait on purpose: nothing may close the client).
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(client.close_info(), None, "still open after 3 ping timeouts");
     let info = client.disconnect(4321, "bye").await;

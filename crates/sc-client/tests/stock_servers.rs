@@ -2,19 +2,21 @@
 //! (socketcluster-server 20 in protocol v2 and v1 mode, and the socketcluster 14 framework).
 //!
 //! `SC_PEERS_DIR` must name a copy of that folder with its npm packages installed (`npm ci`);
-//! without it, or without `node`, every test prints why and passes without running.
+//! without it, or without `node`, every test reports itself skipped (`SKIPPED: ...`, which
+//! tests/run.sh counts) and passes without running.
 //! `SC_CLIENT_TEST_URL` (optional) runs the same session against any other server, such as a
 //! running sc-rs cluster (`ws://127.0.0.1:8000/socketcluster/`), in protocol v2, or v1 with
 //! `SC_CLIENT_TEST_PROTOCOL=1`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal, kill_process_group};
 use sc_client::{Client, ClientConfig, Error, Event, Events, ProtocolVersion};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const WITHIN: Duration = Duration::from_secs(5);
@@ -26,38 +28,69 @@ struct Peer {
 }
 
 impl Peer {
-    /// Starts `servers/<script>` on a free port with `env`; `None` (after saying why) when the
-    /// peers are not installed here.
+    /// Starts `servers/<script>` on a free port with `env`; `None` (after reporting the skip)
+    /// when the peers are not installed here.
+    ///
+    /// The stock servers are told their port and report the port they were told, not the one
+    /// they got, so the port is picked here: one that another process took in between makes the
+    /// server exit with EADDRINUSE before READY, and it is started again on another port. (sc14
+    /// does not exit then, its master respawning the worker instead: a collision there fails
+    /// the test, as it did before.)
     async fn start(script: &str, env: &[(&str, &str)]) -> Result<Option<Self>> {
         let Some(dir) = peers_dir().await else {
             return Ok(None);
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut attempt = 1;
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            match Self::start_on(&dir, script, env, port).await? {
+                Some(peer) => return Ok(Some(peer)),
+                None if attempt < 3 => eprintln!("{script}: port {port} was taken; again with another"),
+                None => bail!("{script}: the port was taken {attempt} times"),
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Starts `script` on `port`; `None` if the port is in use.
+    async fn start_on(dir: &Path, script: &str, env: &[(&str, &str)], port: u16) -> Result<Option<Self>> {
         let mut child = Command::new("node")
             .arg(format!("servers/{script}"))
             .arg(port.to_string())
-            .current_dir(&dir)
+            .current_dir(dir)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .context("spawn node")?;
         let stdout = child.stdout.take().context("stdout")?;
+        let mut stderr = child.stderr.take().context("stderr")?;
         let mut lines = BufReader::new(stdout).lines();
-        tokio::time::timeout(Duration::from_secs(60), async {
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await? {
                 if line.starts_with("READY") {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
-            bail!("{script} exited before READY")
+            Ok::<_, std::io::Error>(false)
         })
         .await
         .with_context(|| format!("{script}: no READY line within 60s"))??;
-        // Keep draining stdout so that the server never blocks on a full pipe.
+        if !ready {
+            let mut text = String::new();
+            let _ = child.wait().await;
+            let _ = stderr.read_to_string(&mut text).await;
+            if text.contains("EADDRINUSE") {
+                return Ok(None);
+            }
+            bail!("{script} exited before READY: {text}");
+        }
+        // Keep draining stdout and stderr so that the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn(async move { tokio::io::copy(&mut stderr, &mut tokio::io::stderr()).await });
         // sc14 prints READY from its master, a moment before its worker listens.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -76,29 +109,54 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
+        if let Some(pid) = self.child.id().and_then(|pid| Pid::from_raw(pid as i32)) {
             // The whole group this test started: sc14's master, worker cluster and brokers.
-            if let Some(group) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
-                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-            }
+            let _ = kill_process_group(pid, Signal::KILL);
         }
     }
 }
 
 async fn peers_dir() -> Option<PathBuf> {
     let Some(dir) = std::env::var_os("SC_PEERS_DIR").map(PathBuf::from) else {
-        eprintln!("skipping: SC_PEERS_DIR is not set (a copy of /work/shared/peers after `npm ci`)");
+        skip("SC_PEERS_DIR is not set (a copy of /work/shared/peers after `npm ci`)");
         return None;
     };
     if !dir.join("node_modules").is_dir() {
-        eprintln!("skipping: {} has no node_modules (run `npm ci` there)", dir.display());
+        skip(&format!("{} has no node_modules (run `npm ci` there)", dir.display()));
         return None;
     }
     if Command::new("node").arg("--version").output().await.is_err() {
-        eprintln!("skipping: node is not installed");
+        skip("node is not installed");
         return None;
     }
     Some(dir)
+}
+
+/// Reports a test that did not run here, as sc_tests::skip does (this crate does not depend on
+/// the tests crate): `SKIPPED: <test binary>::<test>: <why>` to stderr past the test harness's
+/// capture, and appended to `skipped-tests.txt` in the target folder for tests/run.sh.
+fn skip(why: &str) {
+    use std::io::Write;
+    let exe = std::env::current_exe().ok();
+    let binary = exe
+        .as_deref()
+        .and_then(|e| e.file_stem())
+        .and_then(|s| s.to_str())
+        .map(|s| s.rsplit_once('-').map_or(s, |(name, _hash)| name).to_owned())
+        .unwrap_or_default();
+    let line = format!("SKIPPED: {binary}::{}: {why}", std::thread::current().name().unwrap_or("?"));
+    let _ = writeln!(std::io::stderr(), "{line}");
+    // target/<profile>/deps/<test binary> -> target
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| Some(exe?.parent()?.parent()?.parent()?.to_path_buf()));
+    if let Some(target) = target {
+        let file =
+            std::fs::OpenOptions::new().create(true).append(true).open(target.join("skipped-tests.txt"));
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "{line}");
+        }
+    }
 }
 
 /// The next event other than raw frames; fails on a close.
@@ -162,7 +220,8 @@ async fn session(config: ClientConfig, stock: bool) -> Result<()> {
     a.publish("news", 3).await?;
     assert_eq!(next_publish(&mut b_events, "news").await?, json!(3));
     if !stock {
-        // Other servers may ack before their fan-out: give a wrong delivery time to show.
+        // Other servers may ack before their fan-out: give a wrong delivery time to show (a
+        // fixed wait on purpose: nothing may arrive during it).
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_no_events(&mut a_events);
@@ -233,7 +292,7 @@ async fn sc14_v1_session_and_disconnect_code() -> Result<()> {
 #[tokio::test]
 async fn session_against_url_from_env() -> Result<()> {
     let Ok(url) = std::env::var("SC_CLIENT_TEST_URL") else {
-        eprintln!("skipping: SC_CLIENT_TEST_URL is not set");
+        skip("SC_CLIENT_TEST_URL is not set");
         return Ok(());
     };
     let protocol = match std::env::var("SC_CLIENT_TEST_PROTOCOL").as_deref() {
@@ -252,7 +311,8 @@ async fn sc20_pings_keep_both_versions_alive() -> Result<()> {
         };
         let (client, mut events) = sc_client::connect(peer.config(protocol)).await?;
         assert_eq!(client.handshake().ping_timeout, Duration::from_millis(500));
-        // Three server pong timeouts and three client ping timeouts.
+        // Three server pong timeouts and three client ping timeouts: a fixed wait on purpose,
+        // the connection must outlive it.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(client.close_info(), None, "{protocol:?}");
         assert_eq!(client.invoke("echo", 5).await?, json!(5));

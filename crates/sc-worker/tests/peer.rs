@@ -15,6 +15,7 @@ use sc_worker::UpgradeRequest;
 use sc_worker::{ErrorObject, Handler, Socket};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
@@ -41,11 +42,26 @@ struct Started {
     unix: Option<std::path::PathBuf>,
     seen: Arc<Recorder>,
     shutdown: CancellationToken,
+    /// The worker's `serve`, its error as text; awaited by [`Started::stop`].
+    serving: Option<JoinHandle<Result<(), String>>>,
     _dir: tempfile::TempDir,
+}
+
+impl Started {
+    /// Stops the worker and awaits its `serve`: a shutdown that hangs or fails fails the test.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        let serving = self.serving.take().expect("served once");
+        match tokio::time::timeout(Duration::from_secs(10), serving).await {
+            Err(_) => panic!("the worker did not stop within 10s of shutdown"),
+            Ok(outcome) => outcome.expect("serve task").expect("serve"),
+        }
+    }
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
+        // A test that failed before `stop`: stop the worker without waiting.
         self.shutdown.cancel();
     }
 }
@@ -62,8 +78,9 @@ async fn start(trusted: &[&str]) -> Started {
     let addr = worker.local_addr().unwrap();
     let unix = worker.unix_path().map(|p| p.to_owned());
     let shutdown = CancellationToken::new();
-    tokio::spawn(worker.serve(mpsc::channel(1).1, shutdown.clone()));
-    Started { addr, unix, seen, shutdown, _dir: dir }
+    let serve = worker.serve(mpsc::channel(1).1, shutdown.clone());
+    let serving = tokio::spawn(async move { serve.await.map_err(|e| e.to_string()) });
+    Started { addr, unix, seen, shutdown, serving: Some(serving), _dir: dir }
 }
 
 /// Upgrades on `stream` (after `prefix`), with `headers`, and completes the SC handshake.
@@ -114,12 +131,8 @@ async fn the_proxy_header_reaches_both_hooks_over_tcp_and_unix() {
     assert_eq!(seen(&started), [("upgrade", Some(client), false), ("handshake", Some(client), false)]);
 
     // The worker removes its socket file when it stops.
-    started.shutdown.cancel();
-    sc_tests::eventually(Duration::from_secs(5), "socket file removed", || async {
-        (!path.exists()).then_some(())
-    })
-    .await
-    .unwrap();
+    started.stop().await;
+    assert!(!path.exists(), "socket file removed");
 }
 
 #[tokio::test]
@@ -136,6 +149,8 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
     let local = tcp.local_addr().unwrap();
     handshake(tcp, b"", &forwarded).await;
     assert_eq!(seen(&untrusting), [("upgrade", Some(local), false), ("handshake", Some(local), false)]);
+    started.stop().await;
+    untrusting.stop().await;
 }
 
 #[tokio::test]

@@ -13,7 +13,6 @@
 //! own limit, which takes CAP_SYS_RESOURCE or a high enough hard limit (`ulimit -Hn`). bench/idle-memory.sh builds the release binaries and runs
 //! it; the figures are in docs/balancer-memory.md.
 
-#![allow(unsafe_code)] // removed by helper B
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,12 +42,6 @@ fn main() -> Result<()> {
         Some(other) => bail!("mode must be plain, tls or both, not {other:?}"),
     };
     let balancers: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(1);
-    if std::env::var_os("SC_TEST_BIN_DIR").is_none() {
-        let exe = std::env::current_exe()?;
-        let dir = exe.parent().context("binary folder")?;
-        // SAFETY: no other thread exists yet (the runtime is built below).
-        unsafe { std::env::set_var("SC_TEST_BIN_DIR", dir) };
-    }
     // Per balancer: two per connection plus its listeners, gRPC and the like.
     raise_fd_limit((2 * connections).div_ceil(balancers) as u64 + 256)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -174,23 +167,18 @@ fn sockets_of(pid: u32) -> usize {
 /// Raises the open file limit (soft and, as root, hard) to at least `want`; the cluster's
 /// processes inherit it.
 fn raise_fd_limit(want: u64) -> Result<()> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit write or read the struct we pass and nothing else.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        if limit.rlim_cur >= want {
-            return Ok(());
-        }
-        let raised = libc::rlimit { rlim_cur: want, rlim_max: limit.rlim_max.max(want) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            bail!(
-                "cannot raise the open file limit to {want} (hard limit {}): {}; run as root or raise `ulimit -Hn`",
-                limit.rlim_max,
-                std::io::Error::last_os_error()
-            );
-        }
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // `None` is unlimited.
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_none_or(|current| current >= want) {
+        return Ok(());
+    }
+    let raised = Rlimit { current: Some(want), maximum: limit.maximum.map(|maximum| maximum.max(want)) };
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        bail!(
+            "cannot raise the open file limit to {want} (hard limit {:?}): {e}; run as root or raise `ulimit -Hn`",
+            limit.maximum
+        );
     }
     Ok(())
 }

@@ -8,89 +8,31 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use sc_common::config::{Config, MasterMode};
-use sc_tests::{Client, eventually, http_get};
+use sc_common::config::Config;
+use sc_tests::inproc::Cluster;
+use sc_tests::{Client, eventually, member_status};
 use serde_json::json;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-struct Cell {
-    config: Config,
-    master_url: String,
-    workers: Vec<SocketAddr>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Cell {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-impl Cell {
-    async fn start(
-        brokers: usize,
-        workers: usize,
-        tune: impl FnOnce(&mut Config),
-    ) -> (Cell, Vec<CancellationToken>) {
-        let shutdown = CancellationToken::new();
-        let mut config = Config::default();
-        config.cluster.secret = "s".into();
-        config.master.mode = MasterMode::Standalone;
-        config.master.admin_listen = "127.0.0.1:0".parse().unwrap();
-        config.master.settle = Duration::ZERO;
-        config.worker.auth_key = "k".into();
-        tune(&mut config);
-        let master = sc_master::Master::bind(config.clone(), None).await.unwrap();
-        let master_url = format!("http://{}", master.local_addr());
-        tokio::spawn(master.serve(shutdown.clone()));
-        let mut cell = Cell { config, master_url, workers: Vec::new(), shutdown };
-        let mut broker_tokens = Vec::new();
-        for i in 0..brokers {
-            broker_tokens.push(cell.add_broker(i).await);
-        }
-        for i in 0..workers {
-            let mut config = cell.config.clone();
-            config.worker.id = Some(format!("worker-{i}"));
-            config.worker.master = Some(cell.master_url.clone());
-            let worker = sc_worker::Worker::bind(config).await.unwrap();
-            let addr = worker.local_addr().unwrap();
-            tokio::spawn(worker.serve(mpsc::channel(1).1, cell.shutdown.clone()));
-            eventually(Duration::from_secs(5), "worker ready", || async {
-                matches!(http_get(LOCAL, addr, "/readyz").await, Ok((200, _))).then_some(())
-            })
-            .await
-            .unwrap();
-            cell.workers.push(addr);
-        }
-        (cell, broker_tokens)
-    }
-
-    /// Starts `broker-<i>`; cancelling the returned token makes it leave gracefully.
-    async fn add_broker(&self, i: usize) -> CancellationToken {
-        let mut config = self.config.clone();
-        config.broker.id = Some(format!("broker-{i}"));
-        config.broker.master = Some(self.master_url.clone());
-        let broker = sc_broker::Broker::bind(config).await.unwrap();
-        let token = self.shutdown.child_token();
-        tokio::spawn(broker.serve(mpsc::channel(1).1, token.clone()));
-        token
-    }
-
-    fn url(&self, worker: usize) -> String {
-        format!("ws://{}/socketcluster/", self.workers[worker])
-    }
+/// A master, `brokers` brokers and `workers` workers, in this process.
+async fn start(brokers: usize, workers: usize, tune: impl FnOnce(&mut Config) + 'static) -> Cluster {
+    Cluster::builder()
+        .brokers(brokers)
+        .workers(workers)
+        .tune(|c| c.worker.auth_key = "k".into())
+        .tune(tune)
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
-    let (cell, mut brokers) = Cell::start(2, 2, |_| {}).await;
+    let mut cell = start(2, 2, |_| {}).await;
     let channels: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
     let mut subscribers = Vec::new();
     for w in 0..2 {
-        let mut client = Client::connect(LOCAL, cell.workers[w], &cell.url(w)).await.unwrap();
+        let mut client = Client::connect(LOCAL, cell.worker(w), &cell.url(w)).await.unwrap();
         for channel in &channels {
             client.subscribe(channel).await.unwrap();
         }
@@ -102,7 +44,7 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
     let mut publishing = Vec::new();
     for w in 0..2u64 {
         let mut publisher =
-            Client::connect(LOCAL, cell.workers[w as usize], &cell.url(w as usize)).await.unwrap();
+            Client::connect(LOCAL, cell.worker(w as usize), &cell.url(w as usize)).await.unwrap();
         let channels = channels.clone();
         publishing.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -119,11 +61,13 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
             publisher
         }));
     }
-    // A third broker joins after 0.6 s; broker-0 leaves after 1.8 s.
+    // A third broker joins after 0.6 s; broker-0 leaves after 1.8 s. The sleeps are the
+    // schedule of the test (membership changes while the publishers run), not waits for a
+    // condition.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    brokers.push(cell.add_broker(2).await);
+    assert_eq!(cell.add_broker().await, 2);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    brokers[0].cancel();
+    cell.stop_broker(0);
 
     let expected = 2 * ROUNDS as usize * channels.len();
     for subscriber in &mut subscribers {
@@ -133,7 +77,19 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
         while count < expected {
             let message = match subscriber.next_message(Duration::from_secs(5)).await {
                 Ok(m) => m,
-                Err(e) => panic!("after {count} of {expected} messages ({:?}): {e}", started.elapsed()),
+                Err(e) => {
+                    let missing: Vec<String> = seen
+                        .iter()
+                        .filter_map(|((channel, p), got)| {
+                            let lost: Vec<u64> = (0..ROUNDS).filter(|s| !got.contains(s)).collect();
+                            (!lost.is_empty()).then(|| format!("{channel} from {p}: {lost:?}"))
+                        })
+                        .collect();
+                    panic!(
+                        "after {count} of {expected} messages ({:?}): {e}; missing {missing:?}",
+                        started.elapsed()
+                    )
+                }
             };
             if message["event"] != "#publish" {
                 continue;
@@ -158,15 +114,19 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
         eprintln!("{expected} messages, none lost; {swaps} out of order at a channel move");
         assert!(swaps <= channels.len() * 2, "reordering only at the moves ({swaps})");
     }
+    let mut publishers = Vec::new();
     for task in publishing {
-        task.await.unwrap();
+        publishers.push(task.await.unwrap());
     }
+    // Clients gone first: a worker waits a while for a silent client's close handshake.
+    drop((subscribers, publishers));
+    cell.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exchange_from_server_code_and_over_http() {
-    let (cell, _brokers) = Cell::start(2, 1, |c| c.worker.api_key = "backend-key".into()).await;
-    let addr = cell.workers[0];
+    let mut cell = start(2, 1, |c| c.worker.api_key = "backend-key".into()).await;
+    let addr = cell.worker(0);
 
     // HTTP API: publish reaches a subscriber; get/set/delete; the key is required.
     let mut client = Client::connect(LOCAL, addr, &cell.url(0)).await.unwrap();
@@ -200,12 +160,7 @@ async fn the_exchange_from_server_code_and_over_http() {
     assert_eq!(api(addr, "GET", "/api/exchange/user%2F1", Some("backend-key"), "").await.0, 404);
 
     // Server code: a connected worker's exchange, keys spread over both brokers.
-    let mut config = cell.config.clone();
-    config.worker.id = Some("worker-app".into());
-    config.worker.master = Some(cell.master_url.clone());
-    let worker = sc_worker::Worker::bind(config).await.unwrap();
-    let exchange = worker.exchange();
-    tokio::spawn(worker.serve(mpsc::channel(1).1, cell.shutdown.clone()));
+    let (_, exchange) = cell.add_named_worker("worker-app").await;
     for i in 0..20 {
         exchange.set(&format!("k{i}"), &json!({"i": i})).await.unwrap();
     }
@@ -232,6 +187,9 @@ async fn the_exchange_from_server_code_and_over_http() {
     exchange.publish("server-side", &json!([1, 2])).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await.unwrap();
     assert_eq!(got, Some(json!([1, 2])));
+    // Clients gone first: a worker waits a while for a silent client's close handshake.
+    drop(client);
+    cell.shutdown().await;
 }
 
 /// One HTTP request to the worker's API: (status, body).
@@ -252,4 +210,32 @@ async fn api(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_under_its_id_registers_again_and_its_channels_deliver() {
+    let mut cell = start(2, 1, |_| {}).await;
+    let mut client = Client::connect(LOCAL, cell.worker(0), &cell.url(0)).await.unwrap();
+    let channels: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    for channel in &channels {
+        client.subscribe(channel).await.unwrap();
+    }
+    let old = cell.broker(0);
+    cell.restart_broker(0).await;
+    let new = cell.broker(0);
+    assert_ne!(new, old, "a new listener");
+    eventually(Duration::from_secs(5), "broker-0 registered again", || async {
+        let member = member_status(cell.master_admin(), "broker-0").await.ok()??;
+        (member["grpc"] == new.to_string()).then_some(())
+    })
+    .await
+    .unwrap();
+    // Every channel delivers, through whichever broker owns it at the moment.
+    for channel in &channels {
+        client.publish(channel, json!(channel)).await.unwrap();
+        assert_eq!(client.next_publish(channel, Duration::from_secs(5)).await.unwrap(), json!(channel));
+    }
+    // Clients gone first: a worker waits a while for a silent client's close handshake.
+    drop(client);
+    cell.shutdown().await;
 }
