@@ -8,6 +8,9 @@ import { fileURLToPath } from 'node:url';
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const binDir = process.env.SC_TEST_BIN_DIR || path.resolve(here, '../../target/debug');
 
+// The admin API token of the masters started here (sent by `admin`).
+const ADMIN_TOKEN = 'sc-compat-admin-token';
+
 // Runs sc-master with the given SC_* environment; resolves once it prints "cluster ready".
 export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
   const child = spawn(path.join(binDir, 'sc-master'), [], {
@@ -15,6 +18,7 @@ export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
       ...process.env,
       SC_BALANCER__LISTEN: '127.0.0.1:0',
       SC_MASTER__ADMIN_LISTEN: '127.0.0.1:0',
+      SC_MASTER__ADMIN_TOKEN: ADMIN_TOKEN,
       RUST_LOG: process.env.RUST_LOG || 'warn',
       ...env,
     },
@@ -82,7 +86,8 @@ export function workerFor(cluster, localAddress) {
 
 // GET or POST on the master's admin API; resolves with the parsed JSON body and the status.
 export async function admin(cluster, path, method = 'GET') {
-  const response = await fetch(cluster.admin + path, { method });
+  const headers = { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' };
+  const response = await fetch(cluster.admin + path, { method, headers });
   return { status: response.status, body: await response.json() };
 }
 

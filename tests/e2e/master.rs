@@ -142,14 +142,33 @@ async fn sigkill_sigstop_and_a_socket_panic_are_survived_and_reported() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_is_reported_with_its_exit_status() -> Result<()> {
+    // A worker that starts well once (a failed first start stops the master instead, see
+    // tests/e2e/edge.rs), then exits 1 on every respawn.
+    let dir = tempfile::tempdir()?;
+    let marker = dir.path().join("started-once");
+    let script = dir.path().join("worker-once.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ -e '{marker}' ] && exit 1\ntouch '{marker}'\nexec '{worker}' \"$@\"\n",
+            marker = marker.display(),
+            worker = sc_tests::bin("sc-worker").display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let master = MasterProcess::start(&[
         ("SC_CLUSTER__WORKERS", "1"),
-        ("SC_WORKER__COMMAND", "/bin/false"),
+        ("SC_WORKER__COMMAND", script.to_str().unwrap()),
         ("SC_MASTER__RESPAWN_BACKOFF", "10ms"),
         ("SC_MASTER__RESPAWN_BACKOFF_MAX", "80ms"),
     ])
     .await?;
     let (mut child, pid, admin) = master.drain_stdout();
+    let first = eventually(Duration::from_secs(20), "worker-0 healthy", || async {
+        member_status(admin, "worker-0").await.ok().flatten().filter(|m| m["state"] == "healthy")
+    })
+    .await?;
+    signal_pid(first["pid"].as_u64().unwrap() as u32, Signal::KILL);
     let entry = logged(admin, &["worker-0 is crash-looping", "exited with code 1"]).await?;
     assert_eq!(entry["severity"], "error", "{entry}");
     let status = eventually(Duration::from_secs(5), "restarts counted", || async {

@@ -25,6 +25,10 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The admin API token of the masters these helpers start (`SC_MASTER__ADMIN_TOKEN`), which
+/// [`admin_request`] sends.
+pub const ADMIN_TOKEN: &str = "sc-tests-admin-token";
+
 /// Where the daemon binaries are.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SC_TEST_BIN_DIR") {
@@ -165,6 +169,7 @@ impl MasterProcess {
         command
             .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
             .env("SC_MASTER__ADMIN_LISTEN", "127.0.0.1:0")
+            .env("SC_MASTER__ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .envs(env.iter().copied());
         Self::spawn(command).await
@@ -291,7 +296,8 @@ fn target_dir() -> Option<PathBuf> {
 pub async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, Value)> {
     let mut stream = TcpStream::connect(admin).await?;
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();

@@ -15,18 +15,25 @@
 //! direction. The only buffers an idle TLS connection keeps are rustls' own (its small
 //! receive buffer); the plaintext copies are pooled like the plain path's. The worker side is
 //! a TCP or a Unix stream ([`Stream`]).
+//!
+//! Both paths also enforce `[balancer] upgrade_timeout` when given a deadline: the first bytes
+//! from the worker are compared with `HTTP/1.1 101` ([`Upgrade`]); a connection whose worker
+//! answered that is a WebSocket and exempt, any other is cut at the deadline. Only the first 12
+//! bytes from the worker are looked at, and the timer is gone once it fired (or, with TLS, as
+//! soon as the upgrade is seen): no work per message after the upgrade.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls::ServerConnection;
 use tokio::io::{Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
 
 /// How long a connection stays up once one direction has ended.
 pub(crate) const HALF_CLOSED_LINGER: Duration = Duration::from_secs(2);
@@ -35,6 +42,9 @@ pub(crate) const HALF_CLOSED_LINGER: Duration = Duration::from_secs(2);
 const BUFFER: usize = 16 * 1024;
 /// Buffers kept per thread between uses.
 const POOL: usize = 64;
+
+/// How a worker's answer to a WebSocket upgrade starts (hyper writes exactly this).
+const SWITCHING: &[u8] = b"HTTP/1.1 101";
 
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
@@ -63,6 +73,17 @@ enum Flow {
     Eof,
 }
 
+/// What the worker's first bytes said about the connection's upgrade to WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upgrade {
+    /// Still reading them: this many bytes of [`SWITCHING`] matched so far.
+    Watching(u8),
+    /// The worker answered 101: the connection is a WebSocket.
+    Done,
+    /// The worker answered something else first: the connection stays plain HTTP.
+    Refused,
+}
+
 /// Bytes read and not yet written to the worker.
 struct Pending {
     buffer: Box<[u8]>,
@@ -72,6 +93,23 @@ struct Pending {
 
 /// `std::io` over the non-blocking calls of a [`Stream`], for rustls' `read_tls`/`write_tls`.
 struct TryIo<'a, S>(&'a S);
+
+impl Upgrade {
+    /// Takes in the next bytes from the worker; a no-op once decided.
+    fn see(&mut self, bytes: &[u8]) {
+        let Upgrade::Watching(matched) = *self else { return };
+        let wanted = &SWITCHING[usize::from(matched)..];
+        let n = wanted.len().min(bytes.len());
+        *self = if wanted[..n] != bytes[..n] {
+            Upgrade::Refused
+        } else if n == wanted.len() {
+            Upgrade::Done
+        } else {
+            // n < wanted.len() <= 12: fits.
+            Upgrade::Watching(matched + n as u8)
+        };
+    }
+}
 
 impl Stream for TcpStream {
     fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<Ready>> + Send {
@@ -119,25 +157,45 @@ impl<S: Stream> Write for TryIo<'_, S> {
 }
 
 /// Forwards both ways until both directions reached end of stream (or one failed), or
-/// [`HALF_CLOSED_LINGER`] after the first end of stream. Returns the bytes sent (client to
-/// worker, worker to client).
-pub(crate) async fn forward<C: Stream, W: Stream>(client: &C, worker: &W) -> io::Result<(u64, u64)> {
-    forward_with_linger(client, worker, HALF_CLOSED_LINGER).await
+/// [`HALF_CLOSED_LINGER`] after the first end of stream, or `upgrade_by` if the worker has not
+/// upgraded the connection to WebSocket by then (a `TimedOut` error). Returns the bytes sent
+/// (client to worker, worker to client).
+pub(crate) async fn forward<C: Stream, W: Stream>(
+    client: &C,
+    worker: &W,
+    upgrade_by: Option<Instant>,
+) -> io::Result<(u64, u64)> {
+    forward_with_linger(client, worker, HALF_CLOSED_LINGER, upgrade_by).await
 }
 
 async fn forward_with_linger<C: Stream, W: Stream>(
     client: &C,
     worker: &W,
     linger: Duration,
+    upgrade_by: Option<Instant>,
 ) -> io::Result<(u64, u64)> {
     // Counted outside the pumps so that a direction cut short by the linger still reports.
     let (sent_up, sent_down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(client, worker, &sent_up);
-    let down = pump(worker, client, &sent_down);
-    tokio::pin!(up, down);
+    // Set by the worker-to-client pump when the worker's first bytes are a 101; read once, at
+    // the deadline. An atomic only because the task must be Send: both sides run in it.
+    let upgraded = AtomicBool::new(false);
+    let up = pump(client, worker, &sent_up, None);
+    let down = pump(worker, client, &sent_down, upgrade_by.map(|_| &upgraded));
+    // Completes only for a connection not upgraded at the deadline; once past it, pending.
+    let deadline = async {
+        if let Some(at) = upgrade_by {
+            tokio::time::sleep_until(at).await;
+            if !upgraded.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::pin!(up, down, deadline);
     let rest = tokio::select! {
         outcome = &mut up => { outcome?; tokio::time::timeout(linger, &mut down).await }
         outcome = &mut down => { outcome?; tokio::time::timeout(linger, &mut up).await }
+        () = &mut deadline => return Err(not_upgraded()),
     };
     if let Ok(outcome) = rest {
         outcome?;
@@ -145,7 +203,15 @@ async fn forward_with_linger<C: Stream, W: Stream>(
     Ok((sent_up.load(Ordering::Relaxed), sent_down.load(Ordering::Relaxed)))
 }
 
-async fn pump<F: Stream, T: Stream>(from: &F, to: &T, total: &AtomicU64) -> io::Result<()> {
+/// Copies `from` to `to` until end of stream. With `upgraded`, the first bytes are watched
+/// for a WebSocket upgrade ([`Upgrade`]), and the flag set if they are one.
+async fn pump<F: Stream, T: Stream>(
+    from: &F,
+    to: &T,
+    total: &AtomicU64,
+    mut upgraded: Option<&AtomicBool>,
+) -> io::Result<()> {
+    let mut upgrade = Upgrade::Watching(0);
     loop {
         from.ready(Interest::READABLE).await?;
         let mut buffer = take_buffer();
@@ -161,6 +227,16 @@ async fn pump<F: Stream, T: Stream>(from: &F, to: &T, total: &AtomicU64) -> io::
                 total.fetch_add(n as u64, Ordering::Relaxed);
                 if n < buffer.len() {
                     from.clear_readable();
+                }
+                if let Some(flag) = upgraded {
+                    upgrade.see(&buffer[..n]);
+                    if upgrade == Upgrade::Done {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    if !matches!(upgrade, Upgrade::Watching(_)) {
+                        // Decided: no more looking.
+                        upgraded = None;
+                    }
                 }
                 write_all(to, &buffer[..n]).await
             }
@@ -193,15 +269,17 @@ pub(crate) async fn write_all<S: Stream>(to: &S, mut bytes: &[u8]) -> io::Result
 }
 
 /// Forwards a TLS client (its handshake done: `tls` is the rustls side of `client`) to a
-/// worker, with the same end-of-stream and linger rules as [`forward`]. The client's
-/// close_notify (or a bare end of stream) half-closes the worker; the worker's end of stream
-/// sends close_notify and then half-closes the client.
+/// worker, with the same end-of-stream, linger and upgrade deadline rules as [`forward`]. The
+/// client's close_notify (or a bare end of stream) half-closes the worker; the worker's end of
+/// stream sends close_notify and then half-closes the client.
 pub(crate) async fn forward_tls<W: Stream>(
     client: &TcpStream,
     tls: &mut ServerConnection,
     worker: &W,
     linger: Duration,
+    upgrade_by: Option<Instant>,
 ) -> io::Result<(u64, u64)> {
+    let mut upgrade = if upgrade_by.is_some() { Upgrade::Watching(0) } else { Upgrade::Done };
     let mut up: Option<Pending> = None;
     let (mut up_done, mut down_done, mut client_shut) = (false, false, false);
     let (mut sent_up, mut sent_down) = (0u64, 0u64);
@@ -220,7 +298,7 @@ pub(crate) async fn forward_tls<W: Stream>(
             }
         }
         if !down_done {
-            match step_down(client, tls, worker, &mut sent_down) {
+            match step_down(client, tls, worker, &mut sent_down, &mut upgrade) {
                 Ok(Flow::Blocked) => {}
                 Ok(Flow::Eof) => {
                     down_done = true;
@@ -250,9 +328,15 @@ pub(crate) async fn forward_tls<W: Stream>(
             up.is_some().then_some(Interest::WRITABLE),
             (!down_done && !tls.wants_write()).then_some(Interest::READABLE),
         );
-        let linger_over = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
+        // The upgrade deadline counts until the worker's 101 is seen, then no timer is set.
+        let upgrade_deadline = upgrade_by.filter(|_| upgrade != Upgrade::Done);
+        let wake = match (deadline, upgrade_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timer = async {
+            match wake {
+                Some(wake) => tokio::time::sleep_until(wake).await,
                 None => std::future::pending().await,
             }
         };
@@ -263,7 +347,13 @@ pub(crate) async fn forward_tls<W: Stream>(
             ready = worker.ready(worker_interest.unwrap_or(Interest::READABLE)), if worker_interest.is_some() => {
                 if let Err(e) = ready { break Err(e) }
             }
-            _ = linger_over => break Ok(()),
+            () = timer => {
+                if upgrade_deadline.is_some_and(|at| at <= Instant::now()) {
+                    break Err(not_upgraded());
+                }
+                // The linger is over.
+                break Ok(());
+            }
         }
     };
     if let Some(pending) = up.take() {
@@ -347,6 +437,7 @@ fn step_down<W: Stream>(
     tls: &mut ServerConnection,
     worker: &W,
     sent: &mut u64,
+    upgrade: &mut Upgrade,
 ) -> io::Result<Flow> {
     loop {
         flush_tls(client, tls)?;
@@ -358,6 +449,7 @@ fn step_down<W: Stream>(
             Ok(0) => Ok(Some(Flow::Eof)),
             Ok(n) => {
                 *sent += n as u64;
+                upgrade.see(&buffer[..n]);
                 // rustls takes it all: its outgoing buffer is empty and its limit (64 KiB) is
                 // more than one read.
                 tls.writer().write_all(&buffer[..n]).map(|()| None)
@@ -382,6 +474,11 @@ fn flush_tls(client: &TcpStream, tls: &mut ServerConnection) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The error of a connection cut at its upgrade deadline.
+fn not_upgraded() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "not upgraded to websocket within upgrade_timeout")
 }
 
 fn either(a: Option<Interest>, b: Option<Interest>) -> Option<Interest> {
@@ -428,7 +525,7 @@ mod tests {
         // client_end <-> [client_side | forward | worker_side] <-> worker_end
         let (mut client_end, client_side) = pair().await;
         let (worker_side, mut worker_end) = pair().await;
-        let task = tokio::spawn(async move { forward(&client_side, &worker_side).await });
+        let task = tokio::spawn(async move { forward(&client_side, &worker_side, None).await });
 
         let big = vec![7u8; 200_000];
         client_end.write_all(&big).await.unwrap();
@@ -449,7 +546,7 @@ mod tests {
     async fn forwards_to_a_unix_stream() {
         let (mut client_end, client_side) = pair().await;
         let (worker_side, mut worker_end) = UnixStream::pair().unwrap();
-        let task = tokio::spawn(async move { forward(&client_side, &worker_side).await });
+        let task = tokio::spawn(async move { forward(&client_side, &worker_side, None).await });
         client_end.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         worker_end.read_exact(&mut got).await.unwrap();
@@ -491,7 +588,7 @@ mod tests {
         );
         let (client_side, mut tls) = accepted.unwrap().into_inner();
         let task = tokio::spawn(async move {
-            forward_tls(&client_side, &mut tls, &worker_side, Duration::from_secs(5)).await
+            forward_tls(&client_side, &mut tls, &worker_side, Duration::from_secs(5), None).await
         });
 
         // A megabyte each way at the same time: neither direction may wait on the other.
@@ -530,12 +627,68 @@ mod tests {
         let (client_end, client_side) = pair().await;
         let (worker_side, mut worker_end) = pair().await;
         let linger = Duration::from_millis(100);
-        let task = tokio::spawn(async move { forward_with_linger(&client_side, &worker_side, linger).await });
+        let task =
+            tokio::spawn(async move { forward_with_linger(&client_side, &worker_side, linger, None).await });
         worker_end.write_all(b"bye").await.unwrap();
         worker_end.shutdown().await.unwrap();
         // client_end stays open and silent.
         let outcome = tokio::time::timeout(Duration::from_secs(5), task).await;
         assert_eq!(outcome.expect("ended").unwrap().unwrap(), (0, 3));
         drop(client_end);
+    }
+
+    #[test]
+    fn the_upgrade_is_read_from_the_first_bytes_however_they_are_split() {
+        let mut upgrade = Upgrade::Watching(0);
+        for piece in [&b"HT"[..], b"TP/1.1 1", b"01 Switching Protocols\r\n"] {
+            upgrade.see(piece);
+        }
+        assert_eq!(upgrade, Upgrade::Done);
+        upgrade.see(b"HTTP/1.1 200 OK");
+        assert_eq!(upgrade, Upgrade::Done, "decided once");
+        let mut upgrade = Upgrade::Watching(0);
+        upgrade.see(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(upgrade, Upgrade::Refused);
+        upgrade.see(b"HTTP/1.1 101 ");
+        assert_eq!(upgrade, Upgrade::Refused, "only the first answer counts");
+        let mut upgrade = Upgrade::Watching(0);
+        upgrade.see(b"HTTP/1.1 10");
+        assert_eq!(upgrade, Upgrade::Watching(11));
+        upgrade.see(b"0 Continue");
+        assert_eq!(upgrade, Upgrade::Refused);
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_upgraded_by_its_deadline_is_cut_and_an_upgraded_one_is_not() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            let (mut client_end, client_side) = pair().await;
+            let (worker_side, mut worker_end) = pair().await;
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let task = tokio::spawn(async move { forward(&client_side, &worker_side, Some(deadline)).await });
+            client_end.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut request = [0u8; 18];
+            worker_end.read_exact(&mut request).await.unwrap();
+            // The answer in two pieces.
+            worker_end.write_all(&answer[..5]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            worker_end.write_all(&answer[5..]).await.unwrap();
+            let mut got = vec![0u8; answer.len()];
+            client_end.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if answer.starts_with(b"HTTP/1.1 101") {
+                assert!(!task.is_finished(), "an upgraded connection outlives the deadline");
+                client_end.write_all(b"frame").await.unwrap();
+                let mut frame = [0u8; 5];
+                worker_end.read_exact(&mut frame).await.unwrap();
+                drop((client_end, worker_end));
+                assert!(task.await.unwrap().is_ok());
+            } else {
+                let outcome = tokio::time::timeout(Duration::from_secs(1), task).await.expect("cut");
+                assert_eq!(outcome.unwrap().unwrap_err().kind(), io::ErrorKind::TimedOut);
+            }
+        }
     }
 }

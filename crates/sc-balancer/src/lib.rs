@@ -10,6 +10,13 @@
 //! ways without parsing them (`forward`). It watches the worker membership through the master
 //! and serves grpc.health.v1.
 //!
+//! Every connection has deadlines before it is useful: a client that sends nothing within
+//! `[balancer] first_byte_timeout` (after its TLS handshake, itself bounded by
+//! `tls_handshake_timeout`) is dropped before a worker is picked, and one that its worker has
+//! not upgraded to WebSocket within `upgrade_timeout` of its accept is closed, whatever it sends
+//! (slowloris, idle keep-alive). When the process runs out of file descriptors the accept loop
+//! backs off and logs one line a second (`sc_common::net::accept`).
+//!
 //! Entry points: [`Balancer::bind`], then [`Balancer::serve`].
 
 #![warn(missing_docs)]
@@ -26,6 +33,7 @@ use sc_common::membership::{Event, Member, Membership, Role, default_id};
 use sc_common::{Error, MasterLink, net, proxy_protocol, rendezvous, signal};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -59,6 +67,8 @@ struct Shared {
     local: SocketAddr,
     connect_timeout: Duration,
     handshake_timeout: Duration,
+    first_byte_timeout: Duration,
+    upgrade_timeout: Duration,
 }
 
 /// The connection to a worker.
@@ -75,7 +85,7 @@ impl Balancer {
         let tls = match (&config.balancer.tls_cert, &config.balancer.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(
                 tls::Certificates::load(cert, key)
-                    .map_err(|e| Error::Config(format!("balancer.tls_cert: {e}")))?,
+                    .map_err(|e| Error::Config(format!("{}: {e}", e.config_key())))?,
             )),
             _ => None,
         };
@@ -128,6 +138,8 @@ impl Balancer {
             local: addr,
             connect_timeout: self.config.balancer.connect_timeout,
             handshake_timeout: self.config.balancer.tls_handshake_timeout,
+            first_byte_timeout: self.config.balancer.first_byte_timeout,
+            upgrade_timeout: self.config.balancer.upgrade_timeout,
         });
         // One permit per open connection: at the limit the accept loop waits for a permit, so
         // new clients queue in the kernel's backlog instead of costing memory and descriptors.
@@ -214,14 +226,18 @@ async fn handle_plain(
     workers: watch::Receiver<Membership>,
     shared: Arc<Shared>,
 ) {
+    let upgrade_by = Instant::now() + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
+    if !first_byte(&client, remote, &shared, upgrade_by).await {
+        return;
+    }
     let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
     drop(shared);
     tracing::debug!(%remote, worker = %id, "forwarding");
     drop(id);
     let outcome = match &worker {
-        WorkerStream::Tcp(worker) => forward::forward(&client, worker).await,
-        WorkerStream::Unix(worker) => forward::forward(&client, worker).await,
+        WorkerStream::Tcp(worker) => forward::forward(&client, worker, Some(upgrade_by)).await,
+        WorkerStream::Unix(worker) => forward::forward(&client, worker, Some(upgrade_by)).await,
     };
     if let Err(e) = outcome {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
@@ -237,6 +253,7 @@ async fn handle_tls(
     shared: Arc<Shared>,
     config: Arc<rustls::ServerConfig>,
 ) {
+    let upgrade_by = Instant::now() + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
     // Boxed: the handshake's state is large and short-lived; the task keeps only what the
     // forwarding needs.
@@ -252,17 +269,48 @@ async fn handle_tls(
             return;
         }
     };
+    // rustls may hold application data that came with the end of the handshake.
+    let buffered = match tls.process_new_packets() {
+        Ok(state) => state.plaintext_bytes_to_read() > 0,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "tls error after the handshake");
+            return;
+        }
+    };
+    if !buffered && !first_byte(&client, remote, &shared, upgrade_by).await {
+        return;
+    }
     let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else { return };
     drop(shared);
     tracing::debug!(%remote, worker = %id, "forwarding tls");
     drop(id);
-    let linger = forward::HALF_CLOSED_LINGER;
+    let (linger, by) = (forward::HALF_CLOSED_LINGER, Some(upgrade_by));
     let outcome = match &worker {
-        WorkerStream::Tcp(worker) => forward::forward_tls(&client, &mut tls, worker, linger).await,
-        WorkerStream::Unix(worker) => forward::forward_tls(&client, &mut tls, worker, linger).await,
+        WorkerStream::Tcp(worker) => forward::forward_tls(&client, &mut tls, worker, linger, by).await,
+        WorkerStream::Unix(worker) => forward::forward_tls(&client, &mut tls, worker, linger, by).await,
     };
     if let Err(e) = outcome {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// Waits until the client has sent something (data, or its end of stream), for at most
+/// `[balancer] first_byte_timeout` and not past its upgrade deadline; `false` when it stayed
+/// silent (the caller drops the connection). A peek, not a readiness wait: readiness may be
+/// reported spuriously, and the byte must stay for the worker.
+async fn first_byte(client: &TcpStream, remote: SocketAddr, shared: &Shared, upgrade_by: Instant) -> bool {
+    let until = upgrade_by.min(Instant::now() + shared.first_byte_timeout);
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout_at(until, client.peek(&mut byte)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "client socket failed before its first byte");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "no first byte within first_byte_timeout, closing");
+            false
+        }
     }
 }
 
@@ -281,7 +329,9 @@ async fn connect_worker(
         if !targets.is_empty() {
             break targets;
         }
-        if tokio::time::timeout_at(deadline, workers.changed()).await.is_err() {
+        // Err inside: the membership will never change (no master configured, or stopping);
+        // without this the loop would spin.
+        if !matches!(tokio::time::timeout_at(deadline, workers.changed()).await, Ok(Ok(()))) {
             tracing::debug!(%remote, "no live worker, dropping connection");
             return None;
         }
@@ -369,5 +419,25 @@ mod tests {
             }
         }
         assert!(moved > 50 && moved < 150, "{moved}");
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    #[tokio::test]
+    async fn probe() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let c = TcpStream::connect(a).await.unwrap();
+        let shared = Arc::new(Shared {
+            local: a,
+            connect_timeout: Duration::ZERO,
+            handshake_timeout: Duration::ZERO,
+            first_byte_timeout: Duration::ZERO,
+            upgrade_timeout: Duration::ZERO,
+        });
+        let w = watch::channel(Membership::default()).1;
+        let f = handle_plain(c, a, w, shared);
+        println!("SIZE handle_plain={}", std::mem::size_of_val(&f));
     }
 }

@@ -17,9 +17,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// What can go wrong with the certificate or key.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TlsError {
-    /// A PEM file could not be read or holds nothing usable.
+    /// The certificate file could not be read or holds no certificate.
     #[error("{path}: {reason}")]
-    Pem { path: String, reason: String },
+    Cert { path: String, reason: String },
+    /// The key file could not be read, holds no key, or holds an encrypted one.
+    #[error("{path}: {reason}")]
+    Key { path: String, reason: String },
     /// rustls refused the pair (say, a key that does not match the certificate).
     #[error("certificate and key: {0}")]
     Rustls(#[from] rustls::Error),
@@ -33,6 +36,17 @@ pub(crate) struct Certificates {
     /// std RwLock: read (an Arc clone) once per handshake, written on SIGHUP; never held
     /// across an await.
     current: RwLock<Arc<ServerConfig>>,
+}
+
+impl TlsError {
+    /// The configuration key to blame.
+    pub(crate) fn config_key(&self) -> &'static str {
+        match self {
+            TlsError::Cert { .. } => "balancer.tls_cert",
+            TlsError::Key { .. } => "balancer.tls_key",
+            TlsError::Rustls(_) => "balancer.tls_cert, balancer.tls_key",
+        }
+    }
 }
 
 impl Certificates {
@@ -57,16 +71,34 @@ impl Certificates {
 
 /// A rustls server configuration (ring provider, TLS 1.2 and 1.3, ALPN http/1.1) for the pair.
 pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let pem = |path: &Path, reason: String| TlsError::Pem { path: path.display().to_string(), reason };
+    let cert_error = |reason: String| TlsError::Cert { path: cert.display().to_string(), reason };
+    let key_error = |reason: String| TlsError::Key { path: key.display().to_string(), reason };
     let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem(cert, e.to_string()))?
+        .map_err(|e| cert_error(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem(cert, e.to_string()))?;
+        .map_err(|e| cert_error(e.to_string()))?;
     if chain.is_empty() {
-        return Err(pem(cert, "no CERTIFICATE block".into()));
+        return Err(cert_error("no CERTIFICATE block".into()));
+    }
+    let key_pem = std::fs::read(key).map_err(|e| key_error(e.to_string()))?;
+    // Encrypted keys are refused by name: the PEM reader would skip their blocks and report
+    // "no items found". They would need a passphrase in the configuration, which is no safer
+    // than a plain key file readable by the service user only.
+    if contains(&key_pem, b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || contains(&key_pem, b"Proc-Type: 4,ENCRYPTED")
+    {
+        return Err(key_error(format!(
+            "encrypted private keys are not supported; decrypt it with `openssl pkey -in {} -out plain.pem` and keep plain.pem readable by this service only",
+            key.display()
+        )));
     }
     // PKCS#8, PKCS#1 (RSA) and SEC1 (EC) blocks are all accepted.
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            key_error("no PRIVATE KEY block (PKCS#8, RSA or EC, unencrypted)".into())
+        }
+        e => key_error(e.to_string()),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -74,6 +106,10 @@ pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
         .with_single_cert(chain, key_der)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -107,15 +143,44 @@ mod tests {
         assert_eq!(certificates.current().alpn_protocols, [b"http/1.1".to_vec()]);
 
         let garbage = write(dir.path(), "garbage.pem", "not pem at all\n");
-        let err = Certificates::load(&garbage, &key_path).unwrap_err().to_string();
-        assert!(err.contains("garbage.pem"), "{err}");
-        let err = Certificates::load(&cert_path, &garbage).unwrap_err().to_string();
-        assert!(err.contains("garbage.pem"), "{err}");
+        let err = Certificates::load(&garbage, &key_path).unwrap_err();
+        assert_eq!(err.config_key(), "balancer.tls_cert");
+        assert!(err.to_string().contains("garbage.pem"), "{err}");
+        let err = Certificates::load(&cert_path, &garbage).unwrap_err();
+        assert_eq!(err.config_key(), "balancer.tls_key");
+        assert!(
+            err.to_string().contains("garbage.pem") && err.to_string().contains("no PRIVATE KEY"),
+            "{err}"
+        );
 
         // A key of another pair is refused, and a failed reload keeps the old pair.
         let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         write(dir.path(), "key.pem", &other.serialize_pem());
         assert!(certificates.reload().is_err());
         assert_eq!(certificates.current().alpn_protocols, [b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn an_encrypted_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        let cert_path = write(dir.path(), "cert.pem", &cert.pem());
+        // The shapes of `openssl pkcs8 -topk8 -v2 aes-256-cbc` and of legacy `openssl ec -aes256`.
+        let encrypted = [
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAh=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            "-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,07A581E0CD9B70F849F61DD7CF22DF67\n\nAAAA\n-----END EC PRIVATE KEY-----\n",
+        ];
+        for text in encrypted {
+            let key_path = write(dir.path(), "key.pem", text);
+            let err = Certificates::load(&cert_path, &key_path).unwrap_err();
+            assert_eq!(err.config_key(), "balancer.tls_key");
+            let err = err.to_string();
+            assert!(
+                err.contains("encrypted private keys are not supported") && err.contains("openssl pkey"),
+                "{err}"
+            );
+        }
     }
 }

@@ -109,12 +109,16 @@ pub struct MasterConfig {
     /// Where the daemon binaries are. Unset: the folder of the sc-master executable.
     pub bin_dir: Option<PathBuf>,
     /// The admin and status HTTP API (JSON): members, epoch, recent errors, rolling restart.
-    /// Loopback by default: it can restart the cluster and has no authentication.
+    /// Loopback by default: it can restart the cluster. Every request but `GET /healthz` needs
+    /// `Authorization: Bearer <admin_token>`.
     pub admin_listen: SocketAddr,
     /// Standalone mode: how long a starting master holds back membership updates, so that the
     /// members of a running cluster register again before anyone is sent a partial membership.
     #[serde(with = "humantime_serde")]
     pub settle: Duration,
+    /// The bearer token of the admin API. Empty: the master makes a random one at each start
+    /// and prints it once on stdout (`admin token: ...`).
+    pub admin_token: String,
 }
 
 /// `[balancer]`: the public face.
@@ -145,6 +149,15 @@ pub struct BalancerConfig {
     /// Most client connections one balancer forwards at once; at the limit it stops accepting
     /// (new clients wait in the listen backlog) until one closes. 0: no limit.
     pub max_connections: usize,
+    /// A client that sends no byte within this long after it connected (after its TLS
+    /// handshake, with TLS) is disconnected, before any worker is bothered.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// A connection that its worker has not upgraded to WebSocket (answered `101`) within this
+    /// long after it was accepted is closed, whatever it sends: slowloris, idle HTTP keep-alive
+    /// and long HTTP exchanges alike. Upgraded connections are exempt.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_timeout: Duration,
 }
 
 /// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
@@ -288,6 +301,7 @@ impl Default for MasterConfig {
             bin_dir: None,
             admin_listen: loopback(8001),
             settle: Duration::from_secs(3),
+            admin_token: String::new(),
         }
     }
 }
@@ -305,6 +319,8 @@ impl Default for BalancerConfig {
             tls_key: None,
             tls_handshake_timeout: Duration::from_secs(10),
             max_connections: 0,
+            first_byte_timeout: Duration::from_secs(10),
+            upgrade_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -451,6 +467,18 @@ impl Config {
         if self.balancer.tls_handshake_timeout.is_zero() {
             return bad("balancer.tls_handshake_timeout", "must be more than 0");
         }
+        if self.balancer.first_byte_timeout.is_zero() {
+            return bad("balancer.first_byte_timeout", "must be more than 0");
+        }
+        if self.balancer.upgrade_timeout.is_zero() {
+            return bad("balancer.upgrade_timeout", "must be more than 0");
+        }
+        if !self.master.admin_token.bytes().all(|b| b.is_ascii_graphic()) {
+            return bad(
+                "master.admin_token",
+                "must be visible ASCII without spaces (it goes in an HTTP header)",
+            );
+        }
         if self.master.health_interval.is_zero() {
             return bad("master.health_interval", "must be more than 0");
         }
@@ -519,12 +547,17 @@ impl Config {
         Ok(())
     }
 
-    /// A copy with every secret (`[cluster] secret`, `[worker] auth_key`, `[worker] api_key`)
-    /// replaced by [`REDACTED`], for `print-config`; an empty one stays empty, since it means
+    /// A copy with every secret (`[cluster] secret`, `[master] admin_token`, `[worker]
+    /// auth_key`, `[worker] api_key`) replaced by [`REDACTED`], for `print-config`; an empty one stays empty, since it means
     /// "not set".
     pub fn redacted(&self) -> Self {
         let mut copy = self.clone();
-        for secret in [&mut copy.cluster.secret, &mut copy.worker.auth_key, &mut copy.worker.api_key] {
+        for secret in [
+            &mut copy.cluster.secret,
+            &mut copy.master.admin_token,
+            &mut copy.worker.auth_key,
+            &mut copy.worker.api_key,
+        ] {
             if !secret.is_empty() {
                 REDACTED.clone_into(secret);
             }
@@ -698,6 +731,7 @@ mod tests {
                 ("SC_CLUSTER__SECRET", "cluster-s3cret"),
                 ("SC_WORKER__AUTH_KEY", "auth-s3cret"),
                 ("SC_WORKER__API_KEY", "api-s3cret"),
+                ("SC_MASTER__ADMIN_TOKEN", "admin-s3cret"),
             ]),
         )
         .unwrap();
@@ -707,6 +741,7 @@ mod tests {
         assert_eq!(printed["cluster"]["secret"].as_str(), Some(REDACTED));
         assert_eq!(printed["worker"]["auth_key"].as_str(), Some(REDACTED));
         assert_eq!(printed["worker"]["api_key"].as_str(), Some(REDACTED));
+        assert_eq!(printed["master"]["admin_token"].as_str(), Some(REDACTED));
         // Not set stays visibly not set.
         let printed: toml::Table = toml::from_str(&Config::default().redacted().to_toml()).unwrap();
         assert_eq!(printed["cluster"]["secret"].as_str(), Some(""));

@@ -10,11 +10,18 @@
 //!   `crate::error` for every code.
 //! - `GET /healthz`: 200 while the master serves.
 //!
-//! It has no authentication: it can restart the cluster, so it listens on loopback by default.
+//! It can restart the cluster, so it listens on loopback by default, and every request but
+//! `GET /healthz` needs `Authorization: Bearer <[master] admin_token>` (401 otherwise; compared
+//! in constant time). Against browsers on the operator's machine (cross-site requests, DNS
+//! rebinding), whatever the token: a `Host` header must name this listener (its IP, or
+//! localhost or a loopback IP, with its port; any IP literal when it listens on a wildcard
+//! address) and an `Origin` header, if any, the same (403 otherwise); and `POST
+//! /rolling-restart` must say `Content-Type: application/json` (415 otherwise), which no HTML
+//! form can send without a CORS preflight that this API never answers.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,6 +32,7 @@ use hyper_util::rt::TokioIo;
 use sc_common::config::MasterMode;
 use sc_common::membership::Severity;
 use sc_common::net;
+use sc_common::secret::constant_time_eq;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -53,6 +61,10 @@ pub(crate) struct Admin {
     pub(crate) children: Arc<Children>,
     /// `None` in standalone mode.
     pub(crate) supervisor: Option<Arc<Supervisor>>,
+    /// The bound admin address, what `Host` and `Origin` headers must name.
+    pub(crate) addr: SocketAddr,
+    /// `[master] admin_token` (generated at start when unset): never empty.
+    pub(crate) token: String,
 }
 
 impl Admin {
@@ -83,6 +95,9 @@ impl Admin {
     }
 
     fn route(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(refused) = self.refusal(request) {
+            return refused;
+        }
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/status") => json_response(StatusCode::OK, &self.status()),
             (&Method::GET, "/log") => {
@@ -101,6 +116,12 @@ impl Admin {
                 json_response(StatusCode::OK, &json!({ "entries": entries }))
             }
             (&Method::POST, "/rolling-restart") => {
+                if !is_json(request) {
+                    return json_response(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        &json!({ "error": "state changes need Content-Type: application/json" }),
+                    );
+                }
                 let started = match &self.supervisor {
                     None => Err(MasterError::Standalone),
                     Some(supervisor) => supervisor.start_rolling_restart(),
@@ -116,6 +137,45 @@ impl Admin {
             }
             _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found" })),
         }
+    }
+
+    /// The checks every request passes before its route: `Host` and `Origin` name this
+    /// listener (403), then the bearer token (401), except for `GET /healthz`, which orchestrators
+    /// call without one and which reveals nothing. `Some`: the answer of a refused request.
+    fn refusal(&self, request: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let headers = request.headers();
+        let forbidden = |why: &str| json_response(StatusCode::FORBIDDEN, &json!({ "error": why }));
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !allowed_authority(host, self.addr) {
+            return Some(forbidden("the Host header does not name this admin listener"));
+        }
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let same = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.strip_prefix("http://"))
+                .is_some_and(|authority| allowed_authority(authority, self.addr));
+            if !same {
+                return Some(forbidden("cross-origin requests are refused"));
+            }
+        }
+        if request.method() == Method::GET && request.uri().path() == "/healthz" {
+            return None;
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), self.token.as_bytes()) {
+            return None;
+        }
+        let mut response = json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({ "error": "missing or wrong bearer token ([master] admin_token)" }),
+        );
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Some(response)
     }
 
     /// The whole `/status` document.
@@ -208,6 +268,36 @@ impl Admin {
     }
 }
 
+/// Whether `authority` ("host:port" from a Host or Origin header) names the listener `admin`:
+/// its port (80 when none is written), and as host `localhost`, a loopback IP or the
+/// listener's IP, or any IP literal when the listener is on a wildcard address. A DNS name
+/// other than localhost never passes: that is what DNS rebinding would send.
+fn allowed_authority(authority: &str, admin: SocketAddr) -> bool {
+    let Ok(authority) = authority.parse::<http::uri::Authority>() else { return false };
+    if authority.port_u16().unwrap_or(80) != admin.port() {
+        return false;
+    }
+    let host = authority.host();
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    match literal.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback() || ip == admin.ip() || admin.ip().is_unspecified(),
+        Err(_) => false,
+    }
+}
+
+/// Whether the request says its body is JSON (`application/json`, parameters allowed).
+fn is_json(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
 fn entry_json(entry: &Entry) -> Value {
     json!({
         "time_ms": entry.time_ms,
@@ -231,4 +321,26 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_listener_passes_as_host_or_origin() {
+        let loopback: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+        for good in ["127.0.0.1:8001", "localhost:8001", "LOCALHOST:8001", "[::1]:8001", "127.0.0.2:8001"] {
+            assert!(allowed_authority(good, loopback), "{good}");
+        }
+        for bad in ["evil.example:8001", "127.0.0.1:8002", "127.0.0.1", "10.0.0.1:8001", "", "a b:8001"] {
+            assert!(!allowed_authority(bad, loopback), "{bad}");
+        }
+        let private: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        assert!(allowed_authority("10.0.0.1", private), "port 80 need not be written");
+        assert!(!allowed_authority("10.0.0.2:80", private));
+        let wildcard: SocketAddr = "0.0.0.0:8001".parse().unwrap();
+        assert!(allowed_authority("172.17.0.2:8001", wildcard), "any IP literal on a wildcard listener");
+        assert!(!allowed_authority("sc-master:8001", wildcard), "never a DNS name");
+    }
 }

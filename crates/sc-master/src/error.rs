@@ -12,6 +12,7 @@
 //! | [`MasterError::Stopping`] | UNAVAILABLE | 503 | the cluster is shutting down |
 //! | [`MasterError::HealthCheckerStopped`] | INTERNAL | 500 | a master task ended early: a bug |
 //! | [`MasterError::Grpc`] | INTERNAL | 500 | the gRPC server failed |
+//! | [`MasterError::FirstStart`] | FAILED_PRECONDITION | 500 | a child exited before it was ever healthy: the master exits with it (never an API answer) |
 
 use std::time::Duration;
 
@@ -70,13 +71,33 @@ pub enum MasterError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Grpc(#[source] sc_common::Error),
+    /// A supervised child exited before it ever passed a health check, the first time it was
+    /// started: a configuration or host problem that respawning would not fix.
+    #[error("{id} (pid {pid}) failed at its first start: it {how}{}", said(.message))]
+    FirstStart {
+        /// The member id.
+        id: String,
+        /// The process.
+        pid: u32,
+        /// How it ended ("exited with code 64").
+        how: String,
+        /// Its exit code, if it exited (64: bad configuration).
+        code: Option<i32>,
+        /// The last line it wrote on stderr: its error.
+        message: String,
+    },
+}
+
+/// What a child printed last, for [`MasterError::FirstStart`].
+fn said(message: &str) -> String {
+    if message.is_empty() { ", printing nothing on stderr".to_owned() } else { format!(": {message}") }
 }
 
 impl MasterError {
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
-            MasterError::Retired { .. } => Code::FailedPrecondition,
+            MasterError::Retired { .. } | MasterError::FirstStart { .. } => Code::FailedPrecondition,
             MasterError::RollingRestartRunning => Code::Aborted,
             MasterError::Standalone => Code::Unimplemented,
             MasterError::ReplacementExited { .. } | MasterError::Stopping => Code::Unavailable,
@@ -94,9 +115,10 @@ impl MasterError {
             MasterError::Standalone => StatusCode::BAD_REQUEST,
             MasterError::ReplacementExited { .. } | MasterError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             MasterError::ReplacementTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            MasterError::Spawn { .. } | MasterError::HealthCheckerStopped | MasterError::Grpc(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            MasterError::Spawn { .. }
+            | MasterError::HealthCheckerStopped
+            | MasterError::Grpc(_)
+            | MasterError::FirstStart { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

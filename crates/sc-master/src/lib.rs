@@ -68,6 +68,8 @@ pub struct Master {
     _public_port: Option<SharedPort>,
     /// The public URL once the cluster is ready; see [`Master::ready`].
     ready: watch::Sender<Option<String>>,
+    /// Whether `[master] admin_token` was made at start (unset in the config).
+    admin_token_generated: bool,
 }
 
 impl Master {
@@ -81,6 +83,10 @@ impl Master {
         let programs = supervise.then(|| supervisor::Programs::find(&config)).transpose()?;
         if config.cluster.secret.is_empty() {
             config.cluster.secret = secret::generate();
+        }
+        let admin_token_generated = config.master.admin_token.is_empty();
+        if admin_token_generated {
+            config.master.admin_token = secret::generate();
         }
         let config_file = config_file.map(std::path::absolute).transpose()?;
         let listener = net::bind(config.master.listen).await?;
@@ -119,6 +125,7 @@ impl Master {
             runtime_dir,
             _public_port: public_port,
             ready: watch::channel(None).0,
+            admin_token_generated,
         })
     }
 
@@ -130,6 +137,12 @@ impl Master {
     /// The bound admin API address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The admin API's bearer token when the master made it (`[master] admin_token` unset),
+    /// for `main` to print once; `None` when it came from the configuration.
+    pub fn generated_admin_token(&self) -> Option<&str> {
+        self.admin_token_generated.then_some(self.config.master.admin_token.as_str())
     }
 
     /// The public WebSocket URL of the cluster (`ws://` or `wss://`, the first balancer's
@@ -155,11 +168,14 @@ impl Master {
 
     /// Serves until `shutdown`; in supervise mode runs the cluster and stops it in order
     /// (balancers, workers, brokers) within `[master] shutdown_grace` on the way out. SIGUSR2
-    /// starts a rolling restart of the workers.
+    /// starts a rolling restart of the workers. In supervise mode a child that fails its first
+    /// start stops the cluster and ends this with [`MasterError::FirstStart`] (or
+    /// [`MasterError::Spawn`]), instead of a respawn loop.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), MasterError> {
         let supervise = self.config.master.mode == MasterMode::Supervise;
         let started = tokio::time::Instant::now();
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
+        let (failed_start_tx, mut failed_start_rx) = mpsc::unbounded_channel();
         let (health_tx, health_rx) = watch::channel(HealthMap::new());
         let checks = shutdown.child_token();
         let checker = health::Checker {
@@ -195,6 +211,7 @@ impl Master {
                 backoff: self.config.master.respawn_backoff,
                 backoff_max: self.config.master.respawn_backoff_max,
                 grace: self.config.master.shutdown_grace,
+                failed_start: failed_start_tx,
             };
             let expected: Vec<String> = self.specs.iter().flatten().map(|s| s.id.clone()).collect();
             let scheme = if self.config.balancer.tls_cert.is_some() { "wss" } else { "ws" };
@@ -219,14 +236,23 @@ impl Master {
             health: health_rx,
             children: self.children.clone(),
             supervisor: supervisor.clone(),
+            addr: self.admin_addr,
+            token: self.config.master.admin_token.clone(),
         });
         let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
         tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));
         tokio::spawn(forward_sighup(self.children.clone(), shutdown.clone()));
 
+        let mut failed_start = None;
         if let Some(supervisor) = &supervisor {
-            supervisor.kill_failed(&mut failed_rx, &shutdown).await;
-            shutdown.cancelled().await;
+            let running = async {
+                supervisor.kill_failed(&mut failed_rx, &shutdown).await;
+                shutdown.cancelled().await;
+            };
+            tokio::select! {
+                () = running => {}
+                Some(error) = failed_start_rx.recv() => failed_start = Some(error),
+            }
             tracing::info!("stopping the cluster");
             supervisor.stop(self.config.master.shutdown_grace).await;
         } else {
@@ -248,7 +274,10 @@ impl Master {
             let _ = std::fs::remove_dir_all(dir);
         }
         tracing::info!("master stopped");
-        outcome
+        match failed_start {
+            Some(error) => Err(error),
+            None => outcome,
+        }
     }
 }
 

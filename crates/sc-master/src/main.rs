@@ -64,6 +64,10 @@ async fn main() -> ExitCode {
     let outcome = async {
         let master = Master::bind(config, cli.config.as_deref()).await?;
         println!("admin api: http://{}", master.admin_addr());
+        if let Some(token) = master.generated_admin_token() {
+            // Once, like Jupyter's: whoever reads the master's output may use the admin API.
+            println!("admin token: {token}");
+        }
         // A second signal must not leave the children behind: they are killed before the exit.
         signal::spawn_signal_handler_then(shutdown.clone(), master.kill_switch());
         let mut ready = master.ready();
@@ -80,6 +84,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::StartUp(sc_common::Error::Config(e))) => {
             tracing::error!("config: {e}");
+            exit(EXIT_USAGE)
+        }
+        // A child refused its configuration: so does the cluster, with the same code.
+        Err(Failure::Run(e @ MasterError::FirstStart { code: Some(EXIT_USAGE), .. })) => {
+            tracing::error!("{e}");
             exit(EXIT_USAGE)
         }
         Err(e) => {

@@ -6,6 +6,12 @@
 //! says how long to wait before the next one and whether the exits make a crash loop. Every
 //! exit goes to the central log with its exit code or signal.
 //!
+//! A child whose very first process exits before it ever passed a health check failed its first
+//! start: a bad configuration, a port in use, a missing file. Respawning it would only loop, so
+//! the child task reports [`MasterError::FirstStart`] (with the last line the child printed on
+//! stderr, its error, see [`stderr`]) on `Settings::failed_start`, and the master stops the
+//! cluster and exits with it. Crashes after a successful start keep the respawn back-off.
+//!
 //! Rolling restart ([`Supervisor::start_rolling_restart`], SIGUSR2 or the admin API) replaces
 //! the workers one at a time, make before break: the old process is retired (it may not
 //! register again, so it cannot take its record back) and the new process (same id, so
@@ -29,13 +35,14 @@ use sc_common::Role;
 use sc_common::membership::Severity;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod children;
 mod crash_loop;
 mod env;
+mod stderr;
 
 pub(crate) use children::{ChildState, Children};
 pub(crate) use env::{ChildSpec, Programs, child_env, child_specs};
@@ -61,6 +68,9 @@ pub(crate) struct Settings {
     pub(crate) backoff: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) grace: Duration,
+    /// Where a child that failed its first start says so (see the module doc); unbounded:
+    /// at most one message per child.
+    pub(crate) failed_start: mpsc::UnboundedSender<MasterError>,
 }
 
 /// The running children.
@@ -80,6 +90,9 @@ pub(crate) struct Supervisor {
 
 /// One shutdown tier: its stop switch, its child tasks and their ids.
 type Tier = (CancellationToken, JoinSet<()>, Vec<String>);
+
+/// A started process and the relay of its stderr, which ends with the last line it wrote.
+type Spawned = (Child, JoinHandle<Option<String>>);
 
 /// Something a child task is told to do.
 #[derive(Debug)]
@@ -256,6 +269,10 @@ enum Exit {
         killed: bool,
         /// Passing its health checks since then (`None`: never, or not at the end).
         healthy_since: Option<Instant>,
+        /// Whether it ever passed a health check.
+        ever_healthy: bool,
+        /// The last line it wrote on stderr.
+        last_line: Option<String>,
     },
     /// The cluster is stopping: it was terminated and marked stopped.
     Stopped,
@@ -272,16 +289,35 @@ async fn supervise(
     let mut crashes = CrashLoop::new(settings.backoff, settings.backoff_max);
     let mut restart = false;
     while !stop.is_cancelled() {
+        let first = !restart;
         let (severity, message, delay) = match run_child(&spec, &settings, &mut orders, &stop, restart).await
         {
             Exit::Stopped => return,
+            Exit::NotStarted(e) if first => {
+                settings.log.master(Severity::Error, format!("{}: {e}", spec.id));
+                let _ = settings.failed_start.send(e);
+                break;
+            }
             Exit::NotStarted(e) => {
                 let delay = crashes.not_started();
                 (Severity::Error, format!("{}: {e}; retrying in {delay:?}", spec.id), delay)
             }
-            Exit::Ended { pid, status, killed, healthy_since } => {
+            Exit::Ended { pid, status, killed, healthy_since, ever_healthy, last_line } => {
                 restart = true;
                 if stop.is_cancelled() {
+                    break;
+                }
+                if first && !killed && !ever_healthy {
+                    let code = status.as_ref().ok().and_then(ExitStatus::code);
+                    let error = MasterError::FirstStart {
+                        id: spec.id.clone(),
+                        pid,
+                        how: describe(status),
+                        code,
+                        message: last_line.unwrap_or_default(),
+                    };
+                    settings.log.master(Severity::Error, error.to_string());
+                    let _ = settings.failed_start.send(error);
                     break;
                 }
                 let respawn = crashes.exited(healthy_since, Instant::now());
@@ -324,13 +360,14 @@ async fn run_child(
     restart: bool,
 ) -> Exit {
     let children = &settings.children;
-    let mut child = match spawn(spec, &settings.env) {
-        Ok(child) => child,
+    let (mut child, mut last_line) = match spawn(spec, &settings.env) {
+        Ok(spawned) => spawned,
         Err(e) => return Exit::NotStarted(e),
     };
     let mut health = settings.health.clone();
     let mut pid = child.id().unwrap_or(0);
     let mut healthy_since = None;
+    let mut ever_healthy = false;
     children.update(&spec.id, spec.role, |s| {
         s.pid = Some(pid);
         s.state = ChildState::Running;
@@ -351,9 +388,10 @@ async fn run_child(
                 Some(Order::Kill(_)) | None => {}
                 Some(Order::Replace(done)) => {
                     let replaced = replace(spec, settings, &mut child, stop).await.map(|(new, replaced)| {
-                        child = new;
+                        (child, last_line) = new;
                         pid = replaced.new;
                         healthy_since = Some(Instant::now());
+                        ever_healthy = true;
                         replaced
                     });
                     let _ = done.send(replaced);
@@ -365,6 +403,7 @@ async fn run_child(
                         .borrow_and_update()
                         .get(&(spec.id.clone(), pid))
                         .and_then(|h| h.healthy_since);
+                    ever_healthy |= healthy_since.is_some();
                 }
             }
             _ = stop.cancelled() => {
@@ -385,7 +424,10 @@ async fn run_child(
         s.pid = None;
         s.state = ChildState::Backoff;
     });
-    Exit::Ended { pid, status, killed, healthy_since }
+    // The child has exited: its stderr ends at once (unless a process it started holds it).
+    let last_line =
+        tokio::time::timeout(Duration::from_secs(1), last_line).await.ok().and_then(Result::ok).flatten();
+    Exit::Ended { pid, status, killed, healthy_since, ever_healthy, last_line }
 }
 
 /// Make before break: retires `old`, starts a new process for `spec` while `old` serves, waits
@@ -396,13 +438,13 @@ async fn replace(
     settings: &Settings,
     old: &mut Child,
     stop: &CancellationToken,
-) -> Result<(Child, Replaced), MasterError> {
+) -> Result<(Spawned, Replaced), MasterError> {
     let ordered = Instant::now();
     let old_pid = old.id().unwrap_or(0);
     // Retired first: the old process's periodic re-registration must not take the record back
     // from its replacement (it keeps serving with the membership it has meanwhile).
     settings.registry.retire(&spec.id, old_pid, true);
-    let mut new = match spawn(spec, &settings.env) {
+    let (mut new, new_stderr) = match spawn(spec, &settings.env) {
         Ok(new) => new,
         Err(e) => {
             settings.registry.retire(&spec.id, old_pid, false);
@@ -458,17 +500,24 @@ async fn replace(
         s.started = Some(Instant::now());
         s.restarts += 1;
     });
-    Ok((new, Replaced { old: old_pid, new: new_pid, ready_after, drained_in }))
+    Ok(((new, new_stderr), Replaced { old: old_pid, new: new_pid, ready_after, drained_in }))
 }
 
-fn spawn(spec: &ChildSpec, env: &[(String, String)]) -> Result<Child, MasterError> {
-    Command::new(&spec.program)
+/// Starts a process of `spec`, its stderr relayed to the master's ([`stderr::relay`]).
+fn spawn(spec: &ChildSpec, env: &[(String, String)]) -> Result<Spawned, MasterError> {
+    let mut child = Command::new(&spec.program)
         .args(&spec.args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| MasterError::Spawn { program: spec.program.display().to_string(), source })
+        .map_err(|source| MasterError::Spawn { program: spec.program.display().to_string(), source })?;
+    let last_line = match child.stderr.take() {
+        Some(stderr) => stderr::relay(stderr),
+        None => tokio::spawn(async { None }),
+    };
+    Ok((child, last_line))
 }
 
 /// SIGTERM, then SIGKILL if the child is still there at `deadline` (or after `grace`).
@@ -533,6 +582,7 @@ mod tests {
             backoff: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             grace: Duration::from_secs(1),
+            failed_start: mpsc::unbounded_channel().0,
         };
         let spec = ChildSpec {
             id: "worker-0".into(),
@@ -549,6 +599,17 @@ mod tests {
         let mut seen = Vec::new();
         for (n, delay) in [(1, "100ms"), (2, "200ms"), (3, "400ms")] {
             let pid = until(|| current_pid(&children, "worker-0", &seen)).await;
+            if n == 1 {
+                // A first start that succeeded: only then do exits make a crash loop.
+                health_tx.send_modify(|map| {
+                    map.insert(
+                        ("worker-0".into(), pid),
+                        Health { healthy_since: Some(Instant::now()), misses: 0 },
+                    );
+                });
+                until(|| (children.snapshot()["worker-0"].state == ChildState::Running).then_some(())).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             seen.push(pid);
             signal(pid, Signal::KILL);
             let entry = until(said(format!("pid {pid}) was killed by signal 9"))).await;
@@ -575,5 +636,46 @@ mod tests {
 
         supervisor.stop(Duration::from_secs(1)).await;
         assert!(children.snapshot()["worker-0"].pid.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_child_that_fails_its_first_start_is_reported_with_its_last_words_not_respawned() {
+        let log = Arc::new(CentralLog::default());
+        let children = Arc::new(Children::default());
+        let (failed_start, mut failed) = mpsc::unbounded_channel();
+        let settings = Settings {
+            registry: Arc::new(Registry::default()),
+            log: log.clone(),
+            health: watch::channel(HealthMap::new()).1,
+            children: children.clone(),
+            env: Vec::new(),
+            backoff: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+            grace: Duration::from_secs(1),
+            failed_start,
+        };
+        let spec = ChildSpec {
+            id: "balancer-0".into(),
+            role: Role::Balancer,
+            program: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "echo starting >&2; echo 'config: balancer.tls_key: bad' >&2; exit 64".into(),
+            ],
+        };
+        let supervisor = Supervisor::start(vec![vec![spec]], settings);
+        let error = tokio::time::timeout(Duration::from_secs(10), failed.recv()).await.unwrap().unwrap();
+        let MasterError::FirstStart { ref id, code, ref message, .. } = error else { panic!("{error:?}") };
+        assert_eq!(
+            (id.as_str(), code, message.as_str()),
+            ("balancer-0", Some(64), "config: balancer.tls_key: bad")
+        );
+        assert!(
+            error.to_string().contains("failed at its first start: it exited with code 64: config:"),
+            "{error}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(children.snapshot()["balancer-0"].restarts, 0, "not respawned");
+        supervisor.stop(Duration::from_secs(1)).await;
     }
 }
