@@ -2,7 +2,8 @@
 //!
 //! It speaks the SocketCluster protocol through sc-client, so the same client code drives our
 //! cluster (through sc-balancer) and the Node peers, on the same machine, in the same run.
-//! Scenarios: `fanout`, `channels`, `rpc`, `idle`, `connect` (one module each). Each prints a
+//! Scenarios: `fanout`, `channels`, `rpc`, `idle`, `connect`, and `soak`, which starts a cluster
+//! of its own and checks for leaks under churn (one module each). Each prints a
 //! live progress line on stderr and one JSON document on stdout (and to `--out`), with the
 //! machine's load average before and after, since the machine is shared.
 //!
@@ -24,6 +25,7 @@ mod idle;
 mod procs;
 mod rpc;
 mod sink;
+mod soak;
 mod stats;
 
 #[derive(Debug, Parser)]
@@ -57,6 +59,10 @@ enum Scenario {
     Idle(idle::Params),
     /// Handshakes per second.
     Connect(connect::Params),
+    /// Starts a cluster (sc-master beside sc-bench) and churns clients, channels, publishes and
+    /// invokes for a duration, restarting a worker and a broker: fails if a daemon's RSS grows
+    /// or the brokers' counts do not come back to zero.
+    Soak(soak::Params),
 }
 
 /// The JSON document of one run.
@@ -95,6 +101,8 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     let t = &cli.target;
     let load_before = common::load_average();
+    // A scenario's failed checks: the report is still printed, then sc-bench exits non-zero.
+    let mut failures: Vec<String> = Vec::new();
     let json = match &cli.scenario {
         Scenario::Fanout(p) => report(cli, "fanout", load_before, p, fanout::run(t, p, cli.quiet).await?)?,
         Scenario::Channels(p) => {
@@ -103,11 +111,19 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Scenario::Rpc(p) => report(cli, "rpc", load_before, p, rpc::run(t, p, cli.quiet).await?)?,
         Scenario::Idle(p) => report(cli, "idle", load_before, p, idle::run(t, p, cli.quiet).await?)?,
         Scenario::Connect(p) => report(cli, "connect", load_before, p, connect::run(t, p, cli.quiet).await?)?,
+        Scenario::Soak(p) => {
+            let outcome = soak::run(t, p, cli.quiet).await?;
+            failures = outcome.failures.clone();
+            report(cli, "soak", load_before, p, outcome)?
+        }
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{json}")?;
     if let Some(path) = &cli.out {
         std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("{} check(s) failed: {}", failures.len(), failures.join("; "));
     }
     Ok(())
 }

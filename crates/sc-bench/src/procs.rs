@@ -101,7 +101,8 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split(' ').map(str::to_owned).collect())
 }
 
-fn rss_kb(pid: u32) -> u64 {
+/// VmRSS of one process in kB; 0 when it is gone.
+pub(crate) fn rss_kb(pid: u32) -> u64 {
     let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
     status
         .lines()

@@ -220,6 +220,19 @@ impl pb::broker_server::Broker for BrokerService {
         check_key(&request.key)?;
         Ok(Response::new(pb::GetExpiryResponse { expires_at_ms: self.exchange.get_expiry(&request.key) }))
     }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let streams = self
+            .router
+            .subscriptions()
+            .into_iter()
+            .map(|(worker, n)| pb::StreamStats { worker, subscriptions: n as u64 })
+            .collect();
+        Ok(Response::new(pb::StatsResponse { channels: self.router.channel_count() as u64, streams }))
+    }
 }
 
 fn to_status(error: ExchangeError) -> Status {

@@ -183,9 +183,16 @@ impl Router {
     }
 
     /// Channels with at least one subscribed stream.
-    #[cfg(test)]
-    fn channel_count(&self) -> usize {
+    pub(crate) fn channel_count(&self) -> usize {
         self.lock().channels.len()
+    }
+
+    /// Each attached stream's worker id and subscription count, by stream id.
+    pub(crate) fn subscriptions(&self) -> Vec<(String, usize)> {
+        let inner = self.lock();
+        let mut streams: Vec<_> = inner.streams.iter().collect();
+        streams.sort_by_key(|(id, _)| **id);
+        streams.into_iter().map(|(_, s)| (s.worker.clone(), s.channels.len())).collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -161,6 +161,36 @@ async fn a_closed_stream_drops_its_subscriptions() {
 }
 
 #[tokio::test]
+async fn stats_count_channels_and_each_streams_subscriptions_down_to_zero() {
+    let (url, shutdown) = start().await;
+    let mut client = client(&url, SECRET).await;
+    let mut a = Stream::attach(&mut client).await;
+    let mut b = Stream::attach(&mut client).await;
+    a.send(vec![sub("one"), sub("two"), publish("two", "a")]).await;
+    a.next().await;
+    b.send(vec![sub("two"), publish("two", "b")]).await;
+    b.next().await;
+    let stats = client.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.channels, 2);
+    let subscriptions: Vec<u64> = stats.streams.iter().map(|s| s.subscriptions).collect();
+    assert_eq!(subscriptions, [2, 1], "per stream, in attach order");
+
+    b.send(vec![pb::command::Kind::Unsubscribe("two".into()), publish("two", "c")]).await;
+    a.next().await;
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = client.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        if stats.channels == 0 && stats.streams.len() == 1 && stats.streams[0].subscriptions == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not back to zero: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn exchange_set_get_remove() {
     let broker = start().await;
     let mut client = client(&broker.url, SECRET).await;

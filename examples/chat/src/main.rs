@@ -2,19 +2,28 @@
 //!
 //! - `login` {username}: signs an auth token for the user (sent to the client as
 //!   `#setAuthToken`) and answers `{"username": …}`;
-//! - channels named `private` or `private/…` need an authenticated socket to subscribe;
-//! - messages published to `chat/…` are stamped with the sender's username (publish-in rewrite);
+//! - `private/<name>` is the inbox of the user `<name>`: only a socket logged in as `<name>` may
+//!   subscribe to it (`private` alone belongs to nobody);
+//! - a message on a channel that shows a sender (`chat/…` and `private/…`) is stamped
+//!   `{"from": <username>, "text": <data>}` with the name in the socket's auth token, whether a
+//!   client publishes it (publish-in rewrite) or asks for it with `announce`; an anonymous
+//!   socket may not post there, so no message ever claims a sender that did not send it;
 //! - `echo`: answers its data; `whoami`: the token payload; `peer`: the client's address and
 //!   whether it came over TLS, as the worker knows them (from the balancer's PROXY header);
 //! - `ask` {event, data}: invokes `event` on the calling client and answers with its reply (a
 //!   server-to-client invoke round trip); `tell` {event, data}: transmits to the client;
 //! - `kick` {channel, message}, `logout`, `bye` {code, reason}: kick out, deauthenticate and
-//!   disconnect the calling socket; `announce` {channel, data}: publishes from server code;
+//!   disconnect the calling socket; `announce` {channel, data}: publishes from server code
+//!   (stamped with the sender on `chat/…` and `private/…`, as above);
 //! - a transmitted `ping-me` is answered by a transmitted `pong` with the same data;
 //! - an upgrade request whose query has `deny=1` is refused with HTTP 401 (upgrade hook), and a
 //!   handshake with the token of a user logged in as `banned` is rejected with close code 4403
 //!   (handshake hook);
 //! - the page in `public/` (served at `/`) is a small chat client.
+//!
+//! `login` trusts the name it is given, as a demo: a real app checks a password or an identity
+//! provider there. Everything else (who may subscribe, who a message is from) follows from the
+//! signed token, never from what the client writes in a message.
 //!
 //! The master runs this binary instead of the stock worker when `[worker] command` names it; see
 //! examples/chat/README.md.
@@ -39,6 +48,30 @@ fn field<'a>(data: &'a Value, key: &str) -> Result<&'a str, ErrorObject> {
     data.get(key)
         .and_then(Value::as_str)
         .ok_or_else(|| ErrorObject::new("InvalidArgumentsError", format!("{key} must be a string")))
+}
+
+/// The username in the socket's auth token; `None` when the socket is not logged in.
+fn username(socket: &Socket) -> Option<String> {
+    socket.auth_token().and_then(|t| t.get("username").and_then(Value::as_str).map(str::to_owned))
+}
+
+/// The owner of a private channel: `<name>` for `private/<name>`, `""` (nobody: `login` refuses
+/// an empty name) for `private`; `None` for any other channel.
+fn private_owner(channel: &str) -> Option<&str> {
+    if channel == "private" { Some("") } else { channel.strip_prefix("private/") }
+}
+
+/// Whether a channel's messages show who sent them (the chat page prints `from`).
+fn shows_sender(channel: &str) -> bool {
+    channel.starts_with("chat/") || private_owner(channel).is_some()
+}
+
+/// `text` stamped with the sender's name from the auth token; an anonymous socket is refused,
+/// since any name it wrote would be a claim nobody checked.
+fn stamped(socket: &Socket, channel: &str, text: Value) -> Result<Value, ErrorObject> {
+    let from = username(socket)
+        .ok_or_else(|| ErrorObject::new("LoginRequired", format!("log in to post on {channel}")))?;
+    Ok(json!({ "from": from, "text": text }))
 }
 
 #[async_trait::async_trait]
@@ -66,11 +99,14 @@ impl Handler for Chat {
         channel: &str,
         _data: Option<&RawValue>,
     ) -> Result<(), ErrorObject> {
-        let private = channel == "private" || channel.starts_with("private/");
-        if private && !socket.is_authenticated() {
-            return Err(ErrorObject::new("SubscribeBlocked", format!("log in to subscribe to {channel}")));
+        let Some(owner) = private_owner(channel) else { return Ok(()) };
+        match username(socket) {
+            None => Err(ErrorObject::new("SubscribeBlocked", format!("log in to subscribe to {channel}"))),
+            Some(name) if name == owner => Ok(()),
+            Some(_) => {
+                Err(ErrorObject::new("SubscribeBlocked", format!("{channel} belongs to another user")))
+            }
         }
-        Ok(())
     }
 
     async fn publish_in(
@@ -79,12 +115,11 @@ impl Handler for Chat {
         channel: &str,
         data: &RawValue,
     ) -> Result<PublishIn, ErrorObject> {
-        if !channel.starts_with("chat/") {
+        if !shows_sender(channel) {
             return Ok(PublishIn::Allow);
         }
-        let from = socket.auth_token().and_then(|t| t.get("username").cloned()).unwrap_or(json!("anonymous"));
         let text: Value = serde_json::from_str(data.get()).unwrap_or(Value::Null);
-        Ok(PublishIn::Rewrite(json!({ "from": from, "text": text })))
+        Ok(PublishIn::Rewrite(stamped(socket, channel, text)?))
     }
 
     async fn invoke(
@@ -130,9 +165,14 @@ impl Handler for Chat {
             }
             "announce" => {
                 let channel = field(&data, "channel")?;
+                let message = if shows_sender(channel) {
+                    stamped(socket, channel, data["data"].clone())?
+                } else {
+                    data["data"].clone()
+                };
                 socket
                     .exchange()
-                    .publish(channel, &data["data"])
+                    .publish(channel, &message)
                     .await
                     .map_err(|e| ErrorObject::new("BrokerError", e.to_string()))?;
                 Ok(Value::Null)
