@@ -162,8 +162,8 @@ async fn a_closed_stream_drops_its_subscriptions() {
 
 #[tokio::test]
 async fn stats_count_channels_and_each_streams_subscriptions_down_to_zero() {
-    let (url, shutdown) = start().await;
-    let mut client = client(&url, SECRET).await;
+    let broker = start().await;
+    let mut client = client(&broker.url, SECRET).await;
     let mut a = Stream::attach(&mut client).await;
     let mut b = Stream::attach(&mut client).await;
     a.send(vec![sub("one"), sub("two"), publish("two", "a")]).await;
@@ -187,7 +187,8 @@ async fn stats_count_channels_and_each_streams_subscriptions_down_to_zero() {
         assert!(tokio::time::Instant::now() < deadline, "not back to zero: {stats:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    shutdown.cancel();
+    drop(b);
+    broker.stop().await;
 }
 
 #[tokio::test]
