@@ -41,6 +41,13 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
 
     // Each worker has a publisher: a round on every channel every 20 ms for 3 s.
     const ROUNDS: u64 = 150;
+    let expected = 2 * ROUNDS as usize * channels.len();
+    // The subscribers read from the start, as live clients do (one that stops reading for
+    // seconds is rightly closed as a slow consumer).
+    let receiving: Vec<_> = subscribers
+        .into_iter()
+        .map(|subscriber| tokio::spawn(receive(subscriber, expected, ROUNDS)))
+        .collect();
     let mut publishing = Vec::new();
     for w in 0..2u64 {
         let mut publisher =
@@ -69,36 +76,10 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     cell.stop_broker(0);
 
-    let expected = 2 * ROUNDS as usize * channels.len();
-    for subscriber in &mut subscribers {
-        let mut seen: HashMap<(String, u64), Vec<u64>> = HashMap::new();
-        let mut count = 0;
-        let started = Instant::now();
-        while count < expected {
-            let message = match subscriber.next_message(Duration::from_secs(5)).await {
-                Ok(m) => m,
-                Err(e) => {
-                    let missing: Vec<String> = seen
-                        .iter()
-                        .filter_map(|((channel, p), got)| {
-                            let lost: Vec<u64> = (0..ROUNDS).filter(|s| !got.contains(s)).collect();
-                            (!lost.is_empty()).then(|| format!("{channel} from {p}: {lost:?}"))
-                        })
-                        .collect();
-                    panic!(
-                        "after {count} of {expected} messages ({:?}): {e}; missing {missing:?}",
-                        started.elapsed()
-                    )
-                }
-            };
-            if message["event"] != "#publish" {
-                continue;
-            }
-            let data = &message["data"]["data"];
-            let key = (message["data"]["channel"].as_str().unwrap().to_owned(), data["p"].as_u64().unwrap());
-            seen.entry(key).or_default().push(data["s"].as_u64().unwrap());
-            count += 1;
-        }
+    let mut subscribers = Vec::new();
+    for task in receiving {
+        let (subscriber, seen) = task.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        subscribers.push(subscriber);
         // Every message exactly once. Order holds except at the moment a channel moves: a
         // publisher's last message to the old owner and its first to the new one travel
         // different streams (docs/architecture.md); count those swaps and report them.
@@ -121,6 +102,44 @@ async fn brokers_join_and_leave_gracefully_without_losing_a_message() {
     // Clients gone first: a worker waits a while for a silent client's close handshake.
     drop((subscribers, publishers));
     cell.shutdown().await;
+}
+
+/// Reads `expected` publishes (of `rounds` per channel and publisher) from `subscriber`: each
+/// (channel, publisher)'s sequence numbers in arrival order.
+async fn receive(
+    mut subscriber: Client,
+    expected: usize,
+    rounds: u64,
+) -> (Client, HashMap<(String, u64), Vec<u64>>) {
+    let mut seen: HashMap<(String, u64), Vec<u64>> = HashMap::new();
+    let mut count = 0;
+    let started = Instant::now();
+    while count < expected {
+        let message = match subscriber.next_message(Duration::from_secs(5)).await {
+            Ok(m) => m,
+            Err(e) => {
+                let missing: Vec<String> = seen
+                    .iter()
+                    .filter_map(|((channel, p), got)| {
+                        let lost: Vec<u64> = (0..rounds).filter(|s| !got.contains(s)).collect();
+                        (!lost.is_empty()).then(|| format!("{channel} from {p}: {lost:?}"))
+                    })
+                    .collect();
+                panic!(
+                    "after {count} of {expected} messages ({:?}): {e}; missing {missing:?}",
+                    started.elapsed()
+                )
+            }
+        };
+        if message["event"] != "#publish" {
+            continue;
+        }
+        let data = &message["data"]["data"];
+        let key = (message["data"]["channel"].as_str().unwrap().to_owned(), data["p"].as_u64().unwrap());
+        seen.entry(key).or_default().push(data["s"].as_u64().unwrap());
+        count += 1;
+    }
+    (subscriber, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

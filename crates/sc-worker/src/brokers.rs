@@ -50,6 +50,9 @@ pub(crate) const BREAK_DELAY: Duration = Duration::from_secs(2);
 /// longer than workers take to see the same change and subscribe on the new owner, shorter
 /// than [`BREAK_DELAY`].
 pub(crate) const MOVE_GRACE: Duration = Duration::from_secs(1);
+/// Brokers a worker sees within this long of its first one are the cluster it starts into,
+/// not brokers joining it.
+const FOUNDING: Duration = Duration::from_millis(500);
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
 pub(crate) const LINK_WAIT: Duration = Duration::from_secs(3);
@@ -92,6 +95,8 @@ struct State {
     /// Live brokers by id.
     brokers: BTreeMap<String, Entry>,
     next_generation: u64,
+    /// When this worker first saw a broker (its start, as far as the pool is concerned).
+    first_seen: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -149,12 +154,30 @@ impl BrokerPool {
     /// Holds `channel` at the broker level (called for its first local subscriber). The
     /// receiver turns true once the owner broker confirmed the subscription: from then on every
     /// publish to the channel reaches this worker.
-    pub(crate) fn subscribe(&self, channel: &Arc<str>) -> watch::Receiver<bool> {
+    pub(crate) fn subscribe(self: &Arc<Self>, channel: &Arc<str>) -> watch::Receiver<bool> {
         let mut state = self.lock();
         let (tx, rx) = watch::channel(false);
         state.channels.insert(channel.clone(), tx);
-        if let Some(id) = state.owner(channel.as_bytes()).map(str::to_owned) {
-            state.subscribe_and_sync(&id, vec![channel.clone()]);
+        let owner = state.owner(channel.as_bytes()).map(str::to_owned);
+        if let Some(id) = &owner {
+            state.subscribe_and_sync(id, vec![channel.clone()]);
+        }
+        // During a move, publishes still go to the channel's previous owner for MOVE_GRACE
+        // (from this worker and, seen a little later, from the others): hold the channel there
+        // too until the break, as a channel that was held before the move is.
+        let previous = state.publish_owner(channel.as_bytes(), Instant::now()).map(str::to_owned);
+        if let Some(previous) = previous.filter(|p| Some(p) != owner.as_ref())
+            && let Some(link) = state.link(&previous)
+        {
+            let _ = link.tx.send(Command::Subscribe(channel.clone()));
+            let breaks = vec![(channel.clone(), previous)];
+            let pool = self.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = pool.closed.cancelled() => {}
+                    _ = tokio::time::sleep(BREAK_DELAY) => pool.finish_moves(Vec::new(), breaks),
+                }
+            });
         }
         rx
     }
@@ -248,8 +271,11 @@ impl BrokerPool {
             .collect();
 
         let now = Instant::now();
-        // Brokers joining an empty pool take no channel from anyone: no grace for them.
-        let joined = (!state.brokers.is_empty()).then_some(now);
+        // The brokers this worker finds at its start (they register one by one, and another
+        // worker may see them all at once) take no channel from anyone: no grace for them.
+        // Only a broker that joins a running pool does.
+        let first_seen = *state.first_seen.get_or_insert(now);
+        let joined = (now.duration_since(first_seen) >= FOUNDING).then_some(now);
         let wanted: BTreeMap<String, String> = brokers.into_iter().collect();
         let mut draining = Vec::new();
         let mut restarted = HashMap::new();
@@ -791,7 +817,7 @@ mod tests {
         let (fake, pool, _sink, sink) = setup();
         pool.apply(brokers(&["a"]), &sink);
         settle().await;
-        tokio::time::advance(MOVE_GRACE * 2).await;
+        tokio::time::advance(FOUNDING).await;
         let moved = channels(40)
             .into_iter()
             .find(|c| rendezvous::owner(["a", "b"], c.as_bytes()) == Some("b"))
@@ -825,6 +851,31 @@ mod tests {
         pool.publish(&moved, Bytes::from_static(b"4"), None).await.unwrap();
         settle().await;
         assert!(fake.sent("a:1").contains(&publish(b"4")));
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_subscribed_during_a_move_is_held_where_publishes_still_go() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        tokio::time::advance(FOUNDING).await;
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        // Subscribed after the change, a channel of b: another worker that has not seen b yet
+        // (or this one, for MOVE_GRACE) publishes it to a, so a must deliver it here too.
+        let fresh = channels(40)
+            .into_iter()
+            .find(|c| rendezvous::owner(["a", "b"], c.as_bytes()) == Some("b"))
+            .unwrap();
+        pool.subscribe(&fresh);
+        settle().await;
+        assert!(fake.subscribed("b:1").contains(&fresh));
+        assert!(fake.subscribed("a:1").contains(&fresh), "held at the previous owner during the grace");
+        tokio::time::advance(BREAK_DELAY + Duration::from_millis(10)).await;
+        settle().await;
+        assert!(!fake.subscribed("a:1").contains(&fresh), "released there after the break");
+        assert!(fake.subscribed("b:1").contains(&fresh));
         pool.close();
     }
 
