@@ -614,3 +614,53 @@ async fn a_proxy_header_from_anyone_but_a_balancer_is_refused() -> Result<()> {
     cluster.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pong_timeout_fires_while_a_write_is_pending() -> Result<()> {
+    // Room for a large backlog (64 MiB unsent) so that the buffer limit does not fire first:
+    // the client neither reads nor pongs, and the worker is blocked writing to it.
+    let cluster = Cluster::start(&[
+        ("SC_CLUSTER__WORKERS", "1"),
+        ("SC_WORKER__MAX_OUTBOUND_BYTES", "64MiB"),
+        ("SC_WORKER__PING_INTERVAL", "300ms"),
+        ("SC_WORKER__PING_TIMEOUT", "1500ms"),
+    ])
+    .await?;
+    let worker = worker_addr(&cluster).await?;
+    let url = format!("ws://{worker}/socketcluster/");
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let stream = socket.connect(worker).await?;
+    let (mut stalled, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let handshake = json!({"event": "#handshake", "data": {}, "cid": 1});
+    stalled.send(Message::Text(handshake.to_string().into())).await?;
+    let subscribe = json!({"event": "#subscribe", "data": {"channel": "fill"}, "cid": 2});
+    stalled.send(Message::Text(subscribe.to_string().into())).await?;
+    // Fill the kernel buffers towards the stalled client: the worker's writes now wait.
+    let mut publisher = Client::connect(LOCAL, worker, &url).await?;
+    let padding = "p".repeat(64 * 1024);
+    for _ in 0..200 {
+        publisher.transmit("#publish", json!({"channel": "fill", "data": padding})).await?;
+    }
+    let started = Instant::now();
+    // Reading again after the timeout: what was queued, then the close with 4001.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = stalled.next().await {
+            match frame {
+                Ok(Message::Close(frame)) => return Some(frame.map(|f| u16::from(f.code))),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .context("never closed")?;
+    eprintln!("stalled client closed with {end:?}, {:?} after the fill", started.elapsed());
+    assert_eq!(end, Some(Some(4001)), "the pong timeout, though writes were pending");
+    cluster.stop().await?;
+    Ok(())
+}
