@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sc_tests::{
-    Client, MasterProcess, admin_request, bin, eventually, http_get, on_a_fresh_port, skip,
+    ADMIN_TOKEN, Client, MasterProcess, admin_request, bin, eventually, http_get, on_a_fresh_port, skip,
     source_ip_per_worker,
 };
 use serde_json::{Value, json};
@@ -218,7 +218,12 @@ async fn compose_services_run_as_processes_form_a_cluster_with_scaled_brokers() 
         let (env, ports) = on_loopback("sc-master", master_service, master_port);
         let command = strings(&master_service["command"]);
         let mut process = Command::new(bin(&command[0]));
-        process.args(&command[1..]).envs(&env).env("RUST_LOG", "warn");
+        // The admin API wants a token: the tests' one (a real deployment sets its own).
+        process
+            .args(&command[1..])
+            .envs(&env)
+            .env("RUST_LOG", "warn")
+            .env("SC_MASTER__ADMIN_TOKEN", ADMIN_TOKEN);
         let master = MasterProcess::spawn(process).await?;
         Ok((master, master_port, env, ports))
     })
