@@ -202,6 +202,50 @@ fn p99(sorted: &[f64]) -> f64 {
     sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
 }
 
+/// A subscriber to `channel` on `worker` that never reads after subscribing, with a small
+/// receive buffer so that the worker feels it soon.
+async fn stalled_subscriber(
+    worker: SocketAddr,
+    url: &str,
+    channel: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let stream = socket.connect(worker).await?;
+    let (mut stalled, _) = tokio_tungstenite::client_async(url, stream).await?;
+    let handshake = json!({"event": "#handshake", "data": {}, "cid": 1});
+    stalled.send(Message::Text(handshake.to_string().into())).await?;
+    let subscribe = json!({"event": "#subscribe", "data": {"channel": channel}, "cid": 2});
+    stalled.send(Message::Text(subscribe.to_string().into())).await?;
+    Ok(stalled)
+}
+
+/// Reads a stalled subscriber again until the server closes it: the close code (`None` inside
+/// for a close frame without one; `None` for no close frame at all) and the bytes read first.
+async fn read_to_close(
+    stalled: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    within: Duration,
+) -> Result<(Option<Option<u16>>, usize)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut received = 0usize;
+    let end = tokio::time::timeout(within, async {
+        while let Some(frame) = stalled.next().await {
+            match frame {
+                Ok(Message::Close(frame)) => return Some(frame.map(|f| u16::from(f.code))),
+                Ok(message) => received += message.len(),
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .context("the stalled socket was never closed")?;
+    Ok((end, received))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stops_reading_is_closed_and_costs_the_others_nothing() -> Result<()> {
     let cluster = Cluster::start(&[("SC_CLUSTER__WORKERS", "1")]).await?;
@@ -219,22 +263,8 @@ async fn a_subscriber_that_stops_reading_is_closed_and_costs_the_others_nothing(
     }
     let base = fan_out(&mut publisher, subscribers, "base", count, size, rate).await?;
 
-    // The same with a sixth subscriber that never reads (a small receive buffer, so that the
-    // worker feels it soon).
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let stream = socket.connect(worker).await?;
-    let (mut stalled, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    for (cid, packet) in [
-        (1, json!({"event": "#handshake", "data": {}})),
-        (2, json!({"event": "#subscribe", "data": {"channel": "stall"}})),
-    ] {
-        let mut packet = packet;
-        packet["cid"] = json!(cid);
-        stalled.send(Message::Text(packet.to_string().into())).await?;
-    }
+    // The same with a sixth subscriber that never reads.
+    let mut stalled = stalled_subscriber(worker, &url, "stall").await?;
     let mut subscribers = Vec::new();
     for _ in 0..5 {
         let mut client = Client::connect(LOCAL, worker, &url).await?;
@@ -246,19 +276,7 @@ async fn a_subscriber_that_stops_reading_is_closed_and_costs_the_others_nothing(
 
     // The stalled socket was closed: reading it again ends within a bounded time, after at most
     // what the kernel buffers held plus [worker] max_outbound_bytes, not the whole feed.
-    let mut received = 0usize;
-    let end = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(frame) = stalled.next().await {
-            match frame {
-                Ok(Message::Close(frame)) => return Some(frame.map(|f| u16::from(f.code))),
-                Ok(message) => received += message.len(),
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await
-    .context("the stalled socket was never closed")?;
+    let (end, received) = read_to_close(&mut stalled, Duration::from_secs(15)).await?;
     let fed = (count as usize) * size;
     eprintln!(
         "stalled socket: {received} of {fed} bytes received, then {end:?}, {:?} after the feed started; \
@@ -551,6 +569,7 @@ async fn a_flood_from_one_address_does_not_lock_out_another() -> Result<()> {
     let cluster = Cluster::start(&[
         ("SC_CLUSTER__WORKERS", "1"),
         ("SC_BALANCER__MAX_CONNECTIONS", "30"),
+        ("SC_BALANCER__MAX_PENDING_PER_IP", "10"),
         ("SC_WORKER__MAX_PENDING_PER_IP", "10"),
     ])
     .await?;
@@ -572,7 +591,7 @@ async fn a_flood_from_one_address_does_not_lock_out_another() -> Result<()> {
             .context("another address is locked out")??;
     assert_eq!(client.handshake["isAuthenticated"], false);
     eprintln!("another address connected {:?} into a 60-connection flood", started.elapsed());
-    // The flood holds at most the per-address budget at the worker: the rest were closed.
+    // The flood holds at most the per-address budget: the rest were closed.
     let mut closed = 0;
     for stream in &mut flood {
         if closed_within(stream, Duration::from_millis(50)).await {
@@ -628,16 +647,7 @@ async fn the_pong_timeout_fires_while_a_write_is_pending() -> Result<()> {
     .await?;
     let worker = worker_addr(&cluster).await?;
     let url = format!("ws://{worker}/socketcluster/");
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let stream = socket.connect(worker).await?;
-    let (mut stalled, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    let handshake = json!({"event": "#handshake", "data": {}, "cid": 1});
-    stalled.send(Message::Text(handshake.to_string().into())).await?;
-    let subscribe = json!({"event": "#subscribe", "data": {"channel": "fill"}, "cid": 2});
-    stalled.send(Message::Text(subscribe.to_string().into())).await?;
+    let mut stalled = stalled_subscriber(worker, &url, "fill").await?;
     // Fill the kernel buffers towards the stalled client: the worker's writes now wait.
     let mut publisher = Client::connect(LOCAL, worker, &url).await?;
     let padding = "p".repeat(64 * 1024);
@@ -647,18 +657,7 @@ async fn the_pong_timeout_fires_while_a_write_is_pending() -> Result<()> {
     let started = Instant::now();
     // Reading again after the timeout: what was queued, then the close with 4001.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(frame) = stalled.next().await {
-            match frame {
-                Ok(Message::Close(frame)) => return Some(frame.map(|f| u16::from(f.code))),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await
-    .context("never closed")?;
+    let (end, _) = read_to_close(&mut stalled, Duration::from_secs(10)).await?;
     eprintln!("stalled client closed with {end:?}, {:?} after the fill", started.elapsed());
     assert_eq!(end, Some(Some(4001)), "the pong timeout, though writes were pending");
     cluster.stop().await?;

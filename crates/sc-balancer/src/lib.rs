@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use sc_common::config::Config;
 use sc_common::membership::{Event, Member, Membership, Role, default_id};
+use sc_common::per_ip::{Pending, PendingByIp};
 use sc_common::{Error, MasterLink, net, proxy_protocol, rendezvous, signal};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -69,6 +70,8 @@ struct Shared {
     handshake_timeout: Duration,
     first_byte_timeout: Duration,
     upgrade_timeout: Duration,
+    /// Connections per client IP not forwarded yet (`[balancer] max_pending_per_ip`).
+    pending: PendingByIp,
 }
 
 /// The connection to a worker.
@@ -140,6 +143,7 @@ impl Balancer {
             handshake_timeout: self.config.balancer.tls_handshake_timeout,
             first_byte_timeout: self.config.balancer.first_byte_timeout,
             upgrade_timeout: self.config.balancer.upgrade_timeout,
+            pending: PendingByIp::new(self.config.balancer.max_pending_per_ip),
         });
         // One permit per open connection: at the limit the accept loop waits for a permit, so
         // new clients queue in the kernel's backlog instead of costing memory and descriptors.
@@ -159,17 +163,23 @@ impl Balancer {
             };
             let listener = &self.listener;
             let Some((client, remote)) = net::accept(|| listener.accept(), &shutdown).await else { break };
+            // One address may not hold many connections that are not forwarded yet (silent
+            // ones wait out first_byte_timeout): past its budget, closed at once.
+            let Some(slot) = shared.pending.try_acquire(remote.ip()) else {
+                tracing::debug!(%remote, "too many pending connections from one address, closing");
+                continue;
+            };
             let (workers, shared) = (workers.clone(), shared.clone());
             match &self.tls {
                 Some(certificates) => {
-                    let task = handle_tls(client, remote, workers, shared, certificates.current());
+                    let task = handle_tls(client, remote, workers, shared, certificates.current(), slot);
                     tracker.spawn(async move {
                         task.await;
                         drop(permit);
                     });
                 }
                 None => {
-                    let task = handle_plain(client, remote, workers, shared);
+                    let task = handle_plain(client, remote, workers, shared, slot);
                     tracker.spawn(async move {
                         task.await;
                         drop(permit);
@@ -225,6 +235,7 @@ async fn handle_plain(
     remote: SocketAddr,
     workers: watch::Receiver<Membership>,
     shared: Arc<Shared>,
+    slot: Pending,
 ) {
     let upgrade_by = Instant::now() + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
@@ -232,6 +243,8 @@ async fn handle_plain(
         return;
     }
     let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
+    // Forwarded: from here the worker counts it until its handshake.
+    drop(slot);
     drop(shared);
     tracing::debug!(%remote, worker = %id, "forwarding");
     drop(id);
@@ -252,6 +265,7 @@ async fn handle_tls(
     workers: watch::Receiver<Membership>,
     shared: Arc<Shared>,
     config: Arc<rustls::ServerConfig>,
+    slot: Pending,
 ) {
     let upgrade_by = Instant::now() + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
@@ -281,6 +295,7 @@ async fn handle_tls(
         return;
     }
     let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else { return };
+    drop(slot);
     drop(shared);
     tracing::debug!(%remote, worker = %id, "forwarding tls");
     drop(id);
@@ -422,22 +437,31 @@ mod tests {
     }
 }
 #[cfg(test)]
-mod size_probe {
+mod size {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    /// A plain connection's task is what an idle forwarded connection costs besides its
+    /// sockets (docs/balancer-memory.md): keep it inside its budget.
     #[tokio::test]
-    async fn probe() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        let c = TcpStream::connect(a).await.unwrap();
+    async fn a_plain_connections_task_stays_inside_its_budget() {
+        const BUDGET: usize = 1500;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
         let shared = Arc::new(Shared {
-            local: a,
+            local: addr,
             connect_timeout: Duration::ZERO,
             handshake_timeout: Duration::ZERO,
             first_byte_timeout: Duration::ZERO,
             upgrade_timeout: Duration::ZERO,
+            pending: PendingByIp::new(0),
         });
-        let w = watch::channel(Membership::default()).1;
-        let f = handle_plain(c, a, w, shared);
-        println!("SIZE handle_plain={}", std::mem::size_of_val(&f));
+        let workers = watch::channel(Membership::default()).1;
+        let slot = shared.pending.acquire(addr.ip());
+        let task = handle_plain(client, addr, workers, shared, slot);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= BUDGET, "the plain connection task is {size} bytes, over its budget of {BUDGET}");
     }
 }

@@ -158,6 +158,10 @@ pub struct BalancerConfig {
     /// and long HTTP exchanges alike. Upgraded connections are exempt.
     #[serde(with = "humantime_serde")]
     pub upgrade_timeout: Duration,
+    /// Connections from one client IP that are waiting for their first byte (or TLS handshake)
+    /// and so not forwarded yet; past it, new ones from that address are closed at once. 0: no
+    /// limit.
+    pub max_pending_per_ip: u32,
 }
 
 /// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
@@ -321,6 +325,7 @@ impl Default for BalancerConfig {
             max_connections: 0,
             first_byte_timeout: Duration::from_secs(10),
             upgrade_timeout: Duration::from_secs(30),
+            max_pending_per_ip: 100,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod config;
 mod master_link;
 pub mod membership;
 pub mod net;
+pub mod per_ip;
 pub mod proxy_protocol;
 pub mod rendezvous;
 pub mod secret;

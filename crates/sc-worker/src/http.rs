@@ -35,9 +35,9 @@ use tokio_util::task::TaskTracker;
 use crate::app::UpgradeRequest;
 use crate::handle::Peer;
 use crate::origins::Origins;
-use crate::pending::{Pending, PendingByIp};
 use crate::proxies::{ProxySources, TrustedProxies};
 use crate::socket::{self, Context};
+use sc_common::per_ip::{Pending, PendingByIp};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time.
 const READ_BUFFER: usize = 4 * 1024;

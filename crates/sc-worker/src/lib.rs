@@ -30,7 +30,6 @@ mod http;
 mod hub;
 mod origins;
 mod outbox;
-mod pending;
 mod protocol;
 mod proxies;
 mod socket;
@@ -155,7 +154,7 @@ impl Worker {
             api_key: worker.api_key.clone(),
             sockets: TaskTracker::new(),
             faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
-            pending: pending::PendingByIp::new(worker.max_pending_per_ip),
+            pending: sc_common::per_ip::PendingByIp::new(worker.max_pending_per_ip),
             header_timeout: worker.request_header_timeout,
         });
 

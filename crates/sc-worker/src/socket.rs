@@ -37,9 +37,9 @@ pub use crate::handle::Socket;
 use crate::handle::{Peer, Services};
 use crate::hub::{self, Hub, Recipient};
 use crate::outbox::Outbound;
-use crate::pending::Pending;
 use crate::protocol::{self, ErrorObject, Inbound, Packet, Protocol};
 use sc_common::config::ProtocolVersion;
+use sc_common::per_ip::Pending;
 
 /// Close code: no pong within the ping timeout (clients reconnect at once).
 pub const CLOSE_PONG_TIMEOUT: u16 = 4001;

@@ -1,12 +1,12 @@
-//! Connections per client IP that have not completed the SocketCluster handshake yet.
+//! Connections per client IP that are not useful yet.
 //!
-//! Silent or slow connections cost a connection slot (at the balancer, `[balancer]
-//! max_connections`) until a timeout ends them; one address holding many of them could lock
-//! every other client out. Each connection counts against its client's IP from the moment the
-//! worker knows the address (after the PROXY header) until its socket completes `#handshake`
-//! or the connection ends; past `[worker] max_pending_per_ip` a new connection from that
-//! address is closed at once. Keyed by the real client address, so clients behind a NAT share
-//! one budget: size it for the largest office that reconnects at once.
+//! Silent or slow connections cost a connection slot until a timeout ends them; one address
+//! holding many of them could lock every other client out. The balancer counts a connection
+//! until it is forwarded (its first byte arrived), against `[balancer] max_pending_per_ip`; the
+//! worker counts it from the PROXY header until its socket completes `#handshake`, against
+//! `[worker] max_pending_per_ip`. Past the limit a new connection from that address is closed
+//! at once. Keyed by the real client address, so clients behind a NAT share one budget: size it
+//! for the largest office that reconnects at once.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 /// The per-IP counts of one worker; cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct PendingByIp {
+pub struct PendingByIp {
     /// std Mutex: an increment or a decrement, never held across await. Entries are removed
     /// at zero, so the map holds only addresses with pending connections.
     counts: Arc<Mutex<HashMap<IpAddr, u32>>>,
@@ -24,19 +24,19 @@ pub(crate) struct PendingByIp {
 /// One pending connection; dropping it (handshake done, or connection gone) gives the slot
 /// back.
 #[derive(Debug)]
-pub(crate) struct Pending {
+pub struct Pending {
     counts: Arc<Mutex<HashMap<IpAddr, u32>>>,
     ip: IpAddr,
 }
 
 impl PendingByIp {
     /// Counts with at most `limit` pending connections per IP (0: no limit).
-    pub(crate) fn new(limit: u32) -> Self {
+    pub fn new(limit: u32) -> Self {
         Self { counts: Arc::default(), limit }
     }
 
     /// Counts a new connection from `ip`, or `None` if that address has too many pending.
-    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<Pending> {
+    pub fn try_acquire(&self, ip: IpAddr) -> Option<Pending> {
         let mut counts = self.lock();
         let count = counts.entry(ip).or_default();
         if self.limit > 0 && *count >= self.limit {
@@ -47,7 +47,7 @@ impl PendingByIp {
     }
 
     /// Counts a connection whatever the limit (an upgrade of a connection already admitted).
-    pub(crate) fn acquire(&self, ip: IpAddr) -> Pending {
+    pub fn acquire(&self, ip: IpAddr) -> Pending {
         *self.lock().entry(ip).or_default() += 1;
         Pending { counts: self.counts.clone(), ip }
     }
@@ -71,6 +71,8 @@ impl Drop for Pending {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
