@@ -102,6 +102,8 @@ impl Builder {
         config.cluster.secret = "s".into();
         config.master.mode = MasterMode::Standalone;
         config.master.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        // The admin API's token, as `admin_request` sends it.
+        config.master.admin_token = crate::ADMIN_TOKEN.into();
         config.master.settle = Duration::ZERO;
         for tune in self.tunes {
             tune(&mut config);
