@@ -36,7 +36,10 @@ struct LineVisitor {
 /// central log (see [`central_log`]). Also installs the panic hook.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes only for a terminal (not files, pipes or journald), and never with NO_COLOR.
+    let colour =
+        std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
     let fmt = match format {
         LogFormat::Plain => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),

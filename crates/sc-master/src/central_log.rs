@@ -38,16 +38,18 @@ impl CentralLog {
     /// Writes an entry to the log and keeps it.
     pub(crate) fn record(&self, entry: Entry) {
         let role = entry.role.map_or("master", Role::as_str);
-        let (id, pid, location, message) = (&entry.id, entry.pid, &entry.location, &entry.message);
+        let (id, pid, message) = (&entry.id, entry.pid, &entry.message);
+        // Left out when there is none, rather than printed empty.
+        let location = (!entry.location.is_empty()).then_some(entry.location.as_str());
         match entry.severity {
             Severity::Error => {
-                tracing::error!(target: "central", role, %id, pid, %location, "{message}")
+                tracing::error!(target: "central", role, %id, pid, location, "{message}")
             }
             Severity::Warning => {
-                tracing::warn!(target: "central", role, %id, pid, %location, "{message}")
+                tracing::warn!(target: "central", role, %id, pid, location, "{message}")
             }
             Severity::Notice => {
-                tracing::info!(target: "central", role, %id, pid, %location, "{message}")
+                tracing::info!(target: "central", role, %id, pid, location, "{message}")
             }
         }
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
