@@ -170,14 +170,7 @@ impl BrokerPool {
             && let Some(link) = state.link(&previous)
         {
             let _ = link.tx.send(Command::Subscribe(channel.clone()));
-            let breaks = vec![(channel.clone(), previous)];
-            let pool = self.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = pool.closed.cancelled() => {}
-                    _ = tokio::time::sleep(BREAK_DELAY) => pool.finish_moves(Vec::new(), breaks),
-                }
-            });
+            self.break_later(Vec::new(), vec![(channel.clone(), previous)]);
         }
         rx
     }
@@ -340,14 +333,19 @@ impl BrokerPool {
         // Publishes waiting for an owner may have one now.
         self.linked.notify_waiters();
         if !draining.is_empty() || !breaks.is_empty() {
-            let pool = self.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = pool.closed.cancelled() => {}
-                    _ = tokio::time::sleep(BREAK_DELAY) => pool.finish_moves(draining, breaks),
-                }
-            });
+            self.break_later(draining, breaks);
         }
+    }
+
+    /// [`BrokerPool::finish_moves`] after [`BREAK_DELAY`], unless the pool closes first.
+    fn break_later(self: &Arc<Self>, draining: Vec<(String, u64)>, breaks: Vec<(Arc<str>, String)>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = pool.closed.cancelled() => {}
+                _ = tokio::time::sleep(BREAK_DELAY) => pool.finish_moves(draining, breaks),
+            }
+        });
     }
 
     /// Most bytes of commands in one gRPC message: the limit less a margin for the framing.

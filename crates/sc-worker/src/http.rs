@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::UpgradeRequest;
 use crate::handle::Peer;
 use crate::origins::Origins;
-use crate::proxies::{ProxySources, TrustedProxies};
+use crate::proxies::ProxySources;
 use crate::socket::{self, Context};
 use sc_common::per_ip::{Pending, PendingByIp};
 
@@ -58,9 +58,8 @@ pub(crate) struct Http {
     /// test) can see where the balancer sent a client.
     pub(crate) worker_id: HeaderValue,
     pub(crate) origins: Origins,
-    /// `[worker] trusted_proxies`.
-    pub(crate) trusted_proxies: TrustedProxies,
-    /// Who may send a PROXY header over TCP.
+    /// Who may send a PROXY header over TCP; its `[worker] trusted_proxies` are also the
+    /// proxies whose `X-Forwarded-*` headers count.
     pub(crate) proxy_sources: Arc<ProxySources>,
     /// `[worker] max_payload`.
     pub(crate) max_payload: usize,
@@ -190,7 +189,7 @@ where
 
 impl Http {
     async fn route(&self, request: Request<Incoming>, peer: Peer) -> Response<Body> {
-        let peer = self.trusted_proxies.client(peer, request.headers());
+        let peer = self.proxy_sources.configured().client(peer, request.headers());
         let path = request.uri().path();
         if Self::normalise_path(path) == self.path {
             return self.upgrade(request, peer).await;

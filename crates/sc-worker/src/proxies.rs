@@ -40,6 +40,11 @@ impl ProxySources {
         *self.balancers.write().unwrap_or_else(PoisonError::into_inner) = ips;
     }
 
+    /// `[worker] trusted_proxies` (whose `X-Forwarded-*` headers count too).
+    pub(crate) fn configured(&self) -> &TrustedProxies {
+        &self.configured
+    }
+
     /// Whether a PROXY header from the TCP peer `ip` is believed.
     pub(crate) fn allows(&self, ip: IpAddr) -> bool {
         self.configured.contains(ip)
