@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [root.join("sc/master/v1/master.proto"), root.join("sc/broker/v1/broker.proto")];
+    let files = [
+        root.join("sc/master/v1/master.proto"),
+        root.join("sc/broker/v1/broker.proto"),
+        root.join("sc/metrics/v1/metrics.proto"),
+    ];
     println!("cargo:rerun-if-changed={}", root.display());
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

@@ -18,3 +18,10 @@ pub mod broker {
         tonic::include_proto!("sc.broker.v1");
     }
 }
+
+/// `sc.metrics.v1`: each member's figures, gathered by sc-master (served by every member).
+pub mod metrics {
+    pub mod v1 {
+        tonic::include_proto!("sc.metrics.v1");
+    }
+}
