@@ -145,14 +145,18 @@ async fn the_same_ip_keeps_its_worker_and_only_a_leavers_clients_move() -> Resul
         bail!("30 IPs should spread over 3 workers: {before:?}");
     }
 
-    // The balancer reaches the workers over their Unix sockets: the accepted ends show up in
-    // /proc/net/unix under the cluster's folder, besides the listeners.
+    // The balancer hands plain connections to their worker over its Unix socket (a link in
+    // /proc/net/unix under the cluster's folder, besides the listeners): the client's socket
+    // then belongs to the worker, and the balancer holds nothing for it.
     let folder = format!("/sc-{}/", cluster.master_pid);
     let unix_sockets =
         || std::fs::read_to_string("/proc/net/unix").unwrap().lines().filter(|l| l.contains(&folder)).count();
-    let listeners = unix_sockets();
+    let workers = cluster.daemons_named("sc-worker").len();
+    assert!(unix_sockets() > workers, "no hand-off link besides the {workers} listeners");
+    let balancer = cluster.daemons_named("sc-balancer")[0].pid;
+    let in_balancer = sockets_of(balancer);
     let _held = Client::connect(ips[0], cluster.addr, &cluster.url).await?;
-    assert!(unix_sockets() > listeners, "the balancer did not connect over a Unix socket");
+    assert_eq!(sockets_of(balancer), in_balancer, "the balancer kept a handed-off connection");
 
     let victim = cluster.daemons_named("sc-worker").into_iter().find(|d| d.id == "worker-1").unwrap();
     signal_pid(victim.pid, Signal::KILL);
@@ -194,7 +198,14 @@ fn sockets_of(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_balancers_share_one_port() -> Result<()> {
-    let cluster = Cluster::start(&[("SC_CLUSTER__BALANCERS", "2"), ("SC_CLUSTER__WORKERS", "1")]).await?;
+    // Proxied connections (as TLS ones and those to workers on other hosts are): each holds
+    // sockets in the balancer that accepted it.
+    let cluster = Cluster::start(&[
+        ("SC_CLUSTER__BALANCERS", "2"),
+        ("SC_CLUSTER__WORKERS", "1"),
+        ("SC_BALANCER__HANDOFF", "false"),
+    ])
+    .await?;
     let balancers = cluster.daemons_named("sc-balancer");
     assert_eq!(balancers.len(), 2, "{balancers:?}");
     let idle: Vec<usize> = balancers.iter().map(|b| sockets_of(b.pid)).collect();
@@ -251,5 +262,64 @@ async fn at_max_connections_accepting_pauses() -> Result<()> {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(cluster.daemons_named("sc-balancer").len(), 1);
     cluster.stop().await?;
+    Ok(())
+}
+
+/// Same-host hand-off: a plain connection is passed to its worker and forgotten by the
+/// balancer, so it survives the balancer's death; `[balancer] handoff = false` proxies it, and
+/// then it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_off_connections_outlive_their_balancer() -> Result<()> {
+    for handoff in [true, false] {
+        let flag = handoff.to_string();
+        let cluster =
+            Cluster::start(&[("SC_CLUSTER__WORKERS", "1"), ("SC_BALANCER__HANDOFF", &flag)]).await?;
+        let balancer = cluster.daemons_named("sc-balancer")[0].pid;
+        let worker = cluster.daemons_named("sc-worker")[0].pid;
+        // The first connection opens the hand-off link; count from there.
+        let mut first = Client::connect(ip(2), cluster.addr, &cluster.url).await?;
+        let (in_balancer, in_worker) = (sockets_of(balancer), sockets_of(worker));
+        let mut clients = Vec::new();
+        for last in 3..13 {
+            clients.push(Client::connect(ip(last), cluster.addr, &cluster.url).await?);
+        }
+        let (added_balancer, added_worker) =
+            (sockets_of(balancer) - in_balancer, sockets_of(worker) - in_worker);
+        if handoff {
+            assert_eq!(
+                (added_balancer, added_worker),
+                (0, 10),
+                "handed off: the client sockets are the worker's"
+            );
+        } else {
+            assert_eq!((added_balancer, added_worker), (20, 10), "proxied: two sockets in the balancer each");
+        }
+
+        first.subscribe("outlive").await?;
+        signal_pid(balancer, Signal::KILL);
+        let proc_dir = format!("/proc/{balancer}");
+        eventually(Duration::from_secs(5), "the killed balancer reaped", || async {
+            (!std::path::Path::new(&proc_dir).exists()).then_some(())
+        })
+        .await?;
+        let published = async {
+            first.publish("outlive", json!("still here")).await?;
+            first.next_publish("outlive", Duration::from_secs(3)).await
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(5), published).await;
+        if handoff {
+            assert_eq!(outcome??, json!("still here"), "a handed-off connection lives on");
+            assert!(clients[0].invoke("#subscribe", json!({ "channel": "x" })).await.is_ok());
+        } else {
+            assert!(!matches!(outcome, Ok(Ok(_))), "a proxied connection dies with its balancer");
+        }
+        // The respawned balancer serves new clients.
+        eventually(Duration::from_secs(10), "a new balancer", || async {
+            Client::connect(ip(20), cluster.addr, &cluster.url).await.ok()
+        })
+        .await?;
+        drop(clients);
+        cluster.stop().await?;
+    }
     Ok(())
 }

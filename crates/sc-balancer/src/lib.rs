@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod forward;
+mod handoff;
 mod tls;
 
 use std::net::SocketAddr;
@@ -72,6 +73,8 @@ struct Shared {
     upgrade_timeout: Duration,
     /// Connections per client IP not forwarded yet (`[balancer] max_pending_per_ip`).
     pending: PendingByIp,
+    /// Hand-off links to the workers on this host (`[balancer] handoff`); `None`: proxy all.
+    links: Option<Arc<handoff::Links>>,
 }
 
 /// The connection to a worker.
@@ -144,6 +147,9 @@ impl Balancer {
             first_byte_timeout: self.config.balancer.first_byte_timeout,
             upgrade_timeout: self.config.balancer.upgrade_timeout,
             pending: PendingByIp::new(self.config.balancer.max_pending_per_ip),
+            links: self.config.balancer.handoff.then(|| {
+                Arc::new(handoff::Links::new(self.id.clone(), self.config.balancer.connect_timeout))
+            }),
         });
         // One permit per open connection: at the limit the accept loop waits for a permit, so
         // new clients queue in the kernel's backlog instead of costing memory and descriptors.
@@ -179,11 +185,7 @@ impl Balancer {
                     });
                 }
                 None => {
-                    let task = handle_plain(client, remote, workers, shared, slot);
-                    tracker.spawn(async move {
-                        task.await;
-                        drop(permit);
-                    });
+                    tracker.spawn(handle_plain(client, remote, workers, shared, slot, permit));
                 }
             }
         }
@@ -228,20 +230,33 @@ async fn reload_on_sighup(certificates: Option<Arc<tls::Certificates>>, shutdown
     .await;
 }
 
-/// A plain client: pick and connect a worker, then forward. Its own task (not a branch of
-/// the TLS one) so that a plain connection's task is only as large as its own state.
+/// A plain client: hand it off to its worker when that worker is on this host, else pick and
+/// connect a worker and forward. Its own task (not a branch of the TLS one) so that a plain
+/// connection's task is only as large as its own state. `permit` counts the connection against
+/// `[balancer] max_connections` until it closes (in the worker, for a handed-off one).
 async fn handle_plain(
     client: TcpStream,
     remote: SocketAddr,
     workers: watch::Receiver<Membership>,
     shared: Arc<Shared>,
     slot: Pending,
+    permit: handoff::Permit,
 ) {
     let upgrade_by = Instant::now() + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
     if !first_byte(&client, remote, &shared, upgrade_by).await {
         return;
     }
+    let (client, _permit) = match &shared.links {
+        // Boxed: the hand-off's state lives only until the socket is passed.
+        Some(links) => {
+            match Box::pin(hand_off(links, client, remote, workers.clone(), &shared, permit)).await {
+                Ok(()) => return,
+                Err(back) => back,
+            }
+        }
+        None => (client, permit),
+    };
     let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
     // Forwarded: from here the worker counts it until its handshake.
     drop(slot);
@@ -329,20 +344,38 @@ async fn first_byte(client: &TcpStream, remote: SocketAddr, shared: &Shared, upg
     }
 }
 
-/// Connects to the client's worker (the next in rendezvous order if it refuses) and sends the
-/// PROXY v2 header; `None` when no worker takes the connection.
-async fn connect_worker(
+/// Hands the client to its worker (the first in rendezvous order) when that worker takes
+/// hand-offs on this host; `Err` gives the connection back to be proxied (to the same worker
+/// if it is reachable otherwise, so stickiness holds either way).
+async fn hand_off(
+    links: &Arc<handoff::Links>,
+    client: TcpStream,
+    remote: SocketAddr,
+    workers: watch::Receiver<Membership>,
+    shared: &Shared,
+    permit: handoff::Permit,
+) -> Result<(), (TcpStream, handoff::Permit)> {
+    let Some(target) = wait_for_targets(remote, workers, shared).await.and_then(|t| t.into_iter().next())
+    else {
+        return Err((client, permit));
+    };
+    links.hand_off(&target, client, permit).await?;
+    tracing::debug!(%remote, worker = %target.id, "handed off");
+    Ok(())
+}
+
+/// The workers in rendezvous order for `remote`, waiting up to `connect_timeout` for the first
+/// worker right after start-up; `None` when there is none.
+async fn wait_for_targets(
     remote: SocketAddr,
     mut workers: watch::Receiver<Membership>,
     shared: &Shared,
-    tls: bool,
-) -> Option<(WorkerStream, String)> {
-    // Right after start-up the membership may still be empty: wait a little for workers.
+) -> Option<Vec<Target>> {
     let deadline = tokio::time::Instant::now() + shared.connect_timeout;
-    let targets = loop {
+    loop {
         let targets = ranked_targets(&workers.borrow_and_update(), remote);
         if !targets.is_empty() {
-            break targets;
+            return Some(targets);
         }
         // Err inside: the membership will never change (no master configured, or stopping);
         // without this the loop would spin.
@@ -350,8 +383,19 @@ async fn connect_worker(
             tracing::debug!(%remote, "no live worker, dropping connection");
             return None;
         }
-    };
-    drop(workers);
+    }
+}
+
+/// Connects to the client's worker (the next in rendezvous order if it refuses) and sends the
+/// PROXY v2 header; `None` when no worker takes the connection.
+async fn connect_worker(
+    remote: SocketAddr,
+    workers: watch::Receiver<Membership>,
+    shared: &Shared,
+    tls: bool,
+) -> Option<(WorkerStream, String)> {
+    // Right after start-up the membership may still be empty: wait a little for workers.
+    let targets = wait_for_targets(remote, workers, shared).await?;
     let header = proxy_protocol::encode(remote, shared.local, tls);
     for target in targets {
         let Some(worker) = Box::pin(connect(&target, shared.connect_timeout)).await else { continue };
@@ -457,10 +501,11 @@ mod size {
             first_byte_timeout: Duration::ZERO,
             upgrade_timeout: Duration::ZERO,
             pending: PendingByIp::new(0),
+            links: None,
         });
         let workers = watch::channel(Membership::default()).1;
         let slot = shared.pending.acquire(addr.ip());
-        let task = handle_plain(client, addr, workers, shared, slot);
+        let task = handle_plain(client, addr, workers, shared, slot, None);
         let size = std::mem::size_of_val(&task);
         assert!(size <= BUDGET, "the plain connection task is {size} bytes, over its budget of {BUDGET}");
     }

@@ -113,7 +113,12 @@ where
             return exit(EXIT_USAGE);
         }
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let threads = threads(role, &config, cli.supervisor_pid.is_some());
+    let runtime = match threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{name}: cannot start the runtime: {e}");
@@ -141,6 +146,26 @@ where
             }
         }
     })
+}
+
+/// The runtime threads of a member: `[worker] threads` / `[balancer] threads`, or with 0 the
+/// machine's cores shared out so that one host's cluster does not oversubscribe them: under a
+/// master (which starts `[cluster] workers` workers and `balancers` balancers here) a worker
+/// gets `cores / workers` and a balancer `cores / (workers + balancers)`, at least one each; a
+/// member started alone gets every core. Brokers always get every core. One thread means
+/// tokio's current-thread runtime: no cross-thread wake-ups at all.
+pub fn threads(role: Role, config: &Config, supervised: bool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let (configured, share) = match role {
+        Role::Worker => (config.worker.threads, config.cluster.workers),
+        Role::Balancer => (config.balancer.threads, config.cluster.workers + config.cluster.balancers),
+        _ => (0, 1),
+    };
+    match (configured, supervised) {
+        (0, true) => (cores / share.max(1)).max(1),
+        (0, false) => cores,
+        (n, _) => n,
+    }
 }
 
 /// `code` as the process's exit code.

@@ -162,6 +162,14 @@ pub struct BalancerConfig {
     /// and so not forwarded yet; past it, new ones from that address are closed at once. 0: no
     /// limit.
     pub max_pending_per_ip: u32,
+    /// Plain connections for a worker on this host are handed to it (the socket itself, over
+    /// its Unix socket in `[worker] unix_dir`) instead of proxied: their bytes then never
+    /// cross the balancer. TLS connections, and workers on other hosts, are always proxied.
+    /// A handed-off connection still counts against `max_connections` until it closes.
+    pub handoff: bool,
+    /// Runtime threads: 0 picks one thread per core, shared with the workers on this host
+    /// (see README, "Threads").
+    pub threads: usize,
 }
 
 /// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
@@ -249,6 +257,9 @@ pub struct WorkerConfig {
     /// Connections from one client IP that have not completed their SocketCluster handshake;
     /// past it, new ones from that address are closed at once. 0: no limit.
     pub max_pending_per_ip: u32,
+    /// Runtime threads: 0 picks the cores shared out among the workers on this host (see
+    /// README, "Threads"); 1 runs a single-threaded runtime.
+    pub threads: usize,
 }
 
 /// Which SocketCluster protocol version(s) a worker speaks.
@@ -326,6 +337,8 @@ impl Default for BalancerConfig {
             first_byte_timeout: Duration::from_secs(10),
             upgrade_timeout: Duration::from_secs(30),
             max_pending_per_ip: 100,
+            handoff: true,
+            threads: 0,
         }
     }
 }
@@ -362,6 +375,7 @@ impl Default for WorkerConfig {
             max_channel_name: 256,
             request_header_timeout: Duration::from_secs(10),
             max_pending_per_ip: 100,
+            threads: 0,
         }
     }
 }

@@ -21,6 +21,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod handoff;
 mod master_link;
 pub mod membership;
 pub mod net;

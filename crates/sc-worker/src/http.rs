@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sc_common::proxy_protocol;
 use sc_common::secret::constant_time_eq;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::UpgradeRequest;
 use crate::handle::Peer;
+use crate::handoff::Lease;
 use crate::origins::Origins;
 use crate::proxies::ProxySources;
 use crate::socket::{self, Context};
@@ -41,8 +42,8 @@ use sc_common::per_ip::{Pending, PendingByIp};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time.
 const READ_BUFFER: usize = 4 * 1024;
-/// How long a connection may take to send its PROXY header.
-const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a connection may take to send its PROXY header (or a hand-off link its greeting).
+pub(crate) const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Fault injection for the cross-daemon tests: with this variable set to `1`, a socket whose
 /// upgrade URL carries `sc-test-panic` in its query panics shortly after it opens. Nothing
 /// else reads it; it lets the tests prove that a panic ends one socket only.
@@ -121,7 +122,22 @@ pub(crate) async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, rem
         Ok(Err(_)) | Err(_) => return,
     }
     let Some(pending) = admit(&http, peer) else { return };
-    serve_http(http, stream, peer, pending).await;
+    serve_http(http, stream, peer, pending, None).await;
+}
+
+/// Serves one connection a balancer on this host handed off ([`crate::handoff`]): the client
+/// itself is the peer; `lease` goes back to the balancer when the connection (or the socket
+/// it became) closes.
+pub(crate) async fn serve_handed_off(
+    http: Arc<Http>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    lease: Arc<Lease>,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer = Peer { addr: Some(remote), tls: false };
+    let Some(pending) = admit(&http, peer) else { return };
+    serve_http(http, stream, peer, pending, Some(lease)).await;
 }
 
 /// Counts a new connection against its client's address; `None` (and the connection is
@@ -138,12 +154,14 @@ fn admit(http: &Http, peer: Peer) -> Option<Option<Pending>> {
     }
 }
 
-/// Serves one connection accepted on the worker's Unix socket: a balancer on this host, which
-/// starts with a PROXY v2 header.
-pub(crate) async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream) {
-    let Some(peer) = read_proxy_header(&mut stream, Peer { addr: None, tls: false }).await else { return };
+/// Serves one connection accepted on the worker's Unix socket from a balancer on this host,
+/// which starts with a PROXY v2 header (whose first byte, `first`, was read already).
+pub(crate) async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream, first: u8) {
+    let first = [first];
+    let mut header = (&first[..]).chain(&mut stream);
+    let Some(peer) = read_proxy_header(&mut header, Peer { addr: None, tls: false }).await else { return };
     let Some(pending) = admit(&http, peer) else { return };
-    serve_http(http, stream, peer, pending).await;
+    serve_http(http, stream, peer, pending, None).await;
 }
 
 /// The peer as the PROXY v2 header at the start of `stream` tells it; `None` (and the
@@ -160,17 +178,24 @@ async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S, peer: Peer) -> 
 }
 
 /// Serves HTTP on one connection; `_pending` counts it against its client's address until it
-/// ends (an upgraded socket counts on its own until its handshake).
-async fn serve_http<S>(http: Arc<Http>, stream: S, peer: Peer, _pending: Option<Pending>)
-where
+/// ends (an upgraded socket counts on its own until its handshake); a hand-off `lease` is held
+/// by the connection and by the socket it becomes.
+async fn serve_http<S>(
+    http: Arc<Http>,
+    stream: S,
+    peer: Peer,
+    _pending: Option<Pending>,
+    lease: Option<Arc<Lease>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let remote = peer.addr;
     let header_timeout = http.header_timeout;
     let service = hyper::service::service_fn(move |request| {
         let http = http.clone();
+        let lease = lease.clone();
         async move {
-            let mut response = http.route(request, peer).await;
+            let mut response = http.route(request, peer, lease).await;
             response.headers_mut().insert("x-sc-worker", http.worker_id.clone());
             Ok::<_, Infallible>(response)
         }
@@ -188,11 +213,16 @@ where
 }
 
 impl Http {
-    async fn route(&self, request: Request<Incoming>, peer: Peer) -> Response<Body> {
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        peer: Peer,
+        lease: Option<Arc<Lease>>,
+    ) -> Response<Body> {
         let peer = self.proxy_sources.configured().client(peer, request.headers());
         let path = request.uri().path();
         if Self::normalise_path(path) == self.path {
-            return self.upgrade(request, peer).await;
+            return self.upgrade(request, peer, lease).await;
         }
         match (request.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -211,7 +241,12 @@ impl Http {
         }
     }
 
-    async fn upgrade(&self, mut request: Request<Incoming>, peer: Peer) -> Response<Body> {
+    async fn upgrade(
+        &self,
+        mut request: Request<Incoming>,
+        peer: Peer,
+        lease: Option<Arc<Lease>>,
+    ) -> Response<Body> {
         let headers = request.headers();
         let is_upgrade = headers
             .get(header::UPGRADE)
@@ -249,6 +284,8 @@ impl Http {
         let max_payload = self.max_payload;
         let max_outbound = self.context.settings.max_outbound_bytes;
         let socket = async move {
+            // Held until the socket closes.
+            let _lease = lease;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {

@@ -26,6 +26,7 @@ mod brokers;
 mod error;
 mod exchange;
 mod handle;
+mod handoff;
 mod http;
 mod hub;
 mod origins;
@@ -207,7 +208,7 @@ impl Worker {
             None => (None, None),
         };
         tracing::info!(id = %self.id, %addr, unix = ?unix_path, grpc = %grpc_addr, path = %self.config.worker.path, "worker listening");
-        let connections = accept(&self.http, self.listener, unix_listener, &shutdown).await;
+        let connections = accept(&self.http, &self.id, self.listener, unix_listener, &shutdown).await;
 
         // The listeners are gone: not ready any more, then drain.
         if let Some(path) = &unix_path {
@@ -285,6 +286,7 @@ async fn drain(http: &http::Http, connections: TaskTracker) -> usize {
 /// then drops both listeners; returns the connection tasks (HTTP and upgrades in progress).
 async fn accept(
     http: &Arc<http::Http>,
+    id: &str,
     tcp: TcpListener,
     unix: Option<UnixListener>,
     shutdown: &CancellationToken,
@@ -306,7 +308,8 @@ async fn accept(
             },
             accepted = accept_unix => match accepted {
                 Some((stream, _)) => {
-                    connections.spawn(http::serve_unix_connection(http.clone(), stream));
+                    let (id, tracker) = (id.to_owned(), connections.clone());
+                    connections.spawn(handoff::serve_unix(http.clone(), stream, id, tracker, shutdown.clone()));
                 }
                 None => break,
             },

@@ -1,0 +1,223 @@
+//! The balancer's end of same-host hand-off links (`sc_common::handoff`): a plain connection
+//! for a worker on this host is passed to it over the worker's Unix socket and forgotten, so
+//! its traffic never crosses the balancer.
+//!
+//! One link per worker, opened on first use and kept while the worker keeps it open. Each
+//! handed-off connection keeps its `[balancer] max_connections` permit in the link until the
+//! worker reports it closed; a link that ends (the worker exited) releases all of its permits,
+//! since its connections ended with it. A worker whose link cannot be opened (not on this host,
+//! an old worker, a stale socket path) is not tried again for [`RETRY_AFTER`]: its connections
+//! are proxied meanwhile.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sc_common::handoff;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::Target;
+
+/// How long a worker whose link failed is served by proxying before a link is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A connection's `[balancer] max_connections` permit, if there is a limit.
+pub(crate) type Permit = Option<OwnedSemaphorePermit>;
+
+/// The hand-off links of one balancer, by worker id.
+#[derive(Debug)]
+pub(crate) struct Links {
+    balancer_id: String,
+    timeout: Duration,
+    links: Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Open(Arc<Link>),
+    /// Proxy until then.
+    Failed(Instant),
+}
+
+#[derive(Debug)]
+struct Link {
+    stream: UnixStream,
+    /// The worker's socket path when the link was opened (a replaced worker has a new one).
+    path: String,
+    next: AtomicU64,
+    /// Permits of the connections handed off on this link and not yet reported closed.
+    leases: Mutex<HashMap<u64, Permit>>,
+    alive: AtomicBool,
+}
+
+impl Links {
+    /// Links made by balancer `balancer_id`; `timeout` bounds opening one.
+    pub(crate) fn new(balancer_id: String, timeout: Duration) -> Self {
+        Self { balancer_id, timeout, links: Mutex::new(HashMap::new()) }
+    }
+
+    /// Connections handed off and still open, over every link.
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> usize {
+        let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        links
+            .values()
+            .map(|entry| match entry {
+                Entry::Open(link) => link.leases.lock().unwrap_or_else(PoisonError::into_inner).len(),
+                Entry::Failed(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Hands `client` to `target` when it has a hand-off link on this host; `Err` gives the
+    /// connection and its permit back, to be proxied.
+    pub(crate) async fn hand_off(
+        self: &Arc<Self>,
+        target: &Target,
+        client: TcpStream,
+        permit: Permit,
+    ) -> Result<(), (TcpStream, Permit)> {
+        if target.unix.is_empty() {
+            return Err((client, permit));
+        }
+        let Some(link) = self.link(target).await else { return Err((client, permit)) };
+        let number = link.next.fetch_add(1, Ordering::Relaxed);
+        let fd: OwnedFd = match client.into_std() {
+            Ok(std) => std.into(),
+            // Deregistering failed; the stream is gone with it.
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot detach the client socket");
+                return Ok(());
+            }
+        };
+        // Counted before it is sent: the worker may report it closed at once.
+        link.leases().insert(number, permit);
+        match handoff::send_fd(&link.stream, number, fd).await {
+            Ok(()) => Ok(()),
+            Err((e, fd)) => {
+                tracing::debug!(worker = %target.id, error = %e, "hand-off failed, proxying");
+                let permit = link.leases().remove(&number).flatten();
+                self.forget(&target.id, &link, Some(Instant::now() + RETRY_AFTER));
+                let std = std::net::TcpStream::from(fd);
+                match TcpStream::from_std(std) {
+                    Ok(client) => Err((client, permit)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot take the client socket back");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The open link to `target`, opening one if there is none and none failed lately.
+    async fn link(self: &Arc<Self>, target: &Target) -> Option<Arc<Link>> {
+        {
+            let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            match links.get(&target.id) {
+                Some(Entry::Open(link)) if link.path == target.unix && link.alive.load(Ordering::Acquire) => {
+                    return Some(link.clone());
+                }
+                Some(Entry::Failed(until)) if Instant::now() < *until => return None,
+                _ => {}
+            }
+        }
+        let opened = tokio::time::timeout(self.timeout, async {
+            let mut stream = UnixStream::connect(&target.unix).await?;
+            handoff::greet(&mut stream, &self.balancer_id, &target.id).await?;
+            Ok::<_, std::io::Error>(stream)
+        })
+        .await;
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        let stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(worker = %target.id, error = %e, "no hand-off link, proxying");
+                links.insert(target.id.clone(), Entry::Failed(Instant::now() + RETRY_AFTER));
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(worker = %target.id, "hand-off link timed out, proxying");
+                links.insert(target.id.clone(), Entry::Failed(Instant::now() + RETRY_AFTER));
+                return None;
+            }
+        };
+        // Another connection may have opened one meanwhile: use it (this one just closes).
+        if let Some(Entry::Open(link)) = links.get(&target.id)
+            && link.path == target.unix
+            && link.alive.load(Ordering::Acquire)
+        {
+            return Some(link.clone());
+        }
+        let link = Arc::new(Link {
+            stream,
+            path: target.unix.clone(),
+            next: AtomicU64::new(0),
+            leases: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+        });
+        links.insert(target.id.clone(), Entry::Open(link.clone()));
+        drop(links);
+        tracing::debug!(worker = %target.id, "hand-off link open");
+        tokio::spawn(self.clone().read_closes(target.id.clone(), link.clone()));
+        Some(link)
+    }
+
+    /// Releases the permits of connections the worker reports closed, until the link ends;
+    /// then releases the rest.
+    async fn read_closes(self: Arc<Self>, worker: String, link: Arc<Link>) {
+        let mut buffer = [0u8; 64 * handoff::RECORD];
+        let mut filled = 0;
+        loop {
+            if link.stream.readable().await.is_err() {
+                break;
+            }
+            let n = match link.stream.try_read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            };
+            filled += n;
+            let whole = filled - filled % handoff::RECORD;
+            {
+                let mut leases = link.leases();
+                for record in buffer[..whole].chunks_exact(handoff::RECORD) {
+                    let mut number = [0u8; handoff::RECORD];
+                    number.copy_from_slice(record);
+                    leases.remove(&u64::from_le_bytes(number));
+                }
+            }
+            buffer.copy_within(whole..filled, 0);
+            filled -= whole;
+        }
+        self.forget(&worker, &link, None);
+        let ended = std::mem::take(&mut *link.leases());
+        tracing::debug!(%worker, open = ended.len(), "hand-off link closed");
+    }
+
+    /// Drops `link` from the map (if it is still the one there), marking the worker failed
+    /// until `retry` when given.
+    fn forget(&self, worker: &str, link: &Arc<Link>, retry: Option<Instant>) {
+        link.alive.store(false, Ordering::Release);
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(Entry::Open(current)) = links.get(worker)
+            && Arc::ptr_eq(current, link)
+        {
+            match retry {
+                Some(until) => links.insert(worker.to_owned(), Entry::Failed(until)),
+                None => links.remove(worker),
+            };
+        }
+    }
+}
+
+impl Link {
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Permit>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,153 @@
+//! The worker's end of same-host hand-off links (`sc_common::handoff`): a balancer on this
+//! host passes accepted plain client connections over the worker's Unix socket, and the worker
+//! serves each as if it had accepted it itself (the client address is the socket's own peer).
+//!
+//! Each handed-off connection holds a [`Lease`]; when the last holder drops it (the HTTP
+//! connection ended without an upgrade, or the upgraded socket closed) its number goes back to
+//! the balancer, which counts the connection against `[balancer] max_connections` until then.
+//! A draining worker stops taking connections from its links (what a balancer sends after that
+//! is closed with the link: those clients reconnect, to another worker) but keeps reporting
+//! closes until its last lease is gone.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use sc_common::handoff;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{self, Http};
+
+/// A handed-off connection's claim on its balancer's connection count; its number is sent
+/// back when the last clone is dropped.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    number: u64,
+    closed: mpsc::UnboundedSender<u64>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // The link is gone (its balancer restarted): nobody counts it any more.
+        let _ = self.closed.send(self.number);
+    }
+}
+
+/// Serves one hand-off link whose [`handoff::MAGIC`] has been read: the greeting, then
+/// connections until the balancer closes the link or the worker drains.
+pub(crate) async fn serve_link(
+    http: Arc<Http>,
+    mut link: UnixStream,
+    worker_id: String,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let balancer = match tokio::time::timeout(
+        http::PROXY_HEADER_TIMEOUT,
+        handoff::accept(&mut link, &worker_id),
+    )
+    .await
+    {
+        Ok(Ok(balancer)) => balancer,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "bad hand-off greeting");
+            return;
+        }
+        Err(_) => return,
+    };
+    tracing::debug!(%balancer, "hand-off link open");
+    let (closed, mut closes) = mpsc::unbounded_channel();
+    let mut taking = Some(closed);
+    let mut receiver = handoff::Receiver::default();
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if taking.is_some() => {
+                // No new connections; report closes until every lease is gone.
+                taking = None;
+            }
+            received = receiver.next(&link), if taking.is_some() => match received {
+                Ok(Some((number, fd))) => {
+                    let Some(closed) = &taking else { continue };
+                    let lease = Arc::new(Lease { number, closed: closed.clone() });
+                    connections.spawn(serve(http.clone(), fd, lease));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%balancer, error = %e, "hand-off link failed, closing it");
+                    break;
+                }
+            },
+            number = closes.recv() => {
+                let Some(number) = number else { break };
+                out.extend_from_slice(&number.to_le_bytes());
+                while let Ok(number) = closes.try_recv() {
+                    out.extend_from_slice(&number.to_le_bytes());
+                }
+                if write_all(&link, &out).await.is_err() {
+                    break;
+                }
+                out.clear();
+            }
+        }
+    }
+    tracing::debug!(%balancer, "hand-off link closed");
+}
+
+/// Serves one handed-off connection.
+async fn serve(http: Arc<Http>, fd: OwnedFd, lease: Arc<Lease>) {
+    let std = std::net::TcpStream::from(fd);
+    let stream = match std.set_nonblocking(true).and_then(|()| TcpStream::from_std(std)) {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "handed-off descriptor unusable");
+            return;
+        }
+    };
+    match stream.peer_addr() {
+        Ok(remote) => http::serve_handed_off(http, stream, remote, lease).await,
+        Err(e) => tracing::debug!(error = %e, "handed-off descriptor is not a connected socket"),
+    }
+}
+
+/// Writes `bytes` on the link (which the select loop also reads, so through `&UnixStream`).
+async fn write_all(link: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        link.writable().await?;
+        match link.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection on the worker's Unix socket: a hand-off link (it starts with
+/// [`handoff::MAGIC`]) or a proxied connection from a balancer (a PROXY v2 header).
+pub(crate) async fn serve_unix(
+    http: Arc<Http>,
+    mut stream: UnixStream,
+    worker_id: String,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(http::PROXY_HEADER_TIMEOUT, stream.read_exact(&mut first)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    if first[0] != handoff::MAGIC[0] {
+        return http::serve_unix_connection(http, stream, first[0]).await;
+    }
+    let mut magic = [0u8; handoff::MAGIC.len() - 1];
+    match tokio::time::timeout(http::PROXY_HEADER_TIMEOUT, stream.read_exact(&mut magic)).await {
+        Ok(Ok(_)) if magic == handoff::MAGIC[1..] => {
+            serve_link(http, stream, worker_id, connections, shutdown).await;
+        }
+        _ => tracing::debug!("neither a PROXY header nor a hand-off link on the unix socket, closing"),
+    }
+}
