@@ -221,3 +221,90 @@ impl Link {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UnixListener};
+    use tokio::sync::Semaphore;
+
+    /// A fake worker on a Unix socket: takes one link, returns its end and the receiver.
+    async fn worker_link(listener: &UnixListener) -> UnixStream {
+        let (mut link, _) = listener.accept().await.unwrap();
+        let mut magic = vec![0u8; handoff::MAGIC.len()];
+        link.read_exact(&mut magic).await.unwrap();
+        handoff::accept(&mut link, "worker-1").await.unwrap();
+        link
+    }
+
+    async fn tcp_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_permit_is_held_until_the_worker_reports_the_close_or_the_link_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker-1.sock");
+        let unix = UnixListener::bind(&path).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target { id: "worker-1".into(), addr: String::new(), unix: path.display().to_string() };
+        let links = Arc::new(Links::new("balancer-1".into(), Duration::from_secs(2)));
+        let limit = Arc::new(Semaphore::new(2));
+
+        let (mut client, accepted) = tcp_pair(&tcp).await;
+        let permit = limit.clone().try_acquire_owned().ok();
+        let (handed, link) = tokio::join!(links.hand_off(&target, accepted, permit), worker_link(&unix));
+        assert!(handed.is_ok());
+        let mut receiver = handoff::Receiver::default();
+        let (number, fd) = receiver.next(&link).await.unwrap().unwrap();
+        // The worker holds the client's connection now: bytes go straight to it.
+        let mut served = TcpStream::from_std(std::net::TcpStream::from(fd)).unwrap();
+        client.write_all(b"hi").await.unwrap();
+        let mut got = [0u8; 2];
+        served.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+        assert_eq!((links.open(), limit.available_permits()), (1, 1));
+
+        // The worker reports it closed: the permit comes back.
+        let mut link = link;
+        link.write_all(&number.to_le_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while limit.available_permits() != 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(links.open(), 0);
+
+        // Another one on the same link; the worker exits (the link ends): released too.
+        let (_client, accepted) = tcp_pair(&tcp).await;
+        let permit = limit.clone().try_acquire_owned().ok();
+        assert!(links.hand_off(&target, accepted, permit).await.is_ok());
+        assert_eq!(limit.available_permits(), 1);
+        drop(link);
+        drop(receiver);
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while limit.available_permits() != 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_worker_without_a_link_gets_the_connection_back() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let links = Arc::new(Links::new("balancer-1".into(), Duration::from_secs(2)));
+        let (_client, accepted) = tcp_pair(&tcp).await;
+        let nowhere = Target { id: "w".into(), addr: String::new(), unix: "/nonexistent/w.sock".into() };
+        let (back, _permit) = links.hand_off(&nowhere, accepted, None).await.unwrap_err();
+        assert!(back.peer_addr().is_ok(), "the connection comes back usable");
+    }
+}
