@@ -40,8 +40,9 @@ use crate::proxies::ProxySources;
 use crate::socket::{self, Context};
 use sc_common::per_ip::{Pending, PendingByIp};
 
-/// The read buffer of a socket: small, since most sockets are idle most of the time.
-const READ_BUFFER: usize = 4 * 1024;
+/// The read buffer of a socket: small, since most sockets are idle most of the time and most
+/// client messages are small (a larger frame grows it to the frame's size).
+const READ_BUFFER: usize = 512;
 /// How long a connection may take to send its PROXY header (or a hand-off link its greeting).
 pub(crate) const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Fault injection for the cross-daemon tests: with this variable set to `1`, a socket whose
@@ -95,6 +96,99 @@ impl Drop for Finished {
     fn drop(&mut self) {
         if !self.0 {
             tracing::error!("socket task panicked; that socket was closed");
+        }
+    }
+}
+
+/// One socket's task, from the end of its upgrade to its close: what every open socket holds
+/// besides its buffers (see the budget test below). `_lease` (a handed-off connection's) is
+/// held until the socket closes.
+async fn socket_task(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    context: Arc<Context>,
+    peer: Peer,
+    pending: Option<Pending>,
+    _lease: Option<Arc<Lease>>,
+    config: WebSocketConfig,
+    inject_panic: bool,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    // Reports a task that ends without finishing (a panic: tokio catches it and drops the task,
+    // whose state is dropped with it: the socket leaves its channels, see `Conversation`'s Drop,
+    // and the hub's locks recover from poisoning). A guard, not a `catch_unwind` wrapper, which
+    // would store this whole future twice.
+    let mut finished = Finished(false);
+    // The connection itself, out of hyper's wrapper: no extra box and buffer per socket, and
+    // its readiness tells the socket's loop when to read. TCP (accepted or handed off) is the
+    // common case; the others are boxed so that they do not grow every socket's task.
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
+            if inject_panic {
+                Box::pin(run_panicking(ws, context, peer, pending)).await;
+            } else {
+                socket::run(ws, context, peer, pending).await;
+            }
+        }
+        Err(upgraded) => Box::pin(run_other(upgraded, context, peer, pending, config, inject_panic)).await,
+    }
+    finished.0 = true;
+}
+
+/// A socket over a connection that is not TCP: the worker's Unix socket (proxied by a balancer
+/// on this host), or a stream hyper keeps opaque.
+async fn run_other(
+    upgraded: hyper::upgrade::Upgraded,
+    context: Arc<Context>,
+    peer: Peer,
+    pending: Option<Pending>,
+    config: WebSocketConfig,
+    inject_panic: bool,
+) {
+    match upgraded.downcast::<TokioIo<UnixStream>>() {
+        Ok(parts) => {
+            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
+            if inject_panic {
+                Box::pin(run_panicking(ws, context, peer, pending)).await;
+            } else {
+                socket::run(ws, context, peer, pending).await;
+            }
+        }
+        Err(upgraded) => {
+            let ws = websocket(TokioIo::new(upgraded), Bytes::new(), config).await;
+            socket::run(ws, context, peer, pending).await;
+        }
+    }
+}
+
+/// The WebSocket over an upgraded connection; `read` is what the HTTP side had read past the
+/// upgrade request (a client may send its first frame right behind it).
+async fn websocket<S>(io: S, read: Bytes, config: WebSocketConfig) -> WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if read.is_empty() {
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+    } else {
+        WebSocketStream::from_partially_read(io, read.to_vec(), Role::Server, Some(config)).await
+    }
+}
+
+/// Fault injection ([`FAULTS_ENV`]): runs the socket and panics shortly after it opens.
+async fn run_panicking<S>(ws: WebSocketStream<S>, context: Arc<Context>, peer: Peer, pending: Option<Pending>)
+where
+    S: AsyncRead + AsyncWrite + socket::ReadReady + Unpin,
+{
+    tokio::select! {
+        _ = socket::run(ws, context, peer, pending) => {}
+        _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+            panic!("injected socket panic ({FAULTS_ENV})");
         }
     }
 }
@@ -283,44 +377,14 @@ impl Http {
         let pending = peer.addr.map(|a| self.pending.acquire(a.ip()));
         let max_payload = self.max_payload;
         let max_outbound = self.context.settings.max_outbound_bytes;
-        let socket = async move {
-            // Held until the socket closes.
-            let _lease = lease;
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade failed");
-                    return;
-                }
-            };
-            let config = WebSocketConfig::default()
-                .read_buffer_size(READ_BUFFER)
-                .max_message_size(Some(max_payload))
-                .max_frame_size(Some(max_payload))
-                // Past [worker] max_outbound_bytes the socket's loop closes the client (4100);
-                // tungstenite's own cap sits above it, with room for one more whole message.
-                .max_write_buffer_size(max_outbound.saturating_add(max_payload).saturating_add(64 * 1024));
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            // Reports a task that ends without finishing (a panic: tokio catches it and drops
-            // the task, whose state is dropped with it: the socket leaves its channels, see
-            // `Conversation`'s Drop, and the hub's locks recover from poisoning). A guard, not
-            // a `catch_unwind` wrapper, which would store this whole future twice.
-            let mut finished = Finished(false);
-            if inject_panic {
-                // Test-only path, boxed so that it does not grow every socket's task.
-                let run = Box::pin(socket::run(ws, context, peer, pending));
-                tokio::select! {
-                    _ = run => {}
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
-                        panic!("injected socket panic ({FAULTS_ENV})");
-                    }
-                }
-            } else {
-                socket::run(ws, context, peer, pending).await;
-            }
-            finished.0 = true;
-        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .max_message_size(Some(max_payload))
+            .max_frame_size(Some(max_payload))
+            // Past [worker] max_outbound_bytes the socket's loop closes the client (4100);
+            // tungstenite's own cap sits above it, with room for one more whole message.
+            .max_write_buffer_size(max_outbound.saturating_add(max_payload).saturating_add(64 * 1024));
+        let socket = socket_task(on_upgrade, context, peer, pending, lease, config, inject_panic);
         self.sockets.spawn(socket);
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -531,6 +595,22 @@ fn respond(status: StatusCode, body: Bytes) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole task of an open socket (upgrade, WebSocket, the loop), as spawned: with the
+    /// socket's buffers (read buffer, [`READ_BUFFER`]) it is what an idle connection costs the
+    /// worker. Keep it inside its budget: docs/architecture.md, "Memory per connection".
+    #[tokio::test]
+    async fn a_sockets_whole_task_stays_inside_its_memory_budget() {
+        const BUDGET: usize = 2048;
+        let mut request = Request::new(());
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let config = WebSocketConfig::default();
+        let peer = Peer { addr: None, tls: false };
+        let task = socket_task(on_upgrade, socket::tests::context(), peer, None, None, config, false);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("socket task: {size} bytes (budget {BUDGET})");
+        assert!(size <= BUDGET, "a socket's task is {size} bytes, over its budget of {BUDGET}");
+    }
 
     #[test]
     fn path_matches_with_and_without_slash() {

@@ -158,7 +158,7 @@ impl Output {
     /// when the socket is writable.
     fn send<S>(&mut self, ws: &mut WebSocketStream<S>, message: Message) -> Result<(), End>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + ReadReady + Unpin,
     {
         // The frame and its header.
         self.unsent += message.len() + 14;
@@ -228,7 +228,7 @@ pub(crate) async fn run<S>(
     peer: Peer,
     pending: Option<Pending>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     // Auto mode: unknown until the first pong.
     let version = match context.settings.protocol {
@@ -302,7 +302,7 @@ impl Conversation {
     /// fires even while a write is pending.
     async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<std::convert::Infallible, End>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + ReadReady + Unpin,
     {
         let context = self.context.clone();
         let settings = &context.settings;
@@ -333,8 +333,13 @@ impl Conversation {
                     return Poll::Ready(Wake::Outbox);
                 }
                 // Flow control: with too many of its invokes unanswered, the client is not read
-                // until some are (an answer wakes the loop through the outbox).
-                if reading && let Poll::Ready(frame) = ws.poll_next_unpin(cx) {
+                // until some are (an answer wakes the loop through the outbox). The WebSocket
+                // is read only when the kernel says there is something to read (or a read
+                // left a frame in its buffer): a wake-up for the outbox costs no read attempt.
+                if reading
+                    && ws.get_ref().poll_read_ready(cx).is_ready()
+                    && let Poll::Ready(frame) = ws.poll_next_unpin(cx)
+                {
                     return Poll::Ready(Wake::Frame(frame));
                 }
                 if ping.poll_tick(cx).is_ready() {
@@ -902,6 +907,40 @@ async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
+/// A connection that can tell whether a read would find anything, without reading (which,
+/// through tungstenite, means preparing its read buffer first).
+pub(crate) trait ReadReady {
+    /// Ready when a read may make progress: data, end of stream or an error. Readiness stays
+    /// set until a read finds nothing, so data already read into the WebSocket's buffer is
+    /// never stranded behind it.
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl ReadReady for tokio::net::UnixStream {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::UnixStream::poll_read_ready(self, cx)
+    }
+}
+
+/// Connections whose readiness cannot be seen: always read.
+impl<T> ReadReady for hyper_util::rt::TokioIo<T> {
+    fn poll_read_ready(&self, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for tokio::io::DuplexStream {
+    fn poll_read_ready(&self, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Close reasons travel in a control frame: at most 123 bytes.
 fn truncate_reason(reason: &str) -> String {
     let mut end = reason.len().min(123);
@@ -918,15 +957,14 @@ fn new_socket_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// What an idle socket's task holds is mostly this future (plus the WebSocket's buffers,
     /// allocated apart). It grows when a large future is held across the loop; keep it inside
     /// the budget (box what only runs sometimes, as `handle_text` is).
-    #[tokio::test]
-    async fn an_idle_sockets_task_stays_inside_its_memory_budget() {
-        const BUDGET: usize = 1600;
+    /// A socket context with no broker and the default settings, for tests.
+    pub(crate) fn context() -> Arc<Context> {
         let connector = crate::broker_link::Grpc::new("w".into(), "s".into(), 4 << 20);
         let pool = Arc::new(BrokerPool::new(Arc::new(connector), 4 << 20));
         let hub = Arc::new(Hub::new(pool.clone(), false));
@@ -937,14 +975,23 @@ mod tests {
             exchange: crate::exchange::Exchange::new(hub.clone(), pool.clone()),
         };
         let config = sc_common::config::WorkerConfig::default();
-        let context = Arc::new(Context {
+        Arc::new(Context {
             hub,
             pool,
             handler: Arc::new(crate::app::DefaultHandler),
             services: Arc::new(services),
             settings: Settings::from_config(&config),
             shutdown: CancellationToken::new(),
-        });
+        })
+    }
+
+    /// What an idle socket's task holds is mostly this future (plus the WebSocket's buffers,
+    /// allocated apart). It grows when a large future is held across the loop; keep it inside
+    /// the budget (box what only runs sometimes, as `handle_text` is).
+    #[tokio::test]
+    async fn an_idle_sockets_task_stays_inside_its_memory_budget() {
+        const BUDGET: usize = 1600;
+        let context = context();
         let (server, _client) = tokio::io::duplex(64);
         let ws = WebSocketStream::from_raw_socket(
             server,
