@@ -80,6 +80,7 @@ impl Links {
         target: &Target,
         client: TcpStream,
         permit: Permit,
+        upgrade_by: Option<Instant>,
     ) -> Result<(), (TcpStream, Permit)> {
         if target.unix.is_empty() {
             return Err((client, permit));
@@ -96,7 +97,9 @@ impl Links {
         };
         // Counted before it is sent: the worker may report it closed at once.
         link.leases().insert(number, permit);
-        match handoff::send_fd(&link.stream, number, fd).await {
+        let upgrade_within = upgrade_by.map(|by| by.saturating_duration_since(Instant::now()));
+        let offer = handoff::Offer { lease: number, upgrade_within };
+        match handoff::send_fd(&link.stream, offer, fd).await {
             Ok(()) => Ok(()),
             Err((e, fd)) => {
                 tracing::debug!(worker = %target.id, error = %e, "hand-off failed, proxying");
@@ -170,7 +173,7 @@ impl Links {
     /// Releases the permits of connections the worker reports closed, until the link ends;
     /// then releases the rest.
     async fn read_closes(self: Arc<Self>, worker: String, link: Arc<Link>) {
-        let mut buffer = [0u8; 64 * handoff::RECORD];
+        let mut buffer = [0u8; 64 * handoff::CLOSED];
         let mut filled = 0;
         loop {
             if link.stream.readable().await.is_err() {
@@ -183,11 +186,11 @@ impl Links {
                 Err(_) => break,
             };
             filled += n;
-            let whole = filled - filled % handoff::RECORD;
+            let whole = filled - filled % handoff::CLOSED;
             {
                 let mut leases = link.leases();
-                for record in buffer[..whole].chunks_exact(handoff::RECORD) {
-                    let mut number = [0u8; handoff::RECORD];
+                for record in buffer[..whole].chunks_exact(handoff::CLOSED) {
+                    let mut number = [0u8; handoff::CLOSED];
                     number.copy_from_slice(record);
                     leases.remove(&u64::from_le_bytes(number));
                 }
@@ -258,10 +261,11 @@ mod tests {
 
         let (mut client, accepted) = tcp_pair(&tcp).await;
         let permit = limit.clone().try_acquire_owned().ok();
-        let (handed, link) = tokio::join!(links.hand_off(&target, accepted, permit), worker_link(&unix));
+        let (handed, link) =
+            tokio::join!(links.hand_off(&target, accepted, permit, None), worker_link(&unix));
         assert!(handed.is_ok());
         let mut receiver = handoff::Receiver::default();
-        let (number, fd) = receiver.next(&link).await.unwrap().unwrap();
+        let (offer, fd) = receiver.next(&link).await.unwrap().unwrap();
         // The worker holds the client's connection now: bytes go straight to it.
         let mut served = TcpStream::from_std(std::net::TcpStream::from(fd)).unwrap();
         client.write_all(b"hi").await.unwrap();
@@ -272,7 +276,7 @@ mod tests {
 
         // The worker reports it closed: the permit comes back.
         let mut link = link;
-        link.write_all(&number.to_le_bytes()).await.unwrap();
+        link.write_all(&offer.lease.to_le_bytes()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(2), async {
             while limit.available_permits() != 2 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -285,7 +289,7 @@ mod tests {
         // Another one on the same link; the worker exits (the link ends): released too.
         let (_client, accepted) = tcp_pair(&tcp).await;
         let permit = limit.clone().try_acquire_owned().ok();
-        assert!(links.hand_off(&target, accepted, permit).await.is_ok());
+        assert!(links.hand_off(&target, accepted, permit, None).await.is_ok());
         assert_eq!(limit.available_permits(), 1);
         drop(link);
         drop(receiver);
@@ -304,7 +308,7 @@ mod tests {
         let links = Arc::new(Links::new("balancer-1".into(), Duration::from_secs(2)));
         let (_client, accepted) = tcp_pair(&tcp).await;
         let nowhere = Target { id: "w".into(), addr: String::new(), unix: "/nonexistent/w.sock".into() };
-        let (back, _permit) = links.hand_off(&nowhere, accepted, None).await.unwrap_err();
+        let (back, _permit) = links.hand_off(&nowhere, accepted, None, None).await.unwrap_err();
         assert!(back.peer_addr().is_ok(), "the connection comes back usable");
     }
 }

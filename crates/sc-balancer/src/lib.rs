@@ -250,7 +250,9 @@ async fn handle_plain(
     let (client, _permit) = match &shared.links {
         // Boxed: the hand-off's state lives only until the socket is passed.
         Some(links) => {
-            match Box::pin(hand_off(links, client, remote, workers.clone(), &shared, permit)).await {
+            match Box::pin(hand_off(links, client, remote, workers.clone(), &shared, permit, upgrade_by))
+                .await
+            {
                 Ok(()) => return,
                 Err(back) => back,
             }
@@ -354,12 +356,14 @@ async fn hand_off(
     workers: watch::Receiver<Membership>,
     shared: &Shared,
     permit: handoff::Permit,
+    upgrade_by: Instant,
 ) -> Result<(), (TcpStream, handoff::Permit)> {
     let Some(target) = wait_for_targets(remote, workers, shared).await.and_then(|t| t.into_iter().next())
     else {
         return Err((client, permit));
     };
-    links.hand_off(&target, client, permit).await?;
+    // The worker enforces the rest of the upgrade deadline.
+    links.hand_off(&target, client, permit, Some(upgrade_by)).await?;
     tracing::debug!(%remote, worker = %target.id, "handed off");
     Ok(())
 }

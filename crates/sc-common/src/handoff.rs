@@ -13,18 +13,22 @@
 //! worker -> balancer:  "OK <worker id>\n"
 //! ```
 //!
-//! and then carries records of 8 bytes (a little-endian `u64` lease number):
-//! - balancer -> worker: one record per connection, with the connection's descriptor attached;
-//! - worker -> balancer: one record per handed-off connection that has closed, so the balancer
-//!   can keep counting it against `[balancer] max_connections` until then.
+//! and then carries little-endian records:
+//! - balancer -> worker: an [`Offer`] per connection (16 bytes: the lease number, then the
+//!   milliseconds left until the balancer's `[balancer] upgrade_timeout`, 0 for none), with the
+//!   connection's descriptor attached; the worker enforces that deadline from then on;
+//! - worker -> balancer: the lease number (8 bytes) of each handed-off connection that has
+//!   closed, so the balancer can keep counting it against `[balancer] max_connections` until
+//!   then.
 //!
 //! A descriptor rides on its record's bytes, and the kernel never merges a record carrying a
-//! descriptor with the next one in one read, so a reader that asks for 8 bytes gets exactly one
-//! record and its descriptor (a short read keeps the descriptor with the first part).
+//! descriptor with the next one in one read, so a reader that asks for one record gets exactly
+//! one record and its descriptor (a short read keeps the descriptor with the first part).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
@@ -37,17 +41,50 @@ use tokio::net::UnixStream;
 /// the worker's Unix socket) starts with `\r`.
 pub const MAGIC: &[u8] = b"SC-HANDOFF/1 ";
 
-/// The size of one record.
-pub const RECORD: usize = 8;
+/// The size of an offer (balancer -> worker).
+pub const OFFER: usize = 16;
+
+/// The size of a close report (worker -> balancer).
+pub const CLOSED: usize = 8;
+
+/// A connection offered to a worker, besides its descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    /// The number the worker reports back when the connection closes.
+    pub lease: u64,
+    /// How long the connection has left to become a WebSocket; `None`: no deadline.
+    pub upgrade_within: Option<Duration>,
+}
+
+impl Offer {
+    fn encode(&self) -> [u8; OFFER] {
+        let mut bytes = [0u8; OFFER];
+        bytes[..8].copy_from_slice(&self.lease.to_le_bytes());
+        // At least 1 ms: 0 means none.
+        let millis =
+            self.upgrade_within.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        bytes[8..].copy_from_slice(&millis.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8; OFFER]) -> Self {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[..8]);
+        let lease = u64::from_le_bytes(word);
+        word.copy_from_slice(&bytes[8..]);
+        let millis = u64::from_le_bytes(word);
+        Self { lease, upgrade_within: (millis > 0).then(|| Duration::from_millis(millis)) }
+    }
+}
 
 /// The longest greeting line either side accepts.
 const MAX_LINE: usize = 256;
 
-/// Sends `fd` with its lease number; `Err` gives the descriptor back (the caller serves the
+/// Sends `fd` with its offer; `Err` gives the descriptor back (the caller serves the
 /// connection another way). The call is one `sendmsg`, atomic on a Unix stream socket, so
 /// several tasks may send on one link at once.
-pub async fn send_fd(link: &UnixStream, lease: u64, fd: OwnedFd) -> Result<(), (io::Error, OwnedFd)> {
-    let bytes = lease.to_le_bytes();
+pub async fn send_fd(link: &UnixStream, offer: Offer, fd: OwnedFd) -> Result<(), (io::Error, OwnedFd)> {
+    let bytes = offer.encode();
     let sent = link
         .async_io(Interest::WRITABLE, || {
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -59,7 +96,7 @@ pub async fn send_fd(link: &UnixStream, lease: u64, fd: OwnedFd) -> Result<(), (
         })
         .await;
     match sent {
-        Ok(n) if n == RECORD => Ok(()),
+        Ok(n) if n == OFFER => Ok(()),
         // A stream socket may take part of a message only when it is full, and then the
         // descriptor went with the part: the link is unusable, and the connection with it.
         Ok(n) => Err((io::Error::other(format!("short hand-off write ({n} bytes)")), fd)),
@@ -75,12 +112,12 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// The next connection: its lease number and descriptor. `Ok(None)` when the balancer
-    /// closed the link; an error for a record that came without a descriptor.
-    pub async fn next(&mut self, link: &UnixStream) -> io::Result<Option<(u64, OwnedFd)>> {
+    /// The next connection: its offer and descriptor. `Ok(None)` when the balancer closed the
+    /// link; an error for a record that came without a descriptor.
+    pub async fn next(&mut self, link: &UnixStream) -> io::Result<Option<(Offer, OwnedFd)>> {
         loop {
-            let mut bytes = [0u8; RECORD];
-            let want = RECORD - self.partial.len();
+            let mut bytes = [0u8; OFFER];
+            let want = OFFER - self.partial.len();
             let received = link
                 .async_io(Interest::READABLE, || {
                     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -112,14 +149,14 @@ impl Receiver {
                 }
             }
             self.partial.extend_from_slice(&bytes[..n]);
-            if self.partial.len() == RECORD {
-                let mut record = [0u8; RECORD];
+            if self.partial.len() == OFFER {
+                let mut record = [0u8; OFFER];
                 record.copy_from_slice(&self.partial);
                 self.partial.clear();
                 let fd = self.fd.take().ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidData, "hand-off record without a descriptor")
                 })?;
-                return Ok(Some((u64::from_le_bytes(record), fd)));
+                return Ok(Some((Offer::decode(&record), fd)));
             }
         }
     }
@@ -191,12 +228,15 @@ mod tests {
         for lease in 1..=3u64 {
             let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
             near.push(a);
-            send_fd(&balancer, lease, OwnedFd::from(b)).await.map_err(|(e, _)| e).unwrap();
+            let offer =
+                Offer { lease, upgrade_within: (lease > 1).then(|| Duration::from_millis(lease * 1000)) };
+            send_fd(&balancer, offer, OwnedFd::from(b)).await.map_err(|(e, _)| e).unwrap();
         }
         let mut receiver = Receiver::default();
         for (lease, mut a) in (1..=3u64).zip(near) {
             let (got, fd) = receiver.next(&worker).await.unwrap().unwrap();
-            assert_eq!(got, lease);
+            assert_eq!(got.lease, lease);
+            assert_eq!(got.upgrade_within, (lease > 1).then(|| Duration::from_millis(lease * 1000)));
             // The received descriptor is the other end of `a`.
             let mut b = std::os::unix::net::UnixStream::from(fd);
             a.write_all(&[lease as u8]).unwrap();
@@ -211,7 +251,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_without_a_descriptor_is_an_error() {
         let (mut balancer, worker) = UnixStream::pair().unwrap();
-        balancer.write_all(&7u64.to_le_bytes()).await.unwrap();
+        balancer.write_all(&[7u8; OFFER]).await.unwrap();
         let error = Receiver::default().next(&worker).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }

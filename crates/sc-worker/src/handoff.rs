@@ -70,10 +70,11 @@ pub(crate) async fn serve_link(
                 taking = None;
             }
             received = receiver.next(&link), if taking.is_some() => match received {
-                Ok(Some((number, fd))) => {
+                Ok(Some((offer, fd))) => {
                     let Some(closed) = &taking else { continue };
-                    let lease = Arc::new(Lease { number, closed: closed.clone() });
-                    connections.spawn(serve(http.clone(), fd, lease));
+                    let lease = Arc::new(Lease { number: offer.lease, closed: closed.clone() });
+                    let upgrade_by = offer.upgrade_within.map(|within| tokio::time::Instant::now() + within);
+                    connections.spawn(serve(http.clone(), fd, lease, upgrade_by));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -97,8 +98,9 @@ pub(crate) async fn serve_link(
     tracing::debug!(%balancer, "hand-off link closed");
 }
 
-/// Serves one handed-off connection.
-async fn serve(http: Arc<Http>, fd: OwnedFd, lease: Arc<Lease>) {
+/// Serves one handed-off connection; one not upgraded to a WebSocket by `upgrade_by` (the
+/// balancer's `[balancer] upgrade_timeout`, which it no longer sees) is closed then.
+async fn serve(http: Arc<Http>, fd: OwnedFd, lease: Arc<Lease>, upgrade_by: Option<tokio::time::Instant>) {
     let std = std::net::TcpStream::from(fd);
     let stream = match std.set_nonblocking(true).and_then(|()| TcpStream::from_std(std)) {
         Ok(stream) => stream,
@@ -107,9 +109,22 @@ async fn serve(http: Arc<Http>, fd: OwnedFd, lease: Arc<Lease>) {
             return;
         }
     };
-    match stream.peer_addr() {
-        Ok(remote) => http::serve_handed_off(http, stream, remote, lease).await,
-        Err(e) => tracing::debug!(error = %e, "handed-off descriptor is not a connected socket"),
+    let remote = match stream.peer_addr() {
+        Ok(remote) => remote,
+        Err(e) => {
+            tracing::debug!(error = %e, "handed-off descriptor is not a connected socket");
+            return;
+        }
+    };
+    let served = http::serve_handed_off(http, stream, remote, lease);
+    match upgrade_by {
+        // An upgrade ends the HTTP connection's future (the socket runs in its own task).
+        Some(by) => {
+            if tokio::time::timeout_at(by, served).await.is_err() {
+                tracing::debug!(%remote, "not upgraded within the balancer's upgrade_timeout, closing");
+            }
+        }
+        None => served.await,
     }
 }
 
