@@ -60,9 +60,11 @@ impl Outbox {
     pub(crate) fn push_item(&self, item: Outbound) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
+            crate::metrics::get().outbound_drop();
             return false;
         }
         if queue.frames.len() >= self.limit {
+            crate::metrics::get().outbound_drop();
             queue.overflowed = true;
             queue.frames = VecDeque::new();
             drop(queue);
