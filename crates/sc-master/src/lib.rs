@@ -22,6 +22,7 @@ mod central_log;
 mod error;
 mod grpc;
 mod health;
+mod metrics;
 mod registry;
 mod supervisor;
 
@@ -238,6 +239,11 @@ impl Master {
             supervisor: supervisor.clone(),
             addr: self.admin_addr,
             token: self.config.master.admin_token.clone(),
+            metrics: metrics::ClusterMetrics::new(
+                &self.children,
+                self.registry.clone(),
+                self.config.cluster.secret.clone(),
+            ),
         });
         let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
         tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));
