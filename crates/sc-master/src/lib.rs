@@ -13,7 +13,7 @@
 //! standalone mode they register again when it comes back.
 //!
 //! Entry points: [`Master::bind`], then [`Master::serve`]; [`Master::ready`] tells when the
-//! cluster is up. Errors: [`MasterError`], mapped to gRPC and HTTP codes in `error`.
+//! cluster is up; [`status::fetch`] reads a running master's status for `sc-master status`. Errors: [`MasterError`], mapped to gRPC and HTTP codes in `error`.
 
 #![warn(missing_docs)]
 
@@ -24,6 +24,7 @@ mod grpc;
 mod health;
 mod metrics;
 mod registry;
+pub mod status;
 mod supervisor;
 
 pub use error::MasterError;
