@@ -228,6 +228,10 @@ async fn every_metrics_endpoint_moves_by_the_load() -> Result<()> {
     let ips: Vec<IpAddr> = source_ip_per_worker(cluster.addr, 2).await?.into_values().collect();
     let members = members(&cluster).await?;
     assert_eq!(members.len(), 4, "{members:?}");
+    // Like the rest of the admin API: the token, or 401.
+    let admin = cluster.admin.to_string();
+    assert_eq!(http_text(&admin, "/metrics", None).await?.0, 401);
+    assert_eq!(http_text(&admin, "/metrics", Some("wrong")).await?.0, 401);
     // The /healthz probes above are connections too: wait until the balancer has closed them.
     let before = eventually(Duration::from_secs(10), "no connection open", || async {
         let scrape = cluster_metrics(&cluster).await.ok()?;
