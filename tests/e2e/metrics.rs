@@ -451,3 +451,58 @@ async fn status_prints_the_members_and_the_rates() -> Result<()> {
     assert!(stderr.contains(&format!("cannot reach the master's admin API at {admin}")), "{stderr}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_handshakes_and_the_refusals_are_counted_by_transport() -> Result<()> {
+    let ca = sc_tests::TestCa::new("metrics")?;
+    let mut env = QUIET.to_vec();
+    env.extend([
+        ("SC_CLUSTER__WORKERS", "1"),
+        ("SC_BALANCER__TLS_CERT", ca.cert.to_str().unwrap()),
+        ("SC_BALANCER__TLS_KEY", ca.key.to_str().unwrap()),
+    ]);
+    let cluster = Cluster::start(&env).await?;
+    let local: IpAddr = "127.0.0.1".parse()?;
+    let tls_clients = 3;
+    let mut clients = Vec::new();
+    for _ in 0..tls_clients {
+        clients.push(Client::connect_tls(local, cluster.addr, &cluster.url, &ca).await?);
+    }
+    // Two connections that never finish a TLS handshake: plain HTTP, and garbage then nothing.
+    for hello in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"\x16\x03\x01\x00\x05hello"] {
+        let mut stream = TcpStream::connect(cluster.addr).await?;
+        stream.write_all(hello).await?;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut rest)).await;
+    }
+
+    let (_, balancer, grpc) =
+        members(&cluster).await?.into_iter().find(|(role, _, _)| role == "balancer").context("balancer")?;
+    let own = eventually(Duration::from_secs(15), "both refusals counted", || async {
+        let own = member_metrics(&grpc).await.ok()?;
+        (own.sum("sc_connections_refused_total", &[("reason", "tls_handshake")]) == 2.0).then_some(own)
+    })
+    .await?;
+    let n = tls_clients as f64;
+    let tls = [("transport", "tls")];
+    assert_eq!(own.sum("sc_tls_handshakes_total", &[]), n, "{}", own.text);
+    assert_eq!(own.sum("sc_tls_handshake_duration_seconds_count", &[]), n, "{}", own.text);
+    assert_eq!(own.sum("sc_connections_accepted_total", &tls), n + 2.0, "{}", own.text);
+    assert_eq!(own.sum("sc_connections_accepted_total", &[("transport", "plain")]), 0.0);
+    assert_eq!(own.sum("sc_connections_open", &tls), n, "{}", own.text);
+    assert_eq!(own.sum("sc_connections_refused_total", &[]), 2.0, "{}", own.text);
+
+    // The worker knows the sockets came over TLS (the balancer's PROXY header says so).
+    let cluster_wide = cluster_metrics(&cluster).await?;
+    assert_eq!(cluster_wide.sum("sc_connections_open", &[("role", "worker"), ("transport", "tls")]), n);
+    assert_eq!(cluster_wide.sum("sc_connections_open", &[("role", "worker"), ("transport", "plain")]), 0.0);
+    assert_eq!(
+        cluster_wide.sum("sc_tls_handshakes_total", &[("id", balancer.as_str())]),
+        n,
+        "{}",
+        cluster_wide.text
+    );
+    drop(clients);
+    cluster.stop().await?;
+    Ok(())
+}
