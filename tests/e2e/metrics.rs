@@ -506,3 +506,72 @@ async fn over_tls_the_handshakes_and_the_refusals_are_counted_by_transport() -> 
     cluster.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_counted_as_a_slow_consumer() -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut env = QUIET.to_vec();
+    env.extend([("SC_CLUSTER__WORKERS", "1"), ("SC_WORKER__MAX_OUTBOUND_BYTES", "65536")]);
+    let cluster = Cluster::start(&env).await?;
+    let status = cluster.admin_get("/status").await?;
+    let worker = status["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["role"] == "worker"))
+        .context("a worker")?
+        .clone();
+    let worker_addr: std::net::SocketAddr = worker["address"].as_str().context("address")?.parse()?;
+    let url = format!("ws://{worker_addr}/socketcluster/");
+    let local: IpAddr = "127.0.0.1".parse()?;
+
+    // A subscriber that never reads after subscribing, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let (mut stalled, _) = tokio_tungstenite::client_async(&url, socket.connect(worker_addr).await?).await?;
+    for (cid, event, data) in [(1, "#handshake", json!({})), (2, "#subscribe", json!({ "channel": "flood" }))]
+    {
+        stalled
+            .send(Message::Text(json!({ "event": event, "data": data, "cid": cid }).to_string().into()))
+            .await?;
+    }
+    let mut publisher = Client::connect(local, worker_addr, &url).await?;
+    let before = cluster_metrics(&cluster).await?;
+    let payload = "x".repeat(8192);
+    // Far more than the kernel buffers and max_outbound_bytes hold, 20 at a time until it shows.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut published = 0;
+    let closes = loop {
+        for _ in 0..20 {
+            publisher.publish("flood", json!(payload)).await?;
+        }
+        published += 20;
+        let closes = cluster_metrics(&cluster).await?.sum("sc_slow_consumer_closes_total", &[]);
+        if closes > 0.0 {
+            break closes;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no slow consumer close after {published} publishes");
+        }
+    };
+    assert_eq!(closes - before.sum("sc_slow_consumer_closes_total", &[]), 1.0, "after {published} publishes");
+    // The stalled socket did get the 4100 close once it reads again.
+    let code = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(frame) = stalled.next().await {
+            if let Ok(Message::Close(frame)) = frame {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await?;
+    assert_eq!(code, Some(4100));
+    drop(stalled);
+    eventually(Duration::from_secs(15), "only the publisher's socket open", || async {
+        let scrape = cluster_metrics(&cluster).await.ok()?;
+        (scrape.sum("sc_connections_open", &[("role", "worker")]) == 1.0).then_some(())
+    })
+    .await?;
+    cluster.stop().await?;
+    Ok(())
+}
