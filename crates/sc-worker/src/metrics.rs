@@ -154,6 +154,12 @@ impl Metrics {
         self.outbound_drops.inc();
     }
 
+    /// Frames dropped so far (for tests).
+    #[cfg(test)]
+    pub(crate) fn outbound_drops(&self) -> u64 {
+        self.outbound_drops.get()
+    }
+
     /// A socket closed as a slow consumer (4100).
     pub(crate) fn slow_consumer_close(&self) {
         self.slow_consumer_closes.inc();
