@@ -575,3 +575,41 @@ async fn a_subscriber_that_stops_reading_is_counted_as_a_slow_consumer() -> Resu
     cluster.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_broker_shows_as_a_restart_and_as_link_resets_on_every_worker() -> Result<()> {
+    let cluster = Cluster::start(&QUIET).await?;
+    let broker = cluster.daemons_named("sc-broker").into_iter().next().context("a broker")?;
+    let before = cluster_metrics(&cluster).await?;
+    let restarts = [("child_role", "broker"), ("cause", "exit")];
+    assert_eq!(before.sum("sc_child_restarts_total", &restarts), 0.0);
+    assert_eq!(before.sum("sc_broker_link_resets_total", &[]), 0.0);
+
+    signal_pid(broker.pid, Signal::KILL);
+    let after = eventually(Duration::from_secs(20), "the broker respawned and linked again", || async {
+        let scrape = cluster_metrics(&cluster).await.ok()?;
+        let linked = scrape.sum("sc_broker_streams", &[]) == 2.0;
+        (scrape.sum("sc_child_restarts_total", &restarts) == 1.0 && linked).then_some(scrape)
+    })
+    .await?;
+    assert_eq!(after.sum("sc_child_restarts_total", &[]), 1.0, "nothing else restarted: {}", after.text);
+    assert_eq!(
+        after.sum("sc_broker_link_resets_total", &[("role", "worker")]),
+        2.0,
+        "one per worker: {}",
+        after.text
+    );
+    for id in after.ids("sc_broker_link_reconnects_total") {
+        let reconnects = after.sum("sc_broker_link_reconnects_total", &[("id", id.as_str())]);
+        assert!(reconnects >= 1.0, "{id} reconnected: {}", after.text);
+    }
+    let (code, stdout, stderr) =
+        status_command(&["--admin", &cluster.admin.to_string(), "--token", ADMIN_TOKEN, "--json"]).await?;
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    let restarted =
+        report["members"].as_array().and_then(|ms| ms.iter().find(|m| m["role"] == "broker")).cloned();
+    assert_eq!(restarted.context("the broker")?["restarts"], 1, "{report}");
+    cluster.stop().await?;
+    Ok(())
+}
