@@ -8,7 +8,8 @@
 //! has one on this host, else TCP; the next worker in rendezvous order if it refuses), writes a
 //! PROXY v2 header with the real client address and the TLS flag, and then forwards bytes both
 //! ways without parsing them (`forward`). It watches the worker membership through the master
-//! and serves grpc.health.v1.
+//! and serves grpc.health.v1, its metrics (`sc.metrics.v1`, for the master) and Prometheus text at
+//! `GET /metrics` on its gRPC listener (`metrics`).
 //!
 //! Every connection has deadlines before it is useful: a client that sends nothing within
 //! `[balancer] first_byte_timeout` (after its TLS handshake, itself bounded by
@@ -23,6 +24,7 @@
 
 mod forward;
 mod handoff;
+mod metrics;
 mod tls;
 
 use std::net::SocketAddr;
@@ -136,7 +138,11 @@ impl Balancer {
         };
 
         let (health_reporter, health) = net::health();
-        let grpc = tonic::transport::Server::builder().add_service(health);
+        let registry = Arc::new(metrics::registry(&self.id));
+        let grpc = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(sc_common::metrics::routes(registry, &self.config.cluster.secret))
+            .add_service(health);
         let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
         tokio::spawn(reload_on_sighup(self.tls.clone(), shutdown.clone()));
 
@@ -169,10 +175,12 @@ impl Balancer {
             };
             let listener = &self.listener;
             let Some((client, remote)) = net::accept(|| listener.accept(), &shutdown).await else { break };
+            metrics::get().accepted(self.tls.is_some());
             // One address may not hold many connections that are not forwarded yet (silent
             // ones wait out first_byte_timeout): past its budget, closed at once.
             let Some(slot) = shared.pending.try_acquire(remote.ip()) else {
                 tracing::debug!(%remote, "too many pending connections from one address, closing");
+                metrics::get().refused(self.tls.is_some(), metrics::Refused::PendingPerIp);
                 continue;
             };
             let (workers, shared) = (workers.clone(), shared.clone());
@@ -242,9 +250,11 @@ async fn handle_plain(
     slot: Pending,
     permit: handoff::Permit,
 ) {
+    let _open = metrics::get().open(false);
     let upgrade_by = Instant::now() + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
     if !first_byte(&client, remote, &shared, upgrade_by).await {
+        metrics::get().refused(false, metrics::Refused::FirstByte);
         return;
     }
     let (client, _permit) = match &shared.links {
@@ -259,7 +269,10 @@ async fn handle_plain(
         }
         None => (client, permit),
     };
-    let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else { return };
+    let Some((worker, id)) = connect_worker(remote, workers, &shared, false).await else {
+        metrics::get().refused(false, metrics::Refused::NoWorker);
+        return;
+    };
     // Forwarded: from here the worker counts it until its handshake.
     drop(slot);
     drop(shared);
@@ -284,19 +297,26 @@ async fn handle_tls(
     config: Arc<rustls::ServerConfig>,
     slot: Pending,
 ) {
-    let upgrade_by = Instant::now() + shared.upgrade_timeout;
+    let _open = metrics::get().open(true);
+    let accepted = Instant::now();
+    let upgrade_by = accepted + shared.upgrade_timeout;
     let _ = client.set_nodelay(true);
     // Boxed: the handshake's state is large and short-lived; the task keeps only what the
     // forwarding needs.
     let accept = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(client));
     let (client, mut tls) = match tokio::time::timeout(shared.handshake_timeout, accept).await {
-        Ok(Ok(stream)) => stream.into_inner(),
+        Ok(Ok(stream)) => {
+            metrics::get().tls_handshake(accepted.elapsed().as_secs_f64());
+            stream.into_inner()
+        }
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "tls handshake failed");
+            metrics::get().refused(true, metrics::Refused::TlsHandshake);
             return;
         }
         Err(_) => {
             tracing::debug!(%remote, "tls handshake timed out");
+            metrics::get().refused(true, metrics::Refused::TlsHandshake);
             return;
         }
     };
@@ -309,9 +329,13 @@ async fn handle_tls(
         }
     };
     if !buffered && !first_byte(&client, remote, &shared, upgrade_by).await {
+        metrics::get().refused(true, metrics::Refused::FirstByte);
         return;
     }
-    let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else { return };
+    let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else {
+        metrics::get().refused(true, metrics::Refused::NoWorker);
+        return;
+    };
     drop(slot);
     drop(shared);
     tracing::debug!(%remote, worker = %id, "forwarding tls");
@@ -364,6 +388,7 @@ async fn hand_off(
     };
     // The worker enforces the rest of the upgrade deadline.
     links.hand_off(&target, client, permit, Some(upgrade_by)).await?;
+    metrics::get().handed_off();
     tracing::debug!(%remote, worker = %target.id, "handed off");
     Ok(())
 }

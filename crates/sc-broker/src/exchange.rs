@@ -35,6 +35,11 @@ pub(crate) enum ExchangeError {
 }
 
 impl Exchange {
+    /// Keys held (expired ones until the next sweep).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Stores `value` (JSON text) under `key`, replacing it and any expiry.
     pub(crate) fn set(&self, key: String, value: &[u8]) -> Result<(), ExchangeError> {
         let value = parse(value)?;

@@ -4,7 +4,9 @@
 //! channels their sockets hold; a publish arriving on any stream is delivered to every subscribed
 //! stream, the publisher's own included. Which broker owns a channel is the workers' decision
 //! (rendezvous hashing over the live brokers, see `sc_common::rendezvous`); the broker serves
-//! whatever it is sent. It registers with the master and serves grpc.health.v1 on the same port.
+//! whatever it is sent. It registers with the master and serves grpc.health.v1 on the same port,
+//! with its metrics (`sc.metrics.v1`, for the master) and Prometheus text at `GET /metrics`
+//! (`metrics`).
 //!
 //! Entry points: [`Broker::bind`], then [`Broker::serve`].
 
@@ -12,6 +14,7 @@
 
 mod exchange;
 mod grpc;
+mod metrics;
 mod router;
 
 use std::net::SocketAddr;
@@ -105,10 +108,14 @@ impl Broker {
             shutdown: stopped.clone(),
             message_limit: self.config.grpc_message_limit(),
         };
+        let registry = Arc::new(metrics::registry(&self.id, routes.clone(), exchange.clone()));
         tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = net::health();
-        let router =
-            tonic::transport::Server::builder().add_service(health).add_service(service.into_server(secret));
+        let router = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(sc_common::metrics::routes(registry, secret))
+            .add_service(health)
+            .add_service(service.into_server(secret));
         tracing::info!(id = %self.id, addr = %self.addr, "broker listening");
         // Graceful leave: out of the membership first, so that workers move their channels (they
         // keep their streams to this broker open a little longer, for publishes already on the

@@ -139,6 +139,7 @@ impl Router {
     /// more than half full, for the publisher to wait on (see [`wait_for_room`]).
     pub(crate) fn publish(&self, channel: &str, data: Bytes) -> Vec<mpsc::Sender<Outgoing>> {
         let mut congested = Vec::new();
+        crate::metrics::get().publishes.inc();
         let inner = self.lock();
         let Some((channel, subscribers)) = inner.channels.get_key_value(channel) else {
             return congested;
@@ -150,12 +151,14 @@ impl Router {
             let delivery = Outgoing::Delivery(Delivery { channel: channel.clone(), data: data.clone() });
             match stream.tx.try_send(delivery) {
                 Ok(()) => {
+                    crate::metrics::get().deliveries.inc();
                     if stream.tx.capacity() < self.queue / 2 {
                         congested.push(stream.tx.clone());
                     }
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if !stream.cut.is_cancelled() {
+                        crate::metrics::get().stream_cuts.inc();
                         tracing::error!(worker = %stream.worker, queue = self.queue, "worker stream not reading, cutting it");
                         stream.cut.cancel();
                     }
@@ -172,6 +175,9 @@ impl Router {
         let inner = self.lock();
         let Some(stream) = inner.streams.get(&id) else { return };
         if let Err(mpsc::error::TrySendError::Full(_)) = stream.tx.try_send(Outgoing::Synced(token)) {
+            if !stream.cut.is_cancelled() {
+                crate::metrics::get().stream_cuts.inc();
+            }
             tracing::error!(worker = %stream.worker, "worker stream not reading, cutting it");
             stream.cut.cancel();
         }

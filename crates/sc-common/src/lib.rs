@@ -12,9 +12,12 @@
 //! - [`signal`]: SIGTERM/SIGINT shutdown, per-signal handlers and the orphan watchdog;
 //! - [`net`]: binding, the accept loop with back-off, grpc.health.v1, advertised addresses;
 //! - [`proxy_protocol`]: the PROXY v2 header from balancer to worker;
-//! - [`batch`]: a stream adapter that turns a queue into batches without added latency.
+//! - [`batch`]: a stream adapter that turns a queue into batches without added latency;
+//! - [`metrics`]: the metrics registry of a daemon, its process figures, `GET /metrics` and the
+//!   member side of `sc.metrics.v1`.
 //!
-//! Only the private `master_link` module touches the generated `sc.master.v1` types.
+//! Only the private `master_link` module touches the generated `sc.master.v1` types, and
+//! [`metrics`] the `sc.metrics.v1` ones.
 
 #![warn(missing_docs)]
 
@@ -24,6 +27,7 @@ pub mod config;
 pub mod handoff;
 mod master_link;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod per_ip;
 pub mod proxy_protocol;

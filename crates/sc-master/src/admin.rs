@@ -9,6 +9,8 @@
 //!   running, 400 if the master is standalone (it runs no processes to restart); see
 //!   `crate::error` for every code.
 //! - `GET /healthz`: 200 while the master serves.
+//! - `GET /metrics`: the whole cluster's figures in the Prometheus text format: the master's
+//!   own and every member's, gathered over `sc.metrics.v1` on request (see `crate::metrics`).
 //!
 //! It can restart the cluster, so it listens on loopback by default, and every request but
 //! `GET /healthz` needs `Authorization: Bearer <[master] admin_token>` (401 otherwise; compared
@@ -43,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use crate::MasterError;
 use crate::central_log::{CentralLog, Entry};
 use crate::health::HealthMap;
+use crate::metrics::ClusterMetrics;
 use crate::registry::Registry;
 use crate::supervisor::{ChildState, Children, Supervisor};
 
@@ -65,6 +68,8 @@ pub(crate) struct Admin {
     pub(crate) addr: SocketAddr,
     /// `[master] admin_token` (generated at start when unset): never empty.
     pub(crate) token: String,
+    /// The master's figures, and the members' gathered for `GET /metrics`.
+    pub(crate) metrics: ClusterMetrics,
 }
 
 impl Admin {
@@ -78,7 +83,15 @@ impl Admin {
             tracker.spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(&request)) }
+                    async move {
+                        // The one route that waits (on the members' figures).
+                        let metrics = request.method() == Method::GET && request.uri().path() == "/metrics";
+                        let response = match admin.refusal(&request) {
+                            None if metrics => admin.metrics().await,
+                            _ => admin.route(&request),
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
@@ -132,11 +145,20 @@ impl Admin {
                 }
             }
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({ "ok": true })),
-            (_, "/status" | "/log" | "/rolling-restart" | "/healthz") => {
+            (_, "/status" | "/log" | "/rolling-restart" | "/healthz" | "/metrics") => {
                 json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "method not allowed" }))
             }
             _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found" })),
         }
+    }
+
+    /// `GET /metrics`: the whole cluster's figures, Prometheus text.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.metrics.text().await)));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(sc_common::metrics::CONTENT_TYPE));
+        response
     }
 
     /// The checks every request passes before its route: `Host` and `Origin` name this

@@ -13,7 +13,7 @@
 //! standalone mode they register again when it comes back.
 //!
 //! Entry points: [`Master::bind`], then [`Master::serve`]; [`Master::ready`] tells when the
-//! cluster is up. Errors: [`MasterError`], mapped to gRPC and HTTP codes in `error`.
+//! cluster is up; [`status::fetch`] reads a running master's status for `sc-master status`. Errors: [`MasterError`], mapped to gRPC and HTTP codes in `error`.
 
 #![warn(missing_docs)]
 
@@ -22,7 +22,9 @@ mod central_log;
 mod error;
 mod grpc;
 mod health;
+mod metrics;
 mod registry;
+pub mod status;
 mod supervisor;
 
 pub use error::MasterError;
@@ -238,6 +240,11 @@ impl Master {
             supervisor: supervisor.clone(),
             addr: self.admin_addr,
             token: self.config.master.admin_token.clone(),
+            metrics: metrics::ClusterMetrics::new(
+                &self.children,
+                self.registry.clone(),
+                self.config.cluster.secret.clone(),
+            ),
         });
         let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
         tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));

@@ -299,6 +299,7 @@ async fn supervise(
                 break;
             }
             Exit::NotStarted(e) => {
+                settings.children.count_restart(spec.role, "spawn_failed");
                 let delay = crashes.not_started();
                 (Severity::Error, format!("{}: {e}; retrying in {delay:?}", spec.id), delay)
             }
@@ -320,6 +321,7 @@ async fn supervise(
                     let _ = settings.failed_start.send(error);
                     break;
                 }
+                settings.children.count_restart(spec.role, if killed { "health_check" } else { "exit" });
                 let respawn = crashes.exited(healthy_since, Instant::now());
                 let delay = respawn.delay;
                 let mut how = describe(status);
@@ -500,6 +502,7 @@ async fn replace(
         s.started = Some(Instant::now());
         s.restarts += 1;
     });
+    children.count_restart(spec.role, "rolling_restart");
     Ok(((new, new_stderr), Replaced { old: old_pid, new: new_pid, ready_after, drained_in }))
 }
 

@@ -521,6 +521,7 @@ impl LinkTask {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
+            crate::metrics::get().broker_link_reconnect();
         }
     }
 
@@ -570,6 +571,7 @@ impl LinkTask {
             }
         };
         tracing::warn!(broker = %id, grpc = %self.grpc, error = %cause, "broker link reset, reconnecting");
+        crate::metrics::get().broker_link_reset();
         // Publishes the broker has not confirmed may be lost: tell their publishers.
         let waiting: Vec<Receipt> = lock(&receipts).drain().map(|(_, receipt)| receipt).collect();
         for receipt in waiting {

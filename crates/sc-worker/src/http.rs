@@ -243,6 +243,7 @@ fn admit(http: &Http, peer: Peer) -> Option<Option<Pending>> {
         Some(pending) => Some(Some(pending)),
         None => {
             tracing::debug!(%ip, "too many connections from one address before their handshake, closing");
+            crate::metrics::get().refused(peer.tls, crate::metrics::Refused::PendingPerIp);
             None
         }
     }
@@ -357,6 +358,7 @@ impl Http {
                 "Failed to authorize socket handshake - Invalid origin: {}",
                 origin.unwrap_or("null")
             );
+            crate::metrics::get().refused(peer.tls, crate::metrics::Refused::Origin);
             return owned_text(StatusCode::FORBIDDEN, message);
         }
         let upgrade = UpgradeRequest {
@@ -367,6 +369,7 @@ impl Http {
         };
         if let Err(rejection) = self.context.handler.upgrade(&upgrade).await {
             let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::UNAUTHORIZED);
+            crate::metrics::get().refused(peer.tls, crate::metrics::Refused::App);
             return owned_text(status, rejection.message);
         }
         let accept = derive_accept_key(key.as_bytes());

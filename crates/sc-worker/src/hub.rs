@@ -89,12 +89,15 @@ impl Hub {
             && !subscribers.iter().any(|(k, _)| *k == key)
         {
             subscribers.push((key, subscriber.clone()));
+            crate::metrics::get().subscriptions.inc();
         }
         if let Some((name, _)) = channels.get_key_value(channel) {
             return (name.clone(), self.pool.confirmation(channel));
         }
         let name: Arc<str> = channel.into();
         channels.insert(name.clone(), vec![(key, subscriber.clone())]);
+        crate::metrics::get().subscriptions.inc();
+        crate::metrics::get().channels.inc();
         let confirmed = self.pool.subscribe(&name);
         (name, Some(confirmed))
     }
@@ -109,8 +112,10 @@ impl Hub {
             return false;
         };
         subscribers.swap_remove(index);
+        crate::metrics::get().subscriptions.dec();
         if subscribers.is_empty() {
             channels.remove(channel);
+            crate::metrics::get().channels.dec();
             self.pool.unsubscribe(channel);
         }
         true

@@ -7,7 +7,8 @@
 //! Channels are fanned out locally (`hub`) and shared with the other workers through the
 //! brokers: `brokers` is the pool (which broker owns which channel, make-before-break moves)
 //! and `broker_link` its only gRPC edge. It registers with the master, watches the broker
-//! membership and serves grpc.health.v1.
+//! membership and serves grpc.health.v1, its metrics (`sc.metrics.v1`, for the master) and
+//! Prometheus text at `GET /metrics` on its gRPC listener (`metrics`).
 //!
 //! The publish path, each room crossed once: socket -> brokers (pool) -> broker_link -> the
 //! broker -> broker_link -> brokers -> hub (the pool's delivery sink) -> each socket's outbox.
@@ -29,6 +30,7 @@ mod handle;
 mod handoff;
 mod http;
 mod hub;
+mod metrics;
 mod origins;
 mod outbox;
 mod protocol;
@@ -200,7 +202,11 @@ impl Worker {
         self.link_brokers(events, grpc_addr, addr, &shutdown)?;
 
         let (health_reporter, health) = net::health();
-        let grpc = tonic::transport::Server::builder().add_service(health);
+        let registry = Arc::new(metrics::registry(&self.id));
+        let grpc = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(sc_common::metrics::routes(registry, &self.config.cluster.secret))
+            .add_service(health);
         let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
 
         let (unix_listener, unix_path) = match self.unix {

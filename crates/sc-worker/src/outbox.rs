@@ -60,9 +60,11 @@ impl Outbox {
     pub(crate) fn push_item(&self, item: Outbound) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
+            crate::metrics::get().outbound_drop();
             return false;
         }
         if queue.frames.len() >= self.limit {
+            crate::metrics::get().outbound_drop();
             queue.overflowed = true;
             queue.frames = VecDeque::new();
             drop(queue);
@@ -119,6 +121,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_is_reported_once_full() {
+        let drops = crate::metrics::get().outbound_drops();
         let outbox = Outbox::new(2);
         assert!(outbox.push("a".into()));
         assert!(outbox.push("b".into()));
@@ -126,5 +129,7 @@ mod tests {
         assert!(!outbox.push("d".into()));
         outbox.notified().await;
         assert!(outbox.take(&mut VecDeque::new()).is_err());
+        // Other tests may drop frames meanwhile (one counter per process): at least these two.
+        assert!(crate::metrics::get().outbound_drops() >= drops + 2, "both dropped frames counted");
     }
 }

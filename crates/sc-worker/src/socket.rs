@@ -160,6 +160,7 @@ impl Output {
     where
         S: AsyncRead + AsyncWrite + ReadReady + Unpin,
     {
+        crate::metrics::get().sent(message.len());
         // The frame and its header.
         self.unsent += message.len() + 14;
         Pin::new(ws).start_send(message).map_err(|e| match e {
@@ -230,6 +231,7 @@ pub(crate) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
+    let _open = crate::metrics::get().socket_opened(peer.tls);
     // Auto mode: unknown until the first pong.
     let version = match context.settings.protocol {
         ProtocolVersion::Auto => None,
@@ -265,6 +267,9 @@ pub(crate) async fn run<S>(
         }
         End::Close(code, reason) => {
             tracing::debug!(id = %socket.id(), code, %reason, "closing socket");
+            if code == CLOSE_SLOW_CONSUMER {
+                crate::metrics::get().slow_consumer_close();
+            }
             // v1 clients read the reason from a #disconnect event before the close; the v14
             // client closes itself with that code, so only codes a close frame may carry.
             let sendable = !matches!(code, 1004..=1006 | 1015);
@@ -422,9 +427,13 @@ impl Conversation {
                         }
                     };
                     last_seen = Instant::now();
+                    crate::metrics::get().received(text.len());
                     // Boxed: the handling future is large and lives only while a frame is
                     // handled, not in every idle socket.
                     Box::pin(self.handle_text(&text)).await?;
+                    if !handshaken && self.handshaken {
+                        crate::metrics::get().handshake(start.elapsed().as_secs_f64());
+                    }
                 }
             }
             for reply in self.replies.drain(..) {

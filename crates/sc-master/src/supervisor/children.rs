@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustix::process::{Pid, Signal};
 use sc_common::Role;
 use tokio::time::Instant;
@@ -15,6 +17,8 @@ pub(crate) struct Children {
     table: Mutex<BTreeMap<String, ChildStatus>>,
     /// When a shutdown must be over; set once by [`super::Supervisor::stop`].
     pub(super) deadline: OnceLock<Instant>,
+    /// Restarts by the child's role and the cause, for `sc_child_restarts_total`.
+    restarts_by_cause: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 /// One supervised child.
@@ -82,6 +86,17 @@ impl Children {
             signal(*pid, sent);
         }
         pids.len()
+    }
+
+    /// The restart counters by role and cause, to register in the master's metrics.
+    pub(crate) fn restart_counts(&self) -> Family<[(&'static str, &'static str); 2], Counter> {
+        self.restarts_by_cause.clone()
+    }
+
+    /// Counts a restart of a child of `role` ordered for `cause` (`exit`, `health_check`,
+    /// `spawn_failed`, `rolling_restart`).
+    pub(super) fn count_restart(&self, role: Role, cause: &'static str) {
+        self.restarts_by_cause.get_or_create(&[("child_role", role.as_str()), ("cause", cause)]).inc();
     }
 
     /// Changes the status of `id` (made, waiting to respawn, on first use).
