@@ -29,6 +29,9 @@ enum Command {
     Run,
     /// Print the effective configuration as TOML, secrets masked, and exit.
     PrintConfig,
+    /// Print a new random secret (32 bytes, hex) for `[cluster] secret`, `[worker] auth_key`,
+    /// `[worker] api_key` or `[master] admin_token`, and exit.
+    GenSecret,
 }
 
 /// Why the master did not run to a clean stop.
@@ -43,6 +46,10 @@ enum Failure {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::GenSecret) = cli.command {
+        println!("{}", sc_common::secret::generate());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -57,6 +64,10 @@ async fn main() -> ExitCode {
     if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
         // Fine for a library user who reads the bound address, not for daemons told a URL.
         eprintln!("sc-master: master.listen: standalone mode needs a fixed port that daemons can be told");
+        return exit(EXIT_USAGE);
+    }
+    if let Err(e) = config.check_secrets(None, false) {
+        eprintln!("sc-master: {e}");
         return exit(EXIT_USAGE);
     }
     telemetry::init(config.cluster.log_format);
