@@ -18,6 +18,8 @@ RUN apt-get update \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin sc
 COPY --from=build /out/ /usr/local/bin/
 COPY deploy/sc.example.toml /etc/sc/sc.example.toml
+# The chat example's page, where sc-chat-worker looks beside itself ([worker] static_dir unset).
+COPY examples/chat/public /usr/local/share/sc-rs/chat/public
 USER sc
 # The balancer's public port; the master's gRPC and admin ports are internal.
 EXPOSE 8000

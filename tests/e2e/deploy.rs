@@ -53,7 +53,13 @@ fn merge(value: Yaml) -> Yaml {
     }
 }
 
-/// `${NAME:-default}` as compose interpolates it (from the environment, else the default).
+/// The `.env` file that docs/deploy.md has the user write beside the compose file (generated
+/// secrets; fixed here).
+const DOT_ENV: [(&str, &str); 2] =
+    [("SC_CLUSTER__SECRET", "compose-test-secret"), ("SC_WORKER__AUTH_KEY", "compose-test-auth-key")];
+
+/// `${NAME:-default}` and `${NAME:?error}` as compose interpolates them (from the environment or
+/// the `.env` file, else the default, or else compose refuses with the error).
 fn interpolate(text: &str) -> String {
     let mut out = String::new();
     let mut rest = text;
@@ -61,8 +67,17 @@ fn interpolate(text: &str) -> String {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').map(|e| start + e).unwrap_or(rest.len() - 1);
         let inner = &rest[start + 2..end];
-        let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
-        out.push_str(&std::env::var(name).unwrap_or_else(|_| default.to_owned()));
+        let set = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| DOT_ENV.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned()))
+        };
+        if let Some((name, error)) = inner.split_once(":?") {
+            out.push_str(&set(name).unwrap_or_else(|| panic!("compose would refuse: {name}: {error}")));
+        } else {
+            let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
+            out.push_str(&set(name).unwrap_or_else(|| default.to_owned()));
+        }
         rest = &rest[end + 1..];
     }
     out.push_str(rest);
@@ -374,7 +389,13 @@ fn systemd_units_pass_systemd_analyze_verify() -> Result<()> {
     names.sort();
     assert_eq!(
         names,
-        ["sc-balancer.service", "sc-broker@1.service", "sc-master.service", "sc-worker@1.service"]
+        [
+            "sc-balancer.service",
+            "sc-balancer.socket",
+            "sc-broker@1.service",
+            "sc-master.service",
+            "sc-worker@1.service"
+        ]
     );
     let verify = |names: &[String]| {
         std::process::Command::new("systemd-analyze")

@@ -363,7 +363,8 @@ async fn standalone_members_survive_the_master_being_killed_and_restarted() -> R
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         // The members start first (as docker compose might) and wait for the master.
         let member = |program: &str, id: &str, env: &[(&str, &str)]| {
-            let mut all = vec![secret];
+            // Standalone workers need one auth key between them (they refuse to start without).
+            let mut all = vec![secret, ("SC_WORKER__AUTH_KEY", "standalone-e2e-key")];
             all.extend_from_slice(env);
             spawn_member(program, &["--id", id, "--master", &master_url], &all)
         };

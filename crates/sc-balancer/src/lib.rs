@@ -1,7 +1,10 @@
 //! sc-balancer: the cluster's public listener.
 //!
-//! It accepts client connections on `[balancer] listen` (SO_REUSEPORT, so that several
-//! balancers can share the port), ends TLS when `[balancer] tls_cert` is set (`tls`; SIGHUP
+//! It accepts client connections on its public listener: the one passed by whoever started it
+//! (`LISTEN_FDS`: the master in supervise mode, which binds the port once and passes the same
+//! socket to every balancer it runs, or systemd socket activation), else `[balancer] listen`,
+//! bound here without SO_REUSEPORT, so that a port in use is an error ([`public_listener`]).
+//! It ends TLS when `[balancer] tls_cert` is set (`tls`; SIGHUP
 //! reloads the certificate), picks a worker by rendezvous hashing of the client IP over the
 //! live workers (so a client keeps its worker while the membership is unchanged, and only the
 //! clients of a worker that leaves move), connects to it (over its Unix socket when the worker
@@ -34,7 +37,7 @@ use std::time::Duration;
 use sc_common::config::Config;
 use sc_common::membership::{Event, Member, Membership, Role, default_id};
 use sc_common::per_ip::{Pending, PendingByIp};
-use sc_common::{Error, MasterLink, net, proxy_protocol, rendezvous, signal};
+use sc_common::{Error, MasterLink, listen_fds, net, proxy_protocol, rendezvous, signal};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -86,8 +89,8 @@ enum WorkerStream {
 }
 
 impl Balancer {
-    /// Loads the TLS certificate (if configured), binds the public listener (`[balancer]
-    /// listen`, SO_REUSEPORT) and the gRPC health listener (`[balancer] grpc_listen`).
+    /// Loads the TLS certificate (if configured), takes or binds the public listener (see
+    /// [`public_listener`]) and binds the gRPC health listener (`[balancer] grpc_listen`).
     pub async fn bind(config: Config) -> Result<Self, Error> {
         let id = config.balancer.id.clone().unwrap_or_else(|| default_id(Role::Balancer));
         let tls = match (&config.balancer.tls_cert, &config.balancer.tls_key) {
@@ -97,7 +100,7 @@ impl Balancer {
             )),
             _ => None,
         };
-        let listener = net::bind_shared(config.balancer.listen, BACKLOG)?;
+        let listener = public_listener(&config)?;
         let grpc = net::bind(config.balancer.grpc_listen).await?;
         Ok(Self { config, id, listener, grpc, tls })
     }
@@ -207,6 +210,20 @@ impl Balancer {
         let _ = grpc_task.await;
         tracing::info!(id = %self.id, "balancer stopped");
         Ok(())
+    }
+}
+
+/// The public listener: the one named `public` that the starter passed (`LISTEN_FDS`, see
+/// [`sc_common::listen_fds`]; its address wins over `[balancer] listen`), else `[balancer]
+/// listen` bound here.
+pub fn public_listener(config: &Config) -> Result<TcpListener, Error> {
+    match listen_fds::take(listen_fds::PUBLIC)? {
+        Some(inherited) => {
+            let listener = TcpListener::from_std(inherited)?;
+            tracing::debug!(addr = %listener.local_addr()?, "public listener passed by the starter");
+            Ok(listener)
+        }
+        None => net::bind_public(config.balancer.listen, BACKLOG, "[balancer] listen"),
     }
 }
 

@@ -67,10 +67,17 @@ where
     F: FnOnce(Config, mpsc::Receiver<Event>, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), Error>>,
 {
-    use clap::Parser;
+    use clap::{CommandFactory, FromArgMatches};
 
     let name = format!("sc-{}", role.as_str());
-    let cli = MemberCli::parse();
+    // The struct's doc comment describes the shared command line, not this daemon: `--help`
+    // shows the daemon's own name and description.
+    let (program, about) = about(role);
+    let matches = MemberCli::command().name(program).bin_name(program).about(about).get_matches();
+    let cli = match MemberCli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -104,6 +111,10 @@ where
             return healthcheck(&name, &target);
         }
         Some(MemberCommand::Run) | None => {}
+    }
+    if let Err(e) = config.check_secrets(Some(role), cli.supervisor_pid.is_some()) {
+        eprintln!("{name}: {e}");
+        return exit(EXIT_USAGE);
     }
     if role == Role::Worker {
         // The checks that need the final id (--id) or this host's file system, before binding.
@@ -165,6 +176,20 @@ pub fn threads(role: Role, config: &Config, supervised: bool) -> usize {
         (0, true) => (cores / share.max(1)).max(1),
         (0, false) => cores,
         (n, _) => n,
+    }
+}
+
+/// The program name and what `--help` says the daemon is.
+fn about(role: Role) -> (&'static str, &'static str) {
+    match role {
+        Role::Balancer => (
+            "sc-balancer",
+            "The cluster's public listener: ends TLS and forwards each client to a worker chosen by its IP",
+        ),
+        Role::Worker => ("sc-worker", "Serves HTTP, WebSocket and the SocketCluster protocol to the clients"),
+        Role::Broker => {
+            ("sc-broker", "Carries pub/sub between the workers and holds a shard of the key/value exchange")
+        }
     }
 }
 

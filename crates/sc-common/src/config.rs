@@ -566,6 +566,66 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses secrets that protect nothing, before a daemon runs (not in [`Config::validate`]:
+    /// `print-config` and library users are not concerned). `role` is the daemon (`None`: the
+    /// master); `supervised`: a member started by a supervising master (`--supervisor-pid`).
+    ///
+    /// - A known placeholder (one containing `change-me` or `changeme`, as the examples once
+    ///   shipped) in `[cluster] secret`, `[master] admin_token`, `[worker] auth_key` or
+    ///   `[worker] api_key` is refused everywhere.
+    /// - An empty `[cluster] secret` is refused where daemons form a cluster without a
+    ///   supervising master: by a standalone master, and by a member that has a master to
+    ///   register with (`[<role>] master`) and was not started by a supervising master. An empty
+    ///   `[worker] auth_key` (HS* algorithms) is refused by such a worker: it would sign with a
+    ///   key of its own, which no other worker accepts.
+    /// - Supervise mode (development, one machine) keeps making them: the master generates the
+    ///   cluster secret and one auth key per start and hands them to its children.
+    pub fn check_secrets(&self, role: Option<crate::Role>, supervised: bool) -> Result<(), Error> {
+        use crate::Role;
+        let refuse = |key: &str, why: String| {
+            Err(Error::Config(format!(
+                "{key}: {why}; generate one with `openssl rand -hex 32` (or `sc-master gen-secret`) and set it in the config or {}",
+                env_name(key)
+            )))
+        };
+        let secrets = [
+            ("cluster.secret", &self.cluster.secret),
+            ("master.admin_token", &self.master.admin_token),
+            ("worker.auth_key", &self.worker.auth_key),
+            ("worker.api_key", &self.worker.api_key),
+        ];
+        for (key, value) in secrets {
+            if is_placeholder(value) {
+                return refuse(key, format!("{value:?} is a placeholder that anyone can read"));
+            }
+        }
+        let clustered = match role {
+            None => self.master.mode == MasterMode::Standalone,
+            Some(role) => {
+                let master = match role {
+                    Role::Balancer => &self.balancer.master,
+                    Role::Worker => &self.worker.master,
+                    Role::Broker => &self.broker.master,
+                };
+                master.is_some() && !supervised
+            }
+        };
+        if clustered && self.cluster.secret.is_empty() {
+            return refuse("cluster.secret", "empty: internal calls would go unauthenticated".to_owned());
+        }
+        if clustered
+            && role == Some(Role::Worker)
+            && self.worker.auth_algorithm.starts_with("HS")
+            && self.worker.auth_key.is_empty()
+        {
+            return refuse(
+                "worker.auth_key",
+                "empty: this worker would sign tokens with a key no other worker has".to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     /// A copy with every secret (`[cluster] secret`, `[master] admin_token`, `[worker]
     /// auth_key`, `[worker] api_key`) replaced by [`REDACTED`], for `print-config`; an empty one stays empty, since it means
     /// "not set".
@@ -589,6 +649,17 @@ impl Config {
         // Serializing plain structs of strings, numbers and durations cannot fail.
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
+}
+
+/// Whether a secret is a placeholder from an example (`change-me-auth-key`, and the like).
+fn is_placeholder(secret: &str) -> bool {
+    let lower = secret.to_ascii_lowercase();
+    lower.contains("change-me") || lower.contains("changeme")
+}
+
+/// The environment variable of `section.key`: `SC_SECTION__KEY`.
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}_{}", key.replacen('.', "__", 1).to_ascii_uppercase())
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -825,5 +896,39 @@ mod tests {
                 assert!(documented, "[{section}] {key} is not in deploy/sc.example.toml");
             }
         }
+    }
+
+    #[test]
+    fn placeholder_and_empty_secrets_are_refused_outside_supervise_mode() {
+        use crate::Role;
+        let supervise = Config::default();
+        assert!(supervise.check_secrets(None, false).is_ok(), "supervise mode makes its own");
+        let mut placeholder = Config::default();
+        placeholder.worker.auth_key = "change-me-auth-key".into();
+        let error = placeholder.check_secrets(None, false).unwrap_err().to_string();
+        assert!(error.contains("worker.auth_key") && error.contains("SC_WORKER__AUTH_KEY"), "{error}");
+        placeholder.worker.auth_key = "k".into();
+        placeholder.cluster.secret = "CHANGEME".into();
+        assert!(placeholder.check_secrets(Some(Role::Broker), true).is_err(), "placeholders never pass");
+
+        let mut standalone = Config::default();
+        standalone.master.mode = MasterMode::Standalone;
+        let error = standalone.check_secrets(None, false).unwrap_err().to_string();
+        assert!(error.contains("cluster.secret") && error.contains("openssl rand"), "{error}");
+        standalone.cluster.secret = "s".into();
+        assert!(standalone.check_secrets(None, false).is_ok());
+
+        let mut member = Config::default();
+        member.worker.master = Some("http://127.0.0.1:9000".into());
+        assert!(member.check_secrets(Some(Role::Worker), true).is_ok(), "its master hands them over");
+        let error = member.check_secrets(Some(Role::Worker), false).unwrap_err().to_string();
+        assert!(error.contains("cluster.secret"), "{error}");
+        member.cluster.secret = "s".into();
+        let error = member.check_secrets(Some(Role::Worker), false).unwrap_err().to_string();
+        assert!(error.contains("worker.auth_key"), "{error}");
+        member.worker.auth_key = "k".into();
+        assert!(member.check_secrets(Some(Role::Worker), false).is_ok());
+        let alone = Config::default();
+        assert!(alone.check_secrets(Some(Role::Balancer), false).is_ok(), "no master: no cluster to protect");
     }
 }

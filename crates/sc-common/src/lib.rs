@@ -11,6 +11,7 @@
 //! - [`telemetry`]: tracing, the forwarding of log lines to the central log, the panic hook;
 //! - [`signal`]: SIGTERM/SIGINT shutdown, per-signal handlers and the orphan watchdog;
 //! - [`net`]: binding, the accept loop with back-off, grpc.health.v1, advertised addresses;
+//! - [`listen_fds`]: listeners passed by the starter (the master, systemd socket activation);
 //! - [`proxy_protocol`]: the PROXY v2 header from balancer to worker;
 //! - [`batch`]: a stream adapter that turns a queue into batches without added latency;
 //! - [`metrics`]: the metrics registry of a daemon, its process figures, `GET /metrics` and the
@@ -25,6 +26,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod handoff;
+pub mod listen_fds;
 mod master_link;
 pub mod membership;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! error), the accept loop's back-off, serving gRPC with grpc.health.v1, and the addresses a
 //! member tells the others.
 //!
-//! Entry points: [`bind`] and [`bind_shared`] in a daemon's `bind`, [`accept`] in its accept
+//! Entry points: [`bind`] and [`bind_public`] in a daemon's `bind`, [`accept`] in its accept
 //! loop, [`health`] and [`serve_grpc`] for its gRPC listener, [`advertised`] for its member
 //! record.
 
@@ -31,15 +31,6 @@ const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// held across await.
 static ACCEPT_FAILURES: Mutex<FailureReport> = Mutex::new(FailureReport::new(ACCEPT_REPORT_EVERY));
 
-/// A port held for listeners that bind it later with SO_REUSEPORT ([`bind_shared`]): bound
-/// but never listening, so the kernel gives it no connection, yet nobody else (another user,
-/// or a socket without SO_REUSEPORT) can take the port while it is held.
-#[derive(Debug)]
-pub struct SharedPort {
-    _socket: TcpSocket,
-    addr: SocketAddr,
-}
-
 /// Counts failures and says when to report them: at most once per `every`, with the number
 /// of failures since the previous report.
 #[derive(Debug)]
@@ -47,22 +38,6 @@ struct FailureReport {
     every: Duration,
     failures: u64,
     last: Option<Instant>,
-}
-
-impl SharedPort {
-    /// Holds `addr` (port 0: a free port, see [`SharedPort::addr`]) with SO_REUSEPORT, as
-    /// [`bind_shared`] sets it. Without SO_REUSEADDR: that would let a listener without
-    /// SO_REUSEPORT take the port from a socket that does not listen.
-    pub fn reserve(addr: SocketAddr) -> Result<Self, Error> {
-        let socket = new_socket(addr, false, true)?;
-        let addr = socket.local_addr().map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
-        Ok(Self { _socket: socket, addr })
-    }
-
-    /// The held address, with the port the kernel picked.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
 }
 
 impl FailureReport {
@@ -83,28 +58,26 @@ impl FailureReport {
 
 /// Binds a TCP listener, with the address in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    bind_with(addr, false, 1024)
+    bind_with(addr, 1024)
 }
 
-/// Binds a TCP listener with SO_REUSEPORT, so that several processes (balancers) share the
-/// address and the kernel spreads new connections over them; `backlog` is the listen queue.
-pub fn bind_shared(addr: SocketAddr, backlog: u32) -> Result<TcpListener, Error> {
-    bind_with(addr, true, backlog)
+/// Binds a public listener with a listen queue of `backlog`. Never SO_REUSEPORT: a port that
+/// another process holds is an error, not a port silently shared with an unrelated cluster.
+/// Several balancers share one listener by inheriting it instead (see [`crate::listen_fds`]).
+/// `key` names the setting in the error (`[balancer] listen`).
+pub fn bind_public(addr: SocketAddr, backlog: u32, key: &str) -> Result<TcpListener, Error> {
+    bind_with(addr, backlog).map_err(|e| match e {
+        Error::Bind { addr, source } => Error::Bind { addr: format!("{addr} ({key})"), source },
+        other => other,
+    })
 }
 
-fn bind_with(addr: SocketAddr, reuseport: bool, backlog: u32) -> Result<TcpListener, Error> {
-    let bind_err = |source| Error::Bind { addr: addr.to_string(), source };
-    new_socket(addr, true, reuseport)?.listen(backlog).map_err(bind_err)
-}
-
-/// A TCP socket bound to `addr`, not listening yet.
-fn new_socket(addr: SocketAddr, reuseaddr: bool, reuseport: bool) -> Result<TcpSocket, Error> {
+fn bind_with(addr: SocketAddr, backlog: u32) -> Result<TcpListener, Error> {
     let bind_err = |source| Error::Bind { addr: addr.to_string(), source };
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_err)?;
-    socket.set_reuseaddr(reuseaddr).map_err(bind_err)?;
-    socket.set_reuseport(reuseport).map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
     socket.bind(addr).map_err(bind_err)?;
-    Ok(socket)
+    socket.listen(backlog).map_err(bind_err)
 }
 
 /// The next connection of an accept loop, or `None` once `shutdown` is cancelled.
@@ -286,15 +259,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_shared_port_takes_no_connection_from_its_listeners() {
-        let held = SharedPort::reserve("127.0.0.1:0".parse().unwrap()).unwrap();
-        assert_ne!(held.addr().port(), 0);
-        assert!(bind(held.addr()).await.is_err(), "only SO_REUSEPORT listeners may share it");
-        let listener = bind_shared(held.addr(), 64).unwrap();
-        for _ in 0..20 {
-            let _client = tokio::net::TcpStream::connect(held.addr()).await.unwrap();
-            let accepted = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
-            assert!(matches!(accepted, Ok(Ok(_))), "a connection went to the held port");
-        }
+    async fn a_public_port_in_use_is_an_error_naming_the_key_and_the_address() {
+        let first = bind_public("127.0.0.1:0".parse().unwrap(), 64, "[balancer] listen").unwrap();
+        let addr = first.local_addr().unwrap();
+        let error = bind_public(addr, 64, "[balancer] listen").unwrap_err().to_string();
+        assert!(error.contains(&format!("{addr} ([balancer] listen)")), "{error}");
+        assert!(error.contains("in use"), "{error}");
     }
 }

@@ -2,8 +2,9 @@
 //! 127.0.0.1:8001), for operators and their tools.
 //!
 //! - `GET /status`: the mode, the membership epoch, every member (role, id, pid, addresses,
-//!   state, restarts, uptime, health), whether a rolling restart runs, the recent warnings and
-//!   errors of the central log.
+//!   state, restarts, uptime, health, `last_error`: its last error line, or how its last
+//!   process crashed), whether a rolling restart runs, the recent warnings and errors of the
+//!   central log.
 //! - `GET /log?limit=N`: the most recent central log entries (every severity), oldest first.
 //! - `POST /rolling-restart`: starts a rolling restart of the workers (202); 409 if one is
 //!   running, 400 if the master is standalone (it runs no processes to restart); see
@@ -207,6 +208,13 @@ impl Admin {
         let health = self.health.borrow().clone();
         let children = self.children.snapshot();
         let now = Instant::now();
+        let entries = self.log.recent();
+        // A member's last error: from the central log (any member), or the last error line a
+        // supervised child printed (which includes what it printed before it could report).
+        let mut last_errors: BTreeMap<&str, &str> = BTreeMap::new();
+        for entry in entries.iter().filter(|e| e.role.is_some() && e.severity == Severity::Error) {
+            last_errors.insert(&entry.id, &entry.message);
+        }
         let mut members: BTreeMap<String, Value> = BTreeMap::new();
         for member in &snapshot.members {
             let h = health.get(&(member.id.clone(), member.pid)).copied().unwrap_or_default();
@@ -231,6 +239,7 @@ impl Admin {
                     "restarts": 0,
                     "uptime_ms": uptime.map(|d| d.as_millis() as u64),
                     "health_misses": h.misses,
+                    "last_error": last_errors.get(member.id.as_str()),
                 }),
             );
         }
@@ -247,8 +256,12 @@ impl Admin {
                     "registered": false,
                     "state": "starting",
                     "health_misses": 0,
+                    "last_error": last_errors.get(id.as_str()),
                 })
             });
+            if let Some(error) = &child.last_error {
+                entry["last_error"] = json!(error);
+            }
             entry["restarts"] = json!(child.restarts);
             entry["uptime_ms"] = json!(child.started.map(|t| (now - t).as_millis() as u64));
             if entry["pid"] != json!(child.pid) && child.state != ChildState::Replacing {
@@ -265,7 +278,6 @@ impl Admin {
             }
         }
         let recent_errors: Vec<Value> = {
-            let entries = self.log.recent();
             let bad: Vec<&Entry> = entries.iter().filter(|e| e.severity != Severity::Notice).collect();
             let skip = bad.len().saturating_sub(STATUS_ERRORS);
             bad[skip..].iter().map(|e| entry_json(e)).collect()

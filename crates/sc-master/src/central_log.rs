@@ -2,9 +2,11 @@
 //!
 //! Daemons report through the gRPC `ReportEvent` call; the master adds its own events
 //! (exits, respawns, health failures). Each entry is logged by the master under the target
-//! `central` (so RUST_LOG and the JSON format apply) and the most recent ones are kept in memory.
+//! `central` (so RUST_LOG and the JSON format apply), except those of the master's own
+//! children, whose lines the master relays already, and the most recent ones are kept in memory
+//! (`GET /log`, `/status`).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 use sc_common::Role;
@@ -32,11 +34,37 @@ pub(crate) struct Entry {
 pub(crate) struct CentralLog {
     /// std Mutex: a push or a copy, never held across await.
     recent: Mutex<VecDeque<Entry>>,
+    /// The processes whose standard error the master relays (its children in supervise mode):
+    /// their events are kept but not printed again, since their own lines are on the master's
+    /// output already. Kept for the master's life (a pid per child process started: small);
+    /// an event may arrive after its process is gone. std Mutex: an insert or a lookup.
+    relayed: Mutex<HashSet<u32>>,
 }
 
 impl CentralLog {
-    /// Writes an entry to the log and keeps it.
+    /// The process `pid`'s own lines are relayed to the master's output: its events are kept,
+    /// not printed.
+    pub(crate) fn relaying(&self, pid: u32) {
+        self.relayed.lock().unwrap_or_else(PoisonError::into_inner).insert(pid);
+    }
+
+    /// Writes an entry to the log (unless its process's lines are relayed, see
+    /// [`CentralLog::relaying`]) and keeps it.
     pub(crate) fn record(&self, entry: Entry) {
+        let relayed = entry.role.is_some()
+            && self.relayed.lock().unwrap_or_else(PoisonError::into_inner).contains(&entry.pid);
+        if !relayed {
+            Self::print(&entry);
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() == KEEP {
+            recent.pop_front();
+        }
+        recent.push_back(entry);
+    }
+
+    /// Logs `entry` under the target `central`.
+    fn print(entry: &Entry) {
         let role = entry.role.map_or("master", Role::as_str);
         let (id, pid, message) = (&entry.id, entry.pid, &entry.message);
         // Left out when there is none, rather than printed empty.
@@ -52,11 +80,6 @@ impl CentralLog {
                 tracing::info!(target: "central", role, %id, pid, location, "{message}")
             }
         }
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        if recent.len() == KEEP {
-            recent.pop_front();
-        }
-        recent.push_back(entry);
     }
 
     /// An event of the master's own.

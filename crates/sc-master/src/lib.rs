@@ -6,10 +6,10 @@
 //! (`central_log`), serves the admin and status API (`admin`) and, in supervise mode, runs the
 //! balancer, workers and brokers as child processes, respawns them and restarts the workers one
 //! at a time on SIGUSR2 (`supervisor`). In supervise mode it also gives the workers a
-//! per-cluster folder for their Unix sockets (removed on exit), holds the balancers' public
-//! port when it picks one (so several balancers share it, see
-//! [`sc_common::net::SharedPort`]), and passes SIGHUP on to the balancers (TLS certificate
-//! reload). It is not on the data path: the other daemons keep serving without it, and in
+//! per-cluster folder for their Unix sockets (removed on exit), binds the balancers' public
+//! port once and passes the listening socket to every balancer it runs (one owner per port: a
+//! port in use stops the master at once; a balancer restart refuses no connection), and passes
+//! SIGHUP on to the balancers (TLS certificate reload). It is not on the data path: the other daemons keep serving without it, and in
 //! standalone mode they register again when it comes back.
 //!
 //! Entry points: [`Master::bind`], then [`Master::serve`]; [`Master::ready`] tells when the
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use rustix::process::Signal;
 use sc_common::config::{Config, MasterMode};
 use sc_common::membership::{Membership, Severity};
-use sc_common::net::{self, SharedPort};
+use sc_common::net;
 use sc_common::{Error, Role, secret, signal};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::central_log::CentralLog;
 use crate::health::HealthMap;
 use crate::registry::Registry;
-use crate::supervisor::{ChildSpec, Children, Supervisor};
+use crate::supervisor::{ChildSpec, Children, PublicListener, Supervisor};
 
 /// A master with its listeners bound and, in supervise mode, its children planned.
 #[derive(Debug)]
@@ -65,9 +65,8 @@ pub struct Master {
     /// The workers' Unix socket folder this master made (supervise mode, `[worker] unix_dir`
     /// unset); removed when it stops.
     runtime_dir: Option<PathBuf>,
-    /// The balancers' public port, held while the master runs when it picked it (supervise
-    /// mode, `[balancer] listen` on port 0).
-    _public_port: Option<SharedPort>,
+    /// The balancers' public listener (supervise mode), bound here and lent to each balancer.
+    public: Option<Arc<PublicListener>>,
     /// The public URL once the cluster is ready; see [`Master::ready`].
     ready: watch::Sender<Option<String>>,
     /// Whether `[master] admin_token` was made at start (unset in the config).
@@ -78,7 +77,8 @@ impl Master {
     /// Checks what the configuration asks of this host (in supervise mode: that the daemon
     /// programs exist), then binds the gRPC listener (`[master] listen`; port 0 picks a free
     /// one, which suits supervise mode and tests), the admin API (`[master] admin_listen`) and,
-    /// in supervise mode with `[balancer] listen` on port 0, holds a port for the balancers.
+    /// in supervise mode, the balancers' public listener (`[balancer] listen`; in use: an error
+    /// naming the key and the address, before any child starts).
     /// `config_file` is handed on to the children in supervise mode.
     pub async fn bind(mut config: Config, config_file: Option<&Path>) -> Result<Self, Error> {
         let supervise = config.master.mode == MasterMode::Supervise;
@@ -95,18 +95,14 @@ impl Master {
         let addr = listener.local_addr()?;
         let admin = net::bind(config.master.admin_listen).await?;
         let admin_addr = admin.local_addr()?;
-        let public_port = if supervise && config.balancer.listen.port() == 0 {
-            Some(SharedPort::reserve(config.balancer.listen)?)
+        let public = if supervise {
+            Some(Arc::new(PublicListener::bind(config.balancer.listen).await?))
         } else {
             None
         };
         let runtime_dir =
             if supervise && config.worker.unix_dir.is_none() { Some(make_runtime_dir()?) } else { None };
-        let env = supervisor::child_env(
-            &config,
-            runtime_dir.as_deref(),
-            public_port.as_ref().map(SharedPort::addr),
-        );
+        let env = supervisor::child_env(&config, runtime_dir.as_deref(), public.as_ref().map(|p| p.addr()));
         let specs = match &programs {
             Some(programs) => {
                 supervisor::child_specs(&config, programs, config_file.as_deref(), &format!("http://{addr}"))
@@ -125,7 +121,7 @@ impl Master {
             specs,
             env,
             runtime_dir,
-            _public_port: public_port,
+            public,
             ready: watch::channel(None).0,
             admin_token_generated,
         })
@@ -214,6 +210,7 @@ impl Master {
                 backoff_max: self.config.master.respawn_backoff_max,
                 grace: self.config.master.shutdown_grace,
                 failed_start: failed_start_tx,
+                public: self.public.clone(),
             };
             let expected: Vec<String> = self.specs.iter().flatten().map(|s| s.id.clone()).collect();
             let scheme = if self.config.balancer.tls_cert.is_some() { "wss" } else { "ws" };
@@ -261,6 +258,9 @@ impl Master {
                 Some(error) = failed_start_rx.recv() => failed_start = Some(error),
             }
             tracing::info!("stopping the cluster");
+            if let Some(public) = &self.public {
+                public.close();
+            }
             supervisor.stop(self.config.master.shutdown_grace).await;
         } else {
             shutdown.cancelled().await;
@@ -325,12 +325,46 @@ fn make_runtime_dir() -> Result<PathBuf, Error> {
         0 => format!("sc-{}", std::process::id()),
         n => format!("sc-{}-{n}", std::process::id()),
     };
-    let dir = std::env::temp_dir().join(name);
+    let temp = std::env::temp_dir();
+    remove_stale_runtime_dirs(&temp);
+    let dir = temp.join(name);
     // A leftover of an earlier master with the same pid.
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(dir)
+}
+
+/// Removes the runtime folders (`sc-<pid>`, `sc-<pid>-<n>`) in `temp` that masters of this
+/// user left behind when they were killed before they could clean up: only those whose owner
+/// process is gone (another running master keeps its own).
+fn remove_stale_runtime_dirs(temp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(temp) else { return };
+    let me = rustix::process::getuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(runtime_dir_owner) else { continue };
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && pid != std::process::id() && !process_exists(pid) {
+            tracing::debug!(dir = %entry.path().display(), pid, "removing the runtime folder of a master that is gone");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The pid in a runtime folder's name (`sc-<pid>` or `sc-<pid>-<n>`).
+fn runtime_dir_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("sc-")?;
+    let (pid, n) = rest.split_once('-').unwrap_or((rest, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(pid) && digits(n)).then(|| pid.parse().ok()).flatten()
+}
+
+/// Whether a process `pid` exists (signal 0; a process of another user exists too).
+fn process_exists(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else { return false };
+    !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
 }
 
 /// Sends the public URL on `ready` once every expected member is registered and has passed a
@@ -381,4 +415,19 @@ fn public_url(membership: &Membership, template: &str) -> Option<String> {
         });
     }
     Some(template.replacen("{}", &addr.to_string(), 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_folders_are_named_by_their_master() {
+        assert_eq!(runtime_dir_owner("sc-123"), Some(123));
+        assert_eq!(runtime_dir_owner("sc-123-2"), Some(123));
+        for other in ["sc-", "sc-x", "sc-config-test-12", "sc-12-", "sc-12-a", "other-12", "sc-1-2-3"] {
+            assert_eq!(runtime_dir_owner(other), None, "{other}");
+        }
+        assert!(process_exists(std::process::id()));
+    }
 }

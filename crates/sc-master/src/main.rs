@@ -45,6 +45,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a new random secret (32 bytes, hex) for `[cluster] secret`, `[worker] auth_key`,
+    /// `[worker] api_key` or `[master] admin_token`, and exit.
+    GenSecret,
 }
 
 /// Why the master did not run to a clean stop.
@@ -59,6 +62,10 @@ enum Failure {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::GenSecret) = cli.command {
+        println!("{}", sc_common::secret::generate());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -72,11 +79,15 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Status { admin, token, json }) => return status(&config, admin, token, json).await,
-        Some(Command::Run) | None => {}
+        Some(Command::Run | Command::GenSecret) | None => {}
     }
     if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
         // Fine for a library user who reads the bound address, not for daemons told a URL.
         eprintln!("sc-master: master.listen: standalone mode needs a fixed port that daemons can be told");
+        return exit(EXIT_USAGE);
+    }
+    if let Err(e) = config.check_secrets(None, false) {
+        eprintln!("sc-master: {e}");
         return exit(EXIT_USAGE);
     }
     telemetry::init(config.cluster.log_format);

@@ -42,10 +42,12 @@ use tokio_util::sync::CancellationToken;
 mod children;
 mod crash_loop;
 mod env;
+mod listeners;
 mod stderr;
 
 pub(crate) use children::{ChildState, Children};
 pub(crate) use env::{ChildSpec, Programs, child_env, child_specs};
+pub(crate) use listeners::PublicListener;
 
 use crate::MasterError;
 use crate::central_log::CentralLog;
@@ -71,6 +73,9 @@ pub(crate) struct Settings {
     /// Where a child that failed its first start says so (see the module doc); unbounded:
     /// at most one message per child.
     pub(crate) failed_start: mpsc::UnboundedSender<MasterError>,
+    /// The public listener that every balancer is started with (see [`listeners`]); `None`:
+    /// balancers bind `[balancer] listen` themselves.
+    pub(crate) public: Option<Arc<PublicListener>>,
 }
 
 /// The running children.
@@ -328,6 +333,13 @@ async fn supervise(
                 if killed {
                     how = format!("was killed by the master after failing its health checks ({how})");
                 }
+                // A crash that printed no error of its own is shown by how it ended.
+                settings.children.update(&spec.id, spec.role, |s| {
+                    if s.last_error_pid != Some(pid) {
+                        s.last_error = Some(format!("pid {pid} {how}"));
+                        s.last_error_pid = Some(pid);
+                    }
+                });
                 let message = if respawn.is_crash_loop() {
                     format!(
                         "{} is crash-looping: {} exits in a row without a healthy minute; the last one (pid {pid}) {how}; respawning in {delay:?}",
@@ -362,7 +374,7 @@ async fn run_child(
     restart: bool,
 ) -> Exit {
     let children = &settings.children;
-    let (mut child, mut last_line) = match spawn(spec, &settings.env) {
+    let (mut child, mut last_line) = match spawn(spec, settings) {
         Ok(spawned) => spawned,
         Err(e) => return Exit::NotStarted(e),
     };
@@ -446,7 +458,7 @@ async fn replace(
     // Retired first: the old process's periodic re-registration must not take the record back
     // from its replacement (it keeps serving with the membership it has meanwhile).
     settings.registry.retire(&spec.id, old_pid, true);
-    let (mut new, new_stderr) = match spawn(spec, &settings.env) {
+    let (mut new, new_stderr) = match spawn(spec, settings) {
         Ok(new) => new,
         Err(e) => {
             settings.registry.retire(&spec.id, old_pid, false);
@@ -506,18 +518,51 @@ async fn replace(
     Ok(((new, new_stderr), Replaced { old: old_pid, new: new_pid, ready_after, drained_in }))
 }
 
-/// Starts a process of `spec`, its stderr relayed to the master's ([`stderr::relay`]).
-fn spawn(spec: &ChildSpec, env: &[(String, String)]) -> Result<Spawned, MasterError> {
-    let mut child = Command::new(&spec.program)
-        .args(&spec.args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
+/// Starts a process of `spec`, its stderr relayed to the master's ([`stderr::relay`]); a
+/// balancer gets the public listener ([`listeners`]). Every child has a process group of its
+/// own: Ctrl-C in a terminal signals the terminal's foreground group, which is then the master
+/// alone, and the master stops the children in order (balancers, workers, brokers) instead of
+/// all of them getting SIGINT at once.
+fn spawn(spec: &ChildSpec, settings: &Settings) -> Result<Spawned, MasterError> {
+    let spawn_error = |source| MasterError::Spawn { program: spec.program.display().to_string(), source };
+    let inherits = match &settings.public {
+        Some(public) if spec.role == Role::Balancer => {
+            public.command(&spec.program, &spec.args).map_err(spawn_error)?
+        }
+        _ => None,
+    };
+    let mut command = match inherits {
+        Some(command) => command,
+        None => {
+            let mut command = Command::new(&spec.program);
+            command.args(&spec.args);
+            for var in listeners::LISTEN_VARS {
+                command.env_remove(var);
+            }
+            command
+        }
+    };
+    let mut child = command
+        .envs(settings.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| MasterError::Spawn { program: spec.program.display().to_string(), source })?;
+        .map_err(spawn_error)?;
+    let pid = child.id().unwrap_or(0);
+    // Its central log events would repeat the lines relayed here.
+    settings.log.relaying(pid);
     let last_line = match child.stderr.take() {
-        Some(stderr) => stderr::relay(stderr),
+        Some(stderr) => {
+            let (children, id, role) = (settings.children.clone(), spec.id.clone(), spec.role);
+            stderr::relay(stderr, spec.id.clone(), move |error| {
+                children.update(&id, role, |s| {
+                    s.last_error = Some(error);
+                    s.last_error_pid = Some(pid);
+                });
+            })
+        }
         None => tokio::spawn(async { None }),
     };
     Ok((child, last_line))
@@ -586,6 +631,7 @@ mod tests {
             backoff_max: Duration::from_secs(30),
             grace: Duration::from_secs(1),
             failed_start: mpsc::unbounded_channel().0,
+            public: None,
         };
         let spec = ChildSpec {
             id: "worker-0".into(),
@@ -656,6 +702,7 @@ mod tests {
             backoff_max: Duration::from_millis(10),
             grace: Duration::from_secs(1),
             failed_start,
+            public: None,
         };
         let spec = ChildSpec {
             id: "balancer-0".into(),

@@ -19,7 +19,9 @@
 //! - an upgrade request whose query has `deny=1` is refused with HTTP 401 (upgrade hook), and a
 //!   handshake with the token of a user logged in as `banned` is rejected with close code 4403
 //!   (handshake hook);
-//! - the page in `public/` (served at `/`) is a small chat client.
+//! - the page in `public/` (served at `/`) is a small chat client; `[worker] static_dir` says
+//!   where it is, by default the installed copy beside the binary
+//!   (`<prefix>/share/sc-rs/chat/public`, where the Dockerfile puts it), else the source tree's.
 //!
 //! `login` trusts the name it is given, as a demo: a real app checks a password or an identity
 //! provider there. Everything else (who may subscribe, who a message is from) follows from the
@@ -188,10 +190,24 @@ impl Handler for Chat {
     }
 }
 
+/// Where the page is installed beside the binary: `<prefix>/bin/sc-chat-worker` serves
+/// `<prefix>/share/sc-rs/chat/public` (the Dockerfile copies it to /usr/local/share/...).
+const INSTALLED_PUBLIC: &str = "../share/sc-rs/chat/public";
+
+/// The page's folder when `[worker] static_dir` is unset: the installed one if there is one,
+/// else the source tree's (a binary run from target/).
+fn default_public() -> PathBuf {
+    let installed = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(INSTALLED_PUBLIC)))
+        .filter(|dir| dir.is_dir());
+    installed.unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/public")))
+}
+
 fn main() -> std::process::ExitCode {
     sc_common::cli::member_main(Role::Worker, |mut config, events, shutdown| async move {
         if config.worker.static_dir.is_none() {
-            config.worker.static_dir = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/public")));
+            config.worker.static_dir = Some(default_public());
         }
         sc_worker::Worker::bind_with(config, Arc::new(Chat)).await?.serve(events, shutdown).await
     })

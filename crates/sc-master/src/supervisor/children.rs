@@ -34,6 +34,11 @@ pub(crate) struct ChildStatus {
     pub(crate) started: Option<Instant>,
     /// A replacement being started in a rolling restart.
     pub(crate) replacement: Option<u32>,
+    /// The last error line the child printed (any of its processes), or how its last process
+    /// ended when that was a crash it printed no error for.
+    pub(crate) last_error: Option<String>,
+    /// The process that printed `last_error`.
+    pub(super) last_error_pid: Option<u32>,
 }
 
 /// The lifecycle state of a supervised child.
@@ -109,6 +114,8 @@ impl Children {
             restarts: 0,
             started: None,
             replacement: None,
+            last_error: None,
+            last_error_pid: None,
         });
         change(status);
     }

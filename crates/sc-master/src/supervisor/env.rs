@@ -95,8 +95,8 @@ pub(crate) fn child_specs(
 
 /// What every child gets in its environment: the cluster secret and, unless configured, a
 /// per-cluster auth key, so that a token signed on one worker is valid on all of them; the
-/// workers' Unix socket folder (`runtime_dir`) and the balancers' public address when the
-/// master picked its port (`public`, see [`sc_common::net::SharedPort`]).
+/// workers' Unix socket folder (`runtime_dir`) and the balancers' public address (`public`,
+/// the listener the master bound and passes on, with the port it picked for port 0).
 pub(crate) fn child_env(
     config: &Config,
     runtime_dir: Option<&Path>,
