@@ -1,11 +1,13 @@
 //! sc-master: the cluster's control plane.
 //!
 //! It keeps the membership (`registry`) that balancers and workers watch over gRPC (`grpc`,
-//! `sc.master.v1`, the only module that touches the generated types), checks every member's
-//! health (`health`), writes the central log of every daemon's errors and notices
-//! (`central_log`), serves the admin and status API (`admin`) and, in supervise mode, runs the
-//! balancer, workers and brokers as child processes, respawns them and restarts the workers one
-//! at a time on SIGUSR2 (`supervisor`). In supervise mode it also gives the workers a
+//! `sc.master.v1`; with `samples::scrape` the only modules that touch generated types), checks
+//! every member's health (`health`), writes the central log of every daemon's errors and
+//! notices (`central_log`), samples the cluster's figures every second for the admin page's
+//! charts (`samples`, a client of every member's `sc.metrics.v1` service), serves the admin API
+//! and the admin web page (`admin`) and, in supervise mode, runs the balancer, workers and
+//! brokers as child processes, respawns them, restarts the workers one at a time on SIGUSR2 and
+//! drains a broker on demand (`supervisor`). In supervise mode it also gives the workers a
 //! per-cluster folder for their Unix sockets (removed on exit), holds the balancers' public
 //! port when it picks one (so several balancers share it, see
 //! [`sc_common::net::SharedPort`]), and passes SIGHUP on to the balancers (TLS certificate
@@ -23,6 +25,7 @@ mod error;
 mod grpc;
 mod health;
 mod registry;
+mod samples;
 mod supervisor;
 
 pub use error::MasterError;
@@ -226,6 +229,14 @@ impl Master {
             Arc::new(Supervisor::start(self.specs, settings))
         });
 
+        let samples = Arc::new(samples::Samples::default());
+        let sampler = samples::Sampler {
+            registry: self.registry.clone(),
+            samples: samples.clone(),
+            secret: self.config.cluster.secret.clone(),
+        };
+        tokio::spawn(sampler.run(checks.clone()));
+
         let admin_shutdown = CancellationToken::new();
         let admin = Arc::new(admin::Admin {
             mode: self.config.master.mode,
@@ -238,6 +249,7 @@ impl Master {
             supervisor: supervisor.clone(),
             addr: self.admin_addr,
             token: self.config.master.admin_token.clone(),
+            samples,
         });
         let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
         tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));
