@@ -6,8 +6,11 @@
 #   3. the soak: 3 minutes of client churn on a real cluster with a worker and a broker killed
 #      mid-run; fails if a daemon's RSS grows or channel counts stay up (sc-bench soak);
 #   4. the client-compatibility tests in tests/compat: the stock npm socketcluster-client
-#      (v14 and v20, pinned in its package-lock.json) against a real cluster.
-# Needs cargo and Node.js 20 with npm; installs the npm packages it needs.
+#      (v14 and v20, pinned in its package-lock.json) against a real cluster;
+#   5. the admin page in headless Chromium (tests/admin-page, playwright-core driving Debian's
+#      chromium) against a real cluster.
+# Needs cargo and Node.js 20 with npm; installs the npm packages it needs, and Debian's chromium
+# when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,3 +64,13 @@ step "stock client compatibility"
 cd tests/compat
 npm ci --no-audit --no-fund --loglevel=error
 SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" npm test
+cd ../..
+
+step "admin page in headless Chromium"
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+cd tests/admin-page
+npm ci --no-audit --no-fund --loglevel=error
+SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" CHROMIUM="$(command -v chromium)" npm test

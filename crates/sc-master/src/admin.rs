@@ -6,21 +6,31 @@
 //!   process crashed), whether a rolling restart runs, the recent warnings and errors of the
 //!   central log.
 //! - `GET /log?limit=N`: the most recent central log entries (every severity), oldest first.
-//! - `POST /rolling-restart`: starts a rolling restart of the workers (202); 409 if one is
-//!   running, 400 if the master is standalone (it runs no processes to restart); see
-//!   `crate::error` for every code.
+//! - `POST /rolling-restart`: starts a rolling restart of the workers (202, with its number);
+//!   409 if one is running, 400 if the master is standalone (it runs no processes to restart);
+//!   see `crate::error` for every code. `/status` says when it is over and how it ended.
+//! - `POST /drain` with `{"id": "broker-1"}`: drains that broker (202): out of the membership,
+//!   its channels move to the other brokers, it stops gracefully and stays stopped; 409 for
+//!   the last running broker. `POST /undrain` with the same body starts it again.
+//! - `GET /events`: Server-Sent Events for the admin page: `history` (the cluster samples of
+//!   the last 15 minutes, see `crate::samples`, and the status), then a `sample` event (the new
+//!   sample and the status) every second.
 //! - `GET /healthz`: 200 while the master serves.
 //! - `GET /metrics`: the whole cluster's figures in the Prometheus text format: the master's
 //!   own and every member's, gathered over `sc.metrics.v1` on request (see `crate::metrics`).
+//! - `GET /`, `/admin.js`, `/admin.css`: the admin web page (see `page`), which holds no data
+//!   and asks for the token.
 //!
 //! It can restart the cluster, so it listens on loopback by default, and every request but
-//! `GET /healthz` needs `Authorization: Bearer <[master] admin_token>` (401 otherwise; compared
-//! in constant time). Against browsers on the operator's machine (cross-site requests, DNS
+//! `GET /healthz` and the page's files needs `Authorization: Bearer <[master] admin_token>`
+//! (401 otherwise; compared in constant time). Against browsers on the operator's machine (cross-site requests, DNS
 //! rebinding), whatever the token: a `Host` header must name this listener (its IP, or
 //! localhost or a loopback IP, with its port; any IP literal when it listens on a wildcard
-//! address) and an `Origin` header, if any, the same (403 otherwise); and `POST
-//! /rolling-restart` must say `Content-Type: application/json` (415 otherwise), which no HTML
-//! form can send without a CORS preflight that this API never answers.
+//! address) and an `Origin` header, if any, the same (403 otherwise); and every POST must say
+//! `Content-Type: application/json` (415 otherwise), which no HTML form can send without a
+//! CORS preflight that this API never answers.
+
+mod page;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -29,7 +39,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sc_common::config::MasterMode;
@@ -48,10 +59,17 @@ use crate::central_log::{CentralLog, Entry};
 use crate::health::HealthMap;
 use crate::metrics::ClusterMetrics;
 use crate::registry::Registry;
+use crate::samples::Samples;
 use crate::supervisor::{ChildState, Children, Supervisor};
 
 /// How many warnings and errors `/status` shows.
 const STATUS_ERRORS: usize = 50;
+
+/// The largest request body read (the JSON of `POST /drain`).
+const BODY_LIMIT: usize = 4096;
+
+/// Every answer's body: whole (JSON, the page's files) or streamed (`/events`).
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// What the admin API reads and drives.
 #[derive(Debug)]
@@ -71,6 +89,8 @@ pub(crate) struct Admin {
     pub(crate) token: String,
     /// The master's figures, and the members' gathered for `GET /metrics`.
     pub(crate) metrics: ClusterMetrics,
+    /// The cluster samples of the last 15 minutes, for the page's charts.
+    pub(crate) samples: Arc<Samples>,
 }
 
 impl Admin {
@@ -84,15 +104,7 @@ impl Admin {
             tracker.spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let admin = admin.clone();
-                    async move {
-                        // The one route that waits (on the members' figures).
-                        let metrics = request.method() == Method::GET && request.uri().path() == "/metrics";
-                        let response = match admin.refusal(&request) {
-                            None if metrics => admin.metrics().await,
-                            _ => admin.route(&request),
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
+                    async move { Ok::<_, Infallible>(admin.route(request).await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
@@ -108,9 +120,14 @@ impl Admin {
         tracker.wait().await;
     }
 
-    fn route(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        if let Some(refused) = self.refusal(request) {
+    async fn route(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        if let Some(refused) = self.refusal(&request) {
             return refused;
+        }
+        if request.method() == Method::GET
+            && let Some(file) = page::file(request.uri().path())
+        {
+            return file;
         }
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/status") => json_response(StatusCode::OK, &self.status()),
@@ -130,23 +147,50 @@ impl Admin {
                 json_response(StatusCode::OK, &json!({ "entries": entries }))
             }
             (&Method::POST, "/rolling-restart") => {
-                if !is_json(request) {
-                    return json_response(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        &json!({ "error": "state changes need Content-Type: application/json" }),
-                    );
+                if !is_json(&request) {
+                    return not_json();
                 }
                 let started = match &self.supervisor {
                     None => Err(MasterError::Standalone),
                     Some(supervisor) => supervisor.start_rolling_restart(),
                 };
                 match started {
-                    Ok(()) => json_response(StatusCode::ACCEPTED, &json!({ "rolling_restart": "started" })),
-                    Err(e) => json_response(e.http_status(), &json!({ "error": e.to_string() })),
+                    Ok(number) => json_response(
+                        StatusCode::ACCEPTED,
+                        &json!({ "rolling_restart": "started", "number": number }),
+                    ),
+                    Err(e) => error_response(&e),
                 }
             }
+            (&Method::POST, path @ ("/drain" | "/undrain")) => {
+                let drain = path == "/drain";
+                if !is_json(&request) {
+                    return not_json();
+                }
+                let Some(id) = read_id(request).await else {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        &json!({ "error": "the body must be a JSON object with the broker's \"id\"" }),
+                    );
+                };
+                let outcome = match &self.supervisor {
+                    None => Err(MasterError::Standalone),
+                    Some(supervisor) if drain => supervisor.drain(&id),
+                    Some(supervisor) => supervisor.undrain(&id),
+                };
+                let key = if drain { "draining" } else { "undraining" };
+                match outcome {
+                    Ok(()) => json_response(StatusCode::ACCEPTED, &json!({ key: id })),
+                    Err(e) => error_response(&e),
+                }
+            }
+            (&Method::GET, "/events") => page::events(self.clone()),
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({ "ok": true })),
-            (_, "/status" | "/log" | "/rolling-restart" | "/healthz" | "/metrics") => {
+            (&Method::GET, "/metrics") => self.metrics().await,
+            (
+                _,
+                "/status" | "/log" | "/rolling-restart" | "/drain" | "/undrain" | "/events" | "/healthz" | "/metrics",
+            ) => {
                 json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "method not allowed" }))
             }
             _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found" })),
@@ -154,8 +198,8 @@ impl Admin {
     }
 
     /// `GET /metrics`: the whole cluster's figures, Prometheus text.
-    async fn metrics(&self) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(Bytes::from(self.metrics.text().await)));
+    async fn metrics(&self) -> Response<Body> {
+        let mut response = Response::new(Full::new(Bytes::from(self.metrics.text().await)).boxed_unsync());
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(sc_common::metrics::CONTENT_TYPE));
@@ -165,7 +209,7 @@ impl Admin {
     /// The checks every request passes before its route: `Host` and `Origin` name this
     /// listener (403), then the bearer token (401), except for `GET /healthz`, which orchestrators
     /// call without one and which reveals nothing. `Some`: the answer of a refused request.
-    fn refusal(&self, request: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    fn refusal(&self, request: &Request<Incoming>) -> Option<Response<Body>> {
         let headers = request.headers();
         let forbidden = |why: &str| json_response(StatusCode::FORBIDDEN, &json!({ "error": why }));
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
@@ -182,7 +226,9 @@ impl Admin {
                 return Some(forbidden("cross-origin requests are refused"));
             }
         }
-        if request.method() == Method::GET && request.uri().path() == "/healthz" {
+        if request.method() == Method::GET
+            && (request.uri().path() == "/healthz" || page::file(request.uri().path()).is_some())
+        {
             return None;
         }
         let given = headers
@@ -293,11 +339,30 @@ impl Admin {
                 "uptime_ms": self.started.elapsed().as_millis() as u64,
             },
             "epoch": snapshot.epoch,
-            "rolling_restart": {
-                "running": self.supervisor.as_ref().is_some_and(|s| s.rolling_restart_running()),
-            },
+            "rolling_restart": self.rolling_restart_status(),
             "members": members.into_values().collect::<Vec<_>>(),
             "recent_errors": recent_errors,
+        })
+    }
+}
+
+impl Admin {
+    /// `/status`'s `rolling_restart`: whether one runs, how many were started, how the last
+    /// one ended.
+    fn rolling_restart_status(&self) -> Value {
+        let Some(supervisor) = &self.supervisor else {
+            return json!({ "running": false, "started": 0, "last": null });
+        };
+        let (started, last) = supervisor.rolling_restarts();
+        json!({
+            "running": supervisor.rolling_restart_running(),
+            "started": started,
+            "last": last.map(|last| json!({
+                "number": last.number,
+                "ok": last.ok,
+                "message": last.message,
+                "finished_ms": last.finished_ms,
+            })),
         })
     }
 }
@@ -332,6 +397,24 @@ fn is_json(request: &Request<Incoming>) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// The `"id"` of a JSON object body (at most [`BODY_LIMIT`] bytes).
+async fn read_id(request: Request<Incoming>) -> Option<String> {
+    let body = Limited::new(request.into_body(), BODY_LIMIT).collect().await.ok()?.to_bytes();
+    let value: Value = serde_json::from_slice(&body).ok()?;
+    value.get("id")?.as_str().map(str::to_owned)
+}
+
+fn not_json() -> Response<Body> {
+    json_response(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        &json!({ "error": "state changes need Content-Type: application/json" }),
+    )
+}
+
+fn error_response(error: &MasterError) -> Response<Body> {
+    json_response(error.http_status(), &json!({ "error": error.to_string() }))
+}
+
 fn entry_json(entry: &Entry) -> Value {
     json!({
         "time_ms": entry.time_ms,
@@ -348,10 +431,10 @@ fn entry_json(entry: &Entry) -> Value {
     })
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let mut text = body.to_string();
     text.push('\n');
-    let mut response = Response::new(Full::new(Bytes::from(text)));
+    let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response

@@ -13,6 +13,9 @@
 //! | [`MasterError::HealthCheckerStopped`] | INTERNAL | 500 | a master task ended early: a bug |
 //! | [`MasterError::Grpc`] | INTERNAL | 500 | the gRPC server failed |
 //! | [`MasterError::FirstStart`] | FAILED_PRECONDITION | 500 | a child exited before it was ever healthy: the master exits with it (never an API answer) |
+//! | [`MasterError::NoSuchBroker`] | NOT_FOUND | 404 | no supervised broker has that id |
+//! | [`MasterError::LastBroker`] | FAILED_PRECONDITION | 409 | draining it would leave no broker |
+//! | [`MasterError::BrokerState`] | FAILED_PRECONDITION | 409 | the broker is not in the state the request needs |
 
 use std::time::Duration;
 
@@ -86,6 +89,28 @@ pub enum MasterError {
         /// The last line it wrote on stderr: its error.
         message: String,
     },
+    /// A drain or undrain named no supervised broker.
+    #[error("no supervised broker is called {id:?}")]
+    NoSuchBroker {
+        /// The id asked for.
+        id: String,
+    },
+    /// A drain asked for the last running broker.
+    #[error("{id} is the last running broker: draining it would leave the workers none")]
+    LastBroker {
+        /// The broker.
+        id: String,
+    },
+    /// A drain of a broker that is not running, or an undrain of one that is not drained.
+    #[error("{id} is {state}; it must be {need}")]
+    BrokerState {
+        /// The broker.
+        id: String,
+        /// Its state (status API name).
+        state: &'static str,
+        /// The state the request needs.
+        need: &'static str,
+    },
 }
 
 /// What a child printed last, for [`MasterError::FirstStart`].
@@ -97,7 +122,11 @@ impl MasterError {
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
-            MasterError::Retired { .. } | MasterError::FirstStart { .. } => Code::FailedPrecondition,
+            MasterError::Retired { .. }
+            | MasterError::FirstStart { .. }
+            | MasterError::LastBroker { .. }
+            | MasterError::BrokerState { .. } => Code::FailedPrecondition,
+            MasterError::NoSuchBroker { .. } => Code::NotFound,
             MasterError::RollingRestartRunning => Code::Aborted,
             MasterError::Standalone => Code::Unimplemented,
             MasterError::ReplacementExited { .. } | MasterError::Stopping => Code::Unavailable,
@@ -111,7 +140,11 @@ impl MasterError {
     /// The HTTP status of this error (admin API).
     pub fn http_status(&self) -> StatusCode {
         match self {
-            MasterError::Retired { .. } | MasterError::RollingRestartRunning => StatusCode::CONFLICT,
+            MasterError::Retired { .. }
+            | MasterError::RollingRestartRunning
+            | MasterError::LastBroker { .. }
+            | MasterError::BrokerState { .. } => StatusCode::CONFLICT,
+            MasterError::NoSuchBroker { .. } => StatusCode::NOT_FOUND,
             MasterError::Standalone => StatusCode::BAD_REQUEST,
             MasterError::ReplacementExited { .. } | MasterError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             MasterError::ReplacementTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,

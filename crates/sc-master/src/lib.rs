@@ -3,9 +3,11 @@
 //! It keeps the membership (`registry`) that balancers and workers watch over gRPC (`grpc`,
 //! `sc.master.v1`, the only module that touches the generated types), checks every member's
 //! health (`health`), writes the central log of every daemon's errors and notices
-//! (`central_log`), serves the admin and status API (`admin`) and, in supervise mode, runs the
-//! balancer, workers and brokers as child processes, respawns them and restarts the workers one
-//! at a time on SIGUSR2 (`supervisor`). In supervise mode it also gives the workers a
+//! (`central_log`), gathers every member's metrics over `sc.metrics.v1` (`metrics`, for `GET
+//! /metrics`; `samples`, every second for the admin page's charts), serves the admin API and
+//! the admin web page (`admin`) and, in supervise mode, runs the balancer, workers and brokers
+//! as child processes, respawns them, restarts the workers one at a time on SIGUSR2 and drains
+//! a broker on demand (`supervisor`). In supervise mode it also gives the workers a
 //! per-cluster folder for their Unix sockets (removed on exit), binds the balancers' public
 //! port once and passes the listening socket to every balancer it runs (one owner per port: a
 //! port in use stops the master at once; a balancer restart refuses no connection), and passes
@@ -24,6 +26,7 @@ mod grpc;
 mod health;
 mod metrics;
 mod registry;
+mod samples;
 pub mod status;
 mod supervisor;
 
@@ -225,6 +228,14 @@ impl Master {
             Arc::new(Supervisor::start(self.specs, settings))
         });
 
+        let samples = Arc::new(samples::Samples::default());
+        let sampler = samples::Sampler {
+            registry: self.registry.clone(),
+            samples: samples.clone(),
+            secret: self.config.cluster.secret.clone(),
+        };
+        tokio::spawn(sampler.run(checks.clone()));
+
         let admin_shutdown = CancellationToken::new();
         let admin = Arc::new(admin::Admin {
             mode: self.config.master.mode,
@@ -242,6 +253,7 @@ impl Master {
                 self.registry.clone(),
                 self.config.cluster.secret.clone(),
             ),
+            samples,
         });
         let admin_task = tokio::spawn(admin.serve(self.admin, admin_shutdown.clone()));
         tokio::spawn(rolling_restart_on_sigusr2(supervisor.clone(), self.log.clone(), shutdown.clone()));

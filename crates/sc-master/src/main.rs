@@ -1,5 +1,6 @@
 //! The sc-master daemon: parse the command line, load the config, run the control plane (and,
-//! in supervise mode, the whole cluster), print the admin API and `cluster ready` lines.
+//! in supervise mode, the whole cluster), print the admin API (and, with a generated token, a
+//! ready link to the admin page) and `cluster ready` lines.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +99,16 @@ async fn main() -> ExitCode {
         if let Some(token) = master.generated_admin_token() {
             // Once, like Jupyter's: whoever reads the master's output may use the admin API.
             println!("admin token: {token}");
+            // The fragment never reaches the server (nor its logs); the page reads it.
+            let mut page = master.admin_addr();
+            if page.ip().is_unspecified() {
+                page.set_ip(if page.is_ipv4() {
+                    [127, 0, 0, 1].into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            println!("admin page: http://{page}/#token={token}");
         }
         // A second signal must not leave the children behind: they are killed before the exit.
         signal::spawn_signal_handler_then(shutdown.clone(), master.kill_switch());

@@ -19,6 +19,12 @@
 //! one is registered and healthy, the old one is drained with SIGTERM and its clients reconnect
 //! at once to the new one. The next worker goes only after that.
 //!
+//! Draining a broker ([`Supervisor::drain`], the admin API) takes it out of the membership at
+//! once, as its own graceful leave does (it is retired first, so that it cannot register
+//! again): the workers move its channels to the other brokers, and it gets SIGTERM, on which it
+//! serves the streams still open for its drain period and exits. It stays stopped (`drained`)
+//! until [`Supervisor::undrain`] starts it again. The last running broker cannot be drained.
+//!
 //! What a child is started with is in [`env`]; the table of children (status API, last-resort
 //! kill) in [`children`]. Shutdown ([`Supervisor::stop`]) goes by tiers within one deadline:
 //! SIGTERM to the balancers (they stop accepting), then to the workers (they drain), then,
@@ -28,7 +34,7 @@ use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::process::Signal;
 use sc_common::Role;
@@ -91,6 +97,21 @@ pub(crate) struct Supervisor {
     children: Arc<Children>,
     log: Arc<CentralLog>,
     rolling: AtomicBool,
+    /// Rolling restarts started, and how the last one ended. std Mutex: short copies.
+    rolling_outcome: Mutex<(u64, Option<RollingOutcome>)>,
+}
+
+/// How a rolling restart ended, for the status API and the admin page.
+#[derive(Debug, Clone)]
+pub(crate) struct RollingOutcome {
+    /// Which one it was (1 for the first of this master).
+    pub(crate) number: u64,
+    /// Whether every worker was replaced.
+    pub(crate) ok: bool,
+    /// What the central log says of its end.
+    pub(crate) message: String,
+    /// When it ended, milliseconds since the Unix epoch.
+    pub(crate) finished_ms: u64,
 }
 
 /// One shutdown tier: its stop switch, its child tasks and their ids.
@@ -106,6 +127,11 @@ enum Order {
     Kill(u32),
     /// Replace the process with a new one, make before break; answers when the old one is gone.
     Replace(oneshot::Sender<Result<Replaced, MasterError>>),
+    /// Take the process out of the membership, stop it gracefully and start none until
+    /// [`Order::Undrain`] (brokers).
+    Drain,
+    /// Start a drained child again.
+    Undrain,
 }
 
 /// What a replacement achieved.
@@ -146,6 +172,7 @@ impl Supervisor {
             children: settings.children.clone(),
             log: settings.log.clone(),
             rolling: AtomicBool::new(false),
+            rolling_outcome: Mutex::new((0, None)),
         }
     }
 
@@ -178,23 +205,93 @@ impl Supervisor {
         self.rolling.load(Ordering::Acquire)
     }
 
-    /// Starts a rolling restart of the workers in the background, unless one is running.
-    pub(crate) fn start_rolling_restart(self: &Arc<Self>) -> Result<(), MasterError> {
+    /// How many rolling restarts were started, and how the last one that ended did.
+    pub(crate) fn rolling_restarts(&self) -> (u64, Option<RollingOutcome>) {
+        self.rolling_outcome.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Starts a rolling restart of the workers in the background, unless one is running; returns
+    /// its number (see [`RollingOutcome::number`]).
+    pub(crate) fn start_rolling_restart(self: &Arc<Self>) -> Result<u64, MasterError> {
         if self.rolling.swap(true, Ordering::AcqRel) {
             return Err(MasterError::RollingRestartRunning);
         }
+        let number = {
+            let mut outcome = self.rolling_outcome.lock().unwrap_or_else(PoisonError::into_inner);
+            outcome.0 += 1;
+            outcome.0
+        };
         let this = self.clone();
         tokio::spawn(async move {
-            this.rolling_restart().await;
+            let (ok, message) = this.rolling_restart().await;
+            let finished_ms =
+                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            this.rolling_outcome.lock().unwrap_or_else(PoisonError::into_inner).1 =
+                Some(RollingOutcome { number, ok, message, finished_ms });
             this.rolling.store(false, Ordering::Release);
         });
-        Ok(())
+        Ok(number)
+    }
+
+    /// Drains the broker `id` in the background (see the module doc): refused for an unknown
+    /// id or another role, a broker that is not running, and the last running broker.
+    pub(crate) fn drain(&self, id: &str) -> Result<(), MasterError> {
+        let table = self.children.snapshot();
+        let orders = self.broker_orders(id, &table)?;
+        let state = table[id].state;
+        if state != ChildState::Running {
+            return Err(MasterError::BrokerState {
+                id: id.to_owned(),
+                state: state.as_str(),
+                need: "running",
+            });
+        }
+        let others = table
+            .iter()
+            .filter(|(other, s)| {
+                other.as_str() != id && s.role == Role::Broker && s.state == ChildState::Running
+            })
+            .count();
+        if others == 0 {
+            return Err(MasterError::LastBroker { id: id.to_owned() });
+        }
+        // Marked at once, so that draining the other brokers now sees this one gone.
+        self.children.update(id, Role::Broker, |s| s.state = ChildState::Draining);
+        orders.send(Order::Drain).map_err(|_| MasterError::Stopping)
+    }
+
+    /// Starts a drained broker again.
+    pub(crate) fn undrain(&self, id: &str) -> Result<(), MasterError> {
+        let table = self.children.snapshot();
+        let orders = self.broker_orders(id, &table)?;
+        let state = table[id].state;
+        if state != ChildState::Drained {
+            return Err(MasterError::BrokerState {
+                id: id.to_owned(),
+                state: state.as_str(),
+                need: "drained",
+            });
+        }
+        orders.send(Order::Undrain).map_err(|_| MasterError::Stopping)
+    }
+
+    /// The order queue of the broker `id`.
+    fn broker_orders(
+        &self,
+        id: &str,
+        table: &std::collections::BTreeMap<String, children::ChildStatus>,
+    ) -> Result<&mpsc::UnboundedSender<Order>, MasterError> {
+        match (self.orders.get(id), table.get(id)) {
+            (Some(orders), Some(status)) if status.role == Role::Broker => Ok(orders),
+            _ => Err(MasterError::NoSuchBroker { id: id.to_owned() }),
+        }
     }
 
     /// Replaces the workers one at a time, each only after the previous replacement is healthy
     /// and its old process has drained. Stops at the first failure (the old process of the
-    /// failed one keeps serving).
-    async fn rolling_restart(&self) {
+    /// failed one keeps serving). Returns whether every worker was replaced, and the message
+    /// logged at the end.
+    async fn rolling_restart(&self) -> (bool, String) {
         let started = Instant::now();
         self.log
             .master(Severity::Notice, format!("rolling restart of {} workers started", self.workers.len()));
@@ -204,7 +301,7 @@ impl Supervisor {
             };
             let (tx, rx) = oneshot::channel();
             if orders.send(Order::Replace(tx)).is_err() {
-                return;
+                return (false, MasterError::Stopping.to_string());
             }
             match rx.await {
                 Ok(Ok(r)) => self.log.master(
@@ -215,14 +312,17 @@ impl Supervisor {
                     ),
                 ),
                 Ok(Err(why)) => {
-                    self.log.master(Severity::Error, format!("rolling restart stopped at {id}: {why}"));
-                    return;
+                    let message = format!("rolling restart stopped at {id}: {why}");
+                    self.log.master(Severity::Error, message.clone());
+                    return (false, message);
                 }
                 // The cluster is stopping.
-                Err(_) => return,
+                Err(_) => return (false, MasterError::Stopping.to_string()),
             }
         }
-        self.log.master(Severity::Notice, format!("rolling restart done in {:?}", started.elapsed()));
+        let message = format!("rolling restart done in {:?}", started.elapsed());
+        self.log.master(Severity::Notice, message.clone());
+        (true, message)
     }
 
     /// Stops the children by tier within `grace` overall: SIGTERM to the balancers (they stop
@@ -281,6 +381,8 @@ enum Exit {
     },
     /// The cluster is stopping: it was terminated and marked stopped.
     Stopped,
+    /// It was drained on demand ([`Order::Drain`]); no respawn until [`Order::Undrain`].
+    Drained,
 }
 
 /// One child's life after life: [`run_child`], then the respawn delay of its [`CrashLoop`],
@@ -298,6 +400,13 @@ async fn supervise(
         let (severity, message, delay) = match run_child(&spec, &settings, &mut orders, &stop, restart).await
         {
             Exit::Stopped => return,
+            Exit::Drained => {
+                if !wait_for_undrain(&mut orders, &stop).await {
+                    break;
+                }
+                restart = true;
+                continue;
+            }
             Exit::NotStarted(e) if first => {
                 settings.log.master(Severity::Error, format!("{}: {e}", spec.id));
                 let _ = settings.failed_start.send(e);
@@ -399,7 +508,8 @@ async fn run_child(
                     let _ = child.start_kill();
                     break (child.wait().await, true);
                 }
-                Some(Order::Kill(_)) | None => {}
+                Some(Order::Kill(_) | Order::Undrain) | None => {}
+                Some(Order::Drain) => return drain(spec, settings, &mut child, pid).await,
                 Some(Order::Replace(done)) => {
                     let replaced = replace(spec, settings, &mut child, stop).await.map(|(new, replaced)| {
                         (child, last_line) = new;
@@ -442,6 +552,49 @@ async fn run_child(
     let last_line =
         tokio::time::timeout(Duration::from_secs(1), last_line).await.ok().and_then(Result::ok).flatten();
     Exit::Ended { pid, status, killed, healthy_since, ever_healthy, last_line }
+}
+
+/// Drains the process `pid` of `spec` (see the module doc): out of the membership and retired,
+/// SIGTERM, waited for (killed after `[master] shutdown_grace`), marked drained.
+async fn drain(spec: &ChildSpec, settings: &Settings, child: &mut Child, pid: u32) -> Exit {
+    let started = Instant::now();
+    settings.children.update(&spec.id, spec.role, |s| s.state = ChildState::Draining);
+    settings.registry.retire(&spec.id, pid, true);
+    settings.registry.remove(&spec.id, Some(pid));
+    terminate(child, pid, None, settings.grace).await;
+    settings.registry.retire(&spec.id, pid, false);
+    settings.children.update(&spec.id, spec.role, |s| {
+        s.pid = None;
+        s.started = None;
+        s.state = ChildState::Drained;
+    });
+    settings.log.master(
+        Severity::Notice,
+        format!(
+            "{} (pid {pid}) drained in {:?}: its channels moved to the other brokers; it stays stopped until undrained",
+            spec.id,
+            started.elapsed()
+        ),
+    );
+    Exit::Drained
+}
+
+/// Waits, while a child is drained, for [`Order::Undrain`] (true) or the cluster's stop (false).
+/// A rolling restart's replacement order is answered with an error meanwhile.
+async fn wait_for_undrain(orders: &mut mpsc::UnboundedReceiver<Order>, stop: &CancellationToken) -> bool {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            order = orders.recv() => match order {
+                Some(Order::Undrain) => return true,
+                Some(Order::Replace(done)) => {
+                    let _ = done.send(Err(MasterError::Stopping));
+                }
+                Some(Order::Kill(_) | Order::Drain) => {}
+                None => return false,
+            },
+        }
+    }
 }
 
 /// Make before break: retires `old`, starts a new process for `spec` while `old` serves, waits

@@ -54,6 +54,10 @@ pub(crate) enum ChildState {
     Stopping,
     /// Gone for good (the cluster stopped).
     Stopped,
+    /// Being drained on demand (a broker leaving the membership gracefully).
+    Draining,
+    /// Drained: stopped until it is started again on demand.
+    Drained,
 }
 
 impl ChildState {
@@ -65,6 +69,8 @@ impl ChildState {
             ChildState::Backoff => "backoff",
             ChildState::Stopping => "stopping",
             ChildState::Stopped => "stopped",
+            ChildState::Draining => "draining",
+            ChildState::Drained => "drained",
         }
     }
 }
