@@ -17,11 +17,16 @@
 //! (slowloris, idle keep-alive). When the process runs out of file descriptors the accept loop
 //! backs off and logs one line a second (`sc_common::net::accept`).
 //!
+//! Behind a load balancer that sends the PROXY protocol (`[balancer] accept_proxy_protocol`),
+//! each connection's header is read right after accept and its source address stands for the
+//! client from then on (`inbound`).
+//!
 //! Entry points: [`Balancer::bind`], then [`Balancer::serve`].
 
 #![warn(missing_docs)]
 
 mod forward;
+mod inbound;
 mod tls;
 
 use std::net::SocketAddr;
@@ -163,6 +168,15 @@ impl Balancer {
             };
             let listener = &self.listener;
             let Some((client, remote)) = net::accept(|| listener.accept(), &shutdown).await else { break };
+            if self.config.balancer.accept_proxy_protocol {
+                // The peer is the load balancer: the client, and so its per-IP budget, is known
+                // only from the header.
+                let tls = self.tls.as_ref().map(|certificates| certificates.current());
+                let task =
+                    inbound::serve_proxied(client, remote, workers.clone(), shared.clone(), tls, permit);
+                tracker.spawn(task);
+                continue;
+            }
             // One address may not hold many connections that are not forwarded yet (silent
             // ones wait out first_byte_timeout): past its budget, closed at once.
             let Some(slot) = shared.pending.try_acquire(remote.ip()) else {

@@ -24,6 +24,10 @@ pub const ENV_PREFIX: &str = "SC";
 /// What `print-config` shows instead of a secret.
 pub const REDACTED: &str = "<redacted>";
 
+/// How the secrets in the example manifests (deploy/k8s) start; every daemon refuses a secret
+/// that starts with it ([`is_placeholder`]).
+pub const PLACEHOLDER_PREFIX: &str = "REPLACE-ME";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -162,6 +166,12 @@ pub struct BalancerConfig {
     /// and so not forwarded yet; past it, new ones from that address are closed at once. 0: no
     /// limit.
     pub max_pending_per_ip: u32,
+    /// Every accepted connection must start with a PROXY protocol header (v1 or v2), sent by a
+    /// load balancer in front; its source address then stands for the client (worker choice,
+    /// per-IP limits, the address the worker sees). A connection without a valid header within
+    /// `first_byte_timeout` is closed. Only for a listener that nothing but that load balancer
+    /// can reach: anyone else could claim any address.
+    pub accept_proxy_protocol: bool,
 }
 
 /// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
@@ -326,6 +336,7 @@ impl Default for BalancerConfig {
             first_byte_timeout: Duration::from_secs(10),
             upgrade_timeout: Duration::from_secs(30),
             max_pending_per_ip: 100,
+            accept_proxy_protocol: false,
         }
     }
 }
@@ -478,6 +489,19 @@ impl Config {
         if self.balancer.upgrade_timeout.is_zero() {
             return bad("balancer.upgrade_timeout", "must be more than 0");
         }
+        for (key, value) in [
+            ("cluster.secret", &self.cluster.secret),
+            ("master.admin_token", &self.master.admin_token),
+            ("worker.auth_key", &self.worker.auth_key),
+            ("worker.api_key", &self.worker.api_key),
+        ] {
+            if is_placeholder(value) {
+                return bad(
+                    key,
+                    "is the placeholder of the example manifests: generate one (openssl rand -hex 32)",
+                );
+            }
+        }
         if !self.master.admin_token.bytes().all(|b| b.is_ascii_graphic()) {
             return bad(
                 "master.admin_token",
@@ -575,6 +599,12 @@ impl Config {
         // Serializing plain structs of strings, numbers and durations cannot fail.
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
+}
+
+/// Whether `secret` is the stand-in that deploy/k8s ships ([`PLACEHOLDER_PREFIX`]...), which
+/// must never authenticate anything: a manifest applied unedited fails at start, not later.
+pub fn is_placeholder(secret: &str) -> bool {
+    secret.get(..PLACEHOLDER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PLACEHOLDER_PREFIX))
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -751,6 +781,22 @@ mod tests {
         let printed: toml::Table = toml::from_str(&Config::default().redacted().to_toml()).unwrap();
         assert_eq!(printed["cluster"]["secret"].as_str(), Some(""));
         assert_eq!(config.cluster.secret, "cluster-s3cret", "the config itself keeps its secrets");
+    }
+
+    #[test]
+    fn placeholder_secrets_are_refused() {
+        for key in
+            ["SC_CLUSTER__SECRET", "SC_MASTER__ADMIN_TOKEN", "SC_WORKER__AUTH_KEY", "SC_WORKER__API_KEY"]
+        {
+            let err = Config::load_with_env(None, env(&[(key, "REPLACE-ME-cluster-secret")])).unwrap_err();
+            let name = key.trim_start_matches("SC_").replace("__", ".").to_lowercase();
+            assert!(err.to_string().contains(&name), "{key}: {err}");
+            assert!(err.to_string().contains("placeholder"), "{key}: {err}");
+        }
+        let err = Config::load_with_env(None, env(&[("SC_CLUSTER__SECRET", "replace-me")])).unwrap_err();
+        assert!(err.to_string().contains("cluster.secret"), "{err}");
+        let config = Config::load_with_env(None, env(&[("SC_CLUSTER__SECRET", "not-REPLACE-ME")])).unwrap();
+        assert_eq!(config.cluster.secret, "not-REPLACE-ME", "only the prefix counts");
     }
 
     #[test]
