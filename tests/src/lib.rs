@@ -707,3 +707,11 @@ pub async fn https_get(
     let worker = response.lines().find_map(|l| l.strip_prefix("x-sc-worker: ")).map(|s| s.trim().to_owned());
     Ok((status, worker))
 }
+
+impl Client {
+    /// As [`Client::connect`], over a stream the caller has already set up (one that starts
+    /// with a PROXY header, say); `url` says ws://, whatever the stream is.
+    pub async fn over_stream(stream: impl Io + 'static, url: &str) -> Result<Self> {
+        Self::over(Box::new(stream), url).await
+    }
+}

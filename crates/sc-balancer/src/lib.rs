@@ -21,12 +21,17 @@
 //! (slowloris, idle keep-alive). When the process runs out of file descriptors the accept loop
 //! backs off and logs one line a second (`sc_common::net::accept`).
 //!
+//! Behind a load balancer that sends the PROXY protocol (`[balancer] accept_proxy_protocol`),
+//! each connection's header is read right after accept and its source address stands for the
+//! client from then on (`inbound`).
+//!
 //! Entry points: [`Balancer::bind`], then [`Balancer::serve`].
 
 #![warn(missing_docs)]
 
 mod forward;
 mod handoff;
+mod inbound;
 mod metrics;
 mod tls;
 
@@ -179,6 +184,15 @@ impl Balancer {
             let listener = &self.listener;
             let Some((client, remote)) = net::accept(|| listener.accept(), &shutdown).await else { break };
             metrics::get().accepted(self.tls.is_some());
+            if self.config.balancer.accept_proxy_protocol {
+                // The peer is the load balancer: the client, and so its per-IP budget, is known
+                // only from the header.
+                let tls = self.tls.as_ref().map(|certificates| certificates.current());
+                let task =
+                    inbound::serve_proxied(client, remote, workers.clone(), shared.clone(), tls, permit);
+                tracker.spawn(task);
+                continue;
+            }
             // One address may not hold many connections that are not forwarded yet (silent
             // ones wait out first_byte_timeout): past its budget, closed at once.
             let Some(slot) = shared.pending.try_acquire(remote.ip()) else {
@@ -196,7 +210,7 @@ impl Balancer {
                     });
                 }
                 None => {
-                    tracker.spawn(handle_plain(client, remote, workers, shared, slot, permit));
+                    tracker.spawn(handle_plain(client, remote, workers, shared, slot, permit, true));
                 }
             }
         }
@@ -258,7 +272,9 @@ async fn reload_on_sighup(certificates: Option<Arc<tls::Certificates>>, shutdown
 /// A plain client: hand it off to its worker when that worker is on this host, else pick and
 /// connect a worker and forward. Its own task (not a branch of the TLS one) so that a plain
 /// connection's task is only as large as its own state. `permit` counts the connection against
-/// `[balancer] max_connections` until it closes (in the worker, for a handed-off one).
+/// `[balancer] max_connections` until it closes (in the worker, for a handed-off one). Only a
+/// connection whose socket tells its real address (`may_hand_off`: not one behind an inbound
+/// PROXY header) is handed off.
 async fn handle_plain(
     client: TcpStream,
     remote: SocketAddr,
@@ -266,6 +282,7 @@ async fn handle_plain(
     shared: Arc<Shared>,
     slot: Pending,
     permit: handoff::Permit,
+    may_hand_off: bool,
 ) {
     let _open = metrics::get().open(false);
     let upgrade_by = Instant::now() + shared.upgrade_timeout;
@@ -274,7 +291,8 @@ async fn handle_plain(
         metrics::get().refused(false, metrics::Refused::FirstByte);
         return;
     }
-    let (client, _permit) = match &shared.links {
+    let links = shared.links.as_ref().filter(|_| may_hand_off);
+    let (client, _permit) = match links {
         // Boxed: the hand-off's state lives only until the socket is passed.
         Some(links) => {
             match Box::pin(hand_off(links, client, remote, workers.clone(), &shared, permit, upgrade_by))
@@ -551,7 +569,7 @@ mod size {
         });
         let workers = watch::channel(Membership::default()).1;
         let slot = shared.pending.acquire(addr.ip());
-        let task = handle_plain(client, addr, workers, shared, slot, None);
+        let task = handle_plain(client, addr, workers, shared, slot, None, true);
         let size = std::mem::size_of_val(&task);
         assert!(size <= BUDGET, "the plain connection task is {size} bytes, over its budget of {BUDGET}");
     }

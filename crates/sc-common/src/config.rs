@@ -24,6 +24,10 @@ pub const ENV_PREFIX: &str = "SC";
 /// What `print-config` shows instead of a secret.
 pub const REDACTED: &str = "<redacted>";
 
+/// How the secrets in the example manifests (deploy/k8s) start; every daemon refuses a secret
+/// that starts with it ([`is_placeholder`]).
+pub const PLACEHOLDER_PREFIX: &str = "REPLACE-ME";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -170,6 +174,12 @@ pub struct BalancerConfig {
     /// Runtime threads: 0 picks one thread per core, shared with the workers on this host
     /// (see README, "Threads").
     pub threads: usize,
+    /// Every accepted connection must start with a PROXY protocol header (v1 or v2), sent by a
+    /// load balancer in front; its source address then stands for the client (worker choice,
+    /// per-IP limits, the address the worker sees). A connection without a valid header within
+    /// `first_byte_timeout` is closed. Only for a listener that nothing but that load balancer
+    /// can reach: anyone else could claim any address.
+    pub accept_proxy_protocol: bool,
 }
 
 /// `[worker]`: HTTP, WebSocket and the SocketCluster protocol.
@@ -339,6 +349,7 @@ impl Default for BalancerConfig {
             max_pending_per_ip: 100,
             handoff: true,
             threads: 0,
+            accept_proxy_protocol: false,
         }
     }
 }
@@ -491,6 +502,19 @@ impl Config {
         }
         if self.balancer.upgrade_timeout.is_zero() {
             return bad("balancer.upgrade_timeout", "must be more than 0");
+        }
+        for (key, value) in [
+            ("cluster.secret", &self.cluster.secret),
+            ("master.admin_token", &self.master.admin_token),
+            ("worker.auth_key", &self.worker.auth_key),
+            ("worker.api_key", &self.worker.api_key),
+        ] {
+            if is_placeholder(value) {
+                return bad(
+                    key,
+                    "is the placeholder of the example manifests: generate one (openssl rand -hex 32)",
+                );
+            }
         }
         if !self.master.admin_token.bytes().all(|b| b.is_ascii_graphic()) {
             return bad(
@@ -651,15 +675,19 @@ impl Config {
     }
 }
 
-/// Whether a secret is a placeholder from an example (`change-me-auth-key`, and the like).
-fn is_placeholder(secret: &str) -> bool {
-    let lower = secret.to_ascii_lowercase();
-    lower.contains("change-me") || lower.contains("changeme")
-}
-
 /// The environment variable of `section.key`: `SC_SECTION__KEY`.
 fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}_{}", key.replacen('.', "__", 1).to_ascii_uppercase())
+}
+
+/// Whether `secret` is a stand-in from an example or a manifest, which must never authenticate
+/// anything: `change-me-auth-key` and the like (docker-compose, deploy/hosts), or what deploy/k8s
+/// ships ([`PLACEHOLDER_PREFIX`]...). A config applied unedited fails at start, not later.
+pub fn is_placeholder(secret: &str) -> bool {
+    let lower = secret.to_ascii_lowercase();
+    lower.contains("change-me")
+        || lower.contains("changeme")
+        || secret.get(..PLACEHOLDER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PLACEHOLDER_PREFIX))
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -836,6 +864,22 @@ mod tests {
         let printed: toml::Table = toml::from_str(&Config::default().redacted().to_toml()).unwrap();
         assert_eq!(printed["cluster"]["secret"].as_str(), Some(""));
         assert_eq!(config.cluster.secret, "cluster-s3cret", "the config itself keeps its secrets");
+    }
+
+    #[test]
+    fn placeholder_secrets_are_refused() {
+        for key in
+            ["SC_CLUSTER__SECRET", "SC_MASTER__ADMIN_TOKEN", "SC_WORKER__AUTH_KEY", "SC_WORKER__API_KEY"]
+        {
+            let err = Config::load_with_env(None, env(&[(key, "REPLACE-ME-cluster-secret")])).unwrap_err();
+            let name = key.trim_start_matches("SC_").replace("__", ".").to_lowercase();
+            assert!(err.to_string().contains(&name), "{key}: {err}");
+            assert!(err.to_string().contains("placeholder"), "{key}: {err}");
+        }
+        let err = Config::load_with_env(None, env(&[("SC_CLUSTER__SECRET", "replace-me")])).unwrap_err();
+        assert!(err.to_string().contains("cluster.secret"), "{err}");
+        let config = Config::load_with_env(None, env(&[("SC_CLUSTER__SECRET", "not-REPLACE-ME")])).unwrap();
+        assert_eq!(config.cluster.secret, "not-REPLACE-ME", "only the prefix counts");
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! ([`encode`]); the worker reads it before HTTP ([`read_header`]). Only the parts we use are
 //! implemented: the PROXY and LOCAL commands, TCP over IPv4 and IPv6, and one TLV, PP2_TYPE_SSL
 //! (0x20), whose presence says the client came over TLS. Unknown TLVs are skipped.
+//!
+//! Inbound, a balancer behind a load balancer that speaks the PROXY protocol (`[balancer]
+//! accept_proxy_protocol`) reads either version with [`read_v1_or_v2`]: the text version 1
+//! (`PROXY TCP4 <src> <dst> <sport> <dport>\r\n`, still the default of several load balancers)
+//! as well as version 2.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -16,6 +21,11 @@ pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 const TLV_SSL: u8 = 0x20;
 /// Largest address block we accept: addresses plus a few TLVs.
 const MAX_BLOCK: usize = 512;
+/// The longest version 1 header, CRLF included (the specification's figure).
+const MAX_V1: usize = 107;
+/// The shortest version 1 header: `PROXY UNKNOWN\r\n`; no header of either version is shorter
+/// than [`SIGNATURE`] (12 bytes), so reading that many first never reads past a header.
+const MIN_V1: usize = 15;
 
 /// What a PROXY v2 header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +50,9 @@ pub enum ParseError {
     /// The address block does not fit its family.
     #[error("address block of {0} bytes is too long or too short")]
     Length(usize),
+    /// A version 1 (text) header that does not follow the specification.
+    #[error("bad PROXY v1 header: {0}")]
+    V1(&'static str),
     /// Reading the header failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -76,18 +89,89 @@ pub fn encode(source: SocketAddr, destination: SocketAddr, tls: bool) -> Vec<u8>
 
 /// Reads one header from `reader`, which must start with [`SIGNATURE`].
 pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header, ParseError> {
-    let mut fixed = [0u8; 16];
-    reader.read_exact(&mut fixed).await?;
-    if fixed[..12] != SIGNATURE {
+    let mut signature = [0u8; 12];
+    reader.read_exact(&mut signature).await?;
+    if signature != SIGNATURE {
         return Err(ParseError::Signature);
     }
-    let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+    read_v2_rest(reader).await
+}
+
+/// Reads one header of version 1 or 2 from `reader`, and not a byte more (what follows belongs
+/// to the client): anything else at the start of the stream is an error. For headers from a
+/// load balancer in front of the balancer; a version 1 `UNKNOWN` says as little as a LOCAL.
+pub async fn read_v1_or_v2<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header, ParseError> {
+    let mut line = [0u8; MAX_V1];
+    reader.read_exact(&mut line[..SIGNATURE.len()]).await?;
+    if line[..SIGNATURE.len()] == SIGNATURE {
+        return read_v2_rest(reader).await;
+    }
+    if !line.starts_with(b"PROXY ") {
+        return Err(ParseError::Signature);
+    }
+    reader.read_exact(&mut line[SIGNATURE.len()..MIN_V1]).await?;
+    // The line's end is not known before it is read: one byte at a time, as the
+    // specification suggests for readers that must not consume past the header.
+    let mut len = MIN_V1;
+    while !line[..len].ends_with(b"\r\n") {
+        if len == MAX_V1 {
+            return Err(ParseError::V1("no CRLF within 107 bytes"));
+        }
+        reader.read_exact(&mut line[len..=len]).await?;
+        len += 1;
+    }
+    parse_v1(&line[..len - 2])
+}
+
+/// The rest of a version 2 header after its signature.
+async fn read_v2_rest<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header, ParseError> {
+    let mut fixed = [0u8; 4];
+    reader.read_exact(&mut fixed).await?;
+    let len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
     if len > MAX_BLOCK {
         return Err(ParseError::Length(len));
     }
     let mut block = vec![0u8; len];
     reader.read_exact(&mut block).await?;
-    parse(fixed[12], fixed[13], &block)
+    parse(fixed[0], fixed[1], &block)
+}
+
+/// A version 1 line without its CRLF: `PROXY TCP4|TCP6 <src ip> <dst ip> <src port> <dst port>`
+/// or `PROXY UNKNOWN ...`.
+fn parse_v1(line: &[u8]) -> Result<Header, ParseError> {
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::V1("not ASCII"))?;
+    let mut fields = line.split(' ');
+    let (Some("PROXY"), Some(family)) = (fields.next(), fields.next()) else {
+        return Err(ParseError::V1("expected PROXY and a protocol"));
+    };
+    if family == "UNKNOWN" {
+        return Ok(Header { source: None, destination: None, tls: false });
+    }
+    let (Some(src), Some(dst), Some(sport), Some(dport), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(ParseError::V1("expected four fields after the protocol"));
+    };
+    let ip = |text: &str| -> Result<IpAddr, ParseError> {
+        let ip: IpAddr = text.parse().map_err(|_| ParseError::V1("bad address"))?;
+        match (family, ip) {
+            ("TCP4", IpAddr::V4(_)) | ("TCP6", IpAddr::V6(_)) => Ok(ip),
+            ("TCP4" | "TCP6", _) => Err(ParseError::V1("address of the other family")),
+            _ => Err(ParseError::V1("protocol is not TCP4, TCP6 or UNKNOWN")),
+        }
+    };
+    // Ports are decimal without sign or leading zeros ("0" itself aside).
+    let port = |text: &str| -> Result<u16, ParseError> {
+        let canonical = !text.is_empty()
+            && text.bytes().all(|b| b.is_ascii_digit())
+            && (text == "0" || !text.starts_with('0'));
+        canonical.then(|| text.parse().ok()).flatten().ok_or(ParseError::V1("bad port"))
+    };
+    Ok(Header {
+        source: Some(SocketAddr::new(ip(src)?, port(sport)?)),
+        destination: Some(SocketAddr::new(ip(dst)?, port(dport)?)),
+        tls: false,
+    })
 }
 
 fn parse(command: u8, family: u8, block: &[u8]) -> Result<Header, ParseError> {
@@ -194,6 +278,64 @@ mod tests {
         bytes.extend_from_slice(&[0x20, 0x00, 0, 0]);
         let h = read_header(&mut &bytes[..]).await.unwrap();
         assert_eq!(h.source, None);
+    }
+
+    /// `bytes` read by [`read_v1_or_v2`], with what it left unread.
+    async fn inbound(bytes: &[u8]) -> (Result<Header, ParseError>, Vec<u8>) {
+        let mut reader = bytes;
+        let header = read_v1_or_v2(&mut reader).await;
+        (header, reader.to_vec())
+    }
+
+    #[tokio::test]
+    async fn inbound_v1_is_parsed_and_nothing_past_it_is_read() {
+        let (h, rest) = inbound(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 8000\r\nGET / HTTP/1.1\r\n").await;
+        let h = h.unwrap();
+        assert_eq!(h.source, Some("203.0.113.7:51000".parse().unwrap()));
+        assert_eq!(h.destination, Some("10.0.0.1:8000".parse().unwrap()));
+        assert_eq!(rest, b"GET / HTTP/1.1\r\n", "the client's bytes stay unread");
+        let (h, rest) = inbound(b"PROXY TCP6 2001:db8::7 2001:db8::1 443 8000\r\n\x16\x03").await;
+        assert_eq!(h.unwrap().source, Some("[2001:db8::7]:443".parse().unwrap()));
+        assert_eq!(rest, b"\x16\x03");
+        let (h, rest) = inbound(b"PROXY UNKNOWN\r\nx").await;
+        assert_eq!(h.unwrap().source, None);
+        assert_eq!(rest, b"x");
+        let longest =
+            format!("PROXY UNKNOWN {0} {0} 65535 65535\r\n", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
+        assert_eq!(longest.len(), MAX_V1);
+        assert!(inbound(longest.as_bytes()).await.0.is_ok());
+    }
+
+    #[tokio::test]
+    async fn inbound_v2_is_parsed_and_nothing_past_it_is_read() {
+        let mut bytes = encode("198.51.100.4:4000".parse().unwrap(), "10.0.0.1:8000".parse().unwrap(), false);
+        bytes.extend_from_slice(b"GET /");
+        let (h, rest) = inbound(&bytes).await;
+        assert_eq!(h.unwrap().source, Some("198.51.100.4:4000".parse().unwrap()));
+        assert_eq!(rest, b"GET /");
+    }
+
+    #[tokio::test]
+    async fn inbound_without_a_valid_header_is_refused() {
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\x00\x00",
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51000\r\n\r\n\r\n",
+            b"PROXY TCP4 2001:db8::1 10.0.0.1 1 2\r\n",
+            b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+        ] {
+            let (h, _) = inbound(bad).await;
+            assert!(h.is_err(), "{:?} accepted", String::from_utf8_lossy(bad));
+        }
+        let endless = [b"PROXY TCP4 ".as_slice(), &[b'1'; 200]].concat();
+        assert!(matches!(inbound(&endless).await.0, Err(ParseError::V1(_))));
+        assert!(matches!(inbound(b"PROXY TCP4 1.2").await.0, Err(ParseError::Io(_))), "cut short");
+        assert!(matches!(inbound(b"").await.0, Err(ParseError::Io(_))));
     }
 
     #[tokio::test]

@@ -189,10 +189,9 @@ impl Admin {
             (&Method::GET, "/metrics") => self.metrics().await,
             (
                 _,
-                "/status" | "/log" | "/rolling-restart" | "/drain" | "/undrain" | "/events" | "/healthz" | "/metrics",
-            ) => {
-                json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "method not allowed" }))
-            }
+                "/status" | "/log" | "/rolling-restart" | "/drain" | "/undrain" | "/events" | "/healthz"
+                | "/metrics",
+            ) => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "method not allowed" })),
             _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found" })),
         }
     }
