@@ -6,13 +6,19 @@
 //! (rendezvous hashing over the live brokers, see `sc_common::rendezvous`); the broker serves
 //! whatever it is sent. It registers with the master and serves grpc.health.v1 on the same port.
 //!
+//! The exchange data lives in a [`store`]: this broker's memory, whose keys follow their owner
+//! when the broker membership changes ([`handover`]: pulled before serving, pushed when held
+//! but not owned), or Redis.
+//!
 //! Entry points: [`Broker::bind`], then [`Broker::serve`].
 
 #![warn(missing_docs)]
 
 mod exchange;
 mod grpc;
+mod handover;
 mod router;
+mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +85,21 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let secret = &self.config.cluster.secret;
+        let message_limit = self.config.grpc_message_limit();
+        let exchange = Arc::new(exchange::Exchange::default());
+        // Cancelled once this broker leaves on purpose: from then on it owns no exchange key.
+        let leaving = CancellationToken::new();
+        let (mover, closed) = handover::Mover::new(
+            self.id.clone(),
+            secret.clone(),
+            message_limit,
+            exchange.clone(),
+            leaving.clone(),
+        )
+        .await;
+        let store = store::Store::Memory { exchange: exchange.clone(), gate: mover.gate() };
+        // The worker streams and the gRPC server outlive `shutdown` by the drain period.
+        let stopped = CancellationToken::new();
         if let Some(url) = &self.config.broker.master {
             let advertise_ip = self.config.cluster.advertise_ip;
             let me = Member::this_process(
@@ -91,19 +112,20 @@ impl Broker {
                 url,
             );
             let link = MasterLink::new(url, secret, me, vec![Role::Broker])?;
-            let _members = link.spawn(events, shutdown.clone());
+            let members = link.spawn(events, shutdown.clone());
+            tokio::spawn(mover.clone().run(members, closed, stopped.clone()));
+        } else {
+            // Alone: no other broker to pull keys from.
+            drop(closed);
         }
         let queue = self.config.broker.worker_queue;
-        let exchange = Arc::new(exchange::Exchange::default());
-        // The worker streams and the gRPC server outlive `shutdown` by the drain period.
-        let stopped = CancellationToken::new();
         let routes = Arc::new(router::Router::new(queue));
         let service = grpc::BrokerService {
             router: routes.clone(),
-            exchange: exchange.clone(),
+            store,
             queue,
             shutdown: stopped.clone(),
-            message_limit: self.config.grpc_message_limit(),
+            message_limit,
         };
         tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = net::health();
@@ -122,10 +144,15 @@ impl Broker {
                 if let Some(url) = master {
                     sc_common::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))
                         .await;
+                    // Its exchange keys go to their new owners (who also pull them when they
+                    // see it leave); late writes from workers still on the way go too.
+                    leaving.cancel();
+                    mover.push().await;
                     let deadline = tokio::time::Instant::now() + DRAIN;
                     while routes.stream_count() > 0 && tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    mover.push().await;
                 }
                 stopped.cancel();
             }
