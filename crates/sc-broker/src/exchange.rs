@@ -56,6 +56,8 @@ pub(crate) enum ExchangeError {
     BadJson(String),
     #[error("the value under {0:?} is not a list")]
     NotAList(String),
+    #[error("exchange backend unavailable: {0}")]
+    Backend(String),
 }
 
 impl Exchange {

@@ -30,6 +30,8 @@ pub(crate) struct BrokerService {
     /// The largest gRPC message to or from a worker (`Config::grpc_message_limit`): delivery
     /// batches are cut below it.
     pub(crate) message_limit: usize,
+    /// With the Redis backend: publishes go on to Redis too.
+    pub(crate) bridge: Option<Arc<crate::redis::Bridge>>,
 }
 
 impl BrokerService {
@@ -73,6 +75,7 @@ impl pb::broker_server::Broker for BrokerService {
         let queue = self.queue;
         let cut = attachment.cut.clone();
         let shutdown = self.shutdown.clone();
+        let bridge = self.bridge.clone();
         tokio::spawn(async move {
             loop {
                 let batch = tokio::select! {
@@ -94,6 +97,9 @@ impl pb::broker_server::Broker for BrokerService {
                         Some(pb::command::Kind::Unsubscribe(channel)) => router.unsubscribe(id, &channel),
                         Some(pb::command::Kind::Sync(token)) => router.sync(id, token),
                         Some(pb::command::Kind::Publish(publish)) => {
+                            if let Some(bridge) = &bridge {
+                                bridge.publish(publish.channel.as_str().into(), publish.data.clone());
+                            }
                             let congested = router.publish(&publish.channel, publish.data);
                             if !congested.is_empty() {
                                 router::wait_for_room(congested, queue).await;
@@ -280,6 +286,7 @@ fn to_status(error: ExchangeError) -> Status {
     match error {
         ExchangeError::BadJson(_) => Status::invalid_argument(error.to_string()),
         ExchangeError::NotAList(_) => Status::failed_precondition(error.to_string()),
+        ExchangeError::Backend(_) => Status::unavailable(error.to_string()),
     }
 }
 

@@ -6,8 +6,8 @@
 //! (rendezvous hashing over the live brokers, see `sc_common::rendezvous`); the broker serves
 //! whatever it is sent. It registers with the master and serves grpc.health.v1 on the same port.
 //!
-//! The exchange data lives in a [`store`]: this broker's memory, whose keys follow their owner
-//! when the broker membership changes ([`handover`]: pulled before serving, pushed when held
+//! The exchange data lives in a `store`: this broker's memory, whose keys follow their owner
+//! when the broker membership changes (`handover`: pulled before serving, pushed when held
 //! but not owned), or Redis.
 //!
 //! Entry points: [`Broker::bind`], then [`Broker::serve`].
@@ -17,6 +17,7 @@
 mod exchange;
 mod grpc;
 mod handover;
+mod redis;
 mod router;
 mod store;
 
@@ -24,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sc_common::config::Config;
+use sc_common::config::{BrokerBackend, Config};
 use sc_common::membership::{Event, Member, Role, default_id};
 use sc_common::{MasterLink, net};
 use tokio::net::TcpListener;
@@ -97,9 +98,33 @@ impl Broker {
             leaving.clone(),
         )
         .await;
-        let store = store::Store::Memory { exchange: exchange.clone(), gate: mover.gate() };
         // The worker streams and the gRPC server outlive `shutdown` by the drain period.
         let stopped = CancellationToken::new();
+        let queue = self.config.broker.worker_queue;
+        let routes = Arc::new(router::Router::new(queue));
+        let (store, bridge) = match self.config.broker.backend {
+            BrokerBackend::Memory => {
+                (store::Store::Memory { exchange: exchange.clone(), gate: mover.gate() }, None)
+            }
+            BrokerBackend::Redis => {
+                let cluster_id =
+                    self.config.broker.cluster_id.clone().unwrap_or_else(|| {
+                        format!("{}-{}-{}", self.id, std::process::id(), sc_common::now_ms())
+                    });
+                let (kv, bridge) = redis::connect(
+                    &self.config.broker.redis_url,
+                    cluster_id,
+                    routes.clone(),
+                    stopped.clone(),
+                )
+                .await
+                .map_err(|e| Error::Config(format!("broker.redis_url: cannot connect to redis: {e}")))?;
+                let watcher = bridge.clone();
+                routes.watch_channels(Box::new(move |channel, held| watcher.held(channel, held)));
+                (store::Store::Redis(kv), Some(bridge))
+            }
+        };
+        let memory = matches!(store, store::Store::Memory { .. });
         if let Some(url) = &self.config.broker.master {
             let advertise_ip = self.config.cluster.advertise_ip;
             let me = Member::this_process(
@@ -113,19 +138,23 @@ impl Broker {
             );
             let link = MasterLink::new(url, secret, me, vec![Role::Broker])?;
             let members = link.spawn(events, shutdown.clone());
-            tokio::spawn(mover.clone().run(members, closed, stopped.clone()));
+            if memory {
+                tokio::spawn(mover.clone().run(members, closed, stopped.clone()));
+            } else {
+                // Redis holds the data: nothing moves between brokers.
+                drop(closed);
+            }
         } else {
             // Alone: no other broker to pull keys from.
             drop(closed);
         }
-        let queue = self.config.broker.worker_queue;
-        let routes = Arc::new(router::Router::new(queue));
         let service = grpc::BrokerService {
             router: routes.clone(),
             store,
             queue,
             shutdown: stopped.clone(),
             message_limit,
+            bridge,
         };
         tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = net::health();

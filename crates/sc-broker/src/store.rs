@@ -12,6 +12,8 @@ use crate::handover::Gate;
 pub(crate) enum Store {
     /// In this broker's memory; calls wait at the gate while keys are pulled in.
     Memory { exchange: Arc<Exchange>, gate: Gate },
+    /// In Redis.
+    Redis(Arc<crate::redis::RedisKv>),
 }
 
 impl Store {
@@ -22,6 +24,7 @@ impl Store {
                 let _open = gate.read().await;
                 exchange.set(key, value)
             }
+            Self::Redis(redis) => redis.set(&key, value).await,
         }
     }
 
@@ -32,6 +35,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.get(key))
             }
+            Self::Redis(redis) => redis.get(key).await,
         }
     }
 
@@ -42,6 +46,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.remove(key))
             }
+            Self::Redis(redis) => redis.remove(key).await,
         }
     }
 
@@ -52,6 +57,7 @@ impl Store {
                 let _open = gate.read().await;
                 exchange.add(key, value)
             }
+            Self::Redis(redis) => redis.add(&key, value).await,
         }
     }
 
@@ -67,6 +73,7 @@ impl Store {
                 let _open = gate.read().await;
                 exchange.get_range(key, start, end)
             }
+            Self::Redis(redis) => redis.get_range(key, start, end).await,
         }
     }
 
@@ -82,6 +89,7 @@ impl Store {
                 let _open = gate.read().await;
                 exchange.remove_range(key, start, end)
             }
+            Self::Redis(redis) => redis.remove_range(key, start, end).await,
         }
     }
 
@@ -92,6 +100,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.count(key))
             }
+            Self::Redis(redis) => redis.count(key).await,
         }
     }
 
@@ -102,6 +111,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.has_key(key))
             }
+            Self::Redis(redis) => redis.has_key(key).await,
         }
     }
 
@@ -112,6 +122,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.expire(keys, seconds))
             }
+            Self::Redis(redis) => redis.expire(keys, seconds).await,
         }
     }
 
@@ -122,6 +133,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.unexpire(keys))
             }
+            Self::Redis(redis) => redis.unexpire(keys).await,
         }
     }
 
@@ -132,6 +144,7 @@ impl Store {
                 let _open = gate.read().await;
                 Ok(exchange.get_expiry(key))
             }
+            Self::Redis(redis) => redis.get_expiry(key).await,
         }
     }
 
@@ -139,6 +152,7 @@ impl Store {
     pub(crate) fn memory(&self) -> Option<&Arc<Exchange>> {
         match self {
             Self::Memory { exchange, .. } => Some(exchange),
+            Self::Redis(_) => None,
         }
     }
 }
