@@ -111,14 +111,21 @@ impl Broker {
                     self.config.broker.cluster_id.clone().unwrap_or_else(|| {
                         format!("{}-{}-{}", self.id, std::process::id(), sc_common::now_ms())
                     });
-                let (kv, bridge) = redis::connect(
-                    &self.config.broker.redis_url,
-                    cluster_id,
-                    routes.clone(),
-                    stopped.clone(),
-                )
-                .await
-                .map_err(|e| Error::Config(format!("broker.redis_url: cannot connect to redis: {e}")))?;
+                // Redis may start after the cluster: wait for it (the broker registers, and so
+                // takes channels, only once it is connected).
+                let urls = &self.config.broker.redis_url;
+                let mut backoff =
+                    sc_common::membership::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+                let (kv, bridge) = loop {
+                    match redis::connect(urls, cluster_id.clone(), routes.clone(), stopped.clone()).await {
+                        Ok(connected) => break connected,
+                        Err(e) => tracing::error!(error = %e, "cannot connect to redis, retrying"),
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                };
                 let watcher = bridge.clone();
                 routes.watch_channels(Box::new(move |channel, held| watcher.held(channel, held)));
                 (store::Store::Redis(kv), Some(bridge))
