@@ -4,8 +4,13 @@
 //! own shard. Values are JSON; `add`, `get_range`, `remove_range` and `count` work on lists (and
 //! `count` on objects too). Keys may expire: an expired key reads as absent at once and is swept
 //! out of memory by [`Exchange::sweep`], which the broker calls every second.
+//!
+//! Keys move between brokers when the membership changes (see [`crate::handover`]): each entry
+//! keeps when it was last written and a version, so that [`Exchange::merge`] can tell the later
+//! write and a moved entry is only forgotten here if nothing wrote it since it was sent.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use sc_common::now_ms;
@@ -16,6 +21,8 @@ use serde_json::Value;
 pub(crate) struct Exchange {
     /// std Mutex: every operation is a few map accesses, never held across await.
     data: Mutex<HashMap<String, Entry>>,
+    /// The source of entry versions: every change of an entry gives it a new one.
+    versions: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -23,6 +30,23 @@ struct Entry {
     value: Value,
     /// Milliseconds since the Unix epoch.
     expires_at: Option<u64>,
+    /// When the value was last written (ms since the Unix epoch).
+    written_ms: u64,
+    /// A list built by `add` alone since it was created (see [`Exchange::merge`]).
+    appended: bool,
+    /// Changes with every write, expiry included.
+    version: u64,
+}
+
+/// An exchange key on its way from one broker's store to another's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Moved {
+    pub(crate) key: String,
+    /// JSON text.
+    pub(crate) value: Vec<u8>,
+    pub(crate) expires_at: Option<u64>,
+    pub(crate) written_ms: u64,
+    pub(crate) appended: bool,
 }
 
 /// Why an operation failed.
@@ -32,6 +56,8 @@ pub(crate) enum ExchangeError {
     BadJson(String),
     #[error("the value under {0:?} is not a list")]
     NotAList(String),
+    #[error("exchange backend unavailable: {0}")]
+    Backend(String),
 }
 
 impl Exchange {
@@ -43,7 +69,8 @@ impl Exchange {
     /// Stores `value` (JSON text) under `key`, replacing it and any expiry.
     pub(crate) fn set(&self, key: String, value: &[u8]) -> Result<(), ExchangeError> {
         let value = parse(value)?;
-        self.lock().insert(key, Entry { value, expires_at: None });
+        let entry = self.entry(value, false);
+        self.lock().insert(key, entry);
         Ok(())
     }
 
@@ -66,12 +93,19 @@ impl Exchange {
         if data.get(&key).is_some_and(expired) {
             data.remove(&key);
         }
-        let entry = data
-            .entry(key.clone())
-            .or_insert_with(|| Entry { value: Value::Array(Vec::new()), expires_at: None });
+        let version = self.next_version();
+        let entry = data.entry(key.clone()).or_insert_with(|| Entry {
+            value: Value::Array(Vec::new()),
+            expires_at: None,
+            written_ms: 0,
+            appended: true,
+            version,
+        });
         match &mut entry.value {
             Value::Array(list) => {
                 list.push(value);
+                entry.written_ms = now_ms();
+                entry.version = version;
                 Ok(list.len() as u64 - 1)
             }
             _ => Err(ExchangeError::NotAList(key)),
@@ -106,13 +140,19 @@ impl Exchange {
         if data.get(key).is_some_and(expired) {
             data.remove(key);
         }
-        match data.get_mut(key).map(|e| &mut e.value) {
-            None => Ok(b"[]".to_vec()),
-            Some(Value::Array(list)) => {
+        let version = self.next_version();
+        let Some(entry) = data.get_mut(key) else { return Ok(b"[]".to_vec()) };
+        match &mut entry.value {
+            Value::Array(list) => {
                 let (from, to) = bounds(list.len(), start, end);
-                Ok(to_json(&Value::Array(list.drain(from..to).collect())))
+                let removed = to_json(&Value::Array(list.drain(from..to).collect()));
+                entry.written_ms = now_ms();
+                entry.version = version;
+                // No longer a list of appends only: a merge must not bring removed items back.
+                entry.appended = false;
+                Ok(removed)
             }
-            Some(_) => Err(ExchangeError::NotAList(key.to_owned())),
+            _ => Err(ExchangeError::NotAList(key.to_owned())),
         }
     }
 
@@ -155,16 +195,96 @@ impl Exchange {
         before - data.len()
     }
 
+    /// Takes out the live keys that `claimed` picks, for another broker, up to about `budget`
+    /// bytes (expired keys stay to be swept).
+    pub(crate) fn take(&self, claimed: impl Fn(&str) -> bool, mut budget: usize) -> Vec<Moved> {
+        let mut data = self.lock();
+        let keys: Vec<String> =
+            data.iter().filter(|(k, e)| !expired(e) && claimed(k)).map(|(k, _)| k.clone()).collect();
+        let mut taken = Vec::new();
+        for key in keys {
+            let Some(entry) = data.get(&key) else { continue };
+            let entry = moved(key, entry);
+            let size = entry.key.len() + entry.value.len() + 32;
+            if size > budget && !taken.is_empty() {
+                break;
+            }
+            budget = budget.saturating_sub(size);
+            data.remove(&entry.key);
+            taken.push(entry);
+        }
+        taken
+    }
+
+    /// Copies of the live keys that `owned_here` rejects, with their versions (for
+    /// [`Exchange::forget_if_unchanged`] once the owner has them).
+    pub(crate) fn strays(&self, owned_here: impl Fn(&str) -> bool) -> Vec<(Moved, u64)> {
+        let data = self.lock();
+        data.iter()
+            .filter(|(k, e)| !expired(e) && !owned_here(k))
+            .map(|(k, e)| (moved(k.clone(), e), e.version))
+            .collect()
+    }
+
+    /// Drops `key` if it still has `version` (nothing wrote it since it was copied).
+    pub(crate) fn forget_if_unchanged(&self, key: &str, version: u64) {
+        let mut data = self.lock();
+        if data.get(key).is_some_and(|e| e.version == version) {
+            data.remove(key);
+        }
+    }
+
+    /// Merges keys from another broker. The later write wins, except that a list built by `add`
+    /// alone is appended to an older list (both sides added to it while the key moved).
+    pub(crate) fn merge(&self, entries: Vec<Moved>) {
+        let mut data = self.lock();
+        for incoming in entries {
+            let Ok(value) = serde_json::from_slice::<Value>(&incoming.value) else { continue };
+            let mut entry = Entry {
+                value,
+                expires_at: incoming.expires_at,
+                written_ms: incoming.written_ms,
+                appended: incoming.appended,
+                version: self.next_version(),
+            };
+            if let Some(local) = data.remove(&incoming.key).filter(|e| !expired(e)) {
+                let (mut older, mut newer) =
+                    if entry.written_ms >= local.written_ms { (local, entry) } else { (entry, local) };
+                if newer.appended
+                    && let (Value::Array(old), Value::Array(new)) = (&mut older.value, &mut newer.value)
+                {
+                    old.append(new);
+                    newer.value = std::mem::take(&mut older.value);
+                    newer.appended = older.appended;
+                }
+                newer.version = self.next_version();
+                entry = newer;
+            }
+            if !expired(&entry) {
+                data.insert(incoming.key, entry);
+            }
+        }
+    }
+
     fn update_expiry(&self, keys: &[String], at: Option<u64>) -> u64 {
         let mut data = self.lock();
         let mut changed = 0;
         for key in keys {
             if let Some(entry) = data.get_mut(key).filter(|e| !expired(e)) {
                 entry.expires_at = at;
+                entry.version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
                 changed += 1;
             }
         }
         changed
+    }
+
+    fn entry(&self, value: Value, appended: bool) -> Entry {
+        Entry { value, expires_at: None, written_ms: now_ms(), appended, version: self.next_version() }
+    }
+
+    fn next_version(&self) -> u64 {
+        self.versions.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn with_live<T>(&self, key: &str, f: impl FnOnce(Option<&Entry>) -> T) -> T {
@@ -194,6 +314,16 @@ fn parse(value: &[u8]) -> Result<Value, ExchangeError> {
 fn to_json(value: &Value) -> Vec<u8> {
     // Serializing a Value cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn moved(key: String, entry: &Entry) -> Moved {
+    Moved {
+        key,
+        value: to_json(&entry.value),
+        expires_at: entry.expires_at,
+        written_ms: entry.written_ms,
+        appended: entry.appended,
+    }
 }
 
 fn expired(entry: &Entry) -> bool {
@@ -255,5 +385,60 @@ mod tests {
         assert!(!ex.has_key("a"));
         assert_eq!(ex.sweep(), 1);
         assert_eq!(text(ex.get("b")).as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn moves_take_merge_and_forget() {
+        let a = Exchange::default();
+        let b = Exchange::default();
+        a.set("x".into(), b"1").unwrap();
+        a.set("y".into(), b"2").unwrap();
+        a.expire(&["y".into()], 60);
+        let taken = a.take(|k| k == "y", 1 << 20);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(a.get("y"), None, "taken out");
+        b.merge(taken);
+        assert_eq!(text(b.get("y")).as_deref(), Some("2"));
+        assert!(b.get_expiry("y").is_some(), "the expiry moves with the key");
+
+        // A stray is forgotten only if nothing wrote it after it was copied.
+        let strays = a.strays(|k| k != "x");
+        assert_eq!(strays.len(), 1);
+        let (entry, version) = strays[0].clone();
+        a.set("x".into(), b"3").unwrap();
+        a.forget_if_unchanged("x", version);
+        assert_eq!(text(a.get("x")).as_deref(), Some("3"), "written since: kept");
+        let (_, version) = a.strays(|k| k != "x")[0].clone();
+        a.forget_if_unchanged("x", version);
+        assert_eq!(a.get("x"), None);
+
+        // The later write wins.
+        b.set("x".into(), b"9").unwrap();
+        b.merge(vec![Moved { written_ms: 1, ..entry }]);
+        assert_eq!(text(b.get("x")).as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn lists_added_on_both_sides_of_a_move_are_joined() {
+        let old = Exchange::default();
+        let new = Exchange::default();
+        old.add("l".into(), b"1").unwrap();
+        old.add("l".into(), b"2").unwrap();
+        let moved = old.take(|_| true, 1 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        new.add("l".into(), b"3").unwrap();
+        new.merge(moved);
+        assert_eq!(text(new.get("l")).as_deref(), Some("[1,2,3]"));
+        // A list that was set (not only added to) replaces the older one.
+        new.set("m".into(), b"[7]").unwrap();
+        let older = Moved {
+            key: "m".into(),
+            value: b"[5,6]".to_vec(),
+            expires_at: None,
+            written_ms: 1,
+            appended: true,
+        };
+        new.merge(vec![older]);
+        assert_eq!(text(new.get("m")).as_deref(), Some("[7]"));
     }
 }

@@ -1,5 +1,5 @@
 //! The `sc.broker.v1` gRPC service: the edge between the wire types and the broker's
-//! [`Router`](crate::router::Router) and [`Exchange`](crate::exchange::Exchange).
+//! [`Router`](crate::router::Router) and the exchange [`Store`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,8 +12,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use bytes::Bytes;
 
-use crate::exchange::{Exchange, ExchangeError};
+use crate::exchange::ExchangeError;
+use crate::handover;
 use crate::router::{self, Router};
+use crate::store::Store;
 
 /// Most deliveries sent in one gRPC message.
 const MAX_BATCH: usize = 512;
@@ -22,12 +24,14 @@ const MAX_BATCH: usize = 512;
 #[derive(Debug, Clone)]
 pub(crate) struct BrokerService {
     pub(crate) router: Arc<Router>,
-    pub(crate) exchange: Arc<Exchange>,
+    pub(crate) store: Store,
     pub(crate) queue: usize,
     pub(crate) shutdown: CancellationToken,
     /// The largest gRPC message to or from a worker (`Config::grpc_message_limit`): delivery
     /// batches are cut below it.
     pub(crate) message_limit: usize,
+    /// With the Redis backend: publishes go on to Redis too.
+    pub(crate) bridge: Option<Arc<crate::redis::Bridge>>,
 }
 
 impl BrokerService {
@@ -71,6 +75,7 @@ impl pb::broker_server::Broker for BrokerService {
         let queue = self.queue;
         let cut = attachment.cut.clone();
         let shutdown = self.shutdown.clone();
+        let bridge = self.bridge.clone();
         tokio::spawn(async move {
             loop {
                 let batch = tokio::select! {
@@ -92,6 +97,9 @@ impl pb::broker_server::Broker for BrokerService {
                         Some(pb::command::Kind::Unsubscribe(channel)) => router.unsubscribe(id, &channel),
                         Some(pb::command::Kind::Sync(token)) => router.sync(id, token),
                         Some(pb::command::Kind::Publish(publish)) => {
+                            if let Some(bridge) = &bridge {
+                                bridge.publish(publish.channel.as_str().into(), publish.data.clone());
+                            }
                             let congested = router.publish(&publish.channel, publish.data);
                             if !congested.is_empty() {
                                 router::wait_for_room(congested, queue).await;
@@ -133,14 +141,15 @@ impl pb::broker_server::Broker for BrokerService {
     async fn set(&self, request: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        self.exchange.set(request.key, &request.value).map_err(to_status)?;
+        self.store.set(request.key, &request.value).await.map_err(to_status)?;
         Ok(Response::new(pb::SetResponse {}))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::GetResponse { value: self.exchange.get(&request.key).map(Bytes::from) }))
+        let value = self.store.get(&request.key).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetResponse { value: value.map(Bytes::from) }))
     }
 
     async fn remove(
@@ -149,13 +158,14 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::RemoveResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::RemoveResponse { value: self.exchange.remove(&request.key).map(Bytes::from) }))
+        let value = self.store.remove(&request.key).await.map_err(to_status)?;
+        Ok(Response::new(pb::RemoveResponse { value: value.map(Bytes::from) }))
     }
 
     async fn add(&self, request: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        let index = self.exchange.add(request.key, &request.value).map_err(to_status)?;
+        let index = self.store.add(request.key, &request.value).await.map_err(to_status)?;
         Ok(Response::new(pb::AddResponse { index }))
     }
 
@@ -165,7 +175,8 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        let values = self.exchange.get_range(&request.key, request.start, request.end).map_err(to_status)?;
+        let values =
+            self.store.get_range(&request.key, request.start, request.end).await.map_err(to_status)?;
         Ok(Response::new(pb::RangeResponse { values: Bytes::from(values) }))
     }
 
@@ -176,14 +187,15 @@ impl pb::broker_server::Broker for BrokerService {
         let request = request.into_inner();
         check_key(&request.key)?;
         let values =
-            self.exchange.remove_range(&request.key, request.start, request.end).map_err(to_status)?;
+            self.store.remove_range(&request.key, request.start, request.end).await.map_err(to_status)?;
         Ok(Response::new(pb::RangeResponse { values: Bytes::from(values) }))
     }
 
     async fn count(&self, request: Request<pb::KeyRequest>) -> Result<Response<pb::CountResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::CountResponse { count: self.exchange.count(&request.key) }))
+        let count = self.store.count(&request.key).await.map_err(to_status)?;
+        Ok(Response::new(pb::CountResponse { count }))
     }
 
     async fn has_key(
@@ -192,7 +204,8 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::HasKeyResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::HasKeyResponse { exists: self.exchange.has_key(&request.key) }))
+        let exists = self.store.has_key(&request.key).await.map_err(to_status)?;
+        Ok(Response::new(pb::HasKeyResponse { exists }))
     }
 
     async fn expire(
@@ -200,7 +213,7 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::ExpireRequest>,
     ) -> Result<Response<pb::ExpireResponse>, Status> {
         let request = request.into_inner();
-        let changed = self.exchange.expire(&request.keys, request.seconds);
+        let changed = self.store.expire(&request.keys, request.seconds).await.map_err(to_status)?;
         Ok(Response::new(pb::ExpireResponse { changed }))
     }
 
@@ -209,7 +222,8 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::UnexpireRequest>,
     ) -> Result<Response<pb::ExpireResponse>, Status> {
         let request = request.into_inner();
-        Ok(Response::new(pb::ExpireResponse { changed: self.exchange.unexpire(&request.keys) }))
+        let changed = self.store.unexpire(&request.keys).await.map_err(to_status)?;
+        Ok(Response::new(pb::ExpireResponse { changed }))
     }
 
     async fn get_expiry(
@@ -218,7 +232,40 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::GetExpiryResponse>, Status> {
         let request = request.into_inner();
         check_key(&request.key)?;
-        Ok(Response::new(pb::GetExpiryResponse { expires_at_ms: self.exchange.get_expiry(&request.key) }))
+        let expires_at_ms = self.store.get_expiry(&request.key).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetExpiryResponse { expires_at_ms }))
+    }
+
+    async fn handover(
+        &self,
+        request: Request<pb::HandoverRequest>,
+    ) -> Result<Response<pb::HandoverResponse>, Status> {
+        let request = request.into_inner();
+        let Some(exchange) = self.store.memory() else {
+            return Ok(Response::new(pb::HandoverResponse { entries: Vec::new() }));
+        };
+        let claimant = request.claimant.as_str();
+        let brokers = request.brokers;
+        // Cut below the message limit: what does not fit follows by push (the strays sweep).
+        let owned = |key: &str| {
+            sc_common::rendezvous::owner(brokers.iter(), key.as_bytes()).map(String::as_str) == Some(claimant)
+        };
+        let taken = exchange.take(owned, self.message_limit / 2);
+        if !taken.is_empty() {
+            tracing::debug!(%claimant, keys = taken.len(), "exchange keys handed over on request");
+        }
+        Ok(Response::new(pb::HandoverResponse { entries: taken.into_iter().map(handover::to_pb).collect() }))
+    }
+
+    async fn accept(
+        &self,
+        request: Request<pb::AcceptRequest>,
+    ) -> Result<Response<pb::AcceptResponse>, Status> {
+        let entries = request.into_inner().entries;
+        if let Some(exchange) = self.store.memory() {
+            exchange.merge(entries.into_iter().map(handover::from_pb).collect());
+        }
+        Ok(Response::new(pb::AcceptResponse {}))
     }
 
     async fn stats(
@@ -239,6 +286,7 @@ fn to_status(error: ExchangeError) -> Status {
     match error {
         ExchangeError::BadJson(_) => Status::invalid_argument(error.to_string()),
         ExchangeError::NotAList(_) => Status::failed_precondition(error.to_string()),
+        ExchangeError::Backend(_) => Status::unavailable(error.to_string()),
     }
 }
 

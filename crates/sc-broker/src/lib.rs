@@ -8,20 +8,27 @@
 //! with its metrics (`sc.metrics.v1`, for the master) and Prometheus text at `GET /metrics`
 //! (`metrics`).
 //!
+//! The exchange data lives in a `store`: this broker's memory, whose keys follow their owner
+//! when the broker membership changes (`handover`: pulled before serving, pushed when held
+//! but not owned), or Redis.
+//!
 //! Entry points: [`Broker::bind`], then [`Broker::serve`].
 
 #![warn(missing_docs)]
 
 mod exchange;
 mod grpc;
+mod handover;
 mod metrics;
+mod redis;
 mod router;
+mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sc_common::config::Config;
+use sc_common::config::{BrokerBackend, Config};
 use sc_common::membership::{Event, Member, Role, default_id};
 use sc_common::{MasterLink, net};
 use tokio::net::TcpListener;
@@ -82,6 +89,52 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let secret = &self.config.cluster.secret;
+        let message_limit = self.config.grpc_message_limit();
+        let exchange = Arc::new(exchange::Exchange::default());
+        // Cancelled once this broker leaves on purpose: from then on it owns no exchange key.
+        let leaving = CancellationToken::new();
+        let (mover, closed) = handover::Mover::new(
+            self.id.clone(),
+            secret.clone(),
+            message_limit,
+            exchange.clone(),
+            leaving.clone(),
+        )
+        .await;
+        // The worker streams and the gRPC server outlive `shutdown` by the drain period.
+        let stopped = CancellationToken::new();
+        let queue = self.config.broker.worker_queue;
+        let routes = Arc::new(router::Router::new(queue));
+        let (store, bridge) = match self.config.broker.backend {
+            BrokerBackend::Memory => {
+                (store::Store::Memory { exchange: exchange.clone(), gate: mover.gate() }, None)
+            }
+            BrokerBackend::Redis => {
+                let cluster_id =
+                    self.config.broker.cluster_id.clone().unwrap_or_else(|| {
+                        format!("{}-{}-{}", self.id, std::process::id(), sc_common::now_ms())
+                    });
+                // Redis may start after the cluster: wait for it (the broker registers, and so
+                // takes channels, only once it is connected).
+                let urls = &self.config.broker.redis_url;
+                let mut backoff =
+                    sc_common::membership::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+                let (kv, bridge) = loop {
+                    match redis::connect(urls, cluster_id.clone(), routes.clone(), stopped.clone()).await {
+                        Ok(connected) => break connected,
+                        Err(e) => tracing::error!(error = %e, "cannot connect to redis, retrying"),
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                };
+                let watcher = bridge.clone();
+                routes.watch_channels(Box::new(move |channel, held| watcher.held(channel, held)));
+                (store::Store::Redis(kv), Some(bridge))
+            }
+        };
+        let memory = matches!(store, store::Store::Memory { .. });
         if let Some(url) = &self.config.broker.master {
             let advertise_ip = self.config.cluster.advertise_ip;
             let me = Member::this_process(
@@ -94,19 +147,24 @@ impl Broker {
                 url,
             );
             let link = MasterLink::new(url, secret, me, vec![Role::Broker])?;
-            let _members = link.spawn(events, shutdown.clone());
+            let members = link.spawn(events, shutdown.clone());
+            if memory {
+                tokio::spawn(mover.clone().run(members, closed, stopped.clone()));
+            } else {
+                // Redis holds the data: nothing moves between brokers.
+                drop(closed);
+            }
+        } else {
+            // Alone: no other broker to pull keys from.
+            drop(closed);
         }
-        let queue = self.config.broker.worker_queue;
-        let exchange = Arc::new(exchange::Exchange::default());
-        // The worker streams and the gRPC server outlive `shutdown` by the drain period.
-        let stopped = CancellationToken::new();
-        let routes = Arc::new(router::Router::new(queue));
         let service = grpc::BrokerService {
             router: routes.clone(),
-            exchange: exchange.clone(),
+            store,
             queue,
             shutdown: stopped.clone(),
-            message_limit: self.config.grpc_message_limit(),
+            message_limit,
+            bridge,
         };
         let registry = Arc::new(metrics::registry(&self.id, routes.clone(), exchange.clone()));
         tokio::spawn(sweep(exchange, stopped.clone()));
@@ -129,10 +187,15 @@ impl Broker {
                 if let Some(url) = master {
                     sc_common::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))
                         .await;
+                    // Its exchange keys go to their new owners (who also pull them when they
+                    // see it leave); late writes from workers still on the way go too.
+                    leaving.cancel();
+                    mover.push().await;
                     let deadline = tokio::time::Instant::now() + DRAIN;
                     while routes.stream_count() > 0 && tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    mover.push().await;
                 }
                 stopped.cancel();
             }

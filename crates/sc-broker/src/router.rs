@@ -9,7 +9,7 @@
 //! for it to drain (see [`Router::publish`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -44,11 +44,26 @@ impl Outgoing {
 pub(crate) type StreamId = u64;
 
 /// Channel subscriptions of the attached worker streams.
-#[derive(Debug)]
 pub(crate) struct Router {
     /// std Mutex: held only for map updates and non-blocking queue pushes, never across await.
     inner: Mutex<Inner>,
     queue: usize,
+    /// Told when a channel gets its first subscribed stream (`true`) or loses its last one, in
+    /// that order (called under the router lock: it must not block). Set once, by the Redis
+    /// bridge.
+    watcher: OnceLock<Watcher>,
+}
+
+/// See [`Router::watch_channels`].
+pub(crate) type Watcher = Box<dyn Fn(&Arc<str>, bool) + Send + Sync>;
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("inner", &self.inner)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The worker side of an attachment, held by the stream handler.
@@ -79,7 +94,12 @@ struct Stream {
 impl Router {
     /// A router giving each worker stream a queue of `queue` deliveries.
     pub(crate) fn new(queue: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), queue: queue.max(2) }
+        Self { inner: Mutex::new(Inner::default()), queue: queue.max(2), watcher: OnceLock::new() }
+    }
+
+    /// Calls `watcher` whenever a channel gets its first subscribed stream or loses its last.
+    pub(crate) fn watch_channels(&self, watcher: Watcher) {
+        let _ = self.watcher.set(watcher);
     }
 
     /// Attaches a worker stream.
@@ -101,7 +121,9 @@ impl Router {
             return;
         };
         for channel in stream.channels {
-            inner.remove_subscriber(&channel, id);
+            if inner.remove_subscriber(&channel, id) {
+                self.notify(&channel, false);
+            }
         }
     }
 
@@ -121,7 +143,11 @@ impl Router {
         if let Some(stream) = inner.streams.get_mut(&id) {
             stream.channels.insert(channel.clone());
         }
-        inner.channels.entry(channel).or_default().push(id);
+        let subscribers = inner.channels.entry(channel.clone()).or_default();
+        subscribers.push(id);
+        if subscribers.len() == 1 {
+            self.notify(&channel, true);
+        }
     }
 
     /// Unsubscribes a stream from a channel (idempotent).
@@ -130,8 +156,10 @@ impl Router {
         let Some(stream) = inner.streams.get_mut(&id) else {
             return;
         };
-        if stream.channels.remove(channel) {
-            inner.remove_subscriber(channel, id);
+        if let Some(channel) = stream.channels.take(channel)
+            && inner.remove_subscriber(&channel, id)
+        {
+            self.notify(&channel, false);
         }
     }
 
@@ -201,6 +229,12 @@ impl Router {
         streams.into_iter().map(|(_, s)| (s.worker.clone(), s.channels.len())).collect()
     }
 
+    fn notify(&self, channel: &Arc<str>, held: bool) {
+        if let Some(watcher) = self.watcher.get() {
+            watcher(channel, held);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves maps that are still consistent enough to use.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
@@ -208,13 +242,16 @@ impl Router {
 }
 
 impl Inner {
-    fn remove_subscriber(&mut self, channel: &str, id: StreamId) {
+    /// Drops one subscriber; returns whether the channel has none left.
+    fn remove_subscriber(&mut self, channel: &str, id: StreamId) -> bool {
         if let Some(subscribers) = self.channels.get_mut(channel) {
             subscribers.retain(|s| *s != id);
             if subscribers.is_empty() {
                 self.channels.remove(channel);
+                return true;
             }
         }
+        false
     }
 }
 

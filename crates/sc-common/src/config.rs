@@ -298,6 +298,44 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Deliveries queued to one worker stream before publishers wait for it.
     pub worker_queue: usize,
+    /// Where the exchange data lives and whether pub/sub reaches other clusters: `memory`
+    /// (this cluster's brokers only) or `redis` (see docs/redis.md).
+    pub backend: BrokerBackend,
+    /// The Redis server(s) of the `redis` backend: one URL (`redis://host:6379`) for a single
+    /// instance, or several (a list, or URLs separated by spaces) for the nodes of one Redis
+    /// Cluster.
+    #[serde(deserialize_with = "one_or_many")]
+    pub redis_url: Vec<String>,
+    /// The id that marks this cluster's messages in Redis, so that they are not delivered twice
+    /// to its own subscribers. Unset: one made up per broker process (then a message can come
+    /// back, once, to another broker of the same cluster that holds its channel during a move).
+    pub cluster_id: Option<String>,
+}
+
+/// Where a broker keeps the exchange data, and how far its pub/sub reaches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerBackend {
+    /// In the brokers' memory; pub/sub within this cluster.
+    #[default]
+    Memory,
+    /// In Redis; pub/sub shared with every cluster on the same Redis.
+    Redis,
+}
+
+/// A string or a list of strings, as a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) if one.is_empty() => Vec::new(),
+        OneOrMany::One(one) => one.split_whitespace().map(str::to_owned).collect(),
+        OneOrMany::Many(many) => many,
+    })
 }
 
 impl Default for ClusterConfig {
@@ -393,7 +431,16 @@ impl Default for WorkerConfig {
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        Self { id: None, master: None, command: None, listen: loopback(0), worker_queue: 65536 }
+        Self {
+            id: None,
+            master: None,
+            command: None,
+            listen: loopback(0),
+            worker_queue: 65536,
+            backend: BrokerBackend::Memory,
+            redis_url: Vec::new(),
+            cluster_id: None,
+        }
     }
 }
 
@@ -564,6 +611,14 @@ impl Config {
         }
         if self.broker.worker_queue == 0 {
             return bad("broker.worker_queue", "must be at least 1");
+        }
+        if self.broker.backend == BrokerBackend::Redis && self.broker.redis_url.is_empty() {
+            return bad("broker.redis_url", "the redis backend needs at least one URL");
+        }
+        if let Some(url) =
+            self.broker.redis_url.iter().find(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
+        {
+            return bad("broker.redis_url", &format!("{url:?} is not a redis:// or rediss:// URL"));
         }
         Ok(())
     }
