@@ -550,11 +550,12 @@ mod size {
 
     use super::*;
 
-    /// A plain connection's task is what an idle forwarded connection costs besides its
-    /// sockets (docs/balancer-memory.md): keep it inside its budget.
+    /// A plain connection's task is what an idle proxied connection costs besides its sockets
+    /// (docs/balancer-memory.md; a handed-off one costs the balancer nothing): keep it inside
+    /// its budget.
     #[tokio::test]
     async fn a_plain_connections_task_stays_inside_its_budget() {
-        const BUDGET: usize = 1500;
+        const BUDGET: usize = 1536;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();

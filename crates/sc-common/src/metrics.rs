@@ -231,7 +231,8 @@ mod tests {
         assert!(stats.resident_bytes.is_some_and(|b| b > 1024 * 1024), "{stats:?}");
         let before = stats.open_fds.unwrap();
         let _files: Vec<_> = (0..5).map(|_| std::fs::File::open("/proc/self/stat").unwrap()).collect();
-        assert_eq!(ProcessStats::read().open_fds.unwrap(), before + 5);
+        // Other tests of this process open and close descriptors meanwhile: at least these five.
+        assert!(ProcessStats::read().open_fds.unwrap() >= before + 5);
     }
 
     #[test]

@@ -9,17 +9,16 @@
 //! is closed with the link: those clients reconnect, to another worker) but keeps reporting
 //! closes until its last lease is gone.
 
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sc_common::handoff;
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-use crate::http::{self, Http};
 
 /// A handed-off connection's claim on its balancer's connection count; its number is sent
 /// back when the last clone is dropped.
@@ -36,21 +35,22 @@ impl Drop for Lease {
     }
 }
 
+/// How long a balancer may take over its greeting.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves one hand-off link whose [`handoff::MAGIC`] has been read: the greeting, then
-/// connections until the balancer closes the link or the worker drains.
-pub(crate) async fn serve_link(
-    http: Arc<Http>,
+/// connections until the balancer closes the link or the worker drains. Each connection goes
+/// to `serve` with its lease and its upgrade deadline (the balancer's `[balancer]
+/// upgrade_timeout`, which it no longer sees).
+pub(crate) async fn serve_link<F>(
     mut link: UnixStream,
-    worker_id: String,
-    connections: TaskTracker,
+    worker_id: &str,
     shutdown: CancellationToken,
-) {
-    let balancer = match tokio::time::timeout(
-        http::PROXY_HEADER_TIMEOUT,
-        handoff::accept(&mut link, &worker_id),
-    )
-    .await
-    {
+    mut serve: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, Arc<Lease>, Option<Instant>),
+{
+    let balancer = match tokio::time::timeout(GREETING_TIMEOUT, handoff::accept(&mut link, worker_id)).await {
         Ok(Ok(balancer)) => balancer,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "bad hand-off greeting");
@@ -73,8 +73,10 @@ pub(crate) async fn serve_link(
                 Ok(Some((offer, fd))) => {
                     let Some(closed) = &taking else { continue };
                     let lease = Arc::new(Lease { number: offer.lease, closed: closed.clone() });
-                    let upgrade_by = offer.upgrade_within.map(|within| tokio::time::Instant::now() + within);
-                    connections.spawn(serve(http.clone(), fd, lease, upgrade_by));
+                    let upgrade_by = offer.upgrade_within.map(|within| Instant::now() + within);
+                    if let Some((stream, remote)) = connection(fd) {
+                        serve(stream, remote, lease, upgrade_by);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -98,33 +100,23 @@ pub(crate) async fn serve_link(
     tracing::debug!(%balancer, "hand-off link closed");
 }
 
-/// Serves one handed-off connection; one not upgraded to a WebSocket by `upgrade_by` (the
-/// balancer's `[balancer] upgrade_timeout`, which it no longer sees) is closed then.
-async fn serve(http: Arc<Http>, fd: OwnedFd, lease: Arc<Lease>, upgrade_by: Option<tokio::time::Instant>) {
+/// A handed-off descriptor as a tokio TCP stream with its peer's address; `None` (and it is
+/// closed) when it is not a connected socket.
+fn connection(fd: OwnedFd) -> Option<(TcpStream, SocketAddr)> {
     let std = std::net::TcpStream::from(fd);
     let stream = match std.set_nonblocking(true).and_then(|()| TcpStream::from_std(std)) {
         Ok(stream) => stream,
         Err(e) => {
             tracing::debug!(error = %e, "handed-off descriptor unusable");
-            return;
+            return None;
         }
     };
-    let remote = match stream.peer_addr() {
-        Ok(remote) => remote,
+    match stream.peer_addr() {
+        Ok(remote) => Some((stream, remote)),
         Err(e) => {
             tracing::debug!(error = %e, "handed-off descriptor is not a connected socket");
-            return;
+            None
         }
-    };
-    let served = http::serve_handed_off(http, stream, remote, lease);
-    match upgrade_by {
-        // An upgrade ends the HTTP connection's future (the socket runs in its own task).
-        Some(by) => {
-            if tokio::time::timeout_at(by, served).await.is_err() {
-                tracing::debug!(%remote, "not upgraded within the balancer's upgrade_timeout, closing");
-            }
-        }
-        None => served.await,
     }
 }
 
@@ -139,30 +131,4 @@ async fn write_all(link: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Serves one connection on the worker's Unix socket: a hand-off link (it starts with
-/// [`handoff::MAGIC`]) or a proxied connection from a balancer (a PROXY v2 header).
-pub(crate) async fn serve_unix(
-    http: Arc<Http>,
-    mut stream: UnixStream,
-    worker_id: String,
-    connections: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(http::PROXY_HEADER_TIMEOUT, stream.read_exact(&mut first)).await {
-        Ok(Ok(_)) => {}
-        _ => return,
-    }
-    if first[0] != handoff::MAGIC[0] {
-        return http::serve_unix_connection(http, stream, first[0]).await;
-    }
-    let mut magic = [0u8; handoff::MAGIC.len() - 1];
-    match tokio::time::timeout(http::PROXY_HEADER_TIMEOUT, stream.read_exact(&mut magic)).await {
-        Ok(Ok(_)) if magic == handoff::MAGIC[1..] => {
-            serve_link(http, stream, worker_id, connections, shutdown).await;
-        }
-        _ => tracing::debug!("neither a PROXY header nor a hand-off link on the unix socket, closing"),
-    }
 }

@@ -23,13 +23,14 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use sc_common::proxy_protocol;
 use sc_common::secret::constant_time_eq;
+use sc_common::{handoff, proxy_protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::UpgradeRequest;
@@ -43,8 +44,8 @@ use sc_common::per_ip::{Pending, PendingByIp};
 /// The read buffer of a socket: small, since most sockets are idle most of the time and most
 /// client messages are small (a larger frame grows it to the frame's size).
 const READ_BUFFER: usize = 512;
-/// How long a connection may take to send its PROXY header (or a hand-off link its greeting).
-pub(crate) const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a connection may take to send its PROXY header (or a hand-off link its magic).
+const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Fault injection for the cross-daemon tests: with this variable set to `1`, a socket whose
 /// upgrade URL carries `sc-test-panic` in its query panics shortly after it opens. Nothing
 /// else reads it; it lets the tests prove that a panic ends one socket only.
@@ -100,6 +101,30 @@ impl Drop for Finished {
     }
 }
 
+/// The sizes a socket's WebSocket is configured with (kept small until the upgrade is done:
+/// the whole config would sit in the task while the upgrade is awaited).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// `[worker] max_payload`.
+    max_payload: usize,
+    /// `[worker] max_outbound_bytes`.
+    max_outbound: usize,
+}
+
+impl Limits {
+    fn config(self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .max_message_size(Some(self.max_payload))
+            .max_frame_size(Some(self.max_payload))
+            // Past [worker] max_outbound_bytes the socket's loop closes the client (4100);
+            // tungstenite's own cap sits above it, with room for one more whole message.
+            .max_write_buffer_size(
+                self.max_outbound.saturating_add(self.max_payload).saturating_add(64 * 1024),
+            )
+    }
+}
+
 /// One socket's task, from the end of its upgrade to its close: what every open socket holds
 /// besides its buffers (see the budget test below). `_lease` (a handed-off connection's) is
 /// held until the socket closes.
@@ -109,7 +134,7 @@ async fn socket_task(
     peer: Peer,
     pending: Option<Pending>,
     _lease: Option<Arc<Lease>>,
-    config: WebSocketConfig,
+    limits: Limits,
     inject_panic: bool,
 ) {
     let upgraded = match on_upgrade.await {
@@ -119,6 +144,7 @@ async fn socket_task(
             return;
         }
     };
+    let config = limits.config();
     // Reports a task that ends without finishing (a panic: tokio catches it and drops the task,
     // whose state is dropped with it: the socket leaves its channels, see `Conversation`'s Drop,
     // and the hub's locks recover from poisoning). A guard, not a `catch_unwind` wrapper, which
@@ -219,19 +245,60 @@ pub(crate) async fn serve_connection(http: Arc<Http>, mut stream: TcpStream, rem
     serve_http(http, stream, peer, pending, None).await;
 }
 
+/// Serves one connection on the worker's Unix socket: a hand-off link from a balancer on this
+/// host (it starts with [`handoff::MAGIC`]) or a connection it proxies (a PROXY v2 header).
+pub(crate) async fn serve_unix(
+    http: Arc<Http>,
+    mut stream: UnixStream,
+    worker_id: String,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, stream.read_exact(&mut first)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    if first[0] != handoff::MAGIC[0] {
+        return serve_unix_connection(http, stream, first[0]).await;
+    }
+    let mut magic = [0u8; handoff::MAGIC.len() - 1];
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, stream.read_exact(&mut magic)).await {
+        Ok(Ok(_)) if magic == handoff::MAGIC[1..] => {}
+        _ => {
+            tracing::debug!("neither a PROXY header nor a hand-off link on the unix socket, closing");
+            return;
+        }
+    }
+    let serve = |stream, remote, lease, upgrade_by| {
+        connections.spawn(serve_handed_off(http.clone(), stream, remote, lease, upgrade_by));
+    };
+    crate::handoff::serve_link(stream, &worker_id, shutdown, serve).await;
+}
+
 /// Serves one connection a balancer on this host handed off ([`crate::handoff`]): the client
 /// itself is the peer; `lease` goes back to the balancer when the connection (or the socket
-/// it became) closes.
-pub(crate) async fn serve_handed_off(
+/// it became) closes. One not upgraded to a WebSocket by `upgrade_by` is closed then.
+async fn serve_handed_off(
     http: Arc<Http>,
     stream: TcpStream,
     remote: SocketAddr,
     lease: Arc<Lease>,
+    upgrade_by: Option<tokio::time::Instant>,
 ) {
     let _ = stream.set_nodelay(true);
     let peer = Peer { addr: Some(remote), tls: false };
     let Some(pending) = admit(&http, peer) else { return };
-    serve_http(http, stream, peer, pending, Some(lease)).await;
+    let served = serve_http(http, stream, peer, pending, Some(lease));
+    match upgrade_by {
+        // An upgrade ends the HTTP connection's future (the socket runs in its own task).
+        Some(by) => {
+            if tokio::time::timeout_at(by, served).await.is_err() {
+                tracing::debug!(%remote, "not upgraded within the balancer's upgrade_timeout, closing");
+            }
+        }
+        None => served.await,
+    }
 }
 
 /// Counts a new connection against its client's address; `None` (and the connection is
@@ -251,7 +318,7 @@ fn admit(http: &Http, peer: Peer) -> Option<Option<Pending>> {
 
 /// Serves one connection accepted on the worker's Unix socket from a balancer on this host,
 /// which starts with a PROXY v2 header (whose first byte, `first`, was read already).
-pub(crate) async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream, first: u8) {
+async fn serve_unix_connection(http: Arc<Http>, mut stream: UnixStream, first: u8) {
     let first = [first];
     let mut header = (&first[..]).chain(&mut stream);
     let Some(peer) = read_proxy_header(&mut header, Peer { addr: None, tls: false }).await else { return };
@@ -380,14 +447,8 @@ impl Http {
         let pending = peer.addr.map(|a| self.pending.acquire(a.ip()));
         let max_payload = self.max_payload;
         let max_outbound = self.context.settings.max_outbound_bytes;
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .max_message_size(Some(max_payload))
-            .max_frame_size(Some(max_payload))
-            // Past [worker] max_outbound_bytes the socket's loop closes the client (4100);
-            // tungstenite's own cap sits above it, with room for one more whole message.
-            .max_write_buffer_size(max_outbound.saturating_add(max_payload).saturating_add(64 * 1024));
-        let socket = socket_task(on_upgrade, context, peer, pending, lease, config, inject_panic);
+        let limits = Limits { max_payload, max_outbound };
+        let socket = socket_task(on_upgrade, context, peer, pending, lease, limits, inject_panic);
         self.sockets.spawn(socket);
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -607,9 +668,9 @@ mod tests {
         const BUDGET: usize = 2048;
         let mut request = Request::new(());
         let on_upgrade = hyper::upgrade::on(&mut request);
-        let config = WebSocketConfig::default();
+        let limits = Limits { max_payload: 1 << 20, max_outbound: 1 << 20 };
         let peer = Peer { addr: None, tls: false };
-        let task = socket_task(on_upgrade, socket::tests::context(), peer, None, None, config, false);
+        let task = socket_task(on_upgrade, socket::tests::context(), peer, None, None, limits, false);
         let size = std::mem::size_of_val(&task);
         eprintln!("socket task: {size} bytes (budget {BUDGET})");
         assert!(size <= BUDGET, "a socket's task is {size} bytes, over its budget of {BUDGET}");

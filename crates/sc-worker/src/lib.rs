@@ -315,7 +315,7 @@ async fn accept(
             accepted = accept_unix => match accepted {
                 Some((stream, _)) => {
                     let (id, tracker) = (id.to_owned(), connections.clone());
-                    connections.spawn(handoff::serve_unix(http.clone(), stream, id, tracker, shutdown.clone()));
+                    connections.spawn(http::serve_unix(http.clone(), stream, id, tracker, shutdown.clone()));
                 }
                 None => break,
             },

@@ -321,6 +321,10 @@ impl Conversation {
         let mut last_seen = start;
         let mut queued = VecDeque::new();
         let mut output = Output::default();
+        // A read may bring in several frames; only the first is returned, and tokio forgets the
+        // readiness after a short read, so after each frame (and at the start, when the HTTP
+        // side may have read past the upgrade) the WebSocket is polled once more regardless.
+        let mut maybe_buffered = true;
 
         loop {
             let handshaken = self.handshaken;
@@ -339,13 +343,17 @@ impl Conversation {
                 }
                 // Flow control: with too many of its invokes unanswered, the client is not read
                 // until some are (an answer wakes the loop through the outbox). The WebSocket
-                // is read only when the kernel says there is something to read (or a read
-                // left a frame in its buffer): a wake-up for the outbox costs no read attempt.
-                if reading
-                    && ws.get_ref().poll_read_ready(cx).is_ready()
-                    && let Poll::Ready(frame) = ws.poll_next_unpin(cx)
-                {
-                    return Poll::Ready(Wake::Frame(frame));
+                // is read only when the kernel says there is something to read or the last
+                // poll returned a frame (more may be buffered): a wake-up for the outbox costs
+                // no read attempt.
+                if reading && (maybe_buffered || ws.get_ref().poll_read_ready(cx).is_ready()) {
+                    match ws.poll_next_unpin(cx) {
+                        Poll::Ready(frame) => {
+                            maybe_buffered = true;
+                            return Poll::Ready(Wake::Frame(frame));
+                        }
+                        Poll::Pending => maybe_buffered = false,
+                    }
                 }
                 if ping.poll_tick(cx).is_ready() {
                     return Poll::Ready(Wake::Ping);
@@ -919,9 +927,9 @@ async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
 /// A connection that can tell whether a read would find anything, without reading (which,
 /// through tungstenite, means preparing its read buffer first).
 pub(crate) trait ReadReady {
-    /// Ready when a read may make progress: data, end of stream or an error. Readiness stays
-    /// set until a read finds nothing, so data already read into the WebSocket's buffer is
-    /// never stranded behind it.
+    /// Ready when a read may make progress: data, end of stream or an error. It says nothing of
+    /// what a read already brought into the WebSocket's buffer (tokio forgets the readiness
+    /// after a short read): the loop polls once more after each frame for that.
     fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>>;
 }
 
