@@ -13,15 +13,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PEER = "sc20"
-ORDER = ["sc-rs-1w1b", "sc-rs", "sc20", "sc14"]
+ORDER = ["sc-rs-1w1b", "sc-rs", "uws", "sc20", "sc14", "sc-rs-1w1b-tls", "sc20-tls"]
 NAMES = {
     "sc-rs-1w1b": "sc-rs (1 worker, 1 broker)",
     "sc-rs": "sc-rs (2 workers, 1 broker)",
+    "uws": "uWebSockets.js (uws-sc-lite)",
     "sc20": "socketcluster-server 20",
     "sc14": "socketcluster 14 (1w+1b)",
+    "sc-rs-1w1b-tls": "sc-rs wss (TLS on the balancer, 1w+1b)",
+    "sc20-tls": "socketcluster-server 20 wss (Node https)",
 }
-COLORS = {"sc-rs-1w1b": "#d62728", "sc-rs": "#ff7f0e", "sc20": "#1f77b4", "sc14": "#2ca02c"}
+COLORS = {
+    "sc-rs-1w1b": "#d62728",
+    "sc-rs": "#ff7f0e",
+    "uws": "#9467bd",
+    "sc20": "#1f77b4",
+    "sc14": "#2ca02c",
+    "sc-rs-1w1b-tls": "#8c564b",
+    "sc20-tls": "#17becf",
+}
+# Same-run ratios drawn when both servers ran: (ours, theirs).
+RATIOS = [
+    ("sc-rs-1w1b", "uws"),
+    ("sc-rs-1w1b", "sc20"),
+    ("sc-rs", "sc20"),
+    ("sc-rs-1w1b-tls", "sc20-tls"),
+]
 
 
 def load(path):
@@ -37,17 +54,34 @@ def kind(run):
     """Which table row a run belongs to."""
     s, p = run["scenario"], run["params"]
     if s == "fanout":
-        return "fanout-burst" if p["rate"] == 0 else f"fanout-rate-{p['rate']:g}"
+        if p["rate"] == 0:
+            return "fanout-burst"
+        # The paced scenario (1000 x 20/s, 32-byte payloads) apart from the 64-byte sweep.
+        if p["rate"] == 20 and p["payload"] == 32 and p["subscribers"] == 1000:
+            return "paced"
+        return f"fanout-rate-{p['rate']:g}"
     return s
 
 
-def balancer_us(run):
-    """sc-balancer's CPU per delivery (us), None for servers without one."""
-    res = run["result"]
-    cpu = res.get("server_cpu_by_program", {}).get("sc-balancer")
-    if cpu is None or not res["delivered"]:
-        return None
-    return cpu * 1e6 / res["delivered"]
+def program_us(program):
+    """A program's CPU per delivery (us), None for servers without that program."""
+
+    def get(run):
+        res = run["result"]
+        cpu = res.get("server_cpu_by_program", {}).get(program)
+        if cpu is None or not res["delivered"]:
+            return None
+        return cpu * 1e6 / res["delivered"]
+
+    return get
+
+
+def program_kb(program):
+    """A program's idle RSS per connection (KB), None for servers without that program."""
+    return lambda run: run["result"].get("rss_kb_per_connection_by_program", {}).get(program)
+
+
+balancer_us = program_us("sc-balancer")
 
 
 def spread(values, fmt):
@@ -68,7 +102,13 @@ def main():
     servers = [s for s in ORDER if any(s in v for v in by.values())]
 
     metrics = [
-        ("fanout-burst", "fan-out deliveries/s, 1000 subs x 1000 msgs", lambda r: r["result"]["deliveries_per_sec"], "k", True),
+        ("paced", "paced 1000 subs x 20/s, 32 B: server CPU us/delivery (whole tree)", lambda r: r["result"]["server_cpu_us_per_delivery"], "f2", False),
+        ("paced", "  of which sc-balancer", balancer_us, "f2", False),
+        ("paced", "  of which sc-worker", program_us("sc-worker"), "f2", False),
+        ("paced", "paced p50 latency ms (every delivery, all subscribers)", lambda r: r["result"]["latency"]["p50_ms"], "f2", False),
+        ("paced", "paced p99 latency ms (every delivery, all subscribers)", lambda r: r["result"]["latency"]["p99_ms"], "f2", False),
+        ("paced", "paced lost + errors", lambda r: r["result"]["lost"] + r["result"]["errors"], "i", False),
+        ("fanout-burst", "fan-out deliveries/s, burst, 1000 subs", lambda r: r["result"]["deliveries_per_sec"], "k", True),
         ("fanout-burst", "server CPU us/delivery, burst", lambda r: r["result"]["server_cpu_us_per_delivery"], "f2", False),
         ("fanout-burst", "lost + errors, burst", lambda r: r["result"]["lost"] + r["result"]["errors"], "i", False),
         ("fanout-rate-20", "p50 latency ms at 20k deliveries/s", lambda r: r["result"]["latency"]["p50_ms"], "f1", False),
@@ -82,7 +122,9 @@ def main():
         ("channels", "channels p99 latency ms", lambda r: r["result"]["latency"]["p99_ms"], "f1", False),
         ("rpc", "rpc echo calls/s (50 clients)", lambda r: r["result"]["calls_per_sec"], "k", True),
         ("rpc", "rpc p99 ms", lambda r: r["result"]["latency"]["p99_ms"], "f2", False),
-        ("idle", "idle RSS KB per connection (5000)", lambda r: r["result"]["rss_kb_per_connection"], "f2", False),
+        ("idle", "idle RSS KB per connection (5000, whole tree)", lambda r: r["result"]["rss_kb_per_connection"], "f2", False),
+        ("idle", "  of which sc-balancer", program_kb("sc-balancer"), "f2", False),
+        ("idle", "  of which sc-worker", program_kb("sc-worker"), "f2", False),
         ("connect", "handshakes/s (3000, 100 in flight)", lambda r: r["result"]["handshakes_per_sec"], "k", True),
         ("connect", "handshake p99 ms", lambda r: r["result"]["latency"]["p99_ms"], "f1", False),
     ]
@@ -93,8 +135,8 @@ def main():
         "i": lambda v: f"{v:.0f}",
     }
     header = "| metric | " + " | ".join(NAMES[s] for s in servers)
-    ratio_cols = [s for s in servers if s.startswith("sc-rs")]
-    header += "".join(f" | {s} / sc20" for s in ratio_cols) + " |"
+    ratio_cols = [(a, b) for a, b in RATIOS if a in servers and b in servers]
+    header += "".join(f" | {a} / {b}" for a, b in ratio_cols) + " |"
     lines = [header, "|" + "---|" * (1 + len(servers) + len(ratio_cols))]
     for key, title, get, fmt, higher in metrics:
         if key not in by:
@@ -106,17 +148,17 @@ def main():
             if vals:
                 medians[s] = statistics.median(vals)
         row = f"| {title} | " + " | ".join(cells)
-        for s in ratio_cols:
-            a, b = medians.get(s), medians.get(PEER)
+        for ours, theirs in ratio_cols:
+            a, b = medians.get(ours), medians.get(theirs)
             row += f" | {a / b:.2f}x" if a is not None and b else " | -"
         lines.append(row + " |")
-    loads = [r["load_before"].split()[0] for r in runs]
+    loads = [float(r["load_before"].split()[0]) for r in runs if r.get("load_before")]
     n_rep = max((len(v) for d in by.values() for v in d.values()), default=0)
     lines.append("")
     lines.append(
-        f"Median of up to {n_rep} runs per cell, (min-max) over the repeats. Ratios are sc-rs / sc20 medians "
+        f"Median of up to {n_rep} runs per cell, (min-max) over the rounds. Ratios are of the medians, same run "
         f"(for latency, CPU and memory, lower is better). 1-minute load average at the start of each run: "
-        f"{min(loads, default='-')} to {max(loads, default='-')}."
+        f"{min(loads, default=0):.2f} to {max(loads, default=0):.2f}."
     )
     table = "\n".join(lines)
     (out / "summary.md").write_text(table + "\n")
@@ -124,7 +166,7 @@ def main():
 
     plot_sweep(by, servers, out)
     plot_bars(by, servers, out, "fanout-burst", lambda r: r["result"]["deliveries_per_sec"] / 1000,
-              "deliveries/s (thousands)", "Fan-out burst: 1000 subscribers x 1000 messages", "fanout_throughput.png")
+              "deliveries/s (thousands)", "Fan-out burst: 1000 subscribers", "fanout_throughput.png")
     plot_bars(by, servers, out, "idle", lambda r: r["result"]["rss_kb_per_connection"],
               "KB of RSS per connection (all processes)", "Idle connections: memory (5000)", "idle_rss.png")
 

@@ -11,9 +11,12 @@
 //!
 //! Two paths: [`forward`] for plain connections (both directions in one task, each waiting on
 //! its own readiness) and [`forward_tls`] for TLS ones, which drives the rustls connection by
-//! hand after the handshake: readiness of either socket, then a non-blocking step in each
-//! direction. The only buffers an idle TLS connection keeps are rustls' own (its small
-//! receive buffer); the plaintext copies are pooled like the plain path's. The worker side is
+//! hand after the handshake: readiness of either socket, then a non-blocking step in the
+//! direction it concerns. The only buffers an idle TLS connection keeps are rustls' own (its
+//! 4 KiB receive buffer); the plaintext copies are pooled like the plain path's. What the
+//! worker wrote since the last read is read at once (up to 16 KiB, one TLS record), encrypted
+//! into one record and written with one `writev` of everything rustls holds; a read that did
+//! not fill its buffer drained the socket, so no read ends in `WouldBlock`. The worker side is
 //! a TCP or a Unix stream ([`Stream`]).
 //!
 //! Both paths also enforce `[balancer] upgrade_timeout` when given a deadline: the first bytes
@@ -38,7 +41,8 @@ use tokio::time::Instant;
 /// How long a connection stays up once one direction has ended.
 pub(crate) const HALF_CLOSED_LINGER: Duration = Duration::from_secs(2);
 
-/// Size of a copy buffer.
+/// Size of a copy buffer: also the largest TLS record's plaintext, so that one read from the
+/// worker is one record.
 const BUFFER: usize = 16 * 1024;
 /// Buffers kept per thread between uses.
 const POOL: usize = 64;
@@ -58,6 +62,8 @@ pub(crate) trait Stream: AsFd + Sync {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// A write that fails with `WouldBlock` (and clears the readiness) when the socket is full.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    /// [`Stream::try_write`] of several buffers in one system call.
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
     /// Forgets the read readiness without a system call, after a read that did not fill its
     /// buffer (the socket is then drained). Otherwise the next `ready` returns at once and the
     /// read after it fails with `WouldBlock`: one wasted syscall per message. Safe against
@@ -91,8 +97,9 @@ struct Pending {
     end: usize,
 }
 
-/// `std::io` over the non-blocking calls of a [`Stream`], for rustls' `read_tls`/`write_tls`.
-struct TryIo<'a, S>(&'a S);
+/// `std::io` over the non-blocking calls of a [`Stream`], for rustls' `read_tls`/`write_tls`;
+/// the flag records a read that did not fill the buffer it was given (the socket is drained).
+struct TryIo<'a, S>(&'a S, bool);
 
 impl Upgrade {
     /// Takes in the next bytes from the worker; a no-op once decided.
@@ -121,6 +128,9 @@ impl Stream for TcpStream {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, buf)
     }
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, bufs)
+    }
     fn clear_readable(&self) {
         let _ = self.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
@@ -136,6 +146,9 @@ impl Stream for UnixStream {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         UnixStream::try_write(self, buf)
     }
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        UnixStream::try_write_vectored(self, bufs)
+    }
     fn clear_readable(&self) {
         let _ = self.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
@@ -143,13 +156,20 @@ impl Stream for UnixStream {
 
 impl<S: Stream> Read for TryIo<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+        let n = self.0.try_read(buf)?;
+        self.1 = n < buf.len();
+        Ok(n)
     }
 }
 
 impl<S: Stream> Write for TryIo<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.try_write(buf)
+    }
+    // rustls hands over every queued record at once (`write_tls`): one `writev`, not one
+    // `write` per record as the default `write_vectored` would do.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -272,6 +292,11 @@ pub(crate) async fn write_all<S: Stream>(to: &S, mut bytes: &[u8]) -> io::Result
 /// worker, with the same end-of-stream, linger and upgrade deadline rules as [`forward`]. The
 /// client's close_notify (or a bare end of stream) half-closes the worker; the worker's end of
 /// stream sends close_notify and then half-closes the client.
+///
+/// Each wake-up steps only the direction whose socket was reported ready, and a read that did
+/// not fill its buffer clears the readiness instead of reading again into `WouldBlock`: at a
+/// paced rate a batch from the worker costs one read, one encryption into one TLS record and
+/// one write to the client, and no read of a client socket that had nothing to say.
 pub(crate) async fn forward_tls<W: Stream>(
     client: &TcpStream,
     tls: &mut ServerConnection,
@@ -284,10 +309,11 @@ pub(crate) async fn forward_tls<W: Stream>(
     let (mut up_done, mut down_done, mut client_shut) = (false, false, false);
     let (mut sent_up, mut sent_down) = (0u64, 0u64);
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Which directions to step on this turn: both at first (rustls may hold decrypted bytes
+    // that no socket readiness would announce), then those whose sockets woke us.
+    let (mut wake_up, mut wake_down) = (true, true);
     let outcome = loop {
-        // Never wait before both directions are stuck: rustls may hold decrypted bytes that no
-        // socket readiness would announce.
-        if !up_done {
+        if !up_done && wake_up {
             match step_up(client, tls, worker, &mut up, &mut sent_up) {
                 Ok(Flow::Blocked) => {}
                 Ok(Flow::Eof) => {
@@ -297,7 +323,7 @@ pub(crate) async fn forward_tls<W: Stream>(
                 Err(e) => break Err(e),
             }
         }
-        if !down_done {
+        if !down_done && wake_down {
             match step_down(client, tls, worker, &mut sent_down, &mut upgrade) {
                 Ok(Flow::Blocked) => {}
                 Ok(Flow::Eof) => {
@@ -342,10 +368,19 @@ pub(crate) async fn forward_tls<W: Stream>(
         };
         tokio::select! {
             ready = client.ready(client_interest.unwrap_or(Interest::READABLE)), if client_interest.is_some() => {
-                if let Err(e) = ready { break Err(e) }
+                match ready {
+                    // Readable: records to decrypt for the worker. Writable: rustls' queue
+                    // can drain, and then the worker may be read again.
+                    Ok(ready) => (wake_up, wake_down) = (wakes_reader(ready), wakes_writer(ready)),
+                    Err(e) => break Err(e),
+                }
             }
             ready = worker.ready(worker_interest.unwrap_or(Interest::READABLE)), if worker_interest.is_some() => {
-                if let Err(e) = ready { break Err(e) }
+                match ready {
+                    // Writable: pending plaintext for the worker. Readable: a batch to encrypt.
+                    Ok(ready) => (wake_up, wake_down) = (wakes_writer(ready), wakes_reader(ready)),
+                    Err(e) => break Err(e),
+                }
             }
             () = timer => {
                 if upgrade_deadline.is_some_and(|at| at <= Instant::now()) {
@@ -368,8 +403,21 @@ pub(crate) async fn forward_tls<W: Stream>(
     outcome.map(|()| (sent_up, sent_down))
 }
 
+/// Whether a readiness lets the reading side of a socket make progress (data, its end, or an
+/// error that the read will report).
+fn wakes_reader(ready: Ready) -> bool {
+    ready.is_readable() || ready.is_read_closed() || ready.is_error()
+}
+
+/// Whether a readiness lets the writing side of a socket make progress.
+fn wakes_writer(ready: Ready) -> bool {
+    ready.is_writable() || ready.is_write_closed() || ready.is_error()
+}
+
 /// Client to worker, without waiting: write what is pending, then decrypt and write more,
-/// reading TLS records from the client as needed.
+/// reading TLS records from the client as needed. A read of the client that did not fill
+/// rustls' buffer drained the socket: the readiness is cleared and the step ends there rather
+/// than read again into `WouldBlock`.
 fn step_up<W: Stream>(
     client: &TcpStream,
     tls: &mut ServerConnection,
@@ -377,6 +425,7 @@ fn step_up<W: Stream>(
     up: &mut Option<Pending>,
     sent: &mut u64,
 ) -> io::Result<Flow> {
+    let mut drained = false;
     loop {
         if let Some(pending) = up.as_mut() {
             match worker.try_write(&pending.buffer[pending.start..pending.end]) {
@@ -407,10 +456,18 @@ fn step_up<W: Stream>(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 give_buffer(buffer);
-                match tls.read_tls(&mut TryIo(client)) {
+                if drained {
+                    return Ok(Flow::Blocked);
+                }
+                let mut io = TryIo(client, false);
+                match tls.read_tls(&mut io) {
                     // The client went away without close_notify; pass it on all the same.
                     Ok(0) => return Ok(Flow::Eof),
                     Ok(_) => {
+                        if io.1 {
+                            client.clear_readable();
+                            drained = true;
+                        }
                         tls.process_new_packets()
                             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                     }
@@ -431,7 +488,10 @@ fn step_up<W: Stream>(
 }
 
 /// Worker to client, without waiting: read from the worker only once rustls has sent out
-/// everything it holds, so that it never buffers more than one read.
+/// everything it holds, so that it never buffers more than one read. Each read takes all the
+/// worker has written since the last one (up to [`BUFFER`], the largest TLS record), becomes
+/// one record and goes out in one write; a read that did not fill the buffer drained the
+/// socket, so the step ends without reading into `WouldBlock`.
 fn step_down<W: Stream>(
     client: &TcpStream,
     tls: &mut ServerConnection,
@@ -450,9 +510,17 @@ fn step_down<W: Stream>(
             Ok(n) => {
                 *sent += n as u64;
                 upgrade.see(&buffer[..n]);
+                let drained = n < buffer.len();
+                if drained {
+                    worker.clear_readable();
+                }
                 // rustls takes it all: its outgoing buffer is empty and its limit (64 KiB) is
-                // more than one read.
-                tls.writer().write_all(&buffer[..n]).map(|()| None)
+                // more than one read; one read is at most one record (16 KiB of plaintext).
+                match tls.writer().write_all(&buffer[..n]) {
+                    Ok(()) if drained => flush_tls(client, tls).map(|()| Some(Flow::Blocked)),
+                    Ok(()) => Ok(None),
+                    Err(e) => Err(e),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(Flow::Blocked)),
             Err(e) => Err(e),
@@ -467,7 +535,7 @@ fn step_down<W: Stream>(
 /// Writes what rustls has for the client until the socket is full.
 fn flush_tls(client: &TcpStream, tls: &mut ServerConnection) -> io::Result<()> {
     while tls.wants_write() {
-        match tls.write_tls(&mut TryIo(client)) {
+        match tls.write_tls(&mut TryIo(client, false)) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
@@ -620,6 +688,99 @@ mod tests {
         assert!(rest.is_empty());
         let outcome = tokio::time::timeout(Duration::from_secs(5), task).await.expect("ended");
         assert_eq!(outcome.unwrap().unwrap(), (1 << 20, 1 << 20));
+    }
+
+    /// A worker socket that counts its reads that found nothing.
+    struct CountingWorker {
+        inner: UnixStream,
+        empty_reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Stream for CountingWorker {
+        fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<Ready>> + Send {
+            self.inner.ready(interest)
+        }
+        fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+            let read = self.inner.try_read(buf);
+            if matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                self.empty_reads.fetch_add(1, Ordering::Relaxed);
+            }
+            read
+        }
+        fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+            self.inner.try_write(buf)
+        }
+        fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            self.inner.try_write_vectored(bufs)
+        }
+        fn clear_readable(&self) {
+            Stream::clear_readable(&self.inner);
+        }
+    }
+
+    impl AsFd for CountingWorker {
+        fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+            self.inner.as_fd()
+        }
+    }
+
+    async fn tls_pair() -> (tokio_rustls::client::TlsStream<TcpStream>, TcpStream, ServerConnection) {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let server =
+            crate::tls::server_config(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client_config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let (client_end, client_side) = pair().await;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, accepted) = tokio::join!(
+            tokio_rustls::TlsConnector::from(Arc::new(client_config)).connect(name, client_end),
+            tokio_rustls::TlsAcceptor::from(server).accept(client_side),
+        );
+        let (client_side, tls) = accepted.unwrap().into_inner();
+        (client.unwrap(), client_side, tls)
+    }
+
+    #[tokio::test]
+    async fn tls_reads_each_batch_from_the_worker_once_without_a_read_into_would_block() {
+        let (mut client, client_side, mut tls) = tls_pair().await;
+        let (worker_side, mut worker_end) = UnixStream::pair().unwrap();
+        let worker = std::sync::Arc::new(CountingWorker { inner: worker_side, empty_reads: 0.into() });
+        let counted = std::sync::Arc::clone(&worker);
+        let task = tokio::spawn(async move {
+            forward_tls(&client_side, &mut tls, &*worker, Duration::from_secs(5), None).await
+        });
+        // Paced batches, each delivered before the next: the shape of a fan-out at 20/s.
+        const BATCHES: usize = 50;
+        for i in 0..BATCHES {
+            let frame = format!("frame {i:04}");
+            worker_end.write_all(frame.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; frame.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, frame.as_bytes());
+        }
+        // Reads of the worker that found nothing: the first turn's, and at most a few spurious
+        // wake-ups; reading again after every batch would make it BATCHES.
+        let empty = counted.empty_reads.load(Ordering::Relaxed);
+        assert!(empty <= 3, "{empty} reads of the worker found nothing for {BATCHES} batches");
+        drop(worker_end);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        drop(client);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), task).await.expect("ended");
+        assert_eq!(outcome.unwrap().unwrap().1, (BATCHES * 10) as u64);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 /// Where to connect and how; shared by every scenario.
 #[derive(Debug, Clone, Args, Serialize)]
 pub(crate) struct Target {
-    /// WebSocket URL of the server (ws://; wss:// needs TLS support in sc-client).
+    /// WebSocket URL of the server (ws://, or wss:// with --ca).
     #[arg(long, default_value = "ws://127.0.0.1:8000/socketcluster/")]
     pub(crate) url: String,
     /// Wire protocol: 1 (socketcluster v14 line) or 2 (v17-v20).
@@ -36,6 +36,13 @@ pub(crate) struct Target {
     /// A name for the server in the JSON (e.g. "sc-rs 1w1b" or "sc20").
     #[arg(long, default_value = "server")]
     pub(crate) label: String,
+    /// PEM file of the CA that signed the server's certificate, for wss:// URLs.
+    #[arg(long)]
+    pub(crate) ca: Option<std::path::PathBuf>,
+    /// The TLS configuration read from `ca`, once for all clients.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub(crate) tls: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
 /// Counters the progress line shows; scenarios bump them from any task.
@@ -64,7 +71,22 @@ impl Target {
             config.local_addr = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)));
         }
         config.event_buffer = 4096;
+        config.tls = self.tls.get().cloned().flatten();
         config
+    }
+
+    /// Reads the CA file (if any) for `wss://` URLs; call once before [`Target::client_config`].
+    pub(crate) fn load_tls(&self) -> anyhow::Result<()> {
+        let tls = match &self.ca {
+            Some(ca) => ClientConfig::new(self.url.clone()).with_ca_file(ca)?.tls,
+            None => None,
+        };
+        anyhow::ensure!(
+            tls.is_some() || !self.url.starts_with("wss://"),
+            "a wss:// url needs --ca (the PEM file of the CA that signed the server's certificate)"
+        );
+        let _ = self.tls.set(tls);
+        Ok(())
     }
 
     /// Connects `n` clients, `concurrency` handshakes at a time; returns them in index order.
@@ -198,6 +220,8 @@ mod tests {
             pid: None,
             concurrency: 1,
             label: String::new(),
+            ca: None,
+            tls: Default::default(),
         };
         let addrs: Vec<_> = (0..4).map(|i| target.client_config(i).local_addr).collect();
         assert_eq!(addrs[0], addrs[3]);

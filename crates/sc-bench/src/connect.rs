@@ -1,6 +1,6 @@
 //! `connect`: handshakes per second. `--connections` connections, `--concurrency` at a time;
 //! each one is TCP connect, WebSocket upgrade and `#handshake` (the time recorded), then a
-//! close. `wss://` URLs measure the TLS handshake too, once sc-client speaks TLS.
+//! close. `wss://` URLs (with `--ca`) measure the TLS handshake too.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,9 +19,6 @@ use crate::stats::{Sharded, Summary, summarize};
 pub(crate) struct Params {
     #[arg(long, default_value_t = 5000)]
     pub(crate) connections: usize,
-    /// PEM file of the CA that signed the server's certificate, for wss:// URLs.
-    #[arg(long)]
-    pub(crate) ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,11 +35,6 @@ pub(crate) struct Outcome {
 }
 
 pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
-    anyhow::ensure!(
-        !target.url.starts_with("wss://"),
-        "wss:// is not supported yet: sc-client has no TLS connector (--ca {:?} is accepted for when it does)",
-        p.ca
-    );
     let counters = Arc::new(Counters::default());
     let _progress = Progress::start("connect", Arc::clone(&counters), quiet);
     let gate = Arc::new(Semaphore::new(target.concurrency.max(1)));

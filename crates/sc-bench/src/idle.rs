@@ -57,6 +57,8 @@ pub(crate) struct Outcome {
     pub(crate) server_rss_kb_before: u64,
     pub(crate) server_rss_kb_after: u64,
     pub(crate) rss_kb_per_connection: f64,
+    /// The same by program name (sc-balancer, sc-worker, node...).
+    pub(crate) rss_kb_per_connection_by_program: std::collections::BTreeMap<String, f64>,
     pub(crate) client_rss_kb: u64,
 }
 
@@ -67,6 +69,7 @@ pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Res
     let warm = target.connect_many(WARM_UP, &counters).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = measure(target, p).await;
+    let by_program0 = procs::rss_by_program(target.pid);
 
     let start = Instant::now();
     let clients = target.connect_many(p.connections, &counters).await?;
@@ -89,6 +92,7 @@ pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Res
     let connect_seconds = start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(p.settle)).await;
     let after = measure(target, p).await;
+    let by_program1 = procs::rss_by_program(target.pid);
     let alive = clients.iter().filter(|(c, _)| c.close_info().is_none()).count();
     counters.errors.store((clients.len() - alive) as u64, Ordering::Relaxed);
     let client_rss_kb = procs::sample(Some(std::process::id())).rss_kb;
@@ -103,6 +107,13 @@ pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Res
         server_rss_kb_before: before.rss_kb,
         server_rss_kb_after: after.rss_kb,
         rss_kb_per_connection: (after.rss_kb as f64 - before.rss_kb as f64) / p.connections as f64,
+        rss_kb_per_connection_by_program: by_program1
+            .iter()
+            .map(|(name, kb)| {
+                let grown = *kb as f64 - by_program0.get(name).copied().unwrap_or(0) as f64;
+                (name.clone(), grown / p.connections as f64)
+            })
+            .collect(),
         client_rss_kb,
     })
 }
@@ -118,15 +129,40 @@ async fn measure(target: &Target, p: &Params) -> procs::Sample {
     procs::sample(target.pid)
 }
 
-/// A minimal HTTP/1.0 GET; the body is ignored.
+/// A minimal HTTP/1.0 GET; the body is ignored. Done at the end of the body by its
+/// content-length, or at the end of stream: uWebSockets keeps the connection open.
 async fn http_get(url: &str) -> anyhow::Result<()> {
     let rest = url.strip_prefix("http://").context("only http:// URLs")?;
     let (authority, path) =
         rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
     let mut stream =
         tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(authority)).await??;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).await?;
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await??;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let read = async {
+        let mut response = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, anyhow::Error>(());
+            }
+            response.extend_from_slice(&chunk[..n]);
+            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if length.is_some_and(|length| response.len() >= end + 4 + length) {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await??;
     Ok(())
 }

@@ -100,6 +100,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     let t = &cli.target;
+    t.load_tls()?;
     let load_before = common::load_average();
     // A scenario's failed checks: the report is still printed, then sc-bench exits non-zero.
     let mut failures: Vec<String> = Vec::new();

@@ -75,6 +75,19 @@ pub(crate) fn cpu_by_program(root: Option<u32>) -> BTreeMap<String, f64> {
     by
 }
 
+/// RSS in kB of each process in the tree of `root`, summed by program name: which process an
+/// idle connection's memory is in.
+pub(crate) fn rss_by_program(root: Option<u32>) -> BTreeMap<String, u64> {
+    let mut by = BTreeMap::new();
+    let Some(root) = root else { return by };
+    for pid in tree(root) {
+        let name =
+            fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_owned()).unwrap_or_default();
+        *by.entry(name).or_insert(0) += rss_kb(pid);
+    }
+    by
+}
+
 /// The difference `after - before` per program.
 pub(crate) fn cpu_delta(
     before: &BTreeMap<String, f64>,

@@ -22,19 +22,20 @@ use serde_json::value::RawValue;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, trace};
 
 use crate::client::{Handshake, Responder};
 use crate::codec::{self, Decoded, Frame};
+use crate::transport::Transport;
 use crate::{ClientConfig, CloseInfo, Error, Event, ProtocolVersion};
 
-/// The socket type; `MaybeTlsStream` leaves room for a `wss://` arm once TLS is enabled.
-pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The socket type: TCP, or TLS over TCP for `wss://`.
+pub(crate) type Ws = WebSocketStream<Transport>;
 
 /// The `#handshake` is always our first call.
 pub(crate) const HANDSHAKE_CID: u64 = 1;
@@ -152,23 +153,29 @@ pub(crate) async fn open(config: &ClientConfig) -> Result<(Ws, Vec<String>, Hand
     let invalid = |reason: &str| Error::InvalidUrl { url: config.url.clone(), reason: reason.to_owned() };
     let request = config.url.as_str().into_client_request().map_err(|e| invalid(&e.to_string()))?;
     let uri = request.uri();
-    match uri.scheme_str() {
-        Some("ws") => {}
-        // wss: connect TCP as below, wrap it in TLS and pass MaybeTlsStream::Rustls.
+    let tls = match uri.scheme_str() {
+        Some("ws") => None,
+        Some("wss") => match &config.tls {
+            Some(tls) => Some(Arc::clone(tls)),
+            None => return Err(Error::UnsupportedScheme("wss (no tls configuration)".to_owned())),
+        },
         Some(other) => return Err(Error::UnsupportedScheme(other.to_owned())),
         None => return Err(invalid("no scheme")),
-    }
+    };
     let host = uri
         .host()
         .ok_or_else(|| invalid("no host"))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
     let ws = timeout(config.connect_timeout, async {
         let tcp = tcp_connect(&host, port, config.local_addr).await?;
-        let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(tcp), None).await?;
+        let transport = match tls {
+            None => Transport::Plain(tcp),
+            Some(tls) => Transport::tls(tls, &host, tcp).await?,
+        };
+        let (ws, _response) = tokio_tungstenite::client_async_with_config(request, transport, None).await?;
         Ok::<_, Error>(ws)
     })
     .await

@@ -17,9 +17,12 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// A scheme this build cannot speak (`wss://` until TLS is added).
+    /// A scheme other than `ws://` and `wss://`, or `wss://` without [`crate::ClientConfig::tls`].
     #[error("unsupported url scheme {0}")]
     UnsupportedScheme(String),
+    /// The CA file could not be read or holds no usable certificate.
+    #[error("tls: {0}")]
+    Tls(String),
     /// DNS, bind or TCP connect failed.
     #[error("connect: {0}")]
     Io(#[from] std::io::Error),

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod client;
@@ -38,6 +39,7 @@ mod codec;
 mod connection;
 mod error;
 mod event;
+mod transport;
 
 pub use client::{AuthStatus, Client, Handshake, Responder, connect};
 pub use error::Error;
@@ -76,6 +78,8 @@ pub struct ClientConfig {
     pub event_buffer: usize,
     /// How long a close we start waits for the server's close frame.
     pub close_timeout: Duration,
+    /// The TLS configuration (trusted roots) for `wss://` URLs; `None` refuses `wss://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// How a connection ended.
@@ -101,6 +105,7 @@ impl ClientConfig {
             ping_timeout_disabled: false,
             event_buffer: 1024,
             close_timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 
@@ -108,6 +113,13 @@ impl ClientConfig {
     pub fn with_protocol(mut self, protocol: ProtocolVersion) -> Self {
         self.protocol = protocol;
         self
+    }
+
+    /// The same, trusting the CA certificates of the PEM file `ca` for `wss://` URLs (ring
+    /// provider, TLS 1.2 and 1.3).
+    pub fn with_ca_file(mut self, ca: &std::path::Path) -> Result<Self, Error> {
+        self.tls = Some(transport::client_config(ca)?);
+        Ok(self)
     }
 }
 
