@@ -13,9 +13,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["sc-rs-1w1b", "sc-rs", "uws", "sc20", "sc14", "sc-rs-1w1b-tls", "sc20-tls"]
+ORDER = [
+    "sc-rs-1w1b", "sc-rs-1w1b-t1", "sc-rs-1w1b-proxy", "sc-rs", "uws", "sc20", "sc14",
+    "sc-rs-1w1b-tls", "sc20-tls",
+]
 NAMES = {
     "sc-rs-1w1b": "sc-rs (1 worker, 1 broker)",
+    "sc-rs-1w1b-t1": "sc-rs 1w+1b, [worker] threads = 1",
+    "sc-rs-1w1b-proxy": "sc-rs 1w+1b, [balancer] handoff = false",
     "sc-rs": "sc-rs (2 workers, 1 broker)",
     "uws": "uWebSockets.js (uws-sc-lite)",
     "sc20": "socketcluster-server 20",
@@ -25,6 +30,8 @@ NAMES = {
 }
 COLORS = {
     "sc-rs-1w1b": "#d62728",
+    "sc-rs-1w1b-t1": "#e377c2",
+    "sc-rs-1w1b-proxy": "#7f7f7f",
     "sc-rs": "#ff7f0e",
     "uws": "#9467bd",
     "sc20": "#1f77b4",
@@ -35,6 +42,8 @@ COLORS = {
 # Same-run ratios drawn when both servers ran: (ours, theirs).
 RATIOS = [
     ("sc-rs-1w1b", "uws"),
+    ("sc-rs-1w1b-t1", "uws"),
+    ("sc-rs-1w1b", "sc-rs-1w1b-proxy"),
     ("sc-rs-1w1b", "sc20"),
     ("sc-rs", "sc20"),
     ("sc-rs-1w1b-tls", "sc20-tls"),

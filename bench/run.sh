@@ -20,6 +20,8 @@
 #   uws             uWebSockets.js (peers/servers/uws-sc-lite.js): a floor, not a product
 #   sc20            socketcluster-server 20, one process
 #   sc14            socketcluster 14, 1 worker + 1 broker
+#   sc-rs-1w1b-t1   as sc-rs-1w1b, with one runtime thread in the worker ([worker] threads = 1)
+#   sc-rs-1w1b-proxy as sc-rs-1w1b, every connection proxied ([balancer] handoff = false)
 #   sc-rs-1w1b-tls  as sc-rs-1w1b, TLS on the balancer ([balancer] tls_cert/tls_key)
 #   sc20-tls        socketcluster-server 20 behind Node's https server (bench/servers/sc20-https.js)
 # Both TLS servers use the same certificate (a test CA made by sc-test-certs for this run).
@@ -90,9 +92,14 @@ start_server() {
   SRV_PROTO=2
   SRV_CA=()
   case $name in
-    sc-rs|sc-rs-1w1b|sc-rs-1w1b-tls)
+    sc-rs|sc-rs-1w1b|sc-rs-1w1b-tls|sc-rs-1w1b-t1|sc-rs-1w1b-proxy)
+      # `tls` carries the extra environment of the variants too.
       local workers=2 tls=()
       [ "$name" != sc-rs ] && workers=1
+      # Variants for the data-path settings: one runtime thread per daemon, or no hand-off
+      # (every connection proxied by the balancer, as before issue 13).
+      [ "$name" = sc-rs-1w1b-t1 ] && tls=(SC_WORKER__THREADS=1)
+      [ "$name" = sc-rs-1w1b-proxy ] && tls=(SC_BALANCER__HANDOFF=false)
       if [ "$name" = sc-rs-1w1b-tls ]; then
         tls=(SC_BALANCER__TLS_CERT="$CERTS/cert.pem" SC_BALANCER__TLS_KEY="$CERTS/key.pem")
         SRV_CA=(--ca "$CERTS/ca.pem")
