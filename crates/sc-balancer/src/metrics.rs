@@ -7,6 +7,8 @@
 
 use std::sync::LazyLock;
 
+use sc_common::metrics::{Open, transport};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -47,10 +49,6 @@ pub(crate) enum Refused {
     NoWorker,
 }
 
-/// Counts a connection as open while it lives.
-#[derive(Debug)]
-pub(crate) struct Open(&'static Gauge);
-
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Refused {
@@ -64,12 +62,6 @@ impl Refused {
             Refused::FirstByte => "first_byte_timeout",
             Refused::NoWorker => "no_worker",
         }
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -111,9 +103,7 @@ impl Metrics {
 
     /// Counts a connection as open until the returned guard is dropped.
     pub(crate) fn open(&'static self, tls: bool) -> Open {
-        let gauge = &self.by_transport[usize::from(tls)].open;
-        gauge.inc();
-        Open(gauge)
+        Open::new(&self.by_transport[usize::from(tls)].open)
     }
 
     /// A plain connection handed to its worker on this host (from then on the worker's).
@@ -161,8 +151,4 @@ pub(crate) fn registry(id: &str) -> Registry {
         metrics.tls_handshake_duration.clone(),
     );
     registry
-}
-
-fn transport(tls: bool) -> &'static str {
-    if tls { "tls" } else { "plain" }
 }

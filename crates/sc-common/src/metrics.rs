@@ -19,7 +19,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as model;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use sc_proto::metrics::v1 as pb;
@@ -122,6 +122,30 @@ impl pb::metrics_server::Metrics for Scraper {
     ) -> Result<tonic::Response<pb::ScrapeResponse>, tonic::Status> {
         Ok(tonic::Response::new(scrape(&self.registry)))
     }
+}
+
+/// Counts something as open (a connection) while it lives: the gauge goes up when made and
+/// down when dropped.
+#[derive(Debug)]
+pub struct Open(&'static Gauge);
+
+impl Open {
+    /// Counts one more on `gauge` until the guard is dropped.
+    pub fn new(gauge: &'static Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The `transport` label of a connection: `tls` or `plain`.
+pub fn transport(tls: bool) -> &'static str {
+    if tls { "tls" } else { "plain" }
 }
 
 /// A registry whose every sample carries `role` and `id` (the daemon's), with the process

@@ -10,6 +10,8 @@
 
 use std::sync::LazyLock;
 
+use sc_common::metrics::{Open, transport};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -59,10 +61,6 @@ pub(crate) enum Refused {
     App,
 }
 
-/// Counts a socket as open while it lives.
-#[derive(Debug)]
-pub(crate) struct Open(&'static Gauge);
-
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Refused {
@@ -77,19 +75,13 @@ impl Refused {
     }
 }
 
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 impl Metrics {
     fn new() -> Self {
         let accepted = Family::<_, Counter>::default();
         let refused = Family::<_, Counter>::default();
         let open = Family::<_, Gauge>::default();
         let by_transport = [false, true].map(|tls| {
-            let transport = ("transport", if tls { "tls" } else { "plain" });
+            let transport = ("transport", transport(tls));
             Resolved {
                 accepted: accepted.get_or_create_owned(&[transport]),
                 open: open.get_or_create_owned(&[transport]),
@@ -121,8 +113,7 @@ impl Metrics {
     pub(crate) fn socket_opened(&'static self, tls: bool) -> Open {
         let resolved = &self.by_transport[usize::from(tls)];
         resolved.accepted.inc();
-        resolved.open.inc();
-        Open(&resolved.open)
+        Open::new(&resolved.open)
     }
 
     /// A connection or upgrade refused, and why.
