@@ -431,31 +431,41 @@ fn redis_key(key: &str) -> String {
     format!("{KEY_PREFIX}{key}")
 }
 
-/// Reads a key whatever its type: `{0, string}`, `{1, elements...}`, or nil; with `ARGV[1]`
-/// = "del", removes it too.
+/// Reads a key whatever its type: `{0, string}`, `{1, {elements...}}` (nested: `unpack` of a
+/// long list overflows Lua's stack), or nil; with `ARGV[1]` = "del", removes it too.
 const READ: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
 local out
 if t == 'string' then out = {0, redis.call('GET', KEYS[1])}
-elseif t == 'list' then out = {1, unpack(redis.call('LRANGE', KEYS[1], 0, -1))}
+elseif t == 'list' then out = {1, redis.call('LRANGE', KEYS[1], 0, -1)}
 elseif t == 'none' then return nil
 else return redis.error_reply('NOTALIST') end
 if ARGV[1] == 'del' then redis.call('DEL', KEYS[1]) end
 return out
 "#;
 
-/// Appends to a list; a string value is not a list.
+/// Appends to a list; a string value is not a list, except an empty array (what `removeRange`
+/// leaves of a list, as Redis has no empty lists), which becomes one, keeping its expiry.
 const ADD: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'string' and string.match(redis.call('GET', KEYS[1]), '^%s*%[%s*%]%s*$') then
+  local ttl = redis.call('PTTL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  local n = redis.call('RPUSH', KEYS[1], ARGV[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return n
+end
 if t ~= 'list' and t ~= 'none' then return redis.error_reply('NOTALIST') end
 return redis.call('RPUSH', KEYS[1], ARGV[1])
 "#;
 
 /// The slice [ARGV[1], ARGV[2]) of a list (ARGV[2] empty: to the end; negative: from the
-/// end), and with ARGV[3] = "del", removes it, keeping the key's expiry.
+/// end), and with ARGV[3] = "del", removes it, keeping the key's expiry. A list emptied so
+/// becomes the string `[]` (Redis deletes empty lists; the memory backend keeps the key).
 const RANGE: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return {} end
+if t == 'string' and string.match(redis.call('GET', KEYS[1]), '^%s*%[%s*%]%s*$') then return {} end
 if t ~= 'list' then return redis.error_reply('NOTALIST') end
 local n = redis.call('LLEN', KEYS[1])
 local function resolve(i)
@@ -469,9 +479,14 @@ if ARGV[2] ~= '' then to = resolve(tonumber(ARGV[2])) end
 if to <= from then return {} end
 local items = redis.call('LRANGE', KEYS[1], from, to - 1)
 if ARGV[3] == 'del' then
+  local ttl = redis.call('PTTL', KEYS[1])
   local mark = '\0sc-removed\0'
   for i = from, to - 1 do redis.call('LSET', KEYS[1], i, mark) end
   redis.call('LREM', KEYS[1], 0, mark)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('SET', KEYS[1], '[]')
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  end
 end
 return items
 "#;
@@ -611,7 +626,8 @@ impl RedisKv {
         let Some(reply) = reply else { return Ok(None) };
         match reply.as_slice() {
             [Value::Int(0), Value::BulkString(text)] => Ok(Some(text.clone())),
-            [Value::Int(1), items @ ..] => Ok(Some(json_array(items))),
+            [Value::Int(1), Value::Array(items)] => Ok(Some(json_array(items))),
+            [Value::Int(1)] => Ok(Some(b"[]".to_vec())),
             _ => Err(ExchangeError::Backend(format!("unexpected reply for {key:?}"))),
         }
     }
