@@ -386,7 +386,9 @@ async fn a_killed_master_leaves_its_runtime_folder_to_the_next_start() -> Result
         children.iter().all(|c| !alive(c.pid)).then_some(())
     })
     .await?;
-    assert!(left.is_dir(), "still there after the kill");
+    // Still there after the kill, unless a master that another test of this binary started
+    // meanwhile has already removed it: that is the behaviour under test too, so no assertion
+    // here (the tests of one binary run in parallel).
     // A live process's folder is not touched (this test's own pid stands for a running master).
     let live = std::env::temp_dir().join(format!("sc-{}-77", std::process::id()));
     std::fs::create_dir_all(&live)?;
