@@ -7,33 +7,19 @@
 
 use std::sync::LazyLock;
 
-use sc_common::metrics::{Open, transport};
+use sc_common::metrics::{Connections, Open};
 
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 /// The figures of this balancer process.
 #[derive(Debug)]
 pub(crate) struct Metrics {
-    accepted: Family<[(&'static str, &'static str); 1], Counter>,
-    refused: Family<[(&'static str, &'static str); 2], Counter>,
-    open: Family<[(&'static str, &'static str); 1], Gauge>,
+    connections: Connections<{ Refused::ALL.len() }>,
     tls_handshakes: Counter,
     tls_handshake_duration: Histogram,
     handed_off: Counter,
-    /// Resolved members of the families above, by transport (index: `tls as usize`).
-    by_transport: [Resolved; 2],
-}
-
-/// The labelled counters of one transport.
-#[derive(Debug)]
-struct Resolved {
-    accepted: Counter,
-    open: Gauge,
-    refused: [Counter; Refused::ALL.len()],
 }
 
 /// Why the balancer closed a connection before forwarding it.
@@ -55,7 +41,7 @@ impl Refused {
     const ALL: [Refused; 4] =
         [Refused::PendingPerIp, Refused::TlsHandshake, Refused::FirstByte, Refused::NoWorker];
 
-    fn label(self) -> &'static str {
+    const fn label(self) -> &'static str {
         match self {
             Refused::PendingPerIp => "pending_per_ip",
             Refused::TlsHandshake => "tls_handshake",
@@ -67,43 +53,28 @@ impl Refused {
 
 impl Metrics {
     fn new() -> Self {
-        let accepted = Family::<_, Counter>::default();
-        let refused = Family::<_, Counter>::default();
-        let open = Family::<_, Gauge>::default();
-        let by_transport = [false, true].map(|tls| {
-            let transport = ("transport", transport(tls));
-            Resolved {
-                accepted: accepted.get_or_create_owned(&[transport]),
-                open: open.get_or_create_owned(&[transport]),
-                refused: Refused::ALL
-                    .map(|why| refused.get_or_create_owned(&[transport, ("reason", why.label())])),
-            }
-        });
         Self {
-            accepted,
-            refused,
-            open,
+            connections: Connections::new(Refused::ALL.map(Refused::label)),
             tls_handshakes: Counter::default(),
             tls_handshake_duration: sc_common::metrics::seconds_histogram(),
             handed_off: Counter::default(),
-            by_transport,
         }
     }
 
     /// A connection accepted on the public listener.
     pub(crate) fn accepted(&self, tls: bool) {
-        self.by_transport[usize::from(tls)].accepted.inc();
+        self.connections.accepted(tls);
     }
 
     /// A connection closed before it was forwarded, and why.
     pub(crate) fn refused(&self, tls: bool, why: Refused) {
         let index = Refused::ALL.iter().position(|r| *r == why).unwrap_or(0);
-        self.by_transport[usize::from(tls)].refused[index].inc();
+        self.connections.refused(tls, index);
     }
 
     /// Counts a connection as open until the returned guard is dropped.
     pub(crate) fn open(&'static self, tls: bool) -> Open {
-        Open::new(&self.by_transport[usize::from(tls)].open)
+        self.connections.open(tls)
     }
 
     /// A plain connection handed to its worker on this host (from then on the worker's).
@@ -127,17 +98,12 @@ pub(crate) fn get() -> &'static Metrics {
 pub(crate) fn registry(id: &str) -> Registry {
     let metrics = get();
     let mut registry = sc_common::metrics::registry("balancer", id);
-    registry.register(
-        "sc_connections_accepted",
+    metrics.connections.register(
+        &mut registry,
         "Client connections accepted on the public listener",
-        metrics.accepted.clone(),
-    );
-    registry.register(
-        "sc_connections_refused",
         "Client connections closed before they were forwarded to a worker, by reason",
-        metrics.refused.clone(),
+        "Client connections open",
     );
-    registry.register("sc_connections_open", "Client connections open", metrics.open.clone());
     registry.register(
         "sc_connections_handed_off",
         "Plain connections passed to their worker on this host (then counted open by the worker)",

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as model;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
@@ -146,6 +147,68 @@ impl Drop for Open {
 /// The `transport` label of a connection: `tls` or `plain`.
 pub fn transport(tls: bool) -> &'static str {
     if tls { "tls" } else { "plain" }
+}
+
+/// Client connections by transport: accepted, open, and refused by one of `N` reasons. Every
+/// labelled counter is resolved once, when made, so that counting is an atomic add.
+#[derive(Debug)]
+pub struct Connections<const N: usize> {
+    accepted: Family<[(&'static str, &'static str); 1], Counter>,
+    refused: Family<[(&'static str, &'static str); 2], Counter>,
+    open: Family<[(&'static str, &'static str); 1], Gauge>,
+    /// By transport (index: `tls as usize`).
+    by_transport: [ResolvedConnections<N>; 2],
+}
+
+/// The labelled counters of one transport.
+#[derive(Debug)]
+struct ResolvedConnections<const N: usize> {
+    accepted: Counter,
+    open: Gauge,
+    refused: [Counter; N],
+}
+
+impl<const N: usize> Connections<N> {
+    /// Counters for both transports and every reason (`reasons`: their `reason` labels).
+    pub fn new(reasons: [&'static str; N]) -> Self {
+        let accepted = Family::<_, Counter>::default();
+        let refused = Family::<_, Counter>::default();
+        let open = Family::<_, Gauge>::default();
+        let by_transport = [false, true].map(|tls| {
+            let transport = ("transport", transport(tls));
+            ResolvedConnections {
+                accepted: accepted.get_or_create_owned(&[transport]),
+                open: open.get_or_create_owned(&[transport]),
+                refused: reasons.map(|why| refused.get_or_create_owned(&[transport, ("reason", why)])),
+            }
+        });
+        Self { accepted, refused, open, by_transport }
+    }
+
+    /// A connection accepted.
+    pub fn accepted(&self, tls: bool) {
+        self.by_transport[usize::from(tls)].accepted.inc();
+    }
+
+    /// A connection refused for the reason at `reason` in the list given to [`Connections::new`].
+    pub fn refused(&self, tls: bool, reason: usize) {
+        if let Some(counter) = self.by_transport[usize::from(tls)].refused.get(reason) {
+            counter.inc();
+        }
+    }
+
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open(&'static self, tls: bool) -> Open {
+        Open::new(&self.by_transport[usize::from(tls)].open)
+    }
+
+    /// Registers `sc_connections_accepted`, `sc_connections_refused` and `sc_connections_open`
+    /// with these help texts.
+    pub fn register(&self, registry: &mut Registry, accepted: &str, refused: &str, open: &str) {
+        registry.register("sc_connections_accepted", accepted, self.accepted.clone());
+        registry.register("sc_connections_refused", refused, self.refused.clone());
+        registry.register("sc_connections_open", open, self.open.clone());
+    }
 }
 
 /// A registry whose every sample carries `role` and `id` (the daemon's), with the process

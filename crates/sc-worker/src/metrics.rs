@@ -10,10 +10,9 @@
 
 use std::sync::LazyLock;
 
-use sc_common::metrics::{Open, transport};
+use sc_common::metrics::{Connections, Open};
 
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
@@ -21,11 +20,7 @@ use prometheus_client::registry::{Registry, Unit};
 /// The figures of this worker process.
 #[derive(Debug)]
 pub(crate) struct Metrics {
-    accepted: Family<[(&'static str, &'static str); 1], Counter>,
-    refused: Family<[(&'static str, &'static str); 2], Counter>,
-    open: Family<[(&'static str, &'static str); 1], Gauge>,
-    /// Resolved members of the families above, by transport (index: `tls as usize`).
-    by_transport: [Resolved; 2],
+    connections: Connections<{ Refused::ALL.len() }>,
     handshakes: Counter,
     handshake_duration: Histogram,
     messages_received: Counter,
@@ -40,14 +35,6 @@ pub(crate) struct Metrics {
     pub(crate) subscriptions: Gauge,
     /// Channels with at least one local subscriber.
     pub(crate) channels: Gauge,
-}
-
-/// The labelled counters of one transport.
-#[derive(Debug)]
-struct Resolved {
-    accepted: Counter,
-    open: Gauge,
-    refused: [Counter; Refused::ALL.len()],
 }
 
 /// Why the worker refused a connection or an upgrade.
@@ -66,7 +53,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 impl Refused {
     const ALL: [Refused; 3] = [Refused::PendingPerIp, Refused::Origin, Refused::App];
 
-    fn label(self) -> &'static str {
+    const fn label(self) -> &'static str {
         match self {
             Refused::PendingPerIp => "pending_per_ip",
             Refused::Origin => "origin",
@@ -77,23 +64,8 @@ impl Refused {
 
 impl Metrics {
     fn new() -> Self {
-        let accepted = Family::<_, Counter>::default();
-        let refused = Family::<_, Counter>::default();
-        let open = Family::<_, Gauge>::default();
-        let by_transport = [false, true].map(|tls| {
-            let transport = ("transport", transport(tls));
-            Resolved {
-                accepted: accepted.get_or_create_owned(&[transport]),
-                open: open.get_or_create_owned(&[transport]),
-                refused: Refused::ALL
-                    .map(|why| refused.get_or_create_owned(&[transport, ("reason", why.label())])),
-            }
-        });
         Self {
-            accepted,
-            refused,
-            open,
-            by_transport,
+            connections: Connections::new(Refused::ALL.map(Refused::label)),
             handshakes: Counter::default(),
             handshake_duration: sc_common::metrics::seconds_histogram(),
             messages_received: Counter::default(),
@@ -111,15 +83,14 @@ impl Metrics {
 
     /// A WebSocket opened: counts it accepted, and open until the guard is dropped.
     pub(crate) fn socket_opened(&'static self, tls: bool) -> Open {
-        let resolved = &self.by_transport[usize::from(tls)];
-        resolved.accepted.inc();
-        Open::new(&resolved.open)
+        self.connections.accepted(tls);
+        self.connections.open(tls)
     }
 
     /// A connection or upgrade refused, and why.
     pub(crate) fn refused(&self, tls: bool, why: Refused) {
         let index = Refused::ALL.iter().position(|r| *r == why).unwrap_or(0);
-        self.by_transport[usize::from(tls)].refused[index].inc();
+        self.connections.refused(tls, index);
     }
 
     /// A SocketCluster handshake accepted `seconds` after the socket opened.
@@ -176,13 +147,12 @@ pub(crate) fn get() -> &'static Metrics {
 pub(crate) fn registry(id: &str) -> Registry {
     let m = get();
     let mut registry = sc_common::metrics::registry("worker", id);
-    registry.register("sc_connections_accepted", "WebSocket connections opened", m.accepted.clone());
-    registry.register(
-        "sc_connections_refused",
+    m.connections.register(
+        &mut registry,
+        "WebSocket connections opened",
         "Connections or WebSocket upgrades refused, by reason",
-        m.refused.clone(),
+        "WebSocket connections open",
     );
-    registry.register("sc_connections_open", "WebSocket connections open", m.open.clone());
     registry.register("sc_handshakes", "SocketCluster handshakes accepted", m.handshakes.clone());
     registry.register_with_unit(
         "sc_handshake_duration",
