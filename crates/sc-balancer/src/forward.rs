@@ -629,32 +629,8 @@ mod tests {
 
     #[tokio::test]
     async fn tls_both_ways_at_once_then_close_notify_each_way() {
-        use std::sync::Arc;
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert =
-            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
-        let server =
-            crate::tls::server_config(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).unwrap();
-        let client_config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-
-        let (client_end, client_side) = pair().await;
+        let (client, client_side, mut tls) = tls_pair().await;
         let (worker_side, worker_end) = pair().await;
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let (client, accepted) = tokio::join!(
-            tokio_rustls::TlsConnector::from(Arc::new(client_config)).connect(name, client_end),
-            tokio_rustls::TlsAcceptor::from(server).accept(client_side),
-        );
-        let (client_side, mut tls) = accepted.unwrap().into_inner();
         let task = tokio::spawn(async move {
             forward_tls(&client_side, &mut tls, &worker_side, Duration::from_secs(5), None).await
         });
@@ -662,7 +638,7 @@ mod tests {
         // A megabyte each way at the same time: neither direction may wait on the other.
         let up = vec![1u8; 1 << 20];
         let down = vec![2u8; 1 << 20];
-        let (mut client_read, mut client_write) = tokio::io::split(client.unwrap());
+        let (mut client_read, mut client_write) = tokio::io::split(client);
         let (mut worker_read, mut worker_write) = worker_end.into_split();
         let (sent_up, sent_down) = (up.clone(), down.clone());
         let client_writes = tokio::spawn(async move {
