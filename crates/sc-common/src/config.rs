@@ -42,6 +42,9 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// `[broker]`.
     pub broker: BrokerConfig,
+    /// `[app]`: the app's own settings, free-form (the only table whose keys are not checked
+    /// here); an app built with sc-worker's `App` gets them as its own typed struct.
+    pub app: toml::Table,
 }
 
 /// `[cluster]`: what the whole cluster shares.
@@ -894,6 +897,20 @@ mod tests {
         let file = write(&config.to_toml());
         let again = Config::load_with_env(Some(file.path()), env(&[])).unwrap();
         assert_eq!(config, again);
+    }
+
+    #[test]
+    fn the_app_table_is_free_form_and_the_rest_stays_strict() {
+        let file = write(
+            "[app]\nwelcome = \"hi\"\nhistory = 50\n[app.limits]\nrooms = [\"a\", \"b\"]\n[worker]\npath = \"/sc/\"\n",
+        );
+        let config = Config::load_with_env(Some(file.path()), env(&[("SC_APP__HISTORY", "60")])).unwrap();
+        assert_eq!(config.app["welcome"].as_str(), Some("hi"));
+        assert_eq!(config.app["history"].as_integer(), Some(60), "SC_APP__* overrides like any key");
+        assert_eq!(config.app["limits"]["rooms"].as_array().map(Vec::len), Some(2));
+        let file = write("[worker]\npaht = \"/sc/\"\n");
+        let err = Config::load_with_env(Some(file.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("unknown"), "{err}");
     }
 
     #[test]

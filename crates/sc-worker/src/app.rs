@@ -1,19 +1,24 @@
-//! The app API: what a SocketCluster application writes to run its own logic in the worker.
+//! The low-level app API: the [`Handler`] trait, one method per hook.
 //!
-//! An app implements [`Handler`] (every hook has a default, so an app overrides only what it
-//! needs), builds its own worker binary around [`crate::Worker::bind_with`], and names that binary
-//! in `[worker] command` so the master runs it. The hooks get a [`Socket`] handle to act on the
-//! client (auth tokens, kick out, invoke, transmit, disconnect) and the worker's
-//! [`Exchange`](crate::exchange::Exchange) for publishing and subscribing from server code.
+//! Most apps do not implement it themselves: [`crate::App`] registers typed procedures, events
+//! and hooks by name and implements it for them (see docs/app-guide.md). `Handler` stays for
+//! what the typed form does not cover (a raw frame hook, one `match` over every event). Every
+//! hook has a default, so an implementation overrides only what it needs; it runs in the
+//! stock-compatible worker through [`crate::Worker::bind_with`].
 //!
-//! The hooks map to the stock server's middleware (reference section 7): `upgrade` is
-//! HANDSHAKE_WS (reject = HTTP status), `handshake` is HANDSHAKE_SC (reject = close code),
-//! `subscribe`, `publish_in` and `authenticate` are the INBOUND actions of the same names,
-//! `publish_out` is OUTBOUND, `invoke` and `transmit` are procedures and receivers.
+//! Middleware (may refuse, reference section 7): `upgrade` is HANDSHAKE_WS (reject = HTTP
+//! status), `handshake` is HANDSHAKE_SC (reject = close code), `subscribe`, `publish_in` and
+//! `authenticate` are the INBOUND actions of the same names, `publish_out` is OUTBOUND, `invoke`
+//! and `transmit` are procedures and receivers.
 //!
-//! Ordering: `handshake`, `authenticate`, `subscribe` and `publish_in` run inline, in the order
-//! the client sent the messages (so a client's publishes keep their order); they must not wait
-//! on the same client (for example `socket.invoke(...)`), which cannot answer until they return.
+//! Events (after the fact): `connected` (handshake accepted), `subscribed`, `unsubscribed` (by
+//! request, kick-out or disconnect), `authenticated`, `deauthenticated` (by the client, the
+//! server or expiry) and `disconnected`.
+//!
+//! Ordering: the middleware and the event hooks of one socket run in its own task, in the order
+//! things happened (so a client's publishes keep their order, and `unsubscribed` never comes
+//! before its `subscribed`); they may publish and use the exchange, but must not wait on the
+//! same client (for example `socket.invoke(...)`), which cannot answer until they return.
 //! `invoke` and `transmit` run in their own tasks and may do anything. `publish_out` runs once
 //! per recipient on the fan-out path and must be cheap.
 
@@ -138,8 +143,26 @@ pub trait Handler: Send + Sync + 'static {
     /// A frame that is not a SocketCluster packet (sc-formatter's raw message).
     fn raw(&self, _socket: &Socket, _message: &str) {}
 
+    /// The handshake was accepted: the socket is open (the stock server's `connection`).
+    async fn connected(&self, _socket: &Socket) {}
+
+    /// The socket joined a channel (after `subscribe` allowed it).
+    async fn subscribed(&self, _socket: &Socket, _channel: &str) {}
+
+    /// The socket left a channel: the client unsubscribed, the server kicked it out, or the
+    /// socket closed (then once per channel it held, before `disconnected`).
+    async fn unsubscribed(&self, _socket: &Socket, _channel: &str) {}
+
+    /// The socket became authenticated: a valid token in `#handshake` or `#authenticate`, or
+    /// the server's `set_auth_token`.
+    async fn authenticated(&self, _socket: &Socket) {}
+
+    /// The socket lost its token: the client removed it, the server called `deauthenticate`,
+    /// or it expired.
+    async fn deauthenticated(&self, _socket: &Socket) {}
+
     /// The socket closed (with the code, if one was exchanged).
-    fn disconnected(&self, _socket: &Socket, _code: Option<u16>) {}
+    async fn disconnected(&self, _socket: &Socket, _code: Option<u16>) {}
 }
 
 /// The stock worker's handler: pure pub/sub and auth, no procedures.

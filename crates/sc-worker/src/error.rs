@@ -68,6 +68,15 @@ impl Error {
     }
 }
 
+/// What a client sees of a worker error in an app's reply: `BrokerError` (the stock server's
+/// name for a failed exchange call), with the error's code in `code`. Lets an app's handler use
+/// `?` on exchange calls.
+impl From<Error> for crate::protocol::ErrorObject {
+    fn from(error: Error) -> Self {
+        Self::new("BrokerError", error.to_string()).with("code", serde_json::Value::from(error.code()))
+    }
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         Self::Refused { code: status.code(), message: status.message().to_owned() }

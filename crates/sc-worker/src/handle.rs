@@ -9,6 +9,7 @@
 //! it. Server-to-client invokes wait on a oneshot that the socket's task completes when the
 //! client's response (`rid`) arrives.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -22,7 +23,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::auth::{AuthEngine, AuthToken};
 use crate::exchange::Exchange;
 use crate::hub::SocketKey;
-use crate::outbox::{Outbound, Outbox};
+use crate::outbox::{Event, Outbound, Outbox};
 use crate::protocol::{self, ErrorObject, Protocol};
 
 /// What every socket handle of a worker shares.
@@ -33,6 +34,8 @@ pub(crate) struct Services {
     pub(crate) ack_timeout: Duration,
     /// The worker's exchange, for the app.
     pub(crate) exchange: Exchange,
+    /// The worker's open sockets, for the app.
+    pub(crate) sockets: crate::sockets::Sockets,
 }
 
 /// Who is on the other end, as far as the worker knows.
@@ -64,7 +67,12 @@ pub(crate) struct State {
     pending: Mutex<Pending>,
     /// The client's invokes being handled (their answers not queued yet).
     invokes: AtomicUsize,
+    /// The app's per-socket state by type ([`Socket::insert`]); unallocated until used.
+    state: Mutex<Option<Box<StateMap>>>,
 }
+
+/// The app's values on one socket, one per type.
+type StateMap = HashMap<TypeId, Arc<dyn Any + Send + Sync>>;
 
 #[derive(Default)]
 struct Pending {
@@ -98,6 +106,7 @@ impl Socket {
             auth: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
             invokes: AtomicUsize::new(0),
+            state: Mutex::new(None),
         }))
     }
 
@@ -149,13 +158,17 @@ impl Socket {
         let frame = protocol::encode_set_auth_token(&signed);
         *self.auth() = Some(token);
         self.push_frame(frame);
+        self.event(Event::Authenticated);
         Ok(signed)
     }
 
     /// Removes the socket's token and tells the client (`#removeAuthToken`).
     pub fn deauthenticate(&self) {
-        self.auth().take();
+        let had = self.auth().take().is_some();
         self.push_frame(protocol::encode_remove_auth_token(self.speaks(Protocol::V2)));
+        if had {
+            self.event(Event::Deauthenticated);
+        }
     }
 
     /// Sends an event to the client, no answer expected.
@@ -200,6 +213,28 @@ impl Socket {
         self.0.outbox.push_item(Outbound::Close { code, reason: reason.to_owned() });
     }
 
+    /// Keeps `value` on this socket for as long as it is open, one value per type (the
+    /// stock server's custom socket properties, typed); returns the value it replaces. Use a
+    /// `Mutex` or atomics inside for state that changes.
+    pub fn insert<T: Send + Sync + 'static>(&self, value: T) -> Option<Arc<T>> {
+        let mut state = self.state_map();
+        let old = state.get_or_insert_with(Box::default).insert(TypeId::of::<T>(), Arc::new(value));
+        old.and_then(|old| old.downcast().ok())
+    }
+
+    /// The value of type `T` kept on this socket by [`Socket::insert`].
+    pub fn state<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        let state = self.state_map();
+        let value = state.as_ref()?.get(&TypeId::of::<T>())?.clone();
+        value.downcast().ok()
+    }
+
+    /// Removes the value of type `T` from this socket and returns it.
+    pub fn remove_state<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        let mut state = self.state_map();
+        state.as_mut()?.remove(&TypeId::of::<T>())?.downcast().ok()
+    }
+
     /// The worker's exchange (publish and subscribe from server code).
     pub fn exchange(&self) -> Exchange {
         self.0.services.exchange.clone()
@@ -220,8 +255,9 @@ impl Socket {
     }
 
     /// Replaces the auth state (the socket's own task, after verifying a token).
-    pub(crate) fn set_verified(&self, token: Option<AuthToken>) {
-        *self.auth() = token;
+    /// Returns whether the socket was authenticated before.
+    pub(crate) fn set_verified(&self, token: Option<AuthToken>) -> bool {
+        std::mem::replace(&mut *self.auth(), token).is_some()
     }
 
     /// Drops an expired token; returns its `exp` if it had expired.
@@ -256,12 +292,21 @@ impl Socket {
         InvokeGuard(self.clone())
     }
 
+    /// Queues one of the app's event hooks, to run in the socket's task after what is queued.
+    pub(crate) fn event(&self, event: Event) {
+        self.0.outbox.push_item(Outbound::Event(event));
+    }
+
     pub(crate) fn push_frame(&self, frame: String) {
         self.0.outbox.push(Utf8Bytes::from(frame));
     }
 
     fn auth(&self) -> MutexGuard<'_, Option<AuthToken>> {
         self.0.auth.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state_map(&self) -> MutexGuard<'_, Option<Box<StateMap>>> {
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {

@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sc_common::secret::constant_time_eq;
@@ -70,6 +69,8 @@ pub(crate) struct Http {
     pub(crate) static_dir: Option<PathBuf>,
     /// `[worker] api_key`; empty: the HTTP API is off.
     pub(crate) api_key: String,
+    /// The app's HTTP routes ([`crate::App::routes`]).
+    pub(crate) routes: Option<axum::Router>,
     /// Every socket task, so that shutdown can wait for their close frames.
     pub(crate) sockets: TaskTracker,
     /// [`FAULTS_ENV`] was set.
@@ -80,7 +81,7 @@ pub(crate) struct Http {
     pub(crate) header_timeout: std::time::Duration,
 }
 
-type Body = Full<Bytes>;
+type Body = axum::body::Body;
 
 impl Http {
     /// The WebSocket path, normalised so that it matches with and without a trailing slash.
@@ -397,11 +398,31 @@ impl Http {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no broker linked\n")
                 }
             }
-            (_, path) if path.starts_with("/api/") => self.api(request).await,
-            (&Method::GET | &Method::HEAD, _) if self.static_dir.is_some() => {
-                self.static_file(&request).await
+            (_, path) if is_backend_api(path) => self.api(request).await,
+            _ => self.app_route(request).await,
+        }
+    }
+
+    /// A request for the static folder or the app's routes, in that order (a file that
+    /// exists wins, as with `express.static` mounted first); other `/api/` paths fall back to
+    /// the backend API's answer.
+    async fn app_route(&self, request: Request<Incoming>) -> Response<Body> {
+        if matches!(*request.method(), Method::GET | Method::HEAD) && self.static_dir.is_some() {
+            let response = self.static_file(&request).await;
+            if response.status() != StatusCode::NOT_FOUND || self.routes.is_none() {
+                return response;
             }
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+        match &self.routes {
+            Some(routes) => {
+                use tower::ServiceExt;
+                match routes.clone().oneshot(request).await {
+                    Ok(response) => response,
+                    Err(infallible) => match infallible {},
+                }
+            }
+            None if request.uri().path().starts_with("/api/") => self.api(request).await,
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 
@@ -452,7 +473,7 @@ impl Http {
         let limits = Limits { max_payload, max_outbound };
         let socket = socket_task(on_upgrade, context, peer, pending, lease, limits, inject_panic);
         self.sockets.spawn(socket);
-        let mut response = Response::new(Full::new(Bytes::new()));
+        let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -566,7 +587,7 @@ impl Http {
             Ok(bytes) => {
                 let length = bytes.len();
                 let body = if request.method() == Method::HEAD { Bytes::new() } else { Bytes::from(bytes) };
-                let mut response = Response::new(Full::new(body));
+                let mut response = Response::new(Body::from(body));
                 let headers = response.headers_mut();
                 headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&path)));
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
@@ -575,6 +596,11 @@ impl Http {
             Err(_) => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
+}
+
+/// The worker's own HTTP API: paths an app's routes cannot take.
+fn is_backend_api(path: &str) -> bool {
+    path == "/api/publish" || path.starts_with("/api/exchange/") || path.starts_with("/api/presence/")
 }
 
 /// Maps a URL path to a file under `root`, refusing anything that is not a plain relative path.
@@ -650,7 +676,7 @@ fn owned_text(status: StatusCode, body: String) -> Response<Body> {
 }
 
 fn respond(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -8,7 +8,7 @@
 //! hand publishes to the pool directly.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
@@ -53,8 +53,9 @@ pub(crate) struct Hub {
     channels: RwLock<HashMap<Arc<str>, Subscribers>>,
     /// Where channels are held at the broker level.
     pool: Arc<BrokerPool>,
-    /// The app has a `publish_out` hook: recipients get each message as a JSON value too.
-    with_json: bool,
+    /// The app has a `publish_out` hook: recipients get each message as a JSON value too. Set
+    /// once the app is built (after the hub, which the app's exchange handle needs).
+    with_json: AtomicBool,
     next_key: AtomicU64,
 }
 
@@ -65,10 +66,20 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub holding its channels on `pool`; `with_json` when recipients look at each message
-    /// (the app's `publish_out` hook), so it is parsed once per delivery, not per recipient.
-    pub(crate) fn new(pool: Arc<BrokerPool>, with_json: bool) -> Self {
-        Self { channels: RwLock::new(HashMap::new()), pool, with_json, next_key: AtomicU64::new(1) }
+    /// A hub holding its channels on `pool`.
+    pub(crate) fn new(pool: Arc<BrokerPool>) -> Self {
+        Self {
+            channels: RwLock::new(HashMap::new()),
+            pool,
+            with_json: AtomicBool::new(false),
+            next_key: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether recipients look at each message (the app's `publish_out` hook): then it is
+    /// parsed once per delivery, not per recipient.
+    pub(crate) fn set_with_json(&self, with_json: bool) {
+        self.with_json.store(with_json, Ordering::Relaxed);
     }
 
     /// A fresh subscriber key.
@@ -128,7 +139,7 @@ impl DeliverySink for Hub {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         let Some(subscribers) = channels.get(channel) else { return };
         let frame = Utf8Bytes::from(protocol::encode_publish(channel, data));
-        let json: Option<Box<RawValue>> = if self.with_json {
+        let json: Option<Box<RawValue>> = if self.with_json.load(Ordering::Relaxed) {
             let text = if data.is_empty() { "null" } else { std::str::from_utf8(data).unwrap_or("null") };
             RawValue::from_string(text.to_owned()).ok()
         } else {

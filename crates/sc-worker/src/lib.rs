@@ -22,6 +22,7 @@
 
 mod app;
 mod auth;
+mod builder;
 mod broker_link;
 mod brokers;
 mod error;
@@ -36,8 +37,13 @@ mod outbox;
 mod protocol;
 mod proxies;
 mod socket;
+mod sockets;
 
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
+pub use builder::{App, AppContext};
+pub use sockets::Sockets;
+/// The HTTP routing crate of [`App::routes`], re-exported so that an app uses the same version.
+pub use axum;
 pub use error::Error;
 pub use exchange::{Exchange, Subscription};
 pub use protocol::{ErrorObject, Protocol};
@@ -52,6 +58,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sc_common::config::Config;
+use serde::de::DeserializeOwned;
 use sc_common::membership::{Event, Member, Role, default_id};
 use sc_common::{MasterLink, net};
 use tokio::net::{TcpListener, UnixListener};
@@ -91,9 +98,39 @@ impl Worker {
         Self::bind_with(config, Arc::new(DefaultHandler)).await
     }
 
-    /// Binds a worker running the app `handler`. Every setting is checked before anything is
-    /// bound.
+    /// Binds a worker running the app `handler` (the low-level form of [`Worker::bind_app`]).
+    /// Every setting is checked before anything is bound.
     pub async fn bind_with(config: Config, handler: Arc<dyn Handler>) -> Result<Self, StartError> {
+        Self::bind_built(config, |_| Ok((handler, None))).await
+    }
+
+    /// Binds a worker running the app that `build` makes from its [`AppContext`]: the
+    /// `[app]` settings as `C` (a table that does not fit `C` is a start-up error naming the
+    /// key) and the worker's handles. What [`run`] does after loading the config.
+    pub async fn bind_app<C, F>(config: Config, build: F) -> Result<Self, StartError>
+    where
+        C: DeserializeOwned,
+        F: FnOnce(AppContext<C>) -> App,
+    {
+        let settings = app_settings::<C>(&config.app)?;
+        Self::bind_built(config, move |context| {
+            let mut app = build(AppContext {
+                config: settings,
+                exchange: context.exchange,
+                sockets: context.sockets,
+                worker_id: context.worker_id,
+            });
+            let routes = app.take_routes();
+            Ok((Arc::new(app), routes))
+        })
+        .await
+    }
+
+    /// Checks the settings, makes the worker's parts, builds the app on them, then binds.
+    async fn bind_built<F>(config: Config, build: F) -> Result<Self, StartError>
+    where
+        F: FnOnce(AppContext<()>) -> Result<(Arc<dyn Handler>, Option<axum::Router>), StartError>,
+    {
         let id = config.worker.id.clone().unwrap_or_else(|| default_id(Role::Worker));
         config.validate_worker(&id)?;
         let worker = &config.worker;
@@ -128,15 +165,20 @@ impl Worker {
         let message_limit = config.grpc_message_limit();
         let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone(), message_limit);
         let pool = Arc::new(BrokerPool::new(Arc::new(connector), message_limit));
-        let hub = Arc::new(Hub::new(pool.clone(), handler.has_publish_out()));
+        let hub = Arc::new(Hub::new(pool.clone()));
+        let exchange = Exchange::new(hub.clone(), pool.clone());
+        let sockets = Sockets::default();
+        let (handler, routes) = build(AppContext {
+            config: (),
+            exchange: exchange.clone(),
+            sockets: sockets.clone(),
+            worker_id: id.clone(),
+        })?;
+        hub.set_with_json(handler.has_publish_out());
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
-        let services = handle::Services {
-            auth,
-            ack_timeout: worker.ack_timeout,
-            exchange: Exchange::new(hub.clone(), pool.clone()),
-        };
+        let services = handle::Services { auth, ack_timeout: worker.ack_timeout, exchange, sockets };
         let context = Arc::new(socket::Context {
             hub: hub.clone(),
             pool: pool.clone(),
@@ -154,6 +196,7 @@ impl Worker {
             max_payload: usize::try_from(worker.max_payload).unwrap_or(usize::MAX),
             static_dir,
             api_key: worker.api_key.clone(),
+            routes,
             sockets: TaskTracker::new(),
             faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
             pending: sc_common::per_ip::PendingByIp::new(worker.max_pending_per_ip),
@@ -172,6 +215,11 @@ impl Worker {
     /// The exchange: publish and subscribe from server code.
     pub fn exchange(&self) -> Exchange {
         Exchange::new(self.hub.clone(), self.pool.clone())
+    }
+
+    /// This worker's open sockets.
+    pub fn sockets(&self) -> Sockets {
+        self.http.context.services.sockets.clone()
     }
 
     /// The bound HTTP/WebSocket address.
@@ -271,6 +319,38 @@ impl Worker {
             }
         });
         Ok(())
+    }
+}
+
+/// Runs an app's worker: the whole `main` of an app binary. Reads the command line and the
+/// config file as the stock `sc-worker` does (so `[worker] command` in the cluster's config can
+/// name this binary and the master runs it), builds the app with `build`, and serves until the
+/// master (or a signal) stops it. The exit code says why it stopped.
+pub fn run<C, F>(build: F) -> std::process::ExitCode
+where
+    C: DeserializeOwned,
+    F: FnOnce(AppContext<C>) -> App,
+{
+    sc_common::cli::member_main(Role::Worker, |config, events, shutdown| async move {
+        Worker::bind_app(config, build).await?.serve(events, shutdown).await
+    })
+}
+
+/// The `[app]` table as the app's settings type; an empty table also reads as `()` (no
+/// settings) or a type whose fields all have defaults.
+fn app_settings<C: DeserializeOwned>(table: &toml::Table) -> Result<C, StartError> {
+    let value = toml::Value::Table(table.clone());
+    match value.try_into::<C>() {
+        Ok(settings) => Ok(settings),
+        Err(error) => {
+            let unit = serde::de::value::UnitDeserializer::<serde::de::value::Error>::new();
+            if table.is_empty()
+                && let Ok(settings) = C::deserialize(unit)
+            {
+                return Ok(settings);
+            }
+            Err(StartError::Config(format!("[app]: {}", error.message())))
+        }
     }
 }
 

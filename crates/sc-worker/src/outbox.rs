@@ -37,6 +37,24 @@ pub(crate) enum Outbound {
     KickOut { channel: String, message: String },
     /// Close the socket with this code and reason.
     Close { code: u16, reason: String },
+    /// Run one of the app's event hooks, in order with the rest (after what was queued before
+    /// it has been written).
+    Event(Event),
+}
+
+/// An app event hook to run in the socket's task ([`crate::Handler`]'s event methods).
+#[derive(Debug, Clone)]
+pub(crate) enum Event {
+    /// `connected`.
+    Connected,
+    /// `authenticated`.
+    Authenticated,
+    /// `deauthenticated`.
+    Deauthenticated,
+    /// `subscribed` to the channel.
+    Subscribed(std::sync::Arc<str>),
+    /// `unsubscribed` from the channel.
+    Unsubscribed(std::sync::Arc<str>),
 }
 
 #[derive(Debug, Default)]

@@ -36,7 +36,7 @@ use crate::brokers::{BrokerPool, LINK_WAIT, Receipt};
 pub use crate::handle::Socket;
 use crate::handle::{Peer, Services};
 use crate::hub::{self, Hub, Recipient};
-use crate::outbox::Outbound;
+use crate::outbox::{Event, Outbound};
 use crate::protocol::{self, ErrorObject, Inbound, Packet, Protocol};
 use sc_common::config::ProtocolVersion;
 use sc_common::per_ip::Pending;
@@ -293,8 +293,22 @@ pub(crate) async fn run<S>(
             Some(code)
         }
     };
-    context.handler.disconnected(&socket, code);
+    if conversation.handshaken {
+        context.services.sockets.remove(&socket);
+        let channels = std::mem::take(&mut conversation.subscriptions);
+        // Boxed: these run once, at the end; every idle socket's task would hold their size.
+        Box::pin(closed(&context, &socket, channels, code)).await;
+    }
     tracing::debug!(id = %socket.id(), "socket closed");
+}
+
+/// The app's hooks for a closed socket: `unsubscribed` for each channel it held, then
+/// `disconnected`.
+async fn closed(context: &Context, socket: &Socket, channels: HashSet<Arc<str>>, code: Option<u16>) {
+    for channel in channels {
+        context.handler.unsubscribed(socket, &channel).await;
+    }
+    context.handler.disconnected(socket, code).await;
 }
 
 impl Conversation {
@@ -383,16 +397,22 @@ impl Conversation {
                             "Socket outbound queue overflowed".into(),
                         ));
                     }
-                    for item in queued.drain(..) {
+                    while let Some(item) = queued.pop_front() {
                         let frame = match item {
                             Outbound::Frame(frame) => frame,
                             Outbound::KickOut { channel, message } => {
                                 if !self.leave(&channel) {
                                     continue;
                                 }
+                                socket.event(Event::Unsubscribed(channel.as_str().into()));
                                 protocol::encode_kick_out(&channel, &message).into()
                             }
                             Outbound::Close { code, reason } => return Err(End::Close(code, reason.into())),
+                            Outbound::Event(event) => {
+                                // Boxed: held only while a hook runs, not by every idle socket.
+                                Box::pin(self.event(event)).await;
+                                continue;
+                            }
                         };
                         output.send(ws, Message::Text(frame))?;
                     }
@@ -521,7 +541,11 @@ impl Conversation {
             "#unsubscribe" => self.unsubscribe(packet.data, cid),
             "#publish" => self.publish(packet.data, cid).await,
             "#authenticate" => self.authenticate(packet.data, cid).await?,
-            "#removeAuthToken" => self.socket.set_verified(None),
+            "#removeAuthToken" => {
+                if self.socket.set_verified(None) {
+                    self.socket.event(Event::Deauthenticated);
+                }
+            }
             // v1 clients announce their close; a v1 server closes with their code.
             "#disconnect" if !self.socket.speaks(Protocol::V2) => {
                 let code = packet
@@ -544,6 +568,8 @@ impl Conversation {
             if self.socket.speaks(Protocol::V1) {
                 self.handshaken = true;
                 self.pending = None;
+                self.context.services.sockets.insert(&self.socket);
+                self.socket.event(Event::Connected);
                 return Ok(());
             }
             return Err(End::Close(CLOSE_BAD_HANDSHAKE, "Handshake request was malformatted".into()));
@@ -572,8 +598,13 @@ impl Conversation {
         }
         self.handshaken = true;
         self.pending = None;
+        self.context.services.sockets.insert(&self.socket);
         let reply = self.handshake_reply(cid, auth_error.as_ref());
         self.replies.push(reply);
+        self.socket.event(Event::Connected);
+        if self.socket.is_authenticated() {
+            self.socket.event(Event::Authenticated);
+        }
         if auth_error.as_ref().is_some_and(ErrorObject::is_bad_token) {
             self.replies.push(protocol::encode_remove_auth_token(self.socket.speaks(Protocol::V2)));
         }
@@ -602,7 +633,9 @@ impl Conversation {
                 Ok(())
             }
             Err(error) => {
-                self.socket.set_verified(None);
+                if self.socket.set_verified(None) && self.handshaken {
+                    self.socket.event(Event::Deauthenticated);
+                }
                 Err(error)
             }
         }
@@ -619,13 +652,18 @@ impl Conversation {
         let outcome = match signed {
             Some(signed) => self.verify(&signed).await,
             None => {
-                self.socket.set_verified(None);
+                if self.socket.set_verified(None) {
+                    self.socket.event(Event::Deauthenticated);
+                }
                 Err(ErrorObject::new("AuthTokenInvalidError", "jwt must be provided")
                     .with("isBadToken", Value::Bool(true)))
             }
         };
         match outcome {
-            Ok(()) => self.replies.push(protocol::encode_auth_ok(cid)),
+            Ok(()) => {
+                self.replies.push(protocol::encode_auth_ok(cid));
+                self.socket.event(Event::Authenticated);
+            }
             Err(error) => {
                 let bad = error.is_bad_token();
                 let v1 = self.socket.speaks(Protocol::V1);
@@ -647,6 +685,7 @@ impl Conversation {
     fn check_expiry(&mut self) -> Option<ErrorObject> {
         let exp = self.socket.expire_token()?;
         self.replies.push(protocol::encode_remove_auth_token(self.socket.speaks(Protocol::V2)));
+        self.socket.event(Event::Deauthenticated);
         Some(auth::expired_error(exp))
     }
 
@@ -709,7 +748,7 @@ impl Conversation {
             Arc::new(Subscriber { socket: self.socket.clone(), handler: self.context.handler.clone() })
         });
         let (name, confirmed) = self.context.hub.subscribe(&channel, self.socket.key(), recipient);
-        self.subscriptions.insert(name);
+        self.subscriptions.insert(name.clone());
         // Acknowledge once the owner broker has the subscription, so that every publish after
         // the ack reaches this client (as with the single-process stock server). Without a
         // broker for now, the subscription stands and is made when one links.
@@ -722,11 +761,15 @@ impl Conversation {
             }
         }
         reply(&mut self.replies, None);
+        self.socket.event(Event::Subscribed(name));
     }
 
     fn unsubscribe(&mut self, data: Option<&RawValue>, cid: Option<&RawValue>) {
         let channel = data.and_then(|d| serde_json::from_str::<Cow<'_, str>>(d.get()).ok());
         let removed = channel.as_deref().is_some_and(|channel| self.leave(channel));
+        if let (true, Some(channel)) = (removed, channel.as_deref()) {
+            self.socket.event(Event::Unsubscribed(channel.into()));
+        }
         if let Some(cid) = cid {
             if removed {
                 self.replies.push(protocol::encode_ack(cid));
@@ -836,6 +879,18 @@ impl Conversation {
         }
     }
 
+    /// Runs one of the app's event hooks (queued through the outbox, so in order).
+    async fn event(&self, event: Event) {
+        let (handler, socket) = (&self.context.handler, &self.socket);
+        match event {
+            Event::Connected => handler.connected(socket).await,
+            Event::Authenticated => handler.authenticated(socket).await,
+            Event::Deauthenticated => handler.deauthenticated(socket).await,
+            Event::Subscribed(channel) => handler.subscribed(socket, &channel).await,
+            Event::Unsubscribed(channel) => handler.unsubscribed(socket, &channel).await,
+        }
+    }
+
     /// Leaves a channel this socket holds; returns whether it held it.
     fn leave(&mut self, channel: &str) -> bool {
         if self.subscriptions.remove(channel) {
@@ -846,9 +901,11 @@ impl Conversation {
         }
     }
 
+    /// Leaves every channel at the hub (no more deliveries); the socket's list stays, for the
+    /// `unsubscribed` hooks after the close. Leaving twice changes nothing.
     fn leave_all(&mut self) {
-        for channel in self.subscriptions.drain() {
-            self.context.hub.unsubscribe(&channel, self.socket.key());
+        for channel in &self.subscriptions {
+            self.context.hub.unsubscribe(channel, self.socket.key());
         }
     }
 }
@@ -984,12 +1041,13 @@ pub(crate) mod tests {
     pub(crate) fn context() -> Arc<Context> {
         let connector = crate::broker_link::Grpc::new("w".into(), "s".into(), 4 << 20);
         let pool = Arc::new(BrokerPool::new(Arc::new(connector), 4 << 20));
-        let hub = Arc::new(Hub::new(pool.clone(), false));
+        let hub = Arc::new(Hub::new(pool.clone()));
         let auth = auth::AuthEngine::new("HS256", "key", None, None, Duration::from_secs(60)).unwrap();
         let services = Services {
             auth,
             ack_timeout: Duration::from_secs(1),
             exchange: crate::exchange::Exchange::new(hub.clone(), pool.clone()),
+            sockets: crate::sockets::Sockets::default(),
         };
         let config = sc_common::config::WorkerConfig::default();
         Arc::new(Context {
