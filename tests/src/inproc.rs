@@ -24,6 +24,8 @@
 //! links, say, would keep every broker draining for its full drain period.)
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sc_common::config::{Config, MasterMode};
@@ -42,12 +44,20 @@ const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// A config change applied on top of the cluster's base config.
 type Tune = Box<dyn FnOnce(&mut Config)>;
 
+/// Binds one worker from its config: the stock worker, or an app's.
+type BindWorker = Arc<
+    dyn Fn(Config) -> Pin<Box<dyn Future<Output = Result<sc_worker::Worker, sc_worker::StartError>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Builds a [`Cluster`]; see the module documentation.
 #[must_use]
 pub struct Builder {
     brokers: usize,
     workers: usize,
     tunes: Vec<Tune>,
+    bind_worker: BindWorker,
 }
 
 /// A running in-process cluster; see the module documentation.
@@ -62,6 +72,8 @@ pub struct Cluster {
     brokers: Vec<Option<Served>>,
     /// `worker-<i>` at index i (or one started with [`Cluster::add_named_worker`]).
     workers: Vec<Option<Served>>,
+    /// How `workers` are bound (the builder's [`Builder::app`]).
+    bind_worker: BindWorker,
     /// Members stopped one at a time and not yet awaited: awaited by [`Cluster::shutdown`].
     stopping: Vec<Served>,
 }
@@ -86,6 +98,17 @@ impl Builder {
     /// The number of workers (`worker-0`, ...); 1 by default.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
+        self
+    }
+
+    /// The workers run this app (`sc_worker::Worker::bind_app`) instead of the stock worker.
+    pub fn app<C, F>(mut self, build: F) -> Self
+    where
+        C: serde::de::DeserializeOwned + Send + 'static,
+        F: Fn(sc_worker::AppContext<C>) -> sc_worker::App + Clone + Send + Sync + 'static,
+    {
+        self.bind_worker =
+            Arc::new(move |config| Box::pin(sc_worker::Worker::bind_app(config, build.clone())));
         self
     }
 
@@ -124,6 +147,7 @@ impl Builder {
             master: Some(master),
             brokers: Vec::new(),
             workers: Vec::new(),
+            bind_worker: self.bind_worker,
             stopping: Vec::new(),
         };
         for _ in 0..self.brokers {
@@ -139,7 +163,12 @@ impl Builder {
 impl Cluster {
     /// A builder for one broker and one worker.
     pub fn builder() -> Builder {
-        Builder { brokers: 1, workers: 1, tunes: Vec::new() }
+        Builder {
+            brokers: 1,
+            workers: 1,
+            tunes: Vec::new(),
+            bind_worker: Arc::new(|config| Box::pin(sc_worker::Worker::bind(config))),
+        }
     }
 
     /// The config every member started from (after the builder's `tune`).
@@ -290,8 +319,9 @@ impl Cluster {
     async fn start_worker(&self, i: usize) -> Served {
         let name = format!("worker-{i}");
         let config = self.worker_config(&name);
+        let bind = self.bind_worker.clone();
         let (served, ()) = Served::start(&name, self.root.child_token(), |token| async move {
-            let worker = sc_worker::Worker::bind(config).await.map_err(|e| e.to_string())?;
+            let worker = bind(config).await.map_err(|e| e.to_string())?;
             let addr = worker.local_addr().map_err(|e| e.to_string())?;
             Ok((addr, (), worker.serve(mpsc::channel(1).1, token)))
         })

@@ -42,14 +42,17 @@ use serde_json::value::RawValue;
 use crate::app::{Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
 use crate::exchange::Exchange;
 use crate::handle::Socket;
+use crate::handle::Sockets;
 use crate::protocol::ErrorObject;
-use crate::sockets::Sockets;
 
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// A procedure or event, its payload decoded for its handler.
 type Call = Box<dyn Fn(Socket, Option<&RawValue>) -> Boxed<Result<Value, ErrorObject>> + Send + Sync>;
 type Hook<A, T = ()> = Box<dyn Fn(A) -> Boxed<T> + Send + Sync>;
 type ChannelHook<T = ()> = Hook<(Socket, String), T>;
+type UpgradeCheck = Box<dyn Fn(&UpgradeRequest) -> Result<(), HttpRejection> + Send + Sync>;
+type PublishInCheck = Hook<(Socket, String, Value), Result<PublishIn, ErrorObject>>;
+type PublishOutCheck = Box<dyn Fn(&Socket, &str, &RawValue) -> PublishOut + Send + Sync>;
 
 /// What an app is built from: its settings and the worker's handles. `C` is the app's own
 /// settings type, read from the `[app]` table of the cluster's config file (and `SC_APP__*`
@@ -72,12 +75,12 @@ pub struct AppContext<C = ()> {
 pub struct App {
     procedures: HashMap<String, Call>,
     events: HashMap<String, Call>,
-    upgrade: Option<Box<dyn Fn(&UpgradeRequest) -> Result<(), HttpRejection> + Send + Sync>>,
+    upgrade: Option<UpgradeCheck>,
     handshake: Option<Hook<Socket, Result<(), ErrorObject>>>,
     authenticate: Option<Hook<(Socket, Value), Result<(), ErrorObject>>>,
     subscribe: Option<ChannelHook<Result<(), ErrorObject>>>,
-    publish_in: Option<Hook<(Socket, String, Value), Result<PublishIn, ErrorObject>>>,
-    publish_out: Option<Box<dyn Fn(&Socket, &str, &RawValue) -> PublishOut + Send + Sync>>,
+    publish_in: Option<PublishInCheck>,
+    publish_out: Option<PublishOutCheck>,
     connected: Option<Hook<Socket>>,
     subscribed: Option<ChannelHook>,
     unsubscribed: Option<ChannelHook>,

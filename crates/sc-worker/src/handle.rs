@@ -1,4 +1,5 @@
-//! [`Socket`]: the handle an app (and the worker's fan-out) holds on one client socket.
+//! [`Socket`]: the handle an app (and the worker's fan-out) holds on one client socket, and
+//! [`Sockets`]: every open socket of the worker by id.
 //!
 //! It depends on nothing of the socket's task ([`crate::socket`]): what it needs of the worker
 //! (signing tokens, the ack timeout, the exchange) comes in one shared [`Services`].
@@ -35,7 +36,7 @@ pub(crate) struct Services {
     /// The worker's exchange, for the app.
     pub(crate) exchange: Exchange,
     /// The worker's open sockets, for the app.
-    pub(crate) sockets: crate::sockets::Sockets,
+    pub(crate) sockets: Sockets,
 }
 
 /// Who is on the other end, as far as the worker knows.
@@ -329,5 +330,56 @@ fn encode_version(version: Option<Protocol>) -> u8 {
         None => 0,
         Some(Protocol::V1) => 1,
         Some(Protocol::V2) => 2,
+    }
+}
+
+// The worker's open sockets by id, for server code: look one up, count them, or go over all of
+// them (the stock server's `clients` and `clientsCount`). A socket is listed from its accepted
+// handshake until it closes. Only this worker's sockets: the cluster-wide view of who is where
+// is presence, through the brokers.
+
+/// The open sockets of this worker; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Sockets(Arc<Mutex<HashMap<Box<str>, Socket>>>);
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockets").field("open", &self.len()).finish()
+    }
+}
+
+impl Sockets {
+    /// The open socket with this id, if it is on this worker.
+    pub fn get(&self, id: &str) -> Option<Socket> {
+        self.lock().get(id).cloned()
+    }
+
+    /// How many sockets are open (handshake done) on this worker.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no socket is open.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Every open socket, as of now (a copy: sockets that open or close meanwhile do not
+    /// change it).
+    pub fn all(&self) -> Vec<Socket> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub(crate) fn insert(&self, socket: &Socket) {
+        self.lock().insert(socket.id().into(), socket.clone());
+    }
+
+    pub(crate) fn remove(&self, socket: &Socket) {
+        self.lock().remove(socket.id());
+    }
+
+    /// std Mutex: held for one map operation, never across await.
+    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Socket>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -22,9 +22,9 @@
 
 mod app;
 mod auth;
-mod builder;
 mod broker_link;
 mod brokers;
+mod builder;
 mod error;
 mod exchange;
 mod handle;
@@ -37,15 +37,14 @@ mod outbox;
 mod protocol;
 mod proxies;
 mod socket;
-mod sockets;
 
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
-pub use builder::{App, AppContext};
-pub use sockets::Sockets;
 /// The HTTP routing crate of [`App::routes`], re-exported so that an app uses the same version.
 pub use axum;
+pub use builder::{App, AppContext};
 pub use error::Error;
 pub use exchange::{Exchange, Subscription};
+pub use handle::Sockets;
 pub use protocol::{ErrorObject, Protocol};
 pub use sc_common::Error as StartError;
 pub use socket::{
@@ -58,9 +57,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sc_common::config::Config;
-use serde::de::DeserializeOwned;
 use sc_common::membership::{Event, Member, Role, default_id};
 use sc_common::{MasterLink, net};
+use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

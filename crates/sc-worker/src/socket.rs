@@ -1047,7 +1047,7 @@ pub(crate) mod tests {
             auth,
             ack_timeout: Duration::from_secs(1),
             exchange: crate::exchange::Exchange::new(hub.clone(), pool.clone()),
-            sockets: crate::sockets::Sockets::default(),
+            sockets: crate::handle::Sockets::default(),
         };
         let config = sc_common::config::WorkerConfig::default();
         Arc::new(Context {
