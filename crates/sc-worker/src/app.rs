@@ -143,6 +143,12 @@ pub trait Handler: Send + Sync + 'static {
     /// A frame that is not a SocketCluster packet (sc-formatter's raw message).
     fn raw(&self, _socket: &Socket, _message: &str) {}
 
+    /// Whether any of the event hooks below is implemented; when false the worker does not
+    /// schedule them at all (the stock worker's sockets skip that work). Default: true.
+    fn has_event_hooks(&self) -> bool {
+        true
+    }
+
     /// The handshake was accepted: the socket is open (the stock server's `connection`).
     async fn connected(&self, _socket: &Socket) {}
 
@@ -169,7 +175,11 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DefaultHandler;
 
-impl Handler for DefaultHandler {}
+impl Handler for DefaultHandler {
+    fn has_event_hooks(&self) -> bool {
+        false
+    }
+}
 
 impl HttpRejection {
     /// A refusal with a status and a message body.

@@ -365,6 +365,15 @@ impl Handler for App {
         self.publish_out.is_some()
     }
 
+    fn has_event_hooks(&self) -> bool {
+        self.connected.is_some()
+            || self.subscribed.is_some()
+            || self.unsubscribed.is_some()
+            || self.authenticated.is_some()
+            || self.deauthenticated.is_some()
+            || self.disconnected.is_some()
+    }
+
     fn publish_out(&self, socket: &Socket, channel: &str, data: &RawValue) -> PublishOut {
         self.publish_out.as_ref().map_or(PublishOut::Allow, |check| check(socket, channel, data))
     }

@@ -37,6 +37,8 @@ pub(crate) struct Services {
     pub(crate) exchange: Exchange,
     /// The worker's open sockets, for the app.
     pub(crate) sockets: Sockets,
+    /// The app has event hooks ([`crate::Handler::has_event_hooks`]): schedule them.
+    pub(crate) events: bool,
 }
 
 /// Who is on the other end, as far as the worker knows.
@@ -295,7 +297,9 @@ impl Socket {
 
     /// Queues one of the app's event hooks, to run in the socket's task after what is queued.
     pub(crate) fn event(&self, event: Event) {
-        self.0.outbox.push_item(Outbound::Event(event));
+        if self.0.services.events {
+            self.0.outbox.push_item(Outbound::Event(event));
+        }
     }
 
     pub(crate) fn push_frame(&self, frame: String) {

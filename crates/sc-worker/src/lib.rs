@@ -177,7 +177,8 @@ impl Worker {
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
-        let services = handle::Services { auth, ack_timeout: worker.ack_timeout, exchange, sockets };
+        let events = handler.has_event_hooks();
+        let services = handle::Services { auth, ack_timeout: worker.ack_timeout, exchange, sockets, events };
         let context = Arc::new(socket::Context {
             hub: hub.clone(),
             pool: pool.clone(),

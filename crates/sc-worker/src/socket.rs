@@ -295,6 +295,8 @@ pub(crate) async fn run<S>(
     };
     if conversation.handshaken {
         context.services.sockets.remove(&socket);
+    }
+    if conversation.handshaken && context.services.events {
         let channels = std::mem::take(&mut conversation.subscriptions);
         // Boxed: these run once, at the end; every idle socket's task would hold their size.
         Box::pin(closed(&context, &socket, channels, code)).await;
@@ -1048,6 +1050,7 @@ pub(crate) mod tests {
             ack_timeout: Duration::from_secs(1),
             exchange: crate::exchange::Exchange::new(hub.clone(), pool.clone()),
             sockets: crate::handle::Sockets::default(),
+            events: false,
         };
         let config = sc_common::config::WorkerConfig::default();
         Arc::new(Context {
