@@ -5,6 +5,8 @@
 //! worker gets it. A subscription joins the local fan-out like a socket does (one broker
 //! subscription per channel per worker, whoever holds it) and yields the messages as JSON.
 //! Key/value calls go to the broker that owns the key (rendezvous hashing, like channels).
+//! Presence calls (who is in a presence channel, and its join/leave events) go to the broker
+//! that owns the channel (see [`crate::presence`]).
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use crate::broker_link::Kv;
 use crate::brokers::{BrokerPool, Receipt};
 use crate::error::Error;
 use crate::hub::{Hub, Message, Recipient, SocketKey};
+use crate::presence::{self, Presence, PresenceEvents};
 
 /// Messages a subscription holds before newer ones are dropped (with a warning).
 const SUBSCRIPTION_QUEUE: usize = 4096;
@@ -126,6 +129,27 @@ impl Exchange {
     /// Unary calls to the broker that owns `key`.
     async fn kv(&self, key: &str) -> Result<Kv, Error> {
         self.pool.kv(key).await
+    }
+
+    /// The members of presence channel `channel`, cluster-wide, from the broker that owns it.
+    /// Fails with [`Error::NotPresence`] for a channel that `[worker] presence_channels` does
+    /// not name.
+    pub async fn presence(&self, channel: &str) -> Result<Presence, Error> {
+        if !self.hub.presence().matches(channel) {
+            return Err(Error::NotPresence(channel.to_owned()));
+        }
+        let members = self.pool.presence(channel).await?;
+        Ok(Presence { channel: channel.to_owned(), count: members.len(), members })
+    }
+
+    /// Subscribes server code to the join and leave events of presence channel `channel` (they
+    /// are published on `#presence/<channel>`). Fails with [`Error::NotPresence`] for a channel
+    /// that `[worker] presence_channels` does not name.
+    pub fn presence_events(&self, channel: &str) -> Result<PresenceEvents, Error> {
+        if !self.hub.presence().matches(channel) {
+            return Err(Error::NotPresence(channel.to_owned()));
+        }
+        Ok(PresenceEvents::new(self.subscribe(&format!("{}{channel}", presence::EVENT_PREFIX))))
     }
 
     /// Subscribes server code to `channel`.

@@ -534,6 +534,11 @@ impl Http {
                 };
                 outcome.unwrap_or_else(|e| error_response(&e))
             }
+            (&Method::GET, path) if path.starts_with("/api/presence/") => {
+                let channel = percent_decode(&path["/api/presence/".len()..]);
+                let (status, body) = crate::presence::api(&exchange, channel).await;
+                json_response(status, body)
+            }
             _ => json_error(StatusCode::NOT_FOUND, "no such API call"),
         }
     }

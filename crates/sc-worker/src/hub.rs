@@ -6,6 +6,9 @@
 //! once, and the same bytes go to every local subscriber (a [`Recipient`]: a socket's outbox,
 //! or an exchange subscription's queue). Publishing does not pass through here: sockets and the exchange
 //! hand publishes to the pool directly.
+//!
+//! Presence (see [`crate::presence`]): a subscriber that is a member (a socket, see
+//! [`Recipient::member`]) joining or leaving a presence channel is reported to the pool.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +20,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::brokers::{BrokerPool, DeliverySink};
+use crate::presence::{self, PresenceMember};
 use crate::protocol;
 
 /// Identifies one subscriber (a socket or an exchange subscription) within this worker.
@@ -40,6 +44,12 @@ pub(crate) struct Message<'a> {
 pub(crate) trait Recipient: Send + Sync {
     /// Queues `message` for this subscriber.
     fn deliver(&self, message: &Message<'_>);
+
+    /// This subscriber as a presence member (a socket: its id, and the `user_field` of its
+    /// auth token as its user); `None` for one that is no member (server code).
+    fn member(&self, _user_field: &str) -> Option<PresenceMember> {
+        None
+    }
 }
 
 /// The local subscribers of one channel.
@@ -55,6 +65,8 @@ pub(crate) struct Hub {
     pool: Arc<BrokerPool>,
     /// The app has a `publish_out` hook: recipients get each message as a JSON value too.
     with_json: bool,
+    /// Which channels are presence channels (none by default).
+    presence: presence::Settings,
     next_key: AtomicU64,
 }
 
@@ -68,7 +80,34 @@ impl Hub {
     /// A hub holding its channels on `pool`; `with_json` when recipients look at each message
     /// (the app's `publish_out` hook), so it is parsed once per delivery, not per recipient.
     pub(crate) fn new(pool: Arc<BrokerPool>, with_json: bool) -> Self {
-        Self { channels: RwLock::new(HashMap::new()), pool, with_json, next_key: AtomicU64::new(1) }
+        Self {
+            channels: RwLock::new(HashMap::new()),
+            pool,
+            with_json,
+            presence: presence::Settings::default(),
+            next_key: AtomicU64::new(1),
+        }
+    }
+
+    /// The hub with presence `settings` (`[worker] presence_channels`).
+    pub(crate) fn with_presence(mut self, settings: presence::Settings) -> Self {
+        self.presence = settings;
+        self
+    }
+
+    /// Which channels are presence channels.
+    pub(crate) fn presence(&self) -> &presence::Settings {
+        &self.presence
+    }
+
+    /// Tells the pool that `subscriber` joined `channel`, if that is a presence channel and
+    /// the subscriber a member (called under the write lock, after the pool holds `channel`).
+    fn join(&self, channel: &Arc<str>, subscriber: &Arc<dyn Recipient>) {
+        if self.presence.matches(channel)
+            && let Some(member) = subscriber.member(&self.presence.user_field)
+        {
+            self.pool.join(channel, member);
+        }
     }
 
     /// A fresh subscriber key.
@@ -85,20 +124,22 @@ impl Hub {
         subscriber: &Arc<dyn Recipient>,
     ) -> (Arc<str>, Option<watch::Receiver<bool>>) {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(subscribers) = channels.get_mut(channel)
-            && !subscribers.iter().any(|(k, _)| *k == key)
-        {
-            subscribers.push((key, subscriber.clone()));
-            crate::metrics::get().subscriptions.inc();
-        }
-        if let Some((name, _)) = channels.get_key_value(channel) {
-            return (name.clone(), self.pool.confirmation(channel));
+        if let Some(name) = channels.get_key_value(channel).map(|(name, _)| name.clone()) {
+            if let Some(subscribers) = channels.get_mut(&name)
+                && !subscribers.iter().any(|(k, _)| *k == key)
+            {
+                subscribers.push((key, subscriber.clone()));
+                crate::metrics::get().subscriptions.inc();
+                self.join(&name, subscriber);
+            }
+            return (name, self.pool.confirmation(channel));
         }
         let name: Arc<str> = channel.into();
         channels.insert(name.clone(), vec![(key, subscriber.clone())]);
         crate::metrics::get().subscriptions.inc();
         crate::metrics::get().channels.inc();
         let confirmed = self.pool.subscribe(&name);
+        self.join(&name, subscriber);
         (name, Some(confirmed))
     }
 
@@ -111,8 +152,14 @@ impl Hub {
         let Some(index) = subscribers.iter().position(|(k, _)| *k == key) else {
             return false;
         };
-        subscribers.swap_remove(index);
+        let (_, subscriber) = subscribers.swap_remove(index);
         crate::metrics::get().subscriptions.dec();
+        // The leave before the broker-level unsubscribe below, which drops members silently.
+        if self.presence.matches(channel)
+            && let Some(member) = subscriber.member(&self.presence.user_field)
+        {
+            self.pool.leave(channel, &member.id);
+        }
         if subscribers.is_empty() {
             channels.remove(channel);
             crate::metrics::get().channels.dec();

@@ -33,6 +33,7 @@ mod hub;
 mod metrics;
 mod origins;
 mod outbox;
+mod presence;
 mod protocol;
 mod proxies;
 mod socket;
@@ -40,6 +41,7 @@ mod socket;
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
 pub use error::Error;
 pub use exchange::{Exchange, Subscription};
+pub use presence::{Presence, PresenceChange, PresenceEvent, PresenceEvents, PresenceMember};
 pub use protocol::{ErrorObject, Protocol};
 pub use sc_common::Error as StartError;
 pub use socket::{
@@ -128,7 +130,10 @@ impl Worker {
         let message_limit = config.grpc_message_limit();
         let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone(), message_limit);
         let pool = Arc::new(BrokerPool::new(Arc::new(connector), message_limit));
-        let hub = Arc::new(Hub::new(pool.clone(), handler.has_publish_out()));
+        let hub = Arc::new(
+            Hub::new(pool.clone(), handler.has_publish_out())
+                .with_presence(presence::Settings::from_config(worker)),
+        );
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
