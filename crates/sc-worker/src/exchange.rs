@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::broker_link::Kv;
 use crate::brokers::{BrokerPool, Receipt};
@@ -143,22 +143,34 @@ impl Exchange {
     }
 
     /// Subscribes server code to the join and leave events of presence channel `channel` (they
-    /// are published on `#presence/<channel>`). Fails with [`Error::NotPresence`] for a channel
-    /// that `[worker] presence_channels` does not name.
-    pub fn presence_events(&self, channel: &str) -> Result<PresenceEvents, Error> {
+    /// are published on `#presence/<channel>`). Returns once the channel's broker has the
+    /// subscription (or after [`LINK_WAIT`](crate::brokers::LINK_WAIT), 3 s, without a broker:
+    /// it is made when one links), so every change after the call is delivered. Fails with
+    /// [`Error::NotPresence`] for a channel that `[worker] presence_channels` does not name.
+    pub async fn presence_events(&self, channel: &str) -> Result<PresenceEvents, Error> {
         if !self.hub.presence().matches(channel) {
             return Err(Error::NotPresence(channel.to_owned()));
         }
-        Ok(PresenceEvents::new(self.subscribe(&format!("{}{channel}", presence::EVENT_PREFIX))))
+        let (subscription, confirmed) = self.subscribe_confirmed(&format!("{}{channel}", presence::EVENT_PREFIX));
+        if let Some(mut confirmed) = confirmed {
+            let _ = tokio::time::timeout(crate::brokers::LINK_WAIT, confirmed.wait_for(|done| *done)).await;
+        }
+        Ok(PresenceEvents::new(subscription))
     }
 
     /// Subscribes server code to `channel`.
     pub fn subscribe(&self, channel: &str) -> Subscription {
+        self.subscribe_confirmed(channel).0
+    }
+
+    /// [`Exchange::subscribe`], with the broker's confirmation of the channel's subscription
+    /// (see [`Hub::subscribe`]).
+    fn subscribe_confirmed(&self, channel: &str) -> (Subscription, Option<watch::Receiver<bool>>) {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let key = self.hub.next_key();
         let recipient: Arc<dyn Recipient> = Arc::new(ServerRecipient(tx));
-        let (channel, _confirmed) = self.hub.subscribe(channel, key, &recipient);
-        Subscription { hub: self.hub.clone(), key, channel, rx }
+        let (channel, confirmed) = self.hub.subscribe(channel, key, &recipient);
+        (Subscription { hub: self.hub.clone(), key, channel, rx }, confirmed)
     }
 }
 
