@@ -9,7 +9,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sc_tests::{Client, Cluster, Signal, connect_from, eventually, member_status, signal_pid, source_ip_per_worker};
+use sc_tests::{
+    Client, Cluster, Signal, connect_from, eventually, member_status, signal_pid, source_ip_per_worker,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -33,8 +35,9 @@ fn env<'a>(workers: &'a str, brokers: &'a str) -> Vec<(&'a str, &'a str)> {
 /// One GET on the backend API through the balancer, from `local`: status and JSON body.
 async fn api_get(local: IpAddr, to: SocketAddr, path: &str, key: &str) -> Result<(u16, Value)> {
     let mut stream = connect_from(local, to).await?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
@@ -56,7 +59,12 @@ async fn members(local: IpAddr, to: SocketAddr, channel: &str) -> Result<BTreeMa
 
 /// A client on the worker that `ip` reaches, authenticated as `user` (if any), subscribed to
 /// `channel`; returns it with its socket id.
-async fn member(cluster: &Cluster, ip: IpAddr, user: Option<&str>, channel: &str) -> Result<(Client, String)> {
+async fn member(
+    cluster: &Cluster,
+    ip: IpAddr,
+    user: Option<&str>,
+    channel: &str,
+) -> Result<(Client, String)> {
     let mut client = Client::connect(ip, cluster.addr, &cluster.url).await?;
     if let Some(user) = user {
         let claims = json!({ "username": user, "exp": sc_common::now_ms() / 1000 + 3600 });
@@ -110,7 +118,8 @@ async fn members_across_two_workers_converge_after_a_worker_is_killed() -> Resul
 
     // Clients may neither subscribe nor publish to the events channel; the API refuses what is
     // not a presence channel and a wrong key.
-    let refused = carol_client.invoke("#subscribe", json!({ "channel": format!("#presence/{room}") })).await?;
+    let refused =
+        carol_client.invoke("#subscribe", json!({ "channel": format!("#presence/{room}") })).await?;
     assert!(refused.get("error").is_some(), "{refused}");
     let refused = carol_client
         .invoke("#publish", json!({ "channel": format!("#presence/{room}"), "data": {"event": "leave"} }))

@@ -84,7 +84,13 @@ impl Presence {
 
     /// Replaces what stream `stream` holds of `channel` with `members` (with `more`: a part,
     /// more follow; the set is applied with the last part).
-    pub(crate) fn reset(&self, stream: StreamId, channel: &str, members: Vec<Member>, more: bool) -> Vec<Event> {
+    pub(crate) fn reset(
+        &self,
+        stream: StreamId,
+        channel: &str,
+        members: Vec<Member>,
+        more: bool,
+    ) -> Vec<Event> {
         let mut inner = self.lock();
         let channel = inner.intern(channel);
         let mut set = inner.staged.remove(&(stream, channel.clone())).unwrap_or_default();
@@ -290,11 +296,8 @@ mod tests {
             .collect();
         events.sort();
         // "room" keeps c.
-        let expected = [
-            ("#presence/other", "leave a"),
-            ("#presence/room", "leave a"),
-            ("#presence/room", "leave b"),
-        ];
+        let expected =
+            [("#presence/other", "leave a"), ("#presence/room", "leave a"), ("#presence/room", "leave b")];
         assert_eq!(events, expected.map(|(c, e)| (c.to_owned(), e.to_owned())));
         assert_eq!(ids(&p, "room"), ["c"]);
         assert!(p.members("other").is_empty());
@@ -311,7 +314,8 @@ mod tests {
         // In two parts: nothing happens until the last.
         assert!(p.reset(1, "room", vec![member("b", None)], true).is_empty());
         assert_eq!(ids(&p, "room"), ["a", "b", "z"]);
-        let mut events = kinds(&p.reset(1, "room", vec![member("c", None), member("z", None)], false), "room");
+        let mut events =
+            kinds(&p.reset(1, "room", vec![member("c", None), member("z", None)], false), "room");
         events.sort();
         assert_eq!(events, [pair("join", "c"), pair("leave", "a")]);
         assert_eq!(ids(&p, "room"), ["b", "c", "z"]);

@@ -263,10 +263,16 @@ async fn presence_members_with_events_and_a_stream_that_ends_takes_its_members()
     // A client cannot forge events: a publish to #presence/ is dropped.
     b.send(vec![publish("#presence/room", r#"{"event":"leave","id":"s1"}"#)]).await;
     // An explicit leave.
-    b.send(vec![pb::command::Kind::PresenceLeave(pb::PresenceLeave { channel: "room".into(), id: "s3".into() })])
-        .await;
+    b.send(vec![pb::command::Kind::PresenceLeave(pb::PresenceLeave {
+        channel: "room".into(),
+        id: "s3".into(),
+    })])
+    .await;
     let e = event(&watcher.next().await);
-    assert_eq!((e["event"].as_str(), e["id"].as_str(), e["user"].as_str()), (Some("leave"), Some("s3"), Some("bob")));
+    assert_eq!(
+        (e["event"].as_str(), e["id"].as_str(), e["user"].as_str()),
+        (Some("leave"), Some("s3"), Some("bob"))
+    );
 
     // a's stream ends (its worker died): its members leave, each with an event.
     drop(a);

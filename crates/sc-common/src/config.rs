@@ -1058,14 +1058,16 @@ mod tests {
         assert_eq!(config.worker.presence_user_field, "username");
         let config = Config::load_with_env(
             None,
-            env(&[("SC_WORKER__PRESENCE_CHANNELS", "chat/* lobby"), ("SC_WORKER__PRESENCE_USER_FIELD", "sub")]),
+            env(&[
+                ("SC_WORKER__PRESENCE_CHANNELS", "chat/* lobby"),
+                ("SC_WORKER__PRESENCE_USER_FIELD", "sub"),
+            ]),
         )
         .unwrap();
         assert_eq!(config.worker.presence_channels, ["chat/*", "lobby"]);
         assert_eq!(config.worker.presence_user_field, "sub");
         for bad in ["a*b", "#presence/x"] {
-            let err =
-                Config::load_with_env(None, env(&[("SC_WORKER__PRESENCE_CHANNELS", bad)])).unwrap_err();
+            let err = Config::load_with_env(None, env(&[("SC_WORKER__PRESENCE_CHANNELS", bad)])).unwrap_err();
             assert!(err.to_string().contains("presence_channels"), "{err}");
         }
     }

@@ -176,10 +176,12 @@ fn to_pb_batch(commands: Vec<Command>) -> pb::WorkerBatch {
                     pb::command::Kind::Publish(pb::Publish { channel, data })
                 }
                 Command::Sync(token) => pb::command::Kind::Sync(token),
-                Command::PresenceJoin { channel, member } => pb::command::Kind::PresenceJoin(pb::PresenceJoin {
-                    channel: channel.to_string(),
-                    member: Some(to_pb_member(member)),
-                }),
+                Command::PresenceJoin { channel, member } => {
+                    pb::command::Kind::PresenceJoin(pb::PresenceJoin {
+                        channel: channel.to_string(),
+                        member: Some(to_pb_member(member)),
+                    })
+                }
                 Command::PresenceLeave { channel, id } => {
                     pb::command::Kind::PresenceLeave(pb::PresenceLeave { channel: channel.to_string(), id })
                 }

@@ -510,7 +510,8 @@ impl State {
             let member_size = crate::broker_link::member_size(&member);
             if size + member_size > RESET_CHUNK && !part.is_empty() {
                 let members = std::mem::take(&mut part);
-                let _ = link.tx.send(Command::PresenceReset { channel: channel.clone(), members, more: true });
+                let _ =
+                    link.tx.send(Command::PresenceReset { channel: channel.clone(), members, more: true });
                 size = 0;
             }
             size += member_size;
@@ -619,7 +620,8 @@ impl LinkTask {
             tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
             // Replay this broker's channels (after a restart it knows none), confirmed by one
             // sync, and this worker's members of its presence channels.
-            let presence: Vec<Arc<str>> = owned.iter().filter(|c| state.presence.contains_key(*c)).cloned().collect();
+            let presence: Vec<Arc<str>> =
+                owned.iter().filter(|c| state.presence.contains_key(*c)).cloned().collect();
             state.subscribe_and_sync(id, owned);
             if let Some(link) = state.link(id) {
                 for channel in &presence {

@@ -151,7 +151,8 @@ impl Exchange {
         if !self.hub.presence().matches(channel) {
             return Err(Error::NotPresence(channel.to_owned()));
         }
-        let (subscription, confirmed) = self.subscribe_confirmed(&format!("{}{channel}", presence::EVENT_PREFIX));
+        let (subscription, confirmed) =
+            self.subscribe_confirmed(&format!("{}{channel}", presence::EVENT_PREFIX));
         if let Some(mut confirmed) = confirmed {
             let _ = tokio::time::timeout(crate::brokers::LINK_WAIT, confirmed.wait_for(|done| *done)).await;
         }

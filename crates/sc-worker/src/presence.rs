@@ -129,7 +129,8 @@ impl Settings {
         if is_event_channel(channel) {
             return false;
         }
-        self.exact.iter().any(|c| c == channel) || self.prefixes.iter().any(|p| channel.starts_with(p.as_str()))
+        self.exact.iter().any(|c| c == channel)
+            || self.prefixes.iter().any(|p| channel.starts_with(p.as_str()))
     }
 }
 

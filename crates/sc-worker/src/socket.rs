@@ -203,7 +203,8 @@ impl Recipient for Subscriber {
     }
 
     fn member(&self, user_field: &str) -> Option<crate::presence::PresenceMember> {
-        let user = self.socket.auth_token().and_then(|payload| crate::presence::user_of(&payload, user_field));
+        let user =
+            self.socket.auth_token().and_then(|payload| crate::presence::user_of(&payload, user_field));
         Some(crate::presence::PresenceMember { id: self.socket.id().to_owned(), user })
     }
 }
@@ -695,7 +696,9 @@ impl Conversation {
         }
         // Presence events reveal who is where: the app forwards what it wants (docs/presence.md).
         if crate::presence::is_event_channel(&channel) {
-            let message = format!("Failed to subscribe socket to the {channel} channel - it is reserved for server code");
+            let message = format!(
+                "Failed to subscribe socket to the {channel} channel - it is reserved for server code"
+            );
             reply(&mut self.replies, Some(ErrorObject::new("InvalidActionError", message)));
             return;
         }
