@@ -18,7 +18,7 @@ use crate::broker_link::Kv;
 use crate::brokers::{BrokerPool, Receipt};
 use crate::error::Error;
 use crate::hub::{Hub, Message, Recipient, SocketKey};
-use crate::presence::{self, Presence, PresenceEvents};
+use crate::presence::{self, Presence, PresenceEvent};
 
 /// Messages a subscription holds before newer ones are dropped (with a warning).
 const SUBSCRIPTION_QUEUE: usize = 4096;
@@ -156,7 +156,7 @@ impl Exchange {
         if let Some(mut confirmed) = confirmed {
             let _ = tokio::time::timeout(crate::brokers::LINK_WAIT, confirmed.wait_for(|done| *done)).await;
         }
-        Ok(PresenceEvents::new(subscription))
+        Ok(PresenceEvents { subscription })
     }
 
     /// Subscribes server code to `channel`.
@@ -172,6 +172,30 @@ impl Exchange {
         let recipient: Arc<dyn Recipient> = Arc::new(ServerRecipient(tx));
         let (channel, confirmed) = self.hub.subscribe(channel, key, &recipient);
         (Subscription { hub: self.hub.clone(), key, channel, rx }, confirmed)
+    }
+}
+
+/// A server-side subscription to a channel's presence events; dropping it unsubscribes.
+#[derive(Debug)]
+pub struct PresenceEvents {
+    subscription: Subscription,
+}
+
+impl PresenceEvents {
+    /// The next join or leave; `None` once the worker shuts down.
+    pub async fn next(&mut self) -> Option<PresenceEvent> {
+        loop {
+            let value = self.subscription.next().await?;
+            match serde_json::from_value::<PresenceEvent>(value) {
+                Ok(event) => return Some(event),
+                Err(e) => tracing::warn!(error = %e, "unreadable presence event skipped"),
+            }
+        }
+    }
+
+    /// The subscription's channel (`#presence/<channel>`).
+    pub fn channel(&self) -> &str {
+        self.subscription.channel()
     }
 }
 

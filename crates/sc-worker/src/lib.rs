@@ -40,8 +40,8 @@ mod socket;
 
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
 pub use error::Error;
-pub use exchange::{Exchange, Subscription};
-pub use presence::{Presence, PresenceChange, PresenceEvent, PresenceEvents, PresenceMember};
+pub use exchange::{Exchange, PresenceEvents, Subscription};
+pub use presence::{Presence, PresenceChange, PresenceEvent, PresenceMember};
 pub use protocol::{ErrorObject, Protocol};
 pub use sc_common::Error as StartError;
 pub use socket::{

@@ -13,16 +13,15 @@
 //! placed on the same broker as `<channel>`. Server code reads them with
 //! [`Exchange::presence_events`](crate::Exchange::presence_events) and the member list with
 //! [`Exchange::presence`](crate::Exchange::presence); backends with `GET
-//! /api/presence/<channel>` ([`api`]). Clients may neither subscribe nor publish to
+//! /api/presence/<channel>` (in [`crate::http`]). Clients may neither subscribe nor publish to
 //! `#presence/` channels: the app decides what to forward to them.
 //!
 //! What this module holds: the settings (which channels, which token field), the public types
-//! and the channel-name rules; the bookkeeping is in [`crate::hub`] and [`crate::brokers`].
+//! and the channel-name rules; it uses no other module of the worker. The bookkeeping is in
+//! [`crate::hub`] and [`crate::brokers`], the server-side calls in [`crate::exchange`].
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-use crate::exchange::{Exchange, Subscription};
 
 /// Where the join and leave events of channel `c` are published: `#presence/c`.
 pub(crate) const EVENT_PREFIX: &str = "#presence/";
@@ -70,34 +69,6 @@ pub struct PresenceEvent {
     pub id: String,
     /// The member's user, as in [`PresenceMember::user`].
     pub user: Option<String>,
-}
-
-/// A server-side subscription to a channel's presence events; dropping it unsubscribes.
-#[derive(Debug)]
-pub struct PresenceEvents {
-    subscription: Subscription,
-}
-
-impl PresenceEvents {
-    pub(crate) fn new(subscription: Subscription) -> Self {
-        Self { subscription }
-    }
-
-    /// The next join or leave; `None` once the worker shuts down.
-    pub async fn next(&mut self) -> Option<PresenceEvent> {
-        loop {
-            let value = self.subscription.next().await?;
-            match serde_json::from_value(value) {
-                Ok(event) => return Some(event),
-                Err(e) => tracing::warn!(error = %e, "unreadable presence event skipped"),
-            }
-        }
-    }
-
-    /// The subscription's channel (`#presence/<channel>`).
-    pub fn channel(&self) -> &str {
-        self.subscription.channel()
-    }
 }
 
 /// Which channels are presence channels and what a member's user is (`[worker]
@@ -152,21 +123,6 @@ pub(crate) fn user_of(payload: &Value, field: &str) -> Option<String> {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
-    }
-}
-
-/// `GET /api/presence/<channel>` of the backend API: the status and JSON body
-/// (`{"channel","count","members":[{"id","user"}]}`).
-pub(crate) async fn api(exchange: &Exchange, channel: Option<String>) -> (http::StatusCode, String) {
-    let Some(channel) = channel.filter(|c| !c.is_empty()) else {
-        return (http::StatusCode::BAD_REQUEST, r#"{"error":"bad channel"}"#.to_owned());
-    };
-    match exchange.presence(&channel).await {
-        Ok(presence) => (http::StatusCode::OK, serde_json::to_string(&presence).unwrap_or_default()),
-        Err(e) => {
-            let body = serde_json::json!({ "error": e.to_string(), "code": e.code() });
-            (e.http_status(), body.to_string())
-        }
     }
 }
 
