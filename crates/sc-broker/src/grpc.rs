@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use crate::exchange::ExchangeError;
 use crate::handover;
+use crate::presence::{self, Presence};
 use crate::router::{self, Router};
 use crate::store::Store;
 
@@ -32,6 +33,8 @@ pub(crate) struct BrokerService {
     pub(crate) message_limit: usize,
     /// With the Redis backend: publishes go on to Redis too.
     pub(crate) bridge: Option<Arc<crate::redis::Bridge>>,
+    /// The members of the presence channels this broker owns.
+    pub(crate) presence: Arc<Presence>,
 }
 
 impl BrokerService {
@@ -76,6 +79,7 @@ impl pb::broker_server::Broker for BrokerService {
         let cut = attachment.cut.clone();
         let shutdown = self.shutdown.clone();
         let bridge = self.bridge.clone();
+        let members = self.presence.clone();
         tokio::spawn(async move {
             loop {
                 let batch = tokio::select! {
@@ -92,10 +96,26 @@ impl pb::broker_server::Broker for BrokerService {
                     }
                 };
                 for command in batch.commands {
-                    match command.kind {
-                        Some(pb::command::Kind::Subscribe(channel)) => router.subscribe(id, &channel),
-                        Some(pb::command::Kind::Unsubscribe(channel)) => router.unsubscribe(id, &channel),
-                        Some(pb::command::Kind::Sync(token)) => router.sync(id, token),
+                    let events = match command.kind {
+                        Some(pb::command::Kind::Subscribe(channel)) => {
+                            router.subscribe(id, &channel);
+                            Vec::new()
+                        }
+                        Some(pb::command::Kind::Unsubscribe(channel)) => {
+                            router.unsubscribe(id, &channel);
+                            members.unsubscribe(id, &channel);
+                            Vec::new()
+                        }
+                        Some(pb::command::Kind::Sync(token)) => {
+                            router.sync(id, token);
+                            Vec::new()
+                        }
+                        // Only the broker publishes presence events.
+                        Some(pb::command::Kind::Publish(publish))
+                            if publish.channel.starts_with(presence::EVENT_PREFIX) =>
+                        {
+                            Vec::new()
+                        }
                         Some(pb::command::Kind::Publish(publish)) => {
                             if let Some(bridge) = &bridge {
                                 bridge.publish(publish.channel.as_str().into(), publish.data.clone());
@@ -104,12 +124,26 @@ impl pb::broker_server::Broker for BrokerService {
                             if !congested.is_empty() {
                                 router::wait_for_room(congested, queue).await;
                             }
+                            Vec::new()
                         }
-                        None => {}
-                    }
+                        Some(pb::command::Kind::PresenceJoin(join)) => match join.member {
+                            Some(member) => members.join(id, &join.channel, from_pb_member(member)),
+                            None => Vec::new(),
+                        },
+                        Some(pb::command::Kind::PresenceLeave(leave)) => {
+                            members.leave(id, &leave.channel, &leave.id)
+                        }
+                        Some(pb::command::Kind::PresenceReset(reset)) => {
+                            let set = reset.members.into_iter().map(from_pb_member).collect();
+                            members.reset(id, &reset.channel, set, reset.more)
+                        }
+                        None => Vec::new(),
+                    };
+                    publish_events(&router, events);
                 }
             }
             router.detach(id);
+            publish_events(&router, members.detach(id));
             cut.cancel();
             tracing::debug!(%worker, stream = id, "worker detached");
         });
@@ -268,6 +302,20 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(pb::AcceptResponse {}))
     }
 
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceResponse>, Status> {
+        let channel = request.into_inner().channel;
+        let members = self
+            .presence
+            .members(&channel)
+            .into_iter()
+            .map(|m| pb::PresenceMember { id: m.id, user: m.user })
+            .collect();
+        Ok(Response::new(pb::PresenceResponse { members }))
+    }
+
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,
@@ -280,6 +328,19 @@ impl pb::broker_server::Broker for BrokerService {
             .collect();
         Ok(Response::new(pb::StatsResponse { channels: self.router.channel_count() as u64, streams }))
     }
+}
+
+/// Publishes presence events to the subscribers of their `#presence/` channels. Not through
+/// the Redis bridge: presence is this cluster's.
+fn publish_events(router: &Router, events: Vec<presence::Event>) {
+    for event in events {
+        // A full queue cuts its stream (the router's rule); events do not wait for room.
+        let _ = router.publish(&event.channel, event.data);
+    }
+}
+
+fn from_pb_member(member: pb::PresenceMember) -> presence::Member {
+    presence::Member { id: member.id, user: member.user }
 }
 
 fn to_status(error: ExchangeError) -> Status {

@@ -8,6 +8,10 @@
 //! with its metrics (`sc.metrics.v1`, for the master) and Prometheus text at `GET /metrics`
 //! (`metrics`).
 //!
+//! Workers also report the members of presence channels on their streams (`presence`): the
+//! broker that owns such a channel answers who is in it and publishes join and leave events on
+//! `#presence/<channel>`, and drops a worker's members when its stream ends.
+//!
 //! The exchange data lives in a `store`: this broker's memory, whose keys follow their owner
 //! when the broker membership changes (`handover`: pulled before serving, pushed when held
 //! but not owned), or Redis.
@@ -20,6 +24,7 @@ mod exchange;
 mod grpc;
 mod handover;
 mod metrics;
+mod presence;
 mod redis;
 mod router;
 mod store;
@@ -105,6 +110,7 @@ impl Broker {
         let stopped = CancellationToken::new();
         let queue = self.config.broker.worker_queue;
         let routes = Arc::new(router::Router::new(queue));
+        let presence = Arc::new(presence::Presence::default());
         let (store, bridge) = match self.config.broker.backend {
             BrokerBackend::Memory => {
                 (store::Store::Memory { exchange: exchange.clone(), gate: mover.gate() }, None)
@@ -165,6 +171,7 @@ impl Broker {
             shutdown: stopped.clone(),
             message_limit,
             bridge,
+            presence: presence.clone(),
         };
         let registry = Arc::new(metrics::registry(&self.id, routes.clone(), exchange.clone()));
         tokio::spawn(sweep(exchange, stopped.clone()));
@@ -183,6 +190,9 @@ impl Broker {
             let stopped = stopped.clone();
             async move {
                 shutdown.cancelled().await;
+                // Leaving: the workers move their channels away and close their streams, which
+                // is no member leaving a channel.
+                presence.quiet();
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 if let Some(url) = master {
                     sc_common::deregister(&url, &secret, &id, std::process::id(), Duration::from_secs(2))

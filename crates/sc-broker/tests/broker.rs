@@ -216,3 +216,75 @@ async fn calls_without_the_cluster_secret_are_refused() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     broker.stop().await;
 }
+
+fn join(channel: &str, id: &str, user: Option<&str>) -> pb::command::Kind {
+    let member = pb::PresenceMember { id: id.into(), user: user.map(Into::into) };
+    pb::command::Kind::PresenceJoin(pb::PresenceJoin { channel: channel.into(), member: Some(member) })
+}
+
+fn event(delivery: &pb::Delivery) -> serde_json::Value {
+    serde_json::from_slice(&delivery.data).unwrap()
+}
+
+async fn members(client: &mut Client, channel: &str) -> Vec<(String, Option<String>)> {
+    let request = pb::PresenceRequest { channel: channel.into() };
+    let members = client.presence(request).await.unwrap().into_inner().members;
+    members.into_iter().map(|m| (m.id, m.user)).collect()
+}
+
+#[tokio::test]
+async fn presence_members_with_events_and_a_stream_that_ends_takes_its_members() {
+    let broker = start().await;
+    let mut client = client(&broker.url, SECRET).await;
+    let mut watcher = Stream::attach(&mut client).await;
+    watcher.send(vec![sub("#presence/room"), pb::command::Kind::Sync(1)]).await;
+    // The sync's answer: the subscription is in place before the joins.
+    let batch = watcher.rx.message().await.unwrap().unwrap();
+    assert_eq!(batch.synced, [1]);
+    let a = Stream::attach(&mut client).await;
+    let b = Stream::attach(&mut client).await;
+    a.send(vec![sub("room"), join("room", "s1", Some("alice")), join("room", "s2", None)]).await;
+    b.send(vec![sub("room"), join("room", "s3", Some("bob"))]).await;
+    let mut joined = Vec::new();
+    for _ in 0..3 {
+        let d = watcher.next().await;
+        assert_eq!(d.channel, "#presence/room");
+        let e = event(&d);
+        assert_eq!((e["event"].as_str(), e["channel"].as_str()), (Some("join"), Some("room")));
+        joined.push(e["id"].as_str().unwrap().to_owned());
+    }
+    joined.sort();
+    assert_eq!(joined, ["s1", "s2", "s3"]);
+    assert_eq!(
+        members(&mut client, "room").await,
+        [("s1".into(), Some("alice".into())), ("s2".into(), None), ("s3".into(), Some("bob".into()))]
+    );
+
+    // A client cannot forge events: a publish to #presence/ is dropped.
+    b.send(vec![publish("#presence/room", r#"{"event":"leave","id":"s1"}"#)]).await;
+    // An explicit leave.
+    b.send(vec![pb::command::Kind::PresenceLeave(pb::PresenceLeave {
+        channel: "room".into(),
+        id: "s3".into(),
+    })])
+    .await;
+    let e = event(&watcher.next().await);
+    assert_eq!(
+        (e["event"].as_str(), e["id"].as_str(), e["user"].as_str()),
+        (Some("leave"), Some("s3"), Some("bob"))
+    );
+
+    // a's stream ends (its worker died): its members leave, each with an event.
+    drop(a);
+    let mut left = Vec::new();
+    for _ in 0..2 {
+        let e = event(&watcher.next().await);
+        assert_eq!(e["event"], "leave");
+        left.push(e["id"].as_str().unwrap().to_owned());
+    }
+    left.sort();
+    assert_eq!(left, ["s1", "s2"]);
+    assert!(members(&mut client, "room").await.is_empty());
+    watcher.nothing_within(Duration::from_millis(200)).await;
+    broker.stop().await;
+}

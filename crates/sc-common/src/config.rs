@@ -270,6 +270,12 @@ pub struct WorkerConfig {
     /// Connections from one client IP that have not completed their SocketCluster handshake;
     /// past it, new ones from that address are closed at once. 0: no limit.
     pub max_pending_per_ip: u32,
+    /// The channels whose subscribers are tracked cluster-wide (presence: counts, members,
+    /// join and leave events on `#presence/<channel>`). Each is a channel name, a prefix ending
+    /// in `*` ("chat/*") or "*" (every channel). Empty: presence is off.
+    pub presence_channels: Vec<String>,
+    /// The field of a socket's auth token payload shown as a presence member's `user`.
+    pub presence_user_field: String,
     /// Runtime threads: 0 picks the cores shared out among the workers on this host (see
     /// README, "Threads"); 1 runs a single-threaded runtime.
     pub threads: usize,
@@ -427,6 +433,8 @@ impl Default for WorkerConfig {
             max_channel_name: 256,
             request_header_timeout: Duration::from_secs(10),
             max_pending_per_ip: 100,
+            presence_channels: Vec::new(),
+            presence_user_field: "username".to_owned(),
             threads: 0,
         }
     }
@@ -511,6 +519,7 @@ impl Config {
                 .list_separator(" ")
                 .with_list_parse_key("worker.origins")
                 .with_list_parse_key("worker.trusted_proxies")
+                .with_list_parse_key("worker.presence_channels")
                 .source(Some(env)),
         );
         let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
@@ -580,6 +589,17 @@ impl Config {
         }
         if !self.worker.path.starts_with('/') {
             return bad("worker.path", "must start with /");
+        }
+        for pattern in &self.worker.presence_channels {
+            if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
+                return bad(
+                    "worker.presence_channels",
+                    "each entry is a channel name, a prefix ending in * (\"chat/*\") or \"*\"",
+                );
+            }
+            if pattern.starts_with('#') {
+                return bad("worker.presence_channels", "channels starting with # are not presence channels");
+            }
         }
         if self.worker.ping_interval.is_zero() {
             return bad("worker.ping_interval", "must be more than 0");
@@ -1046,5 +1066,26 @@ mod tests {
         assert!(member.check_secrets(Some(Role::Worker), false).is_ok());
         let alone = Config::default();
         assert!(alone.check_secrets(Some(Role::Balancer), false).is_ok(), "no master: no cluster to protect");
+    }
+
+    #[test]
+    fn presence_channels_are_a_list_of_names_and_prefixes() {
+        let config = Config::load_with_env(None, env(&[])).unwrap();
+        assert!(config.worker.presence_channels.is_empty(), "off by default");
+        assert_eq!(config.worker.presence_user_field, "username");
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("SC_WORKER__PRESENCE_CHANNELS", "chat/* lobby"),
+                ("SC_WORKER__PRESENCE_USER_FIELD", "sub"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.worker.presence_channels, ["chat/*", "lobby"]);
+        assert_eq!(config.worker.presence_user_field, "sub");
+        for bad in ["a*b", "#presence/x"] {
+            let err = Config::load_with_env(None, env(&[("SC_WORKER__PRESENCE_CHANNELS", bad)])).unwrap_err();
+            assert!(err.to_string().contains("presence_channels"), "{err}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! generated types.
 //!
 //! Everything else in the worker talks in domain terms: a broker stream takes [`Command`]s
-//! (subscribe, unsubscribe, publish, sync markers) and yields [`Batch`]es (messages for this
+//! (subscribe, unsubscribe, publish, sync markers, presence members) and yields [`Batch`]es (messages for this
 //! worker's channels, and the sync markers the broker passed); the exchange's key/value data is
 //! reached through [`Kv`]. [`Connect`] opens a stream; [`Grpc`] is the real one (tonic over
 //! TCP, authenticated with the cluster secret), and the pool's unit tests use a fake.
@@ -24,6 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
+use crate::presence::PresenceMember;
 
 /// One command on a broker stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,13 @@ pub(crate) enum Command {
     Publish { channel: String, data: Bytes },
     /// A marker the broker echoes once it has handled every command before it.
     Sync(u64),
+    /// A socket of this worker joined a presence channel.
+    PresenceJoin { channel: Arc<str>, member: PresenceMember },
+    /// A socket of this worker left a presence channel.
+    PresenceLeave { channel: Arc<str>, id: String },
+    /// This worker's complete member set of a presence channel (`more`: a part, the rest
+    /// follows in the next commands).
+    PresenceReset { channel: Arc<str>, members: Vec<PresenceMember>, more: bool },
 }
 
 impl Command {
@@ -46,8 +54,18 @@ impl Command {
             Self::Subscribe(channel) | Self::Unsubscribe(channel) => channel.len(),
             Self::Publish { channel, data } => channel.len() + data.len(),
             Self::Sync(_) => 0,
+            Self::PresenceJoin { channel, member } => channel.len() + member_size(member),
+            Self::PresenceLeave { channel, id } => channel.len() + id.len(),
+            Self::PresenceReset { channel, members, .. } => {
+                channel.len() + members.iter().map(member_size).sum::<usize>()
+            }
         }
     }
+}
+
+/// About how many bytes a presence member takes in a gRPC message.
+pub(crate) fn member_size(member: &PresenceMember) -> usize {
+    8 + member.id.len() + member.user.as_ref().map_or(0, String::len)
 }
 
 /// What a broker sent on the stream in one message.
@@ -158,11 +176,31 @@ fn to_pb_batch(commands: Vec<Command>) -> pb::WorkerBatch {
                     pb::command::Kind::Publish(pb::Publish { channel, data })
                 }
                 Command::Sync(token) => pb::command::Kind::Sync(token),
+                Command::PresenceJoin { channel, member } => {
+                    pb::command::Kind::PresenceJoin(pb::PresenceJoin {
+                        channel: channel.to_string(),
+                        member: Some(to_pb_member(member)),
+                    })
+                }
+                Command::PresenceLeave { channel, id } => {
+                    pb::command::Kind::PresenceLeave(pb::PresenceLeave { channel: channel.to_string(), id })
+                }
+                Command::PresenceReset { channel, members, more } => {
+                    pb::command::Kind::PresenceReset(pb::PresenceReset {
+                        channel: channel.to_string(),
+                        members: members.into_iter().map(to_pb_member).collect(),
+                        more,
+                    })
+                }
             };
             pb::Command { kind: Some(kind) }
         })
         .collect();
     pb::WorkerBatch { commands }
+}
+
+fn to_pb_member(member: PresenceMember) -> pb::PresenceMember {
+    pb::PresenceMember { id: member.id, user: member.user }
 }
 
 fn from_pb_batch(batch: pb::DeliveryBatch) -> Batch {
@@ -238,6 +276,14 @@ impl Kv {
         Ok(self.client()?.unexpire(request).await?.into_inner().changed)
     }
 
+    /// The members of presence channel `channel` as this broker holds them (each once, sorted
+    /// by socket id).
+    pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceMember>, Error> {
+        let request = pb::PresenceRequest { channel: channel.to_owned() };
+        let members = self.client()?.presence(request).await?.into_inner().members;
+        Ok(members.into_iter().map(|m| PresenceMember { id: m.id, user: m.user }).collect())
+    }
+
     /// When `key` expires, in milliseconds since the Unix epoch.
     pub(crate) async fn get_expiry(&self, key: &str) -> Result<Option<u64>, Error> {
         Ok(self
@@ -260,13 +306,28 @@ mod tests {
             Command::Publish { channel: "a".into(), data: Bytes::from_static(b"1") },
             Command::Unsubscribe("a".into()),
             Command::Sync(7),
+            Command::PresenceJoin {
+                channel: "a".into(),
+                member: PresenceMember { id: "s1".into(), user: Some("alice".into()) },
+            },
+            Command::PresenceLeave { channel: "a".into(), id: "s1".into() },
+            Command::PresenceReset {
+                channel: "a".into(),
+                members: vec![PresenceMember { id: "s2".into(), user: None }],
+                more: true,
+            },
         ]);
         let kinds: Vec<_> = batch.commands.into_iter().filter_map(|c| c.kind).collect();
-        assert_eq!(kinds.len(), 4);
+        assert_eq!(kinds.len(), 7);
         assert!(matches!(&kinds[0], pb::command::Kind::Subscribe(c) if c == "a"));
         assert!(matches!(&kinds[1], pb::command::Kind::Publish(p) if p.channel == "a" && p.data == "1"));
         assert!(matches!(&kinds[2], pb::command::Kind::Unsubscribe(c) if c == "a"));
         assert!(matches!(kinds[3], pb::command::Kind::Sync(7)));
+        assert!(matches!(&kinds[4], pb::command::Kind::PresenceJoin(j)
+            if j.channel == "a" && j.member.as_ref().is_some_and(|m| m.id == "s1" && m.user.as_deref() == Some("alice"))));
+        assert!(matches!(&kinds[5], pb::command::Kind::PresenceLeave(l) if l.id == "s1"));
+        assert!(matches!(&kinds[6], pb::command::Kind::PresenceReset(r)
+            if r.more && r.members.len() == 1 && r.members[0].user.is_none()));
 
         let delivered = from_pb_batch(pb::DeliveryBatch {
             deliveries: vec![pb::Delivery { channel: "b".into(), data: Bytes::from_static(b"2") }],

@@ -16,7 +16,10 @@
 //!   to a moved channel's old owner (where every worker keeps its subscription until
 //!   [`BREAK_DELAY`]), so that every worker has subscribed on the new owner, whenever it saw
 //!   the change, before anyone publishes there;
-//! - hands what the brokers deliver to its [`DeliverySink`] (the hub).
+//! - hands what the brokers deliver to its [`DeliverySink`] (the hub);
+//! - reports the members of presence channels (see [`crate::presence`]) to each channel's
+//!   owner, and replays a channel's whole set to it when it changes (a move, a reopened
+//!   stream). `#presence/<c>` channels are placed with `c`, whose owner publishes them.
 //!
 //! The wire is not here: streams are opened through [`crate::broker_link`], the worker's only
 //! gRPC edge towards the brokers, which the unit tests below replace with a fake.
@@ -36,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker_link::{Command, Connect, Kv};
 use crate::error::Error;
+use crate::presence::{self, PresenceMember};
 
 /// Publishes that may be queued to one broker before publishers wait.
 const PUBLISH_WINDOW: usize = 8192;
@@ -53,6 +57,8 @@ pub(crate) const MOVE_GRACE: Duration = Duration::from_secs(1);
 /// Brokers a worker sees within this long of its first one are the cluster it starts into,
 /// not brokers joining it.
 const FOUNDING: Duration = Duration::from_millis(500);
+/// Most bytes of members in one presence reset command (a larger set is sent in parts).
+const RESET_CHUNK: usize = 256 * 1024;
 /// How long a publish waits for its channel's broker to be linked (a worker that just started,
 /// or a broker that is being replaced) before it fails.
 pub(crate) const LINK_WAIT: Duration = Duration::from_secs(3);
@@ -91,6 +97,9 @@ struct State {
     /// Channels this worker holds at the broker level, each with whether its owner broker has
     /// confirmed the subscription (a sync marker after it came back).
     channels: HashMap<Arc<str>, watch::Sender<bool>>,
+    /// The members this worker has in presence channels: socket id to user, per channel (a
+    /// subset of `channels`).
+    presence: HashMap<Arc<str>, BTreeMap<String, Option<String>>>,
     next_sync: u64,
     /// Live brokers by id.
     brokers: BTreeMap<String, Entry>,
@@ -158,14 +167,14 @@ impl BrokerPool {
         let mut state = self.lock();
         let (tx, rx) = watch::channel(false);
         state.channels.insert(channel.clone(), tx);
-        let owner = state.owner(channel.as_bytes()).map(str::to_owned);
+        let owner = state.owner(presence::owner_key(channel)).map(str::to_owned);
         if let Some(id) = &owner {
             state.subscribe_and_sync(id, vec![channel.clone()]);
         }
         // During a move, publishes still go to the channel's previous owner for MOVE_GRACE
         // (from this worker and, seen a little later, from the others): hold the channel there
         // too until the break, as a channel that was held before the move is.
-        let previous = state.publish_owner(channel.as_bytes(), Instant::now()).map(str::to_owned);
+        let previous = state.publish_owner(presence::owner_key(channel), Instant::now()).map(str::to_owned);
         if let Some(previous) = previous.filter(|p| Some(p) != owner.as_ref())
             && let Some(link) = state.link(&previous)
         {
@@ -184,8 +193,37 @@ impl BrokerPool {
     pub(crate) fn unsubscribe(&self, channel: &str) {
         let mut state = self.lock();
         if let Some((channel, _)) = state.channels.remove_entry(channel) {
+            state.presence.remove(&channel);
             state.send_to_owner(&channel, Command::Unsubscribe(channel.clone()));
         }
+    }
+
+    /// A local socket joined presence channel `channel` (which this worker holds): tells the
+    /// channel's owner.
+    pub(crate) fn join(&self, channel: &Arc<str>, member: PresenceMember) {
+        let mut state = self.lock();
+        let members = state.presence.entry(channel.clone()).or_default();
+        members.insert(member.id.clone(), member.user.clone());
+        state.send_to_owner(channel, Command::PresenceJoin { channel: channel.clone(), member });
+    }
+
+    /// A local socket left presence channel `channel`: tells the channel's owner.
+    pub(crate) fn leave(&self, channel: &str, id: &str) {
+        let mut state = self.lock();
+        let Some(channel) = state.presence.get_key_value(channel).map(|(c, _)| c.clone()) else { return };
+        // An emptied set stays until the channel is unsubscribed: a move still replays it, so
+        // that an owner that had this worker's members before gets the empty set.
+        if state.presence.get_mut(&channel).and_then(|members| members.remove(id)).is_none() {
+            return;
+        }
+        state.send_to_owner(&channel, Command::PresenceLeave { channel: channel.clone(), id: id.to_owned() });
+    }
+
+    /// The members of presence channel `channel`, cluster-wide, from its owner broker (waiting
+    /// up to [`LINK_WAIT`] for its stream).
+    pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceMember>, Error> {
+        let link = self.owner_link(presence::owner_key(channel), Route::Current).await?;
+        link.kv.presence(channel).await
     }
 
     /// Publishes `data` (JSON text) to `channel` through its owner broker, waiting up to
@@ -198,11 +236,14 @@ impl BrokerPool {
         data: Bytes,
         receipt: Option<Receipt>,
     ) -> Result<(), Error> {
+        if presence::is_event_channel(channel) {
+            return Err(Error::ReservedChannel(channel.to_owned()));
+        }
         let command = Command::Publish { channel: channel.to_owned(), data };
         if command.wire_size() > self.batch_budget() {
             return Err(Error::TooLarge);
         }
-        let link = self.owner_link(channel.as_bytes(), Route::Publish).await?;
+        let link = self.owner_link(presence::owner_key(channel), Route::Publish).await?;
         // The permit is given back by the stream when it takes the publish out.
         match link.window.acquire().await {
             Ok(permit) => permit.forget(),
@@ -260,7 +301,7 @@ impl BrokerPool {
         let before: Vec<(Arc<str>, Option<String>)> = state
             .channels
             .keys()
-            .map(|c| (c.clone(), state.owner(c.as_bytes()).map(str::to_owned)))
+            .map(|c| (c.clone(), state.owner(presence::owner_key(c)).map(str::to_owned)))
             .collect();
 
         let now = Instant::now();
@@ -316,13 +357,15 @@ impl BrokerPool {
 
         let mut breaks = Vec::new();
         for (channel, old) in before {
-            let new = state.owner(channel.as_bytes()).map(str::to_owned);
+            let new = state.owner(presence::owner_key(&channel)).map(str::to_owned);
             if new == old {
                 continue;
             }
-            // Make: the new owner at once (or when its stream opens).
+            // Make: the new owner at once (or when its stream opens), with this worker's
+            // members if it is a presence channel (the old owner drops them at the break).
             if let Some(link) = new.as_deref().and_then(|id| state.link(id)) {
                 let _ = link.tx.send(Command::Subscribe(channel.clone()));
+                state.replay_presence(link, &channel);
             }
             // Break: later, so that publishes already on their way to the old owner arrive.
             if let Some(old) = old {
@@ -371,7 +414,7 @@ impl BrokerPool {
             }
         }
         for (channel, old) in breaks {
-            let still_moved = state.owner(channel.as_bytes()) != Some(old.as_str());
+            let still_moved = state.owner(presence::owner_key(&channel)) != Some(old.as_str());
             let leaving = state.brokers.get(&old).is_none_or(|e| e.left.is_some());
             if still_moved
                 && !leaving
@@ -451,9 +494,30 @@ impl State {
     }
 
     fn send_to_owner(&self, channel: &str, command: Command) {
-        if let Some(link) = self.owner(channel.as_bytes()).and_then(|id| self.link(id)) {
+        if let Some(link) = self.owner(presence::owner_key(channel)).and_then(|id| self.link(id)) {
             let _ = link.tx.send(command);
         }
+    }
+
+    /// Sends this worker's whole member set of presence channel `channel` (if it had members
+    /// there since it was subscribed) on `link`, in parts of at most [`RESET_CHUNK`] bytes.
+    fn replay_presence(&self, link: &Link, channel: &Arc<str>) {
+        let Some(members) = self.presence.get(channel) else { return };
+        let mut part = Vec::new();
+        let mut size = 0;
+        for (id, user) in members {
+            let member = PresenceMember { id: id.clone(), user: user.clone() };
+            let member_size = crate::broker_link::member_size(&member);
+            if size + member_size > RESET_CHUNK && !part.is_empty() {
+                let members = std::mem::take(&mut part);
+                let _ =
+                    link.tx.send(Command::PresenceReset { channel: channel.clone(), members, more: true });
+                size = 0;
+            }
+            size += member_size;
+            part.push(member);
+        }
+        let _ = link.tx.send(Command::PresenceReset { channel: channel.clone(), members: part, more: false });
     }
 }
 
@@ -542,16 +606,28 @@ impl LinkTask {
         let receipts = Receipts::default();
         {
             let mut state = self.pool.lock();
-            let owned: Vec<Arc<str>> =
-                state.channels.keys().filter(|c| state.owner(c.as_bytes()) == Some(id)).cloned().collect();
+            let owned: Vec<Arc<str>> = state
+                .channels
+                .keys()
+                .filter(|c| state.owner(presence::owner_key(c)) == Some(id))
+                .cloned()
+                .collect();
             let Some(entry) = state.brokers.get_mut(id).filter(|e| e.generation == generation) else {
                 return Ok(Ended::Superseded);
             };
             entry.link = Some(Link { tx, kv: opened.kv, window, receipts: receipts.clone() });
             entry.syncs.clear();
             tracing::debug!(broker = %id, channels = owned.len(), "broker stream open");
-            // Replay this broker's channels (after a restart it knows none), confirmed by one sync.
+            // Replay this broker's channels (after a restart it knows none), confirmed by one
+            // sync, and this worker's members of its presence channels.
+            let presence: Vec<Arc<str>> =
+                owned.iter().filter(|c| state.presence.contains_key(*c)).cloned().collect();
             state.subscribe_and_sync(id, owned);
+            if let Some(link) = state.link(id) {
+                for channel in &presence {
+                    state.replay_presence(link, channel);
+                }
+            }
         }
         self.pool.linked.notify_waiters();
 
@@ -712,6 +788,34 @@ mod tests {
                 }
             }
             held
+        }
+    }
+
+    impl Fake {
+        /// The members of `channel` that the broker at `grpc` holds from this worker, applying
+        /// the presence commands as it does (an unsubscribe drops them).
+        fn members(&self, grpc: &str, channel: &str) -> Vec<String> {
+            let mut held: BTreeMap<String, Option<String>> = BTreeMap::new();
+            let mut staged = Vec::new();
+            for command in self.sent(grpc) {
+                match command {
+                    Command::PresenceJoin { channel: c, member } if &*c == channel => {
+                        held.insert(member.id, member.user);
+                    }
+                    Command::PresenceLeave { channel: c, id } if &*c == channel => {
+                        held.remove(&id);
+                    }
+                    Command::PresenceReset { channel: c, members, more } if &*c == channel => {
+                        staged.extend(members);
+                        if !more {
+                            held = staged.drain(..).map(|m| (m.id, m.user)).collect();
+                        }
+                    }
+                    Command::Unsubscribe(c) if &*c == channel => held.clear(),
+                    _ => {}
+                }
+            }
+            held.into_keys().collect()
         }
     }
 
@@ -984,6 +1088,106 @@ mod tests {
         let outcomes = outcomes.lock().unwrap();
         assert_eq!(outcomes.len(), 2);
         assert!(matches!(outcomes[1], Err(Error::Link(_))), "{:?}", outcomes[1]);
+        pool.close();
+    }
+
+    fn member(id: &str) -> PresenceMember {
+        PresenceMember { id: id.to_owned(), user: Some(format!("user-{id}")) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_members_go_to_the_owner_and_follow_a_move() {
+        let (fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        tokio::time::advance(FOUNDING).await;
+        // A channel b will own, with its event channel: both on the same broker.
+        let room = channels(40)
+            .into_iter()
+            .find(|c| rendezvous::owner(["a", "b"], c.as_bytes()) == Some("b"))
+            .unwrap();
+        let events: Arc<str> = format!("#presence/{room}").into();
+        pool.subscribe(&room);
+        pool.subscribe(&events);
+        for id in ["s1", "s2", "s3"] {
+            pool.join(&room, member(id));
+        }
+        pool.leave(&room, "s2");
+        pool.leave(&room, "nobody");
+        settle().await;
+        assert_eq!(fake.members("a:1", &room), ["s1", "s3"]);
+        assert!(fake.subscribed("a:1").contains(&events));
+
+        // b joins: it gets the channel, its event channel and the whole member set at once.
+        pool.apply(brokers(&["a", "b"]), &sink);
+        settle().await;
+        assert_eq!(fake.members("b:1", &room), ["s1", "s3"]);
+        assert!(fake.subscribed("b:1").contains(&events), "#presence/<c> lives with <c>");
+        pool.join(&room, member("s4"));
+        settle().await;
+        assert_eq!(fake.members("b:1", &room), ["s1", "s3", "s4"], "new members go to the new owner");
+        // After the break the old owner has none of them (dropped with the unsubscribe).
+        tokio::time::advance(BREAK_DELAY + Duration::from_millis(10)).await;
+        settle().await;
+        assert!(fake.members("a:1", &room).is_empty());
+
+        // The stream to b breaks: the reopened one gets the set again.
+        let breaker = fake.inner.lock().unwrap().breakers["b:1"].clone();
+        breaker.cancel();
+        settle().await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        settle().await;
+        assert_eq!(fake.inner.lock().unwrap().opens["b:1"], 2);
+        let resets = fake
+            .sent("b:1")
+            .iter()
+            .filter(|c| matches!(c, Command::PresenceReset { channel, .. } if *channel == room))
+            .count();
+        assert_eq!(resets, 2, "one replay per stream");
+        assert_eq!(fake.members("b:1", &room), ["s1", "s3", "s4"]);
+
+        // Everyone leaves and the channel is released.
+        for id in ["s1", "s3", "s4"] {
+            pool.leave(&room, id);
+        }
+        pool.unsubscribe(&room);
+        settle().await;
+        assert!(fake.members("b:1", &room).is_empty());
+        assert!(pool.lock().presence.is_empty());
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_member_set_is_replayed_in_parts() {
+        let (fake, pool, _sink, sink) = setup();
+        let room: Arc<str> = "big".into();
+        pool.subscribe(&room);
+        // Joined before any broker is linked: sent with the replay when the stream opens.
+        let n = 20_000;
+        for i in 0..n {
+            pool.join(&room, member(&format!("socket-{i:05}")));
+        }
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        let parts = fake
+            .sent("a:1")
+            .iter()
+            .filter(|c| matches!(c, Command::PresenceReset { .. }))
+            .map(Command::wire_size)
+            .collect::<Vec<_>>();
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        assert!(parts.iter().all(|size| *size <= RESET_CHUNK + 64), "{parts:?}");
+        assert_eq!(fake.members("a:1", &room).len(), n);
+        pool.close();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_event_channels_are_not_for_publishing() {
+        let (_fake, pool, _sink, sink) = setup();
+        pool.apply(brokers(&["a"]), &sink);
+        settle().await;
+        let refused = pool.publish("#presence/room", Bytes::from_static(b"{}"), None).await;
+        assert_eq!(refused, Err(Error::ReservedChannel("#presence/room".into())));
         pool.close();
     }
 

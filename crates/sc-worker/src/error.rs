@@ -33,6 +33,12 @@ pub enum Error {
     /// The connection to a broker could not be made or broke.
     #[error("broker link failed: {0}")]
     Link(String),
+    /// A publish to a `#presence/` channel: only the brokers publish presence events.
+    #[error("{0} is a presence event channel: only the brokers publish there")]
+    ReservedChannel(String),
+    /// A presence call on a channel that `[worker] presence_channels` does not name.
+    #[error("{0} is not a presence channel (see [worker] presence_channels)")]
+    NotPresence(String),
 }
 
 impl Error {
@@ -44,6 +50,8 @@ impl Error {
             Self::BadReply(_) => "bad_reply",
             Self::Link(_) => "link_failed",
             Self::TooLarge => "too_large",
+            Self::ReservedChannel(_) => "reserved_channel",
+            Self::NotPresence(_) => "not_presence",
         }
     }
 
@@ -64,6 +72,8 @@ impl Error {
             },
             Self::BadReply(_) => StatusCode::BAD_GATEWAY,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ReservedChannel(_) => StatusCode::FORBIDDEN,
+            Self::NotPresence(_) => StatusCode::NOT_FOUND,
         }
     }
 }
@@ -97,6 +107,8 @@ impl From<Error> for tonic::Status {
             Error::Refused { code, message } => Self::new(code, message),
             Error::BadReply(_) => Self::internal(message),
             Error::TooLarge => Self::resource_exhausted(message),
+            Error::ReservedChannel(_) => Self::permission_denied(message),
+            Error::NotPresence(_) => Self::not_found(message),
         }
     }
 }
@@ -120,5 +132,8 @@ mod tests {
         assert_eq!(Error::BadReply("x".into()).http_status(), StatusCode::BAD_GATEWAY);
         assert_eq!(tonic::Status::from(Error::BadReply("x".into())).code(), Code::Internal);
         assert_eq!(Error::Link("down".into()).code(), "link_failed");
+        assert_eq!(Error::ReservedChannel("#presence/a".into()).http_status(), StatusCode::FORBIDDEN);
+        assert_eq!(Error::NotPresence("a".into()).http_status(), StatusCode::NOT_FOUND);
+        assert_eq!(tonic::Status::from(Error::NotPresence("a".into())).code(), Code::NotFound);
     }
 }

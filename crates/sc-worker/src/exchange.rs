@@ -5,17 +5,20 @@
 //! worker gets it. A subscription joins the local fan-out like a socket does (one broker
 //! subscription per channel per worker, whoever holds it) and yields the messages as JSON.
 //! Key/value calls go to the broker that owns the key (rendezvous hashing, like channels).
+//! Presence calls (who is in a presence channel, and its join/leave events) go to the broker
+//! that owns the channel (see [`crate::presence`]).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::broker_link::Kv;
 use crate::brokers::{BrokerPool, Receipt};
 use crate::error::Error;
 use crate::hub::{Hub, Message, Recipient, SocketKey};
+use crate::presence::{self, Presence, PresenceEvent};
 
 /// Messages a subscription holds before newer ones are dropped (with a warning).
 const SUBSCRIPTION_QUEUE: usize = 4096;
@@ -128,13 +131,71 @@ impl Exchange {
         self.pool.kv(key).await
     }
 
+    /// The members of presence channel `channel`, cluster-wide, from the broker that owns it.
+    /// Fails with [`Error::NotPresence`] for a channel that `[worker] presence_channels` does
+    /// not name.
+    pub async fn presence(&self, channel: &str) -> Result<Presence, Error> {
+        if !self.hub.presence().matches(channel) {
+            return Err(Error::NotPresence(channel.to_owned()));
+        }
+        let members = self.pool.presence(channel).await?;
+        Ok(Presence { channel: channel.to_owned(), count: members.len(), members })
+    }
+
+    /// Subscribes server code to the join and leave events of presence channel `channel` (they
+    /// are published on `#presence/<channel>`). Returns once the channel's broker has the
+    /// subscription (or after [`LINK_WAIT`](crate::brokers::LINK_WAIT), 3 s, without a broker:
+    /// it is made when one links), so every change after the call is delivered. Fails with
+    /// [`Error::NotPresence`] for a channel that `[worker] presence_channels` does not name.
+    pub async fn presence_events(&self, channel: &str) -> Result<PresenceEvents, Error> {
+        if !self.hub.presence().matches(channel) {
+            return Err(Error::NotPresence(channel.to_owned()));
+        }
+        let (subscription, confirmed) =
+            self.subscribe_confirmed(&format!("{}{channel}", presence::EVENT_PREFIX));
+        if let Some(mut confirmed) = confirmed {
+            let _ = tokio::time::timeout(crate::brokers::LINK_WAIT, confirmed.wait_for(|done| *done)).await;
+        }
+        Ok(PresenceEvents { subscription })
+    }
+
     /// Subscribes server code to `channel`.
     pub fn subscribe(&self, channel: &str) -> Subscription {
+        self.subscribe_confirmed(channel).0
+    }
+
+    /// [`Exchange::subscribe`], with the broker's confirmation of the channel's subscription
+    /// (see [`Hub::subscribe`]).
+    fn subscribe_confirmed(&self, channel: &str) -> (Subscription, Option<watch::Receiver<bool>>) {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let key = self.hub.next_key();
         let recipient: Arc<dyn Recipient> = Arc::new(ServerRecipient(tx));
-        let (channel, _confirmed) = self.hub.subscribe(channel, key, &recipient);
-        Subscription { hub: self.hub.clone(), key, channel, rx }
+        let (channel, confirmed) = self.hub.subscribe(channel, key, &recipient);
+        (Subscription { hub: self.hub.clone(), key, channel, rx }, confirmed)
+    }
+}
+
+/// A server-side subscription to a channel's presence events; dropping it unsubscribes.
+#[derive(Debug)]
+pub struct PresenceEvents {
+    subscription: Subscription,
+}
+
+impl PresenceEvents {
+    /// The next join or leave; `None` once the worker shuts down.
+    pub async fn next(&mut self) -> Option<PresenceEvent> {
+        loop {
+            let value = self.subscription.next().await?;
+            match serde_json::from_value::<PresenceEvent>(value) {
+                Ok(event) => return Some(event),
+                Err(e) => tracing::warn!(error = %e, "unreadable presence event skipped"),
+            }
+        }
+    }
+
+    /// The subscription's channel (`#presence/<channel>`).
+    pub fn channel(&self) -> &str {
+        self.subscription.channel()
     }
 }
 

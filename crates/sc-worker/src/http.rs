@@ -555,6 +555,17 @@ impl Http {
                 };
                 outcome.unwrap_or_else(|e| error_response(&e))
             }
+            (&Method::GET, path) if path.starts_with("/api/presence/") => {
+                match percent_decode(&path["/api/presence/".len()..]).filter(|c| !c.is_empty()) {
+                    Some(channel) => match exchange.presence(&channel).await {
+                        Ok(presence) => {
+                            json_response(StatusCode::OK, serde_json::json!(presence).to_string())
+                        }
+                        Err(e) => error_response(&e),
+                    },
+                    None => json_error(StatusCode::BAD_REQUEST, "bad channel"),
+                }
+            }
             _ => json_error(StatusCode::NOT_FOUND, "no such API call"),
         }
     }

@@ -6,6 +6,9 @@
 //! once, and the same bytes go to every local subscriber (a [`Recipient`]: a socket's outbox,
 //! or an exchange subscription's queue). Publishing does not pass through here: sockets and the exchange
 //! hand publishes to the pool directly.
+//!
+//! Presence (see [`crate::presence`]): a subscriber that is a member (a socket, see
+//! [`Recipient::member`]) joining or leaving a presence channel is reported to the pool.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +20,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::brokers::{BrokerPool, DeliverySink};
+use crate::presence::{self, PresenceMember};
 use crate::protocol;
 
 /// Identifies one subscriber (a socket or an exchange subscription) within this worker.
@@ -40,6 +44,12 @@ pub(crate) struct Message<'a> {
 pub(crate) trait Recipient: Send + Sync {
     /// Queues `message` for this subscriber.
     fn deliver(&self, message: &Message<'_>);
+
+    /// This subscriber as a presence member (a socket: its id, and the `user_field` of its
+    /// auth token as its user); `None` for one that is no member (server code).
+    fn member(&self, _user_field: &str) -> Option<PresenceMember> {
+        None
+    }
 }
 
 /// The local subscribers of one channel.
@@ -56,6 +66,8 @@ pub(crate) struct Hub {
     /// The app has a `publish_out` hook: recipients get each message as a JSON value too. Set
     /// once the app is built (after the hub, which the app's exchange handle needs).
     with_json: AtomicBool,
+    /// Which channels are presence channels (none by default).
+    presence: presence::Settings,
     next_key: AtomicU64,
 }
 
@@ -72,6 +84,7 @@ impl Hub {
             channels: RwLock::new(HashMap::new()),
             pool,
             with_json: AtomicBool::new(false),
+            presence: presence::Settings::default(),
             next_key: AtomicU64::new(1),
         }
     }
@@ -80,6 +93,27 @@ impl Hub {
     /// parsed once per delivery, not per recipient.
     pub(crate) fn set_with_json(&self, with_json: bool) {
         self.with_json.store(with_json, Ordering::Relaxed);
+    }
+
+    /// The hub with presence `settings` (`[worker] presence_channels`).
+    pub(crate) fn with_presence(mut self, settings: presence::Settings) -> Self {
+        self.presence = settings;
+        self
+    }
+
+    /// Which channels are presence channels.
+    pub(crate) fn presence(&self) -> &presence::Settings {
+        &self.presence
+    }
+
+    /// Tells the pool that `subscriber` joined `channel`, if that is a presence channel and
+    /// the subscriber a member (called under the write lock, after the pool holds `channel`).
+    fn join(&self, channel: &Arc<str>, subscriber: &Arc<dyn Recipient>) {
+        if self.presence.matches(channel)
+            && let Some(member) = subscriber.member(&self.presence.user_field)
+        {
+            self.pool.join(channel, member);
+        }
     }
 
     /// A fresh subscriber key.
@@ -96,20 +130,22 @@ impl Hub {
         subscriber: &Arc<dyn Recipient>,
     ) -> (Arc<str>, Option<watch::Receiver<bool>>) {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(subscribers) = channels.get_mut(channel)
-            && !subscribers.iter().any(|(k, _)| *k == key)
-        {
-            subscribers.push((key, subscriber.clone()));
-            crate::metrics::get().subscriptions.inc();
-        }
-        if let Some((name, _)) = channels.get_key_value(channel) {
-            return (name.clone(), self.pool.confirmation(channel));
+        if let Some(name) = channels.get_key_value(channel).map(|(name, _)| name.clone()) {
+            if let Some(subscribers) = channels.get_mut(&name)
+                && !subscribers.iter().any(|(k, _)| *k == key)
+            {
+                subscribers.push((key, subscriber.clone()));
+                crate::metrics::get().subscriptions.inc();
+                self.join(&name, subscriber);
+            }
+            return (name, self.pool.confirmation(channel));
         }
         let name: Arc<str> = channel.into();
         channels.insert(name.clone(), vec![(key, subscriber.clone())]);
         crate::metrics::get().subscriptions.inc();
         crate::metrics::get().channels.inc();
         let confirmed = self.pool.subscribe(&name);
+        self.join(&name, subscriber);
         (name, Some(confirmed))
     }
 
@@ -122,8 +158,14 @@ impl Hub {
         let Some(index) = subscribers.iter().position(|(k, _)| *k == key) else {
             return false;
         };
-        subscribers.swap_remove(index);
+        let (_, subscriber) = subscribers.swap_remove(index);
         crate::metrics::get().subscriptions.dec();
+        // The leave before the broker-level unsubscribe below, which drops members silently.
+        if self.presence.matches(channel)
+            && let Some(member) = subscriber.member(&self.presence.user_field)
+        {
+            self.pool.leave(channel, &member.id);
+        }
         if subscribers.is_empty() {
             channels.remove(channel);
             crate::metrics::get().channels.dec();

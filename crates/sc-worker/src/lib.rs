@@ -34,6 +34,7 @@ mod hub;
 mod metrics;
 mod origins;
 mod outbox;
+mod presence;
 mod protocol;
 mod proxies;
 mod socket;
@@ -43,8 +44,9 @@ pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, Upg
 pub use axum;
 pub use builder::{App, AppContext};
 pub use error::Error;
-pub use exchange::{Exchange, Subscription};
+pub use exchange::{Exchange, PresenceEvents, Subscription};
 pub use handle::Sockets;
+pub use presence::{Presence, PresenceChange, PresenceEvent, PresenceMember};
 pub use protocol::{ErrorObject, Protocol};
 pub use sc_common::Error as StartError;
 pub use socket::{
@@ -164,7 +166,7 @@ impl Worker {
         let message_limit = config.grpc_message_limit();
         let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone(), message_limit);
         let pool = Arc::new(BrokerPool::new(Arc::new(connector), message_limit));
-        let hub = Arc::new(Hub::new(pool.clone()));
+        let hub = Arc::new(Hub::new(pool.clone()).with_presence(presence::Settings::from_config(worker)));
         let exchange = Exchange::new(hub.clone(), pool.clone());
         let sockets = Sockets::default();
         let (handler, routes) = build(AppContext {

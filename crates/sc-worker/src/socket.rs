@@ -201,6 +201,12 @@ impl Recipient for Subscriber {
         };
         self.socket.outbox().push(frame);
     }
+
+    fn member(&self, user_field: &str) -> Option<crate::presence::PresenceMember> {
+        let user =
+            self.socket.auth_token().and_then(|payload| crate::presence::user_of(&payload, user_field));
+        Some(crate::presence::PresenceMember { id: self.socket.id().to_owned(), user })
+    }
 }
 
 impl Settings {
@@ -727,6 +733,14 @@ impl Conversation {
         }
         if let Some(error) = self.channel_too_long(&channel) {
             reply(&mut self.replies, Some(error));
+            return;
+        }
+        // Presence events reveal who is where: the app forwards what it wants (docs/presence.md).
+        if crate::presence::is_event_channel(&channel) {
+            let message = format!(
+                "Failed to subscribe socket to the {channel} channel - it is reserved for server code"
+            );
+            reply(&mut self.replies, Some(ErrorObject::new("InvalidActionError", message)));
             return;
         }
         if self.subscriptions.contains(&*channel) {
