@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sc_tests::{Cluster, Signal, connect_from, eventually, member_status, signal_pid, spawn_member};
+use sc_tests::{Cluster, Signal, connect_from, eventually, member_status, signal_pid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const API_KEY: &str = "exchange-moves-key";
@@ -130,17 +130,8 @@ async fn keys_move_to_a_broker_that_joins_and_away_from_one_that_leaves() -> Res
     for (n, key) in keys.iter().enumerate() {
         written.push((key.clone(), put_acknowledged(cluster.addr, key, n).await?));
     }
-    let extra: tokio::process::Child = spawn_member(
-        "sc-broker",
-        &["--id", "broker-extra", "--master", &master_url],
-        &[("SC_CLUSTER__SECRET", secret), ("SC_BROKER__LISTEN", "127.0.0.1:0")],
-    )?;
-    let pid = extra.id().context("extra broker pid")?;
-    eventually(Duration::from_secs(20), "broker-extra healthy", || async {
-        let status = member_status(cluster.admin, "broker-extra").await.ok()??;
-        (status["state"] == "healthy").then_some(())
-    })
-    .await?;
+    let (_extra, pid) =
+        sc_tests::start_extra_broker("broker-extra", &master_url, secret, cluster.admin).await?;
     all_readable_for(cluster.addr, &written, Duration::from_secs(3)).await?;
 
     // Written while it owns them; it leaves gracefully (SIGTERM) and they move away again.

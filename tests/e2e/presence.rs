@@ -192,17 +192,8 @@ async fn a_broker_that_joins_and_leaves_keeps_the_full_member_set() -> Result<()
     })
     .await?;
 
-    let extra = sc_tests::spawn_member(
-        "sc-broker",
-        &["--id", "broker-extra", "--master", &master_url],
-        &[("SC_CLUSTER__SECRET", secret), ("SC_BROKER__LISTEN", "127.0.0.1:0")],
-    )?;
-    let pid = extra.id().context("extra broker pid")?;
-    eventually(Duration::from_secs(20), "broker-extra healthy", || async {
-        let status = member_status(cluster.admin, "broker-extra").await.ok()??;
-        (status["state"] == "healthy").then_some(())
-    })
-    .await?;
+    let (_extra, pid) =
+        sc_tests::start_extra_broker("broker-extra", &master_url, secret, cluster.admin).await?;
     // The channel moves to broker-extra (each worker replays its members there as it sees
     // the change); from then on every read, from either worker, is the full set.
     let moved = Instant::now();

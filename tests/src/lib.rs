@@ -587,6 +587,29 @@ pub fn spawn_member(program: &str, args: &[&str], env: &[(&str, &str)]) -> Resul
         .with_context(|| format!("spawn {program}"))
 }
 
+/// Starts one more broker `id` by hand, registered with the master at `master_url` (its cluster
+/// `secret`), and waits until the master (admin API at `admin`) reports it healthy; returns the
+/// process and its pid.
+pub async fn start_extra_broker(
+    id: &str,
+    master_url: &str,
+    secret: &str,
+    admin: SocketAddr,
+) -> Result<(Child, u32)> {
+    let broker = spawn_member(
+        "sc-broker",
+        &["--id", id, "--master", master_url],
+        &[("SC_CLUSTER__SECRET", secret), ("SC_BROKER__LISTEN", "127.0.0.1:0")],
+    )?;
+    let pid = broker.id().context("extra broker pid")?;
+    eventually(Duration::from_secs(20), &format!("{id} healthy"), || async {
+        let status = member_status(admin, id).await.ok()??;
+        (status["state"] == "healthy").then_some(())
+    })
+    .await?;
+    Ok((broker, pid))
+}
+
 /// A certificate authority made at test time, and a server certificate it signed for
 /// `localhost` and 127.0.0.1, written as PEM files into a temporary folder.
 #[derive(Debug)]
