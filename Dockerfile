@@ -11,6 +11,13 @@ RUN cargo build --release --locked --bins \
  && cp target/release/sc-master target/release/sc-balancer target/release/sc-worker \
        target/release/sc-broker target/release/sc-chat-worker /out/
 
+# The chat page's browser client: the stock socketcluster-client, pinned by the example's
+# package-lock.json (node_modules is not in the repository).
+FROM node:20-bookworm-slim AS chat-client
+WORKDIR /chat
+COPY examples/chat/package.json examples/chat/package-lock.json ./
+RUN npm ci --no-audit --no-fund --loglevel=error
+
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
@@ -18,8 +25,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin sc
 COPY --from=build /out/ /usr/local/bin/
 COPY deploy/sc.example.toml /etc/sc/sc.example.toml
-# The chat example's page, where sc-chat-worker looks beside itself ([worker] static_dir unset).
+# The chat example's page and its client, where sc-chat-worker looks beside itself.
 COPY examples/chat/public /usr/local/share/sc-rs/chat/public
+COPY --from=chat-client /chat/node_modules/socketcluster-client/socketcluster-client.min.js /usr/local/share/sc-rs/chat/client/
 USER sc
 # The balancer's public port; the master's gRPC and admin ports are internal.
 EXPOSE 8000

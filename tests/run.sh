@@ -8,7 +8,9 @@
 #   4. the client-compatibility tests in tests/compat: the stock npm socketcluster-client
 #      (v14 and v20, pinned in its package-lock.json) against a real cluster;
 #   5. the admin page in headless Chromium (tests/admin-page, playwright-core driving Debian's
-#      chromium) against a real cluster.
+#      chromium) against a real cluster;
+#   6. the chat example's page in headless Chromium (tests/chat-page): two users chatting on the
+#      stock socketcluster-client browser build, installed by `npm ci` in examples/chat.
 # Needs cargo and Node.js 20 with npm; installs the npm packages it needs, and Debian's chromium
 # when it is missing.
 set -euo pipefail
@@ -67,10 +69,23 @@ SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" npm test
 cd ../..
 
 step "admin page in headless Chromium"
-if ! command -v chromium >/dev/null; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-fi
+install_chromium() {
+  if ! command -v chromium >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+}
+install_chromium
 cd tests/admin-page
+npm ci --no-audit --no-fund --loglevel=error
+SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" CHROMIUM="$(command -v chromium)" npm test
+cd ../..
+
+step "chat example page in headless Chromium"
+install_chromium
+# The page's browser client (socketcluster-client, pinned by examples/chat/package-lock.json),
+# which sc-chat-worker serves from examples/chat/node_modules.
+(cd examples/chat && npm ci --no-audit --no-fund --loglevel=error)
+cd tests/chat-page
 npm ci --no-audit --no-fund --loglevel=error
 SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" CHROMIUM="$(command -v chromium)" npm test

@@ -1,17 +1,18 @@
 // The chat example app (examples/chat) is safe to copy: a private channel is its owner's only,
 // and a chat message always shows the name of the authenticated user who sent it (issue 12,
-// item 9). The stock v20 client against a whole cluster of two sc-chat-worker processes.
+// item 9). The stock v20 client against a whole cluster of two sc-chat-worker processes, which
+// also keep each room's last messages (`[app] history`, 3 here) and who is in it (issue 15).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import socketClusterClient from 'sc-client-20';
-import { startCluster, chatWorker, withTimeout } from './cluster.js';
+import { startCluster, chatWorker, withTimeout, workerFor } from './cluster.js';
 
 let cluster;
 const clients = [];
 const T = 5000;
 
 before(async () => {
-  cluster = await startCluster({ SC_CLUSTER__WORKERS: '2', SC_WORKER__COMMAND: chatWorker });
+  cluster = await startCluster({ SC_CLUSTER__WORKERS: '2', SC_WORKER__COMMAND: chatWorker, SC_APP__HISTORY: '3' });
 });
 
 after(async () => {
@@ -117,4 +118,39 @@ test('a chat message shows the authenticated sender, whoever wrote a `from`', as
   await anonymous.invoke('announce', { channel: 'news', data: { v: 1 } });
   await until(news, 1, 'the news message');
   assert.deepEqual(news, [{ v: 1 }]);
+});
+
+test('a room keeps its last `[app] history` messages and knows who is in it, across workers', async () => {
+  // frank (who reads) on the other worker than erin and the anonymous socket (who join).
+  const here = await workerFor(cluster, '127.0.0.46');
+  let there;
+  for (let i = 47; i < 90 && !there; i++) {
+    if ((await workerFor(cluster, `127.0.0.${i}`)) !== here) there = `127.0.0.${i}`;
+  }
+  assert.ok(there, 'an address that reaches the other worker');
+  const erin = await loggedIn('127.0.0.46', 'erin');
+  const frank = await loggedIn(there, 'frank');
+  const anonymous = connect('127.0.0.46');
+  const notices = collect(await subscribed(frank, 'who/attic'));
+  await subscribed(erin, 'chat/attic');
+  await subscribed(anonymous, 'chat/attic');
+  await until(notices, 2, 'two join notices');
+  assert.deepEqual(notices.map((n) => [n.event, n.room, n.user]).sort(), [['join', 'attic', null], ['join', 'attic', 'erin']]);
+  const who = await frank.invoke('who', { room: 'attic' });
+  assert.equal(who.count, 2);
+  assert.deepEqual(who.members.map((m) => m.id).sort(), [erin.id, anonymous.id].sort());
+
+  for (const n of [1, 2, 3, 4]) await erin.invokePublish('chat/attic', `m${n}`);
+  await frank.invoke('announce', { channel: 'chat/attic', data: 'm5' });
+  assert.deepEqual(await anonymous.invoke('history', { room: 'attic' }), [
+    { from: 'erin', text: 'm3' }, { from: 'erin', text: 'm4' }, { from: 'frank', text: 'm5' },
+  ]);
+  assert.deepEqual(await frank.invoke('history', { room: 'nowhere' }), []);
+
+  // Only the server announces on who/…; a socket that closes leaves.
+  await assert.rejects(frank.invokePublish('who/attic', { event: 'join' }), (err) => err.name === 'PublishBlocked');
+  anonymous.disconnect();
+  await until(notices, 3, 'the leave notice');
+  assert.deepEqual(notices[2].event, 'leave');
+  assert.deepEqual((await frank.invoke('who', { room: 'attic' })).members.map((m) => m.user), ['erin']);
 });

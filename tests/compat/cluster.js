@@ -75,7 +75,7 @@ export function daemonsOf(pid) {
 // The worker id the balancer sends `localAddress` to (from the x-sc-worker header).
 export function workerFor(cluster, localAddress) {
   return new Promise((resolve, reject) => {
-    const req = http.get({ host: cluster.hostname, port: cluster.port, path: '/healthz', localAddress }, (res) => {
+    const req = http.get({ host: cluster.hostname, port: cluster.port, path: '/healthz', localAddress, agent: false }, (res) => {
       res.resume();
       resolve(res.headers['x-sc-worker']);
     });

@@ -111,7 +111,7 @@ test('invoke: a procedure answers, an unknown one errors at once', async () => {
   const socket = connect();
   assert.deepEqual(await socket.invoke('echo', { n: 1, s: 'x' }), { n: 1, s: 'x' });
   const started = Date.now();
-  await assert.rejects(socket.invoke('nobodyHandlesThis', 1), (err) => err.name === 'UnknownProcedureError');
+  await assert.rejects(socket.invoke('nobodyHandlesThis', 1), (err) => err.name === 'InvalidActionError');
   assert.ok(Date.now() - started < 2000);
   await assert.rejects(socket.invoke('login', { username: 5 }), (err) => err.name === 'InvalidArgumentsError');
 });

@@ -1,7 +1,7 @@
 //! Following the deployment docs literally (issue 14 item 8): no placeholder secret ships and
 //! none is accepted, nor an empty one outside supervise mode; the documented install copies
 //! the four daemons only and installs what the units' `Documentation=` names; the runtime
-//! image has the chat page where the chat worker looks; the README's JavaScript runs as
+//! image has the chat page and its browser client where the chat worker looks; the README's JavaScript runs as
 //! written; each member's `--help` describes that member.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -172,21 +172,39 @@ fn the_documented_install_copies_the_daemons_only_and_what_the_units_document() 
     }
 }
 
-/// `COPY` lines of the runtime stage: (sources, destination), `--from=build` ones included.
-fn runtime_copies(dockerfile: &str) -> Vec<(Vec<String>, String, bool)> {
+/// A `COPY` line of the runtime stage.
+struct Copy {
+    sources: Vec<String>,
+    dest: String,
+    /// The stage it copies from (`--from=<stage>`); `None` for files of the repository.
+    from: Option<String>,
+}
+
+/// `COPY` lines of the runtime stage, `--from=<stage>` ones included.
+fn runtime_copies(dockerfile: &str) -> Vec<Copy> {
     let stages: Vec<&str> = dockerfile.split("\nFROM ").collect();
     let runtime = stages.last().unwrap();
     runtime
         .lines()
         .filter_map(|l| l.strip_prefix("COPY "))
         .map(|rest| {
-            let from_build = rest.starts_with("--from=build");
+            let from = rest.split_whitespace().find_map(|w| w.strip_prefix("--from=")).map(str::to_owned);
             let words: Vec<String> =
                 rest.split_whitespace().filter(|w| !w.starts_with("--")).map(str::to_owned).collect();
             let (dest, sources) = words.split_last().unwrap();
-            (sources.to_vec(), dest.clone(), from_build)
+            Copy { sources: sources.to_vec(), dest: dest.clone(), from }
         })
         .collect()
+}
+
+/// GET `path` from a server at `addr` (HTTP/1.1, closed after); the whole response.
+async fn get(addr: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,11 +215,27 @@ async fn the_image_has_the_chat_page_where_the_chat_worker_looks() -> Result<()>
     // into their folder, files of the repository where they go.
     let root = tempfile::tempdir()?;
     let mut bin_dir = None;
-    for (sources, dest, from_build) in runtime_copies(&dockerfile) {
+    let mut client = None;
+    for Copy { sources, dest, from } in runtime_copies(&dockerfile) {
         let dest = root.path().join(dest.trim_start_matches('/'));
-        if from_build {
-            bin_dir = Some(dest);
-            continue;
+        match from.as_deref() {
+            Some("build") => {
+                bin_dir = Some(dest);
+                continue;
+            }
+            // The npm client, from the stage that runs `npm ci` on the example's package files.
+            Some("chat-client") => {
+                assert_eq!(sources, ["/chat/node_modules/socketcluster-client/socketcluster-client.min.js"]);
+                assert!(
+                    dockerfile.contains("COPY examples/chat/package.json examples/chat/package-lock.json ./")
+                        && dockerfile.contains("RUN npm ci"),
+                    "the chat-client stage installs the example's pinned packages"
+                );
+                client = Some(dest.join("socketcluster-client.min.js"));
+                continue;
+            }
+            Some(other) => panic!("COPY --from={other}: unknown stage"),
+            None => {}
         }
         for source in sources {
             std::fs::create_dir_all(dest.parent().context("parent")?)?;
@@ -220,6 +254,10 @@ async fn the_image_has_the_chat_page_where_the_chat_worker_looks() -> Result<()>
         std::fs::read_to_string(&page).context("the image has no chat page where the worker looks")?;
     html.push_str("<!-- from the image -->\n");
     std::fs::write(&page, html)?;
+    // What the chat-client stage puts there (the real file comes from npm), marked too.
+    let client = client.context("the runtime stage copies the chat page's client")?;
+    std::fs::create_dir_all(client.parent().context("parent")?)?;
+    std::fs::write(&client, "/* the client from the image */\n")?;
 
     let mut worker = Command::new(&chat)
         .env("SC_WORKER__LISTEN", "127.0.0.1:0")
@@ -244,17 +282,13 @@ async fn the_image_has_the_chat_page_where_the_chat_worker_looks() -> Result<()>
     })
     .await??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let response = eventually(Duration::from_secs(10), "GET /", || async {
-        let mut stream = TcpStream::connect(&addr).await.ok()?;
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        Some(response)
-    })
-    .await?;
+    let response = eventually(Duration::from_secs(10), "GET /", || get(&addr, "/")).await?;
+    let script = get(&addr, "/socketcluster-client.min.js").await.context("GET the client")?;
     let _ = worker.start_kill();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("<!-- from the image -->"), "not the image's page");
+    assert!(script.starts_with("HTTP/1.1 200"), "{script}");
+    assert!(script.contains("/* the client from the image */"), "not the image's client: {script}");
     Ok(())
 }
 
