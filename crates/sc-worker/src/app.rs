@@ -143,6 +143,12 @@ pub trait Handler: Send + Sync + 'static {
     /// A frame that is not a SocketCluster packet (sc-formatter's raw message).
     fn raw(&self, _socket: &Socket, _message: &str) {}
 
+    /// Channels whose presence the app needs (exact names, or prefixes ending in `*`), in
+    /// addition to `[worker] presence_channels`.
+    fn presence_channels(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Whether any of the event hooks below is implemented; when false the worker does not
     /// schedule them at all (the stock worker's sockets skip that work). Default: true.
     fn has_event_hooks(&self) -> bool {

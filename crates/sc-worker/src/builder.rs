@@ -88,6 +88,7 @@ pub struct App {
     deauthenticated: Option<Hook<Socket>>,
     disconnected: Option<Hook<(Socket, Option<u16>)>>,
     routes: Option<axum::Router>,
+    presence: Vec<String>,
 }
 
 impl std::fmt::Debug for App {
@@ -177,6 +178,14 @@ impl App {
             Some(routes) => routes.merge(router),
             None => router,
         });
+        self
+    }
+
+    /// Tracks who is subscribed to the channels matching `pattern` (an exact name, or a prefix
+    /// ending in `*`) across the cluster, for `exchange.presence(channel)` and
+    /// `exchange.presence_events(channel)`; adds to `[worker] presence_channels`.
+    pub fn presence(mut self, pattern: &str) -> Self {
+        self.presence.push(pattern.to_owned());
         self
     }
 
@@ -363,6 +372,10 @@ impl Handler for App {
 
     fn has_publish_out(&self) -> bool {
         self.publish_out.is_some()
+    }
+
+    fn presence_channels(&self) -> Vec<String> {
+        self.presence.clone()
     }
 
     fn has_event_hooks(&self) -> bool {

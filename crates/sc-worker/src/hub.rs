@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -66,8 +66,9 @@ pub(crate) struct Hub {
     /// The app has a `publish_out` hook: recipients get each message as a JSON value too. Set
     /// once the app is built (after the hub, which the app's exchange handle needs).
     with_json: AtomicBool,
-    /// Which channels are presence channels (none by default).
-    presence: presence::Settings,
+    /// Which channels are presence channels (none by default); set once, when the app is
+    /// built (it may name channels too), before any socket.
+    presence: OnceLock<presence::Settings>,
     next_key: AtomicU64,
 }
 
@@ -84,7 +85,7 @@ impl Hub {
             channels: RwLock::new(HashMap::new()),
             pool,
             with_json: AtomicBool::new(false),
-            presence: presence::Settings::default(),
+            presence: OnceLock::new(),
             next_key: AtomicU64::new(1),
         }
     }
@@ -95,22 +96,23 @@ impl Hub {
         self.with_json.store(with_json, Ordering::Relaxed);
     }
 
-    /// The hub with presence `settings` (`[worker] presence_channels`).
-    pub(crate) fn with_presence(mut self, settings: presence::Settings) -> Self {
-        self.presence = settings;
-        self
+    /// Sets which channels are presence channels (`[worker] presence_channels` and the
+    /// app's); a second call changes nothing.
+    pub(crate) fn set_presence(&self, settings: presence::Settings) {
+        let _ = self.presence.set(settings);
     }
 
     /// Which channels are presence channels.
     pub(crate) fn presence(&self) -> &presence::Settings {
-        &self.presence
+        static NONE: presence::Settings = presence::Settings::NONE;
+        self.presence.get().unwrap_or(&NONE)
     }
 
     /// Tells the pool that `subscriber` joined `channel`, if that is a presence channel and
     /// the subscriber a member (called under the write lock, after the pool holds `channel`).
     fn join(&self, channel: &Arc<str>, subscriber: &Arc<dyn Recipient>) {
-        if self.presence.matches(channel)
-            && let Some(member) = subscriber.member(&self.presence.user_field)
+        if self.presence().matches(channel)
+            && let Some(member) = subscriber.member(&self.presence().user_field)
         {
             self.pool.join(channel, member);
         }
@@ -161,8 +163,8 @@ impl Hub {
         let (_, subscriber) = subscribers.swap_remove(index);
         crate::metrics::get().subscriptions.dec();
         // The leave before the broker-level unsubscribe below, which drops members silently.
-        if self.presence.matches(channel)
-            && let Some(member) = subscriber.member(&self.presence.user_field)
+        if self.presence().matches(channel)
+            && let Some(member) = subscriber.member(&self.presence().user_field)
         {
             self.pool.leave(channel, &member.id);
         }

@@ -166,7 +166,7 @@ impl Worker {
         let message_limit = config.grpc_message_limit();
         let connector = broker_link::Grpc::new(id.clone(), config.cluster.secret.clone(), message_limit);
         let pool = Arc::new(BrokerPool::new(Arc::new(connector), message_limit));
-        let hub = Arc::new(Hub::new(pool.clone()).with_presence(presence::Settings::from_config(worker)));
+        let hub = Arc::new(Hub::new(pool.clone()));
         let exchange = Exchange::new(hub.clone(), pool.clone());
         let sockets = Sockets::default();
         let (handler, routes) = build(AppContext {
@@ -176,6 +176,7 @@ impl Worker {
             worker_id: id.clone(),
         })?;
         hub.set_with_json(handler.has_publish_out());
+        hub.set_presence(presence::Settings::from_config(worker, &handler.presence_channels()));
         // Sockets are closed only after the listeners are gone (see `drain`), so a client that
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.

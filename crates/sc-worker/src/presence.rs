@@ -83,10 +83,14 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    /// The settings of `[worker]`.
-    pub(crate) fn from_config(config: &sc_common::config::WorkerConfig) -> Self {
+    /// No presence channel.
+    pub(crate) const NONE: Self = Self { exact: Vec::new(), prefixes: Vec::new(), user_field: String::new() };
+
+    /// The settings of `[worker]`, with the app's own `patterns` added to
+    /// `presence_channels`.
+    pub(crate) fn from_config(config: &sc_common::config::WorkerConfig, patterns: &[String]) -> Self {
         let mut settings = Self { user_field: config.presence_user_field.clone(), ..Self::default() };
-        for pattern in &config.presence_channels {
+        for pattern in config.presence_channels.iter().chain(patterns) {
             match pattern.strip_suffix('*') {
                 Some(prefix) => settings.prefixes.push(prefix.to_owned()),
                 None => settings.exact.push(pattern.clone()),
@@ -135,7 +139,7 @@ mod tests {
             presence_channels: patterns.iter().map(|p| (*p).to_owned()).collect(),
             ..Default::default()
         };
-        Settings::from_config(&config)
+        Settings::from_config(&config, &[])
     }
 
     #[test]
