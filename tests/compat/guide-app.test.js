@@ -13,6 +13,7 @@ test('the guide app on sc-rs answers as its socketcluster-server 20 twin does', 
   const cluster = await startCluster({
     SC_WORKER__COMMAND: path.join(binDir, 'sc-guide-app'),
     SC_APP__HISTORY: '3',
+    SC_WORKER__PRESENCE_CHANNELS: 'chat/lobby', // as examples/guide-app/sc.toml
   });
   try {
     const out = await drive(client, cluster.hostname, cluster.port);
@@ -23,8 +24,8 @@ test('the guide app on sc-rs answers as its socketcluster-server 20 twin does', 
     assert.deepEqual(out.heard, message);
     assert.deepEqual(out.history, [message]);
     assert.deepEqual(out.httpHistory, [message]);
-    // TODO(presence): once s15-presence is merged, who lists bob: out.who.members[0].user === 'bob'.
     assert.equal(out.who.channel, 'chat/lobby');
+    assert.deepEqual(out.who.members.map((m) => m.user), ['bob'], JSON.stringify(out.who));
   } finally {
     await cluster.stop();
   }

@@ -60,7 +60,6 @@ pub use socket::{
     CLOSE_BAD_HANDSHAKE, CLOSE_BEFORE_HANDSHAKE, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_INVALID_DATA,
     CLOSE_PONG_TIMEOUT, CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, CLOSE_SLOW_CONSUMER, CLOSE_TOO_BIG, Socket,
 };
-pub use sockets::Sockets;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -49,10 +49,7 @@ fn app(ctx: AppContext<Settings>) -> App {
         .procedure("history", |socket, (): ()| async move {
             Ok(socket.exchange().get_range(HISTORY, 0, None).await?)
         })
-        .procedure("who", |socket, (): ()| async move {
-            // TODO(presence): replace the next line with `Ok(socket.exchange().presence(ROOM).await?)` once s15-presence is merged.
-            Ok::<_, ErrorObject>(json!({ "channel": ROOM, "todo": socket.id() }))
-        })
+        .procedure("who", |socket, (): ()| async move { Ok(socket.exchange().presence(ROOM).await?) })
         .routes(Router::new().route("/api/history", get(history)).with_state(ctx.exchange))
 }
 
