@@ -2,7 +2,8 @@
 # Runs every check and test of the project, as CI does:
 #   1. formatting and clippy (-D warnings);
 #   2. the Rust tests: unit tests, daemon tests and the cross-daemon tests in tests/e2e, which
-#      start the real binaries (so the workspace is built first);
+#      start the real binaries (so the workspace is built first); tests/e2e/new_app.rs builds an
+#      app made by `sc-master new` and drives it with the stock client of tests/compat;
 #   3. the soak: 3 minutes of client churn on a real cluster with a worker and a broker killed
 #      mid-run; fails if a daemon's RSS grows or channel counts stay up (sc-bench soak);
 #   4. the client-compatibility tests in tests/compat: the stock npm socketcluster-client
@@ -42,6 +43,9 @@ if [ -z "${SC_PEERS_DIR:-}" ] && [ -d "$peers_src" ] && command -v npm >/dev/nul
 fi
 echo "SC_PEERS_DIR=${SC_PEERS_DIR:-unset}"
 
+step "stock clients (tests/compat: also used by the Rust test of \`sc-master new\`)"
+(cd tests/compat && npm ci --no-audit --no-fund --loglevel=error)
+
 step "rust tests"
 # Tests that cannot run here (no stock Node servers, no systemd-analyze, no network namespaces,
 # ...) pass after printing `SKIPPED: <test>: <why>` and adding that line to this file; the
@@ -64,7 +68,6 @@ step "soak: no leak under churn (3 minutes)"
 
 step "stock client compatibility"
 cd tests/compat
-npm ci --no-audit --no-fund --loglevel=error
 SC_TEST_BIN_DIR="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug" npm test
 cd ../..
 

@@ -108,8 +108,13 @@ impl Cluster {
     /// Starts sc-master with the balancer on a free loopback port and `env` on top, and waits
     /// for its `cluster ready` line.
     pub async fn start(env: &[(&str, &str)]) -> Result<Self> {
-        let MasterProcess { child: master, pid: master_pid, admin, mut lines } =
-            MasterProcess::start(env).await?;
+        Self::ready(MasterProcess::start(env).await?).await
+    }
+
+    /// Waits for the `cluster ready` line of a started master (from [`MasterProcess::spawn`]
+    /// of a command of one's own).
+    pub async fn ready(master: MasterProcess) -> Result<Self> {
+        let MasterProcess { child: master, pid: master_pid, admin, mut lines } = master;
         let url = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
                 if let Some(url) = line.strip_prefix("cluster ready: ") {

@@ -15,7 +15,7 @@
 //! standalone mode they register again when it comes back.
 //!
 //! Entry points: [`Master::bind`], then [`Master::serve`]; [`Master::ready`] tells when the
-//! cluster is up; [`status::fetch`] reads a running master's status for `sc-master status`. Errors: [`MasterError`], mapped to gRPC and HTTP codes in `error`.
+//! cluster is up; [`status::fetch`] reads a running master's status for `sc-master status`; [`new_app::generate`] writes a new app crate for `sc-master new`. Errors: [`MasterError`], mapped to gRPC and HTTP codes in `error`.
 
 #![warn(missing_docs)]
 
@@ -25,6 +25,7 @@ mod error;
 mod grpc;
 mod health;
 mod metrics;
+pub mod new_app;
 mod registry;
 mod samples;
 pub mod status;

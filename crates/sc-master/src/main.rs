@@ -1,6 +1,6 @@
 //! The sc-master daemon: parse the command line, load the config, run the control plane (and,
 //! in supervise mode, the whole cluster), print the admin API (and, with a generated token, a
-//! ready link to the admin page) and `cluster ready` lines.
+//! ready link to the admin page) and `cluster ready` lines; `new` writes a new app crate.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,17 @@ enum Command {
     /// Print a new random secret (32 bytes, hex) for `[cluster] secret`, `[worker] auth_key`,
     /// `[worker] api_key` or `[master] admin_token`, and exit.
     GenSecret,
+    /// Make a new app crate in PATH (a new or empty folder, whose name is the app's): a worker
+    /// binary with a procedure, an event, an HTTP route, a page on the stock browser client,
+    /// its cluster config (sc.toml) and a test. `cargo run` in it starts a cluster serving it.
+    New {
+        /// The folder to create; its name is the package name.
+        path: PathBuf,
+        /// The sc-rs source tree to depend on by path; default: the one this sc-master was
+        /// built from, if it is still there (else a git placeholder to edit).
+        #[arg(long, value_name = "DIR")]
+        sc_path: Option<PathBuf>,
+    },
 }
 
 /// Why the master did not run to a clean stop.
@@ -67,6 +78,9 @@ async fn main() -> ExitCode {
         println!("{}", sc_common::secret::generate());
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::New { path, sc_path }) = &cli.command {
+        return new_app(path, sc_path.as_deref());
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -80,7 +94,7 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Status { admin, token, json }) => return status(&config, admin, token, json).await,
-        Some(Command::Run | Command::GenSecret) | None => {}
+        Some(Command::Run | Command::GenSecret | Command::New { .. }) | None => {}
     }
     if config.master.mode == MasterMode::Standalone && config.master.listen.port() == 0 {
         // Fine for a library user who reads the bound address, not for daemons told a URL.
@@ -163,6 +177,36 @@ async fn status(config: &Config, admin: Option<String>, token: Option<String>, j
         Err(e) => {
             eprintln!("sc-master status: {e}");
             exit(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `sc-master new`: writes the app and says what to do next.
+fn new_app(path: &std::path::Path, sc_path: Option<&std::path::Path>) -> ExitCode {
+    match sc_master::new_app::generate(path, sc_path) {
+        Ok(app) => {
+            println!("created the app {} in {}", app.name, path.display());
+            match &app.sc_path {
+                Some(tree) => println!("it depends on sc-rs at {} (by path)", tree.display()),
+                None => println!(
+                    "sc-rs was not found: edit the sc-worker and sc-client dependencies in {}",
+                    path.join("Cargo.toml").display()
+                ),
+            }
+            println!(
+                "next: cd {} && cargo test && cargo run   (README.md says what cargo run needs)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ sc_master::new_app::NewError::Io { .. }) => {
+            eprintln!("sc-master new: {e}");
+            exit(EXIT_FAILURE)
+        }
+        // A folder in use, a bad name or a wrong --sc-path: the command line's fault.
+        Err(e) => {
+            eprintln!("sc-master new: {e}");
+            exit(EXIT_USAGE)
         }
     }
 }

@@ -13,10 +13,13 @@
 //! The publish path, each room crossed once: socket -> brokers (pool) -> broker_link -> the
 //! broker -> broker_link -> brokers -> hub (the pool's delivery sink) -> each socket's outbox.
 //!
-//! The worker is a library first: an app implements [`Handler`] and runs its own worker binary
-//! around [`Worker::bind_with`]; the stock `sc-worker` binary uses [`DefaultHandler`].
+//! The worker is a library first: an app is built with [`App`] and its binary's `main` is
+//! [`run`] (the worker alone) or [`launch`] (the worker under a master, or the whole cluster
+//! when started plainly: `cargo run`); the low-level form implements [`Handler`] around
+//! [`Worker::bind_with`]. The stock `sc-worker` binary uses [`DefaultHandler`].
 //!
-//! Entry points: [`Worker::bind`] (or [`Worker::bind_with`]), then [`Worker::serve`].
+//! Entry points: [`run`] / [`launch`]; [`Worker::bind`] (or [`Worker::bind_app`],
+//! [`Worker::bind_with`]), then [`Worker::serve`].
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -31,6 +34,7 @@ mod handle;
 mod handoff;
 mod http;
 mod hub;
+mod launch;
 mod metrics;
 mod origins;
 mod outbox;
@@ -46,9 +50,12 @@ pub use builder::{App, AppContext};
 pub use error::Error;
 pub use exchange::{Exchange, PresenceEvents, Subscription};
 pub use handle::Sockets;
+pub use launch::{MASTER_ENV, launch};
 pub use presence::{Presence, PresenceChange, PresenceEvent, PresenceMember};
 pub use protocol::{ErrorObject, Protocol};
 pub use sc_common::Error as StartError;
+/// The cluster's configuration, which [`Worker::bind_app`] takes (`Config::load`).
+pub use sc_common::config::Config;
 pub use socket::{
     CLOSE_BAD_HANDSHAKE, CLOSE_BEFORE_HANDSHAKE, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_INVALID_DATA,
     CLOSE_PONG_TIMEOUT, CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, CLOSE_SLOW_CONSUMER, CLOSE_TOO_BIG, Socket,
@@ -58,7 +65,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sc_common::config::Config;
 use sc_common::membership::{Event, Member, Role, default_id};
 use sc_common::{MasterLink, net};
 use serde::de::DeserializeOwned;
