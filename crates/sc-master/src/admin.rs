@@ -296,7 +296,7 @@ impl Admin {
                 let down = up < 1.0;
                 entry["redis"] = json!(if down { "down" } else { "up" });
                 entry["redis_down_since_ms"] =
-                    json!((down && f.redis_down_since > 0.0).then(|| (f.redis_down_since * 1000.0) as u64));
+                    json!((down && f.redis_down_since > 0.0).then_some((f.redis_down_since * 1000.0) as u64));
             }
         }
         // Supervised children add what the registry cannot know: restarts, processes that have
