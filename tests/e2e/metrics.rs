@@ -17,7 +17,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use sc_tests::{ADMIN_TOKEN, Client, Cluster, Signal, eventually, signal_pid, source_ip_per_worker};
+use sc_tests::{
+    ADMIN_TOKEN, Client, Cluster, Signal, eventually, http_text, signal_pid, source_ip_per_worker,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -83,39 +85,6 @@ impl Scrape {
         ids.sort();
         ids.dedup();
         ids
-    }
-}
-
-/// One HTTP/1.1 GET: status and body.
-async fn http_text(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response)).await??;
-    let response = String::from_utf8(response)?;
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
-    let (head, body) = response.split_once("\r\n\r\n").context("head and body")?;
-    // hyper may answer in chunks.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)?
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").context("chunk size")?;
-        let size = usize::from_str_radix(size.trim(), 16)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
     }
 }
 

@@ -2,8 +2,10 @@
 //! missing, started here on free loopback ports and stopped after): two clusters (two
 //! sc-master processes) sharing one Redis see each other's publishes, once, in order per
 //! channel and publisher, and each other's exchange data; Redis restarted under load (loss
-//! measured and printed); the same over a 3-node Redis Cluster; and every exchange operation
-//! answering on Redis as on the memory backend (the reference), through in-process clusters.
+//! measured and printed; the outage in the central log, in `/status` per broker and in the
+//! brokers' metrics while it lasts, and its end); the same over a 3-node Redis Cluster; and
+//! every exchange operation answering on Redis as on the memory backend (the reference),
+//! through in-process clusters.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::StreamExt;
-use sc_tests::{Client, Cluster, central_log, connect_from, eventually};
+use sc_tests::{ADMIN_TOKEN, Client, Cluster, central_log, connect_from, eventually, http_text};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
@@ -388,7 +390,20 @@ async fn redis_down_for_10s_under_load_local_pub_sub_goes_on_and_the_bridge_come
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.stop().await;
     let stopped_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // While it lasts, the outage is in B's /status (per broker, from its metrics) and in the
+    // brokers' metrics.
+    let brokers = eventually(Duration::from_secs(8), "redis down in /status", || async {
+        let brokers = redis_of_brokers(&b).await.ok()?;
+        (brokers.len() == 2 && brokers.iter().all(|(state, since)| state == "down" && since.is_some()))
+            .then_some(brokers)
+    })
+    .await?;
+    let since = brokers.iter().filter_map(|(_, since)| *since).min().unwrap_or_default();
+    let stopped_ms = sc_common::now_ms() - stopped_at.elapsed().as_millis() as u64;
+    assert!(since.abs_diff(stopped_ms) < 3_000, "down since {since}, stopped at {stopped_ms}");
+    assert_eq!(metric_values(&b, "sc_broker_redis_up").await?, [0.0, 0.0], "the gauge while down");
+    eprintln!("during the outage: /status {brokers:?} after {:?}", stopped_at.elapsed());
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped_at.elapsed())).await;
     redis.spawn().await?;
     eprintln!("redis down for {:?}", stopped_at.elapsed());
     publishing.await??;
@@ -429,10 +444,50 @@ async fn redis_down_for_10s_under_load_local_pub_sub_goes_on_and_the_bridge_come
     eprintln!("central log: {}", back["message"]);
     let status = b.admin_get("/status").await?;
     assert!(status.to_string().contains("redis unreachable"), "outage in /status recent errors");
+    // Back up in /status and in the metrics, at least one reconnection each.
+    eventually(Duration::from_secs(10), "redis up again in /status", || async {
+        let brokers = redis_of_brokers(&b).await.ok()?;
+        (brokers.len() == 2 && brokers.iter().all(|(state, since)| state == "up" && since.is_none()))
+            .then_some(())
+    })
+    .await?;
+    assert_eq!(metric_values(&b, "sc_broker_redis_up").await?, [1.0, 1.0], "the gauge once back");
+    let reconnects = metric_values(&b, "sc_broker_redis_reconnects_total").await?;
+    assert!(reconnects.len() == 2 && reconnects.iter().all(|n| *n >= 1.0), "reconnects {reconnects:?}");
+    let lost = metric_values(&b, "sc_broker_redis_lost_publishes_total").await?;
+    assert!(lost.iter().sum::<f64>() > 0.0, "publishes lost while down are counted: {lost:?}");
+    // A's brokers saw the same outage (one Redis for both), and counted B's messages.
+    let reconnects = metric_values(&a, "sc_broker_redis_reconnects_total").await?;
+    assert!(reconnects.len() == 2 && reconnects.iter().all(|n| *n >= 1.0), "A reconnects {reconnects:?}");
+    let received = metric_values(&a, "sc_broker_redis_received_total").await?;
+    assert!(received.iter().sum::<f64>() >= got_a as f64, "A's brokers received {received:?}");
     a.stop().await?;
     b.stop().await?;
     redis.stop().await;
     Ok(())
+}
+
+/// The `redis` state ("up"/"down") and `redis_down_since_ms` of each broker in `/status`.
+async fn redis_of_brokers(cluster: &Cluster) -> Result<Vec<(String, Option<u64>)>> {
+    let status = cluster.admin_get("/status").await?;
+    Ok(status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["role"] == "broker")
+        .map(|m| (m["redis"].as_str().unwrap_or("missing").to_owned(), m["redis_down_since_ms"].as_u64()))
+        .collect())
+}
+
+/// The values of the metric `name` (one per broker) in the master's `/metrics`.
+async fn metric_values(cluster: &Cluster, name: &str) -> Result<Vec<f64>> {
+    let (status, text) = http_text(&cluster.admin.to_string(), "/metrics", Some(ADMIN_TOKEN)).await?;
+    ensure!(status == 200, "/metrics answered {status}: {text}");
+    Ok(text
+        .lines()
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect())
 }
 
 /// Sequence numbers of `{p, s}` messages per channel until every one of `channels` channels

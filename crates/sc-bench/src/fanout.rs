@@ -4,6 +4,8 @@
 //! Burst mode is closed-loop: the publisher stays at most `window` messages ahead of the
 //! average subscriber, so the measure is the delivery rate the server sustains, not how deep
 //! its queues are (a flood would only measure slow-consumer handling). `--window 0` floods.
+//! `--publisher-url` puts the publisher on another server than the subscribers (another
+//! cluster on the same Redis).
 //! Paced mode stamps each message with its scheduled send time, so a publisher that falls
 //! behind shows up as latency rather than hiding it (no coordinated omission).
 
@@ -49,6 +51,14 @@ pub(crate) struct Params {
     /// Hard bound on the publish-and-deliver phase, in seconds.
     #[arg(long, default_value_t = 120.0)]
     pub(crate) timeout: f64,
+    /// Connect the publisher to this URL instead of --url: another server that reaches the
+    /// same subscribers (another cluster on the same Redis, see `redis-cross`).
+    #[arg(long)]
+    pub(crate) publisher_url: Option<String>,
+    /// Pause between the last subscription and the first publish, in milliseconds (a
+    /// subscription crossing clusters is in place a round trip to Redis after its answer).
+    #[arg(long, default_value_t = 200)]
+    pub(crate) settle_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +86,7 @@ pub(crate) struct Outcome {
     pub(crate) client_cpu_sec: f64,
 }
 
+/// Runs the scenario against `target` (the subscribers' server, whose process tree is sampled).
 pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
     let counters = Arc::new(Counters::default());
     let _progress = Progress::start("fanout", Arc::clone(&counters), quiet);
@@ -102,8 +113,11 @@ pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Res
     let connect_seconds = t_connect.elapsed().as_secs_f64();
     let mut publisher_config = target.client_config(p.subscribers);
     publisher_config.ack_timeout = Duration::from_secs(30);
+    if let Some(url) = &p.publisher_url {
+        publisher_config.url = url.clone();
+    }
     let (publisher, _publisher_events) = sc_client::connect(publisher_config).await.context("publisher")?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(p.settle_ms)).await;
 
     let n = p.subscribers as u64;
     let pad = padding(p.payload);

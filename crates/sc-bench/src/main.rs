@@ -2,8 +2,10 @@
 //!
 //! It speaks the SocketCluster protocol through sc-client, so the same client code drives our
 //! cluster (through sc-balancer) and the Node peers, on the same machine, in the same run.
-//! Scenarios: `fanout`, `channels`, `rpc`, `idle`, `connect`, and `soak`, which starts a cluster
-//! of its own and checks for leaks under churn (one module each). Each prints a
+//! Scenarios: `fanout`, `channels`, `rpc`, `idle`, `connect`, and two that start clusters of
+//! their own (`cluster`): `soak`, which checks for leaks under churn, and `redis-cross`, which
+//! compares a fan-out across two clusters through Redis with one cluster alone (one module
+//! each). Each prints a
 //! live progress line on stderr and one JSON document on stdout (and to `--out`), with the
 //! machine's load average before and after, since the machine is shared.
 //!
@@ -18,11 +20,13 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 mod channels;
+mod cluster;
 mod common;
 mod connect;
 mod fanout;
 mod idle;
 mod procs;
+mod redis_cross;
 mod rpc;
 mod sink;
 mod soak;
@@ -63,6 +67,10 @@ enum Scenario {
     /// invokes for a duration, restarting a worker and a broker: fails if a daemon's RSS grows
     /// or the brokers' counts do not come back to zero.
     Soak(soak::Params),
+    /// Starts a redis-server and fresh clusters, and runs the fan-out in interleaved rounds on
+    /// one cluster (memory backend, Redis backend) and across two clusters on the same Redis
+    /// (publisher on one, subscribers on the other): rates, latencies and their ratios.
+    RedisCross(redis_cross::Params),
 }
 
 /// The JSON document of one run.
@@ -116,6 +124,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             let outcome = soak::run(t, p, cli.quiet).await?;
             failures = outcome.failures.clone();
             report(cli, "soak", load_before, p, outcome)?
+        }
+        Scenario::RedisCross(p) => {
+            let outcome = redis_cross::run(t, p, cli.quiet).await?;
+            failures = outcome.failures.clone();
+            report(cli, "redis-cross", load_before, p, outcome)?
         }
     };
     let mut stdout = std::io::stdout().lock();

@@ -16,15 +16,14 @@
 //! broker's `Stats` rpc, the brokers found through the master's `WatchMembers`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use sc_common::secret;
 use sc_proto::broker::v1 as broker_pb;
@@ -33,6 +32,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
+use crate::cluster::{self, Cluster};
 use crate::common::Target;
 use crate::procs;
 
@@ -122,23 +122,15 @@ struct Ops {
     errors: AtomicU64,
 }
 
-/// The running sc-master; stopped (SIGTERM, then SIGKILL) when dropped.
-struct Cluster {
-    master: Child,
-    url: String,
-    grpc: String,
-    secret: String,
-}
-
 /// RSS samples of one daemon id: (seconds since the start, pid, kB).
 type Series = BTreeMap<String, Vec<(f64, u32, u64)>>;
 
 pub(crate) async fn run(target: &Target, p: &Params, quiet: bool) -> anyhow::Result<Outcome> {
-    let bin_dir = match &p.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?.parent().context("sc-bench has no folder")?.to_path_buf(),
-    };
-    let cluster = Cluster::start(&bin_dir).await?;
+    let bin_dir = cluster::bin_dir(p.bin_dir.as_deref())?;
+    // Supervise mode: 1 balancer, 2 workers, 2 brokers.
+    let layout = [("SC_CLUSTER__WORKERS", "2"), ("SC_CLUSTER__BROKERS", "2"), ("SC_CLUSTER__BALANCERS", "1")];
+    let env: Vec<(&str, String)> = layout.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    let cluster = Cluster::start(&bin_dir, "soak", &env).await?;
     eprintln!("[soak] cluster ready: {} (sc-master pid {})", cluster.url, cluster.master.id());
     let master_pid = cluster.master.id();
 
@@ -387,71 +379,6 @@ async fn session_loop(index: usize, target: &Target, url: &str, p: &Params, ops:
                 tokio::time::sleep(Duration::from_millis(p.session_ms)).await;
             }
         }
-    }
-}
-
-impl Cluster {
-    /// Starts sc-master (supervise mode: 1 balancer, 2 workers, 2 brokers) and waits for
-    /// "cluster ready".
-    async fn start(bin_dir: &Path) -> anyhow::Result<Self> {
-        // The master's gRPC port is chosen here, so the soak can ask it for the membership.
-        let grpc_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let secret = format!("soak-{}-{}", std::process::id(), crate::common::now_us());
-        let master_bin = bin_dir.join("sc-master");
-        let mut master = Command::new(&master_bin)
-            .env("SC_CLUSTER__WORKERS", "2")
-            .env("SC_CLUSTER__BROKERS", "2")
-            .env("SC_CLUSTER__BALANCERS", "1")
-            .env("SC_CLUSTER__SECRET", &secret)
-            .env("SC_MASTER__LISTEN", format!("127.0.0.1:{grpc_port}"))
-            .env("SC_MASTER__ADMIN_LISTEN", "127.0.0.1:0")
-            .env("SC_BALANCER__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", master_bin.display()))?;
-        let stdout = master.stdout.take().context("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the master's stdout for good, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.split("cluster ready: ").nth(1) {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        let mut cluster =
-            Self { master, url: String::new(), grpc: format!("http://127.0.0.1:{grpc_port}"), secret };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(url) = rx.try_recv() {
-                cluster.url = url;
-                return Ok(cluster);
-            }
-            if let Some(status) = cluster.master.try_wait()? {
-                bail!("sc-master exited before the cluster was ready ({status})");
-            }
-            if Instant::now() > deadline {
-                bail!("no \"cluster ready\" from sc-master within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.master.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.master.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.master.kill();
-        let _ = self.master.wait();
     }
 }
 

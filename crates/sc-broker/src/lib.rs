@@ -164,6 +164,8 @@ impl Broker {
             // Alone: no other broker to pull keys from.
             drop(closed);
         }
+        let registry =
+            Arc::new(metrics::registry(&self.id, routes.clone(), exchange.clone(), bridge.clone()));
         let service = grpc::BrokerService {
             router: routes.clone(),
             store,
@@ -173,7 +175,6 @@ impl Broker {
             bridge,
             presence: presence.clone(),
         };
-        let registry = Arc::new(metrics::registry(&self.id, routes.clone(), exchange.clone()));
         tokio::spawn(sweep(exchange, stopped.clone()));
         let (health_reporter, health) = net::health();
         let router = tonic::transport::Server::builder()

@@ -14,7 +14,9 @@
 //! Redis down: local pub/sub goes on (a publish is delivered here before it goes to Redis);
 //! publishes that cannot reach Redis are dropped and counted; the connection comes back by
 //! itself (the connection manager, or the cluster client) with every subscription; the outage
-//! and the count go to the log (and so the central log and the master's /status).
+//! and the count go to the log (and so the central log and the master's /status), and the
+//! link's state ([`Health`]) to the metrics (`sc_broker_redis_up`..., see `crate::metrics`),
+//! which the master's /status shows per broker.
 //!
 //! Exchange keys are `sc:x:<key>`: values set are JSON strings, lists built with `add` are
 //! Redis lists of JSON elements; expiry is Redis expiry. Channels are `sc:c:<channel>`.
@@ -62,6 +64,22 @@ struct Flavour {
     sharded: bool,
 }
 
+/// The state of a broker's link to Redis, for its metrics (and through them the master's
+/// `/status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Health {
+    /// Whether Redis answered the last check (four a second).
+    pub(crate) up: bool,
+    /// When the current outage began (ms since the Unix epoch); `None` while up.
+    pub(crate) down_since_ms: Option<u64>,
+    /// Outages that ended since the start.
+    pub(crate) reconnects: u64,
+    /// Publishes not sent to Redis (outbox full, or Redis unreachable) since the start.
+    pub(crate) lost_publishes: u64,
+    /// Messages from other clusters delivered here since the start.
+    pub(crate) received: u64,
+}
+
 /// The exchange in Redis.
 pub(crate) struct RedisKv {
     conn: Conn,
@@ -84,6 +102,10 @@ pub(crate) struct Bridge {
     lost: AtomicU64,
     /// Messages from other clusters delivered here since the start.
     received: AtomicU64,
+    /// Outages that ended (Redis reachable again) since the start.
+    reconnects: AtomicU64,
+    /// When the current outage began (ms since the Unix epoch); 0 while Redis is up.
+    down_since_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisKv {
@@ -169,6 +191,8 @@ pub(crate) async fn connect(
         up: AtomicBool::new(true),
         lost: AtomicU64::new(0),
         received: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        down_since_ms: AtomicU64::new(0),
     });
     tokio::spawn(bridge.clone().send(commands.clone(), outgoing, stopped.clone()));
     tokio::spawn(bridge.clone().subscribe(changes_rx, stopped.clone()));
@@ -249,6 +273,18 @@ impl Bridge {
     /// Publishes not sent to Redis since the start.
     pub(crate) fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// What the metrics show of the link: see [`Health`].
+    pub(crate) fn health(&self) -> Health {
+        let down_since_ms = self.down_since_ms.load(Ordering::Relaxed);
+        Health {
+            up: self.up.load(Ordering::Relaxed),
+            down_since_ms: (down_since_ms > 0).then_some(down_since_ms),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            lost_publishes: self.lost(),
+            received: self.received.load(Ordering::Relaxed),
+        }
     }
 
     /// The publisher: pipelines of publishes in the order applied.
@@ -381,6 +417,8 @@ impl Bridge {
             match (ping, down_since) {
                 (Ok(Ok(_)), Some((since, lost_before))) => {
                     self.up.store(true, Ordering::Relaxed);
+                    self.down_since_ms.store(0, Ordering::Relaxed);
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.renew().await;
                     let lost = self.lost().saturating_sub(lost_before);
                     tracing::warn!(
@@ -392,6 +430,7 @@ impl Bridge {
                 }
                 (Ok(Ok(_)), None) => {}
                 (outcome, None) => {
+                    self.down_since_ms.store(now_ms(), Ordering::Relaxed);
                     self.up.store(false, Ordering::Relaxed);
                     let error = match outcome {
                         Ok(Err(e)) => e.to_string(),

@@ -3,8 +3,9 @@
 //!
 //! - `GET /status`: the mode, the membership epoch, every member (role, id, pid, addresses,
 //!   state, restarts, uptime, health, `last_error`: its last error line, or how its last
-//!   process crashed), whether a rolling restart runs, the recent warnings and errors of the
-//!   central log.
+//!   process crashed; for a broker on Redis, `redis`: "up" or "down" and
+//!   `redis_down_since_ms`, from its last scrape), whether a rolling restart runs, the recent
+//!   warnings and errors of the central log.
 //! - `GET /log?limit=N`: the most recent central log entries (every severity), oldest first.
 //! - `POST /rolling-restart`: starts a rolling restart of the workers (202, with its number);
 //!   409 if one is running, 400 if the master is standalone (it runs no processes to restart);
@@ -287,6 +288,16 @@ impl Admin {
                     "last_error": last_errors.get(member.id.as_str()),
                 }),
             );
+            // A broker on Redis: its link, from its last scrape (`sc_broker_redis_up`).
+            let figures = self.samples.member(&(member.id.clone(), member.pid));
+            if let (Some(entry), Some(f)) = (members.get_mut(&member.id), figures)
+                && let Some(up) = f.redis_up
+            {
+                let down = up < 1.0;
+                entry["redis"] = json!(if down { "down" } else { "up" });
+                entry["redis_down_since_ms"] =
+                    json!((down && f.redis_down_since > 0.0).then_some((f.redis_down_since * 1000.0) as u64));
+            }
         }
         // Supervised children add what the registry cannot know: restarts, processes that have
         // not registered yet, respawn backoff, replacements.

@@ -12,7 +12,9 @@
 //! Memory is bounded: [`Samples`] keeps the last [`WINDOW`] (15 minutes) in a ring of
 //! [`RING_LEN`] samples (one a second, 64 bytes each: about 56 KiB), and the [`Deriver`] one
 //! counter record per live member process. The admin page's event stream (`GET /events`) sends
-//! the ring once, then each new sample as it comes ([`Samples::subscribe`]).
+//! the ring once, then each new sample as it comes ([`Samples::subscribe`]). The last figures of
+//! each member are kept too ([`Samples::member`]): `/status` shows a broker's link to Redis
+//! from them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -74,6 +76,9 @@ pub(crate) struct Samples {
     ring: Mutex<VecDeque<Sample>>,
     /// The newest sample, for the event streams (a watch: a slow reader skips to the newest).
     latest: watch::Sender<Option<Sample>>,
+    /// The newest figures of each member process (for `/status`: a broker's link to Redis).
+    /// std Mutex: a swap or a copy.
+    members: Mutex<HashMap<Instance, Figures>>,
 }
 
 /// Turns each member's figures into cluster-wide sums and rates: keeps, per member process,
@@ -97,7 +102,11 @@ pub(crate) struct Sampler {
 
 impl Default for Samples {
     fn default() -> Self {
-        Self { ring: Mutex::new(VecDeque::with_capacity(RING_LEN)), latest: watch::channel(None).0 }
+        Self {
+            ring: Mutex::new(VecDeque::with_capacity(RING_LEN)),
+            latest: watch::channel(None).0,
+            members: Mutex::default(),
+        }
     }
 }
 
@@ -117,6 +126,24 @@ impl Samples {
     /// Every kept sample, oldest first.
     pub(crate) fn history(&self) -> Vec<Sample> {
         self.ring.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect()
+    }
+
+    /// Keeps each member's figures from `round`: a member that gave none this time (a scrape
+    /// late once) keeps its previous ones; a member no longer in the round is forgotten.
+    pub(crate) fn set_members(&self, round: &[Scraped]) {
+        let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = HashMap::with_capacity(round.len());
+        for (instance, _, figures) in round {
+            if let Some(figures) = figures.or_else(|| members.get(instance).copied()) {
+                next.insert(instance.clone(), figures);
+            }
+        }
+        *members = next;
+    }
+
+    /// The newest figures of the member process `instance`, if it gave any.
+    pub(crate) fn member(&self, instance: &Instance) -> Option<Figures> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner).get(instance).copied()
     }
 
     /// A receiver that sees each new sample (or, if it reads slowly, the newest).
@@ -178,6 +205,7 @@ impl Sampler {
             };
             let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             self.samples.push(deriver.sample(Instant::now(), time_ms, &round));
+            self.samples.set_members(&round);
         }
     }
 }
@@ -258,6 +286,29 @@ mod tests {
         assert_eq!((figures.publishes, figures.deliveries), (0.0, 0.0));
         let figures = Figures::from_scrape(&broker(12.0, 36.0));
         assert_eq!((figures.publishes, figures.deliveries, figures.connections_open), (12.0, 36.0, 0.0));
+    }
+
+    #[test]
+    fn a_brokers_link_to_redis_is_kept_per_member() {
+        let mut on_redis = broker(1.0, 2.0);
+        on_redis.families.push(family("sc_broker_redis_up", pb::Kind::Gauge, &[(&[], 0.0)]));
+        on_redis.families.push(family(
+            "sc_broker_redis_down_since_seconds",
+            pb::Kind::Gauge,
+            &[(&[], 1_700_000_000.5)],
+        ));
+        let figures = Figures::from_scrape(&on_redis);
+        assert_eq!((figures.redis_up, figures.redis_down_since), (Some(0.0), 1_700_000_000.5));
+        assert_eq!(Figures::from_scrape(&broker(1.0, 2.0)).redis_up, None, "memory backend: no link");
+
+        let samples = Samples::default();
+        let id = ("broker-0".to_owned(), 4);
+        samples.set_members(&[(id.clone(), Role::Broker, Some(figures))]);
+        // A scrape late once keeps the last figures; a member gone is forgotten.
+        samples.set_members(&[(id.clone(), Role::Broker, None)]);
+        assert_eq!(samples.member(&id).and_then(|f| f.redis_up), Some(0.0));
+        samples.set_members(&[]);
+        assert_eq!(samples.member(&id), None);
     }
 
     #[tokio::test(start_paused = true)]

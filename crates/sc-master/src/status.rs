@@ -121,7 +121,10 @@ impl Report {
                 m["id"].as_str().unwrap_or("?").to_owned(),
                 if host.is_empty() { "-".to_owned() } else { host.to_owned() },
                 m["pid"].as_u64().map_or_else(|| "-".to_owned(), |p| p.to_string()),
-                m["state"].as_str().unwrap_or("?").to_owned(),
+                match m["redis"].as_str() {
+                    Some("down") => format!("{},redis-down", m["state"].as_str().unwrap_or("?")),
+                    _ => m["state"].as_str().unwrap_or("?").to_owned(),
+                },
                 uptime(m["uptime_ms"].as_u64()),
                 m["restarts"].as_u64().unwrap_or(0).to_string(),
             ]);
@@ -271,7 +274,7 @@ mod tests {
                 { "role": "worker", "id": "worker-0", "pid": 11, "address": "127.0.0.1:8101", "grpc": "127.0.0.1:9101",
                   "state": "healthy", "uptime_ms": 61_000, "restarts": 2 },
                 { "role": "broker", "id": "broker-0", "pid": 12, "address": "", "grpc": "10.0.0.2:9200",
-                  "state": "starting", "uptime_ms": null, "restarts": 0 },
+                  "state": "healthy", "uptime_ms": null, "restarts": 0, "redis": "down" },
             ],
         });
         let report = Report { status, rates: Rates { connections: 3.0, ..Default::default() } };
@@ -285,7 +288,8 @@ mod tests {
         );
         assert_eq!(
             lines[4].split_whitespace().collect::<Vec<_>>(),
-            ["broker", "broker-0", "10.0.0.2", "12", "starting", "-", "0"]
+            ["broker", "broker-0", "10.0.0.2", "12", "healthy,redis-down", "-", "0"],
+            "a broker whose Redis is down says so"
         );
         assert!(table.contains("connections 3  messages in 0.0/s"), "{table}");
         assert_eq!(report.json()["rates"]["connections"], json!(3.0));

@@ -17,7 +17,8 @@ use crate::health::Instance;
 
 type Client = pb::metrics_client::MetricsClient<InterceptedService<Channel, Attach>>;
 
-/// The figures of one member that the admin page charts (0 for a family it does not have).
+/// The figures of one member that the admin page charts (0 for a family it does not have), and
+/// the state of a broker's link to Redis, which `/status` shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Figures {
     /// `sc_connections_open`, summed over its labels (transport).
@@ -30,6 +31,10 @@ pub(crate) struct Figures {
     pub(crate) publishes: f64,
     /// `sc_broker_deliveries_total`.
     pub(crate) deliveries: f64,
+    /// `sc_broker_redis_up` (1 or 0): `None` for a member without a link to Redis.
+    pub(crate) redis_up: Option<f64>,
+    /// `sc_broker_redis_down_since_seconds`: when its Redis outage began (0 while up).
+    pub(crate) redis_down_since: f64,
 }
 
 /// The scrape clients of the live member processes.
@@ -46,15 +51,21 @@ impl Figures {
     pub(crate) fn from_scrape(response: &pb::ScrapeResponse) -> Self {
         let mut figures = Self::default();
         for family in &response.families {
+            let sum = || family.samples.iter().map(|s| s.value).filter(|v| v.is_finite()).sum::<f64>();
             let slot = match family.name.as_str() {
                 "sc_connections_open" => &mut figures.connections_open,
                 "sc_messages_received_total" => &mut figures.messages_received,
                 "sc_messages_sent_total" => &mut figures.messages_sent,
                 "sc_broker_publishes_total" => &mut figures.publishes,
                 "sc_broker_deliveries_total" => &mut figures.deliveries,
+                "sc_broker_redis_down_since_seconds" => &mut figures.redis_down_since,
+                "sc_broker_redis_up" => {
+                    figures.redis_up = Some(sum());
+                    continue;
+                }
                 _ => continue,
             };
-            *slot += family.samples.iter().map(|s| s.value).filter(|v| v.is_finite()).sum::<f64>();
+            *slot += sum();
         }
         figures
     }

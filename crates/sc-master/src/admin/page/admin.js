@@ -170,7 +170,8 @@
       cell(row, m.address || m.grpc);
       cell(row, m.pid, 'pid');
       const state = m.state + (m.replacement_pid ? ` → ${m.replacement_pid}` : '')
-        + (m.health_misses ? ` (${m.health_misses} missed)` : '');
+        + (m.health_misses ? ` (${m.health_misses} missed)` : '')
+        + (m.redis === 'down' ? ', redis down' : '');
       cell(row, state, `state ${m.state}`);
       cell(row, duration(m.uptime_ms));
       cell(row, m.restarts ?? 0);
