@@ -185,9 +185,8 @@ fn api(rooms: Arc<Rooms>) -> Router {
 
 /// The chat app.
 fn chat(ctx: AppContext<Settings>) -> App {
-    let rooms = Rooms::start(ctx.exchange, ctx.sockets, ctx.worker_id, ctx.config.history);
-    let (publishing, announcing, joining, leaving) =
-        (rooms.clone(), rooms.clone(), rooms.clone(), rooms.clone());
+    let rooms = Rooms::new(ctx.exchange, ctx.sockets, ctx.config.history);
+    let (publishing, announcing, joining) = (rooms.clone(), rooms.clone(), rooms.clone());
     let (history, who) = (rooms.clone(), rooms.clone());
     App::new()
         .allow_upgrade(|request| {
@@ -217,19 +216,12 @@ fn chat(ctx: AppContext<Settings>) -> App {
                 Ok(PublishIn::Rewrite(outgoing(&rooms, &socket, &channel, data).await?))
             }
         })
-        .on_subscribe(move |socket, channel| {
+        .presence("chat/*")
+        .on_subscribe(move |_socket, channel| {
             let rooms = joining.clone();
             async move {
                 if let Some(room) = room_of(&channel) {
-                    rooms.joined(&socket, room, username(&socket)).await;
-                }
-            }
-        })
-        .on_unsubscribe(move |socket, channel| {
-            let rooms = leaving.clone();
-            async move {
-                if let Some(room) = room_of(&channel) {
-                    rooms.left(&socket, room).await;
+                    rooms.joined(room).await;
                 }
             }
         })

@@ -1,32 +1,26 @@
-//! The chat's rooms: room `r` is the channel `chat/r`. What the app keeps of them is in the
-//! exchange (the brokers' key/value store), so every worker of the cluster sees the same:
+//! The chat's rooms: room `r` is the channel `chat/r`. What the app keeps of them is shared by
+//! every worker of the cluster:
 //!
-//! - the history: the list `history/r`, the last `[app] history` messages of the room, added
-//!   to by each message before it is published (so a message a subscriber receives is already
-//!   in the history) and trimmed to that length;
-//! - who is here: each worker writes the members it holds (the sockets subscribed to `chat/r`,
-//!   each with the user of its token when it joined) under `who/r/on/<worker id>`, and names
-//!   itself once in the list `who/r/workers`; [`Rooms::who`] reads them all. A worker's list
-//!   expires unless it is rewritten (every [`REFRESH`]), so the members of a worker that died
-//!   leave within [`MEMBERS_TTL`];
-//! - the rooms: the list `rooms`, each room named once by each worker that had a member there.
+//! - the history: the exchange list `history/r`, the last `[app] history` messages of the room,
+//!   added to by each message before it is published (so a message a subscriber receives is
+//!   already in the history) and trimmed to that length;
+//! - who is here: the worker's presence on `chat/*` (the app names those channels with
+//!   `App::presence`): [`Rooms::who`] is `exchange.presence("chat/r")`, right across workers
+//!   and after a worker dies;
+//! - the rooms: the exchange list `rooms`, each room named once by each worker that had a member
+//!   there.
 //!
-//! After each join and leave, once its list is written, the worker publishes a notice
-//! `{"event": "join" | "leave", "room", "id", "user"}` on the channel `who/r` (the page
-//! subscribes to it and asks [`Rooms::who`] again).
-//!
-//! The who-is-here bookkeeping ([`Joined`], the writer task, the `who/…` keys) is the part that
-//! cluster-wide presence in the worker replaces (`Exchange::presence` and the `#presence/…`
-//! events); the rest stays.
+//! Join and leave notices `{"event": "join" | "leave", "room", "id", "user"}` go out on the
+//! channel `who/r` (the page subscribes to it and asks [`Rooms::who`] again): each worker with a
+//! member in the room follows the room's presence events and forwards those of its own sockets,
+//! so each notice is sent once, after the member list has it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
-use sc_worker::{Error, Exchange, Socket, Sockets};
-use serde::{Deserialize, Serialize};
+use sc_worker::{Error, Exchange, PresenceChange, PresenceMember, Sockets};
+use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 /// The channel of room `r` is `chat/r`.
 const ROOM_PREFIX: &str = "chat/";
@@ -34,29 +28,14 @@ const ROOM_PREFIX: &str = "chat/";
 pub(crate) const NOTICE_PREFIX: &str = "who/";
 /// The list of rooms.
 const ROOMS_KEY: &str = "rooms";
-/// How long a worker's member list outlives its last write.
-const MEMBERS_TTL: Duration = Duration::from_secs(60);
-/// How often a worker rewrites its member lists (well within [`MEMBERS_TTL`]).
-const REFRESH: Duration = Duration::from_secs(20);
-/// Joins and leaves waiting for the writer; a socket's hook waits when it is full.
-const CHANGES: usize = 1024;
-
-/// One member of a room: a socket in it (the shape of the worker's presence members).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Member {
-    /// The socket id.
-    pub(crate) id: String,
-    /// The username of the socket's token when it joined; `None` for an anonymous socket.
-    pub(crate) user: Option<String>,
-}
 
 /// Who is in a room, across the cluster.
 #[derive(Debug, Serialize)]
 pub(crate) struct Who {
     pub(crate) room: String,
     pub(crate) count: usize,
-    /// Every member once, sorted by socket id.
-    pub(crate) members: Vec<Member>,
+    /// Every member once: its socket id and the username of its token when it joined.
+    pub(crate) members: Vec<PresenceMember>,
 }
 
 /// A room as `GET /api/rooms` lists it.
@@ -69,41 +48,16 @@ pub(crate) struct RoomInfo {
     messages: u64,
 }
 
-/// Join or leave.
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Event {
-    Join,
-    Leave,
-}
-
-/// A join or leave on this worker, for the writer.
-#[derive(Debug)]
-struct Change {
-    event: Event,
-    room: String,
-    member: Member,
-}
-
-/// The rooms a socket is in, each with its user when it joined (per-socket state, kept with
-/// `Socket::insert`). std Mutex: one map operation at a time, never across an await.
-#[derive(Debug, Default)]
-struct Joined(Mutex<BTreeMap<String, Option<String>>>);
-
-impl Joined {
-    fn rooms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<String>>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 /// The rooms of the cluster as this worker sees them; shared by the app's handlers.
 #[derive(Debug)]
 pub(crate) struct Rooms {
     exchange: Exchange,
+    sockets: Sockets,
     /// The last messages kept per room.
     history: usize,
-    /// To the writer of this worker's member lists.
-    changes: mpsc::Sender<Change>,
+    /// Rooms this worker follows (named in `rooms`, notices forwarded). std Mutex: one set
+    /// operation at a time, never across an await.
+    followed: Mutex<HashSet<String>>,
 }
 
 /// The room of a channel: `r` for `chat/r` (not empty); `None` for other channels.
@@ -115,14 +69,6 @@ fn history_key(room: &str) -> String {
     format!("history/{room}")
 }
 
-fn workers_key(room: &str) -> String {
-    format!("who/{room}/workers")
-}
-
-fn members_key(room: &str, worker: &str) -> String {
-    format!("who/{room}/on/{worker}")
-}
-
 /// Strings of a JSON list, sorted, each once.
 fn distinct(values: Vec<Value>) -> Vec<String> {
     let mut strings: Vec<String> = values.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect();
@@ -132,18 +78,9 @@ fn distinct(values: Vec<Value>) -> Vec<String> {
 }
 
 impl Rooms {
-    /// The rooms, keeping `history` messages per room; starts this worker's writer of member
-    /// lists (so it must run inside the worker's runtime).
-    pub(crate) fn start(
-        exchange: Exchange,
-        sockets: Sockets,
-        worker_id: String,
-        history: usize,
-    ) -> Arc<Self> {
-        let (changes, rx) = mpsc::channel(CHANGES);
-        let writer = Writer { exchange: exchange.clone(), sockets, worker_id };
-        tokio::spawn(writer.run(rx));
-        Arc::new(Self { exchange, history, changes })
+    /// The rooms, keeping `history` messages per room.
+    pub(crate) fn new(exchange: Exchange, sockets: Sockets, history: usize) -> Arc<Self> {
+        Arc::new(Self { exchange, sockets, history, followed: Mutex::new(HashSet::new()) })
     }
 
     /// Keeps a chat message of `room` in its history (before it is published).
@@ -172,16 +109,9 @@ impl Rooms {
 
     /// Who is in `room`, across the cluster.
     pub(crate) async fn who(&self, room: &str) -> Result<Who, Error> {
-        let workers = distinct(self.exchange.get_range(&workers_key(room), 0, None).await?);
-        let mut members: Vec<Member> = Vec::new();
-        for worker in workers {
-            if let Some(list) = self.exchange.get(&members_key(room, &worker)).await? {
-                members.extend(serde_json::from_value::<Vec<Member>>(list).unwrap_or_default());
-            }
-        }
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        members.dedup_by(|a, b| a.id == b.id);
-        Ok(Who { room: room.to_owned(), count: members.len(), members })
+        let mut presence = self.exchange.presence(&format!("{ROOM_PREFIX}{room}")).await?;
+        presence.members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Who { room: room.to_owned(), count: presence.count, members: presence.members })
     }
 
     /// Every room anyone joined, with its members and messages now.
@@ -195,109 +125,73 @@ impl Rooms {
         Ok(rooms)
     }
 
-    /// `socket` joined `room` (it subscribed to `chat/<room>`), as `user`.
-    pub(crate) async fn joined(&self, socket: &Socket, room: &str, user: Option<String>) {
-        let joined = match socket.state::<Joined>() {
-            Some(joined) => joined,
-            None => {
-                // Hooks of one socket run in order, in its task: nobody inserts meanwhile.
-                socket.insert(Joined::default());
-                let Some(joined) = socket.state::<Joined>() else { return };
-                joined
-            }
+    /// A socket of this worker joined `room`: the first time, this worker names the room in
+    /// `rooms` and starts forwarding its notices.
+    pub(crate) async fn joined(self: &Arc<Self>, room: &str) {
+        let first = self.followed.lock().unwrap_or_else(PoisonError::into_inner).insert(room.to_owned());
+        if !first {
+            return;
+        }
+        // Events from here on, then the members so far (the join that brought us here may be
+        // older than the events' subscription): those of this worker's are announced first.
+        let channel = format!("{ROOM_PREFIX}{room}");
+        let followed = async {
+            let events = self.exchange.presence_events(&channel).await?;
+            let members = self.exchange.presence(&channel).await?.members;
+            Ok::<_, Error>((events, members))
         };
-        joined.rooms().insert(room.to_owned(), user.clone());
-        self.changed(Event::Join, room, socket, user).await;
-    }
-
-    /// `socket` left `room` (unsubscribed, kicked out or closed).
-    pub(crate) async fn left(&self, socket: &Socket, room: &str) {
-        let Some(joined) = socket.state::<Joined>() else { return };
-        let Some(user) = joined.rooms().remove(room) else { return };
-        self.changed(Event::Leave, room, socket, user).await;
-    }
-
-    async fn changed(&self, event: Event, room: &str, socket: &Socket, user: Option<String>) {
-        let member = Member { id: socket.id().to_owned(), user };
-        // Fails only once the writer is gone, when the worker stops.
-        let _ = self.changes.send(Change { event, room: room.to_owned(), member }).await;
-    }
-}
-
-/// The one task that writes this worker's member lists: one writer, so the last list written
-/// is of the latest state, with no lock held across the exchange calls.
-struct Writer {
-    exchange: Exchange,
-    sockets: Sockets,
-    worker_id: String,
-}
-
-impl Writer {
-    async fn run(self, mut changes: mpsc::Receiver<Change>) {
-        // Rooms whose `workers` list names this worker, and rooms where it has members.
-        let mut registered: HashSet<String> = HashSet::new();
-        let mut active: HashSet<String> = HashSet::new();
-        let mut refresh = tokio::time::interval(REFRESH);
-        loop {
-            tokio::select! {
-                change = changes.recv() => {
-                    let Some(change) = change else { return };
-                    let room = change.room.clone();
-                    if let Err(error) = self.write(&room, &mut registered, &mut active).await {
-                        tracing::warn!(%room, %error, "member list not written");
-                    }
-                    let notice = json!({
-                        "event": change.event,
-                        "room": room,
-                        "id": change.member.id,
-                        "user": change.member.user,
-                    });
-                    if let Err(error) = self.exchange.publish(&format!("{NOTICE_PREFIX}{room}"), &notice).await {
-                        tracing::warn!(%room, %error, "join/leave notice not published");
-                    }
-                }
-                _ = refresh.tick() => {
-                    for room in active.clone() {
-                        if let Err(error) = self.write(&room, &mut registered, &mut active).await {
-                            tracing::warn!(%room, %error, "member list not refreshed");
-                        }
-                    }
-                }
+        match followed.await {
+            Ok((events, members)) => {
+                tokio::spawn(self.clone().forward(room.to_owned(), members, events));
             }
+            Err(error) => {
+                tracing::warn!(%room, %error, "presence events not followed");
+                self.followed.lock().unwrap_or_else(PoisonError::into_inner).remove(room);
+            }
+        }
+        if let Err(error) = self.exchange.add(ROOMS_KEY, &json!(room)).await {
+            tracing::warn!(%room, %error, "room not listed");
         }
     }
 
-    /// Writes this worker's members of `room`, as the sockets say now.
-    async fn write(
+    /// Publishes a notice on `who/<room>` for each join and leave of this worker's sockets:
+    /// the joins of `members` (the room when this worker started following it), then `events`.
+    async fn forward(
+        self: Arc<Self>,
+        room: String,
+        members: Vec<PresenceMember>,
+        mut events: sc_worker::PresenceEvents,
+    ) {
+        // This worker's members of the room, as announced (a join may come twice, from the
+        // list and the events, or after the channel moves between brokers: it is announced once).
+        let mut mine: HashSet<String> = HashSet::new();
+        for member in members {
+            self.announce(&room, &mut mine, PresenceChange::Join, member.id, member.user).await;
+        }
+        while let Some(event) = events.next().await {
+            self.announce(&room, &mut mine, event.event, event.id, event.user).await;
+        }
+    }
+
+    /// Publishes one join or leave notice, if it is of this worker's socket and news.
+    async fn announce(
         &self,
         room: &str,
-        registered: &mut HashSet<String>,
-        active: &mut HashSet<String>,
-    ) -> Result<(), Error> {
-        let mut members: Vec<Member> = self
-            .sockets
-            .all()
-            .iter()
-            .filter_map(|socket| {
-                let user = socket.state::<Joined>()?.rooms().get(room)?.clone();
-                Some(Member { id: socket.id().to_owned(), user })
-            })
-            .collect();
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        let key = members_key(room, &self.worker_id);
-        if members.is_empty() {
-            active.remove(room);
-            self.exchange.remove(&key).await?;
-        } else {
-            active.insert(room.to_owned());
-            self.exchange.set(&key, &json!(members)).await?;
-            self.exchange.expire(&[&key], MEMBERS_TTL.as_secs()).await?;
+        mine: &mut HashSet<String>,
+        event: PresenceChange,
+        id: String,
+        user: Option<String>,
+    ) {
+        let news = match event {
+            PresenceChange::Join => self.sockets.get(&id).is_some() && mine.insert(id.clone()),
+            PresenceChange::Leave => mine.remove(&id),
+        };
+        if !news {
+            return;
         }
-        if !registered.contains(room) {
-            self.exchange.add(&workers_key(room), &json!(self.worker_id)).await?;
-            self.exchange.add(ROOMS_KEY, &json!(room)).await?;
-            registered.insert(room.to_owned());
+        let notice = json!({ "event": event, "room": room, "id": id, "user": user });
+        if let Err(error) = self.exchange.publish(&format!("{NOTICE_PREFIX}{room}"), &notice).await {
+            tracing::warn!(%room, %error, "join/leave notice not published");
         }
-        Ok(())
     }
 }
