@@ -22,6 +22,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "format"
 cargo fmt --all -- --check
 
+step "app guide: our version of the guide app is no longer than socketcluster-server 20's"
+bash examples/guide-app/count-lines.sh
+
 step "build"
 cargo build --workspace --all-targets --locked
 
