@@ -194,8 +194,10 @@ mod tests {
         // A small send buffer, so that a large frame is taken only in part.
         socket2::SockRef::from(&server).set_send_buffer_size(4096).unwrap();
         let (shared, tcp) = Shared::new(server);
-        let mut server_ws = tokio_tungstenite::WebSocketStream::from_raw_socket(shared, Role::Server, None).await;
-        let mut client_ws = tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let mut server_ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(shared, Role::Server, None).await;
+        let mut client_ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None).await;
 
         assert_eq!(send_text(&tcp, b"hello"), Sent::All);
         let big = "x".repeat(1 << 20);

@@ -104,6 +104,33 @@ impl Outbox {
         self.push_item(Outbound::Frame(frame))
     }
 
+    /// Writes a frame to the connection at once if the socket is idle (released by its task,
+    /// nothing queued), else queues it; returns false (and drops it) if the socket is a slow
+    /// consumer. For the fan-out's lone messages: a burst is cheaper through the task.
+    pub(crate) fn push_direct(&self, frame: Utf8Bytes) -> bool {
+        if let Some(tcp) = &self.direct {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            if queue.open {
+                match crate::direct::send_text(tcp, frame.as_bytes()) {
+                    crate::direct::Sent::All => {
+                        crate::metrics::get().sent(frame.len());
+                        return true;
+                    }
+                    crate::direct::Sent::Part(rest) => {
+                        crate::metrics::get().sent(frame.len());
+                        queue.open = false;
+                        queue.frames.push_back(Outbound::Rest(rest));
+                        drop(queue);
+                        self.ready.notify_one();
+                        return true;
+                    }
+                    crate::direct::Sent::Nothing => {}
+                }
+            }
+        }
+        self.push(frame)
+    }
+
     /// Queues any item, under the same limit as frames.
     pub(crate) fn push_item(&self, item: Outbound) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -120,23 +147,6 @@ impl Outbox {
             return false;
         }
         let was_empty = queue.frames.is_empty();
-        if let (true, Some(tcp), Outbound::Frame(frame)) = (queue.open, &self.direct, &item) {
-            match crate::direct::send_text(tcp, frame.as_bytes()) {
-                crate::direct::Sent::All => {
-                    crate::metrics::get().sent(frame.len());
-                    return true;
-                }
-                crate::direct::Sent::Part(rest) => {
-                    crate::metrics::get().sent(frame.len());
-                    queue.open = false;
-                    queue.frames.push_back(Outbound::Rest(rest));
-                    drop(queue);
-                    self.ready.notify_one();
-                    return true;
-                }
-                crate::direct::Sent::Nothing => {}
-            }
-        }
         // Queued: whatever comes next waits behind it, until the task has written it.
         queue.open = false;
         queue.frames.push_back(item);

@@ -199,7 +199,11 @@ impl Recipient for Subscriber {
                 Utf8Bytes::from(protocol::encode_publish(message.channel, value.to_string().as_bytes()))
             }
         };
-        self.socket.outbox().push(frame);
+        if message.direct {
+            self.socket.outbox().push_direct(frame);
+        } else {
+            self.socket.outbox().push(frame);
+        }
     }
 
     fn member(&self, user_field: &str) -> Option<crate::presence::PresenceMember> {
