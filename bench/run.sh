@@ -23,6 +23,8 @@
 #   sc-rs-1w1b-t1   as sc-rs-1w1b, with one runtime thread in the worker ([worker] threads = 1)
 #   sc-rs-1w1b-proxy as sc-rs-1w1b, every connection proxied ([balancer] handoff = false)
 #   sc-rs-1w1b-tls  as sc-rs-1w1b, TLS on the balancer ([balancer] tls_cert/tls_key)
+#   sc-rs-1w1b-base as sc-rs-1w1b, with the release binaries in $BASELINE_BIN (another build,
+#                   say the commit before a change, for a same-run before/after)
 #   sc20-tls        socketcluster-server 20 behind Node's https server (bench/servers/sc20-https.js)
 # Both TLS servers use the same certificate (a test CA made by sc-test-certs for this run).
 # Results: bench/results/runs.jsonl (one JSON line per run), summary.md and *.png. Loopback
@@ -92,7 +94,7 @@ start_server() {
   SRV_PROTO=2
   SRV_CA=()
   case $name in
-    sc-rs|sc-rs-1w1b|sc-rs-1w1b-tls|sc-rs-1w1b-t1|sc-rs-1w1b-proxy)
+    sc-rs|sc-rs-1w1b|sc-rs-1w1b-tls|sc-rs-1w1b-t1|sc-rs-1w1b-proxy|sc-rs-1w1b-base)
       # `tls` carries the extra environment of the variants too.
       local workers=2 tls=()
       [ "$name" != sc-rs ] && workers=1
@@ -104,12 +106,13 @@ start_server() {
         tls=(SC_BALANCER__TLS_CERT="$CERTS/cert.pem" SC_BALANCER__TLS_KEY="$CERTS/key.pem")
         SRV_CA=(--ca "$CERTS/ca.pem")
       fi
-      local command=""
-      [ -n "$rpc" ] && command=$TARGET/release/sc-chat-worker
+      local command="" bin=$TARGET/release
+      [ "$name" = sc-rs-1w1b-base ] && bin=${BASELINE_BIN:?sc-rs-1w1b-base needs BASELINE_BIN}
+      [ -n "$rpc" ] && command=$bin/sc-chat-worker
       env SC_BALANCER__LISTEN=127.0.0.1:0 SC_MASTER__ADMIN_LISTEN=127.0.0.1:0 \
         SC_CLUSTER__WORKERS=$workers SC_CLUSTER__BROKERS=1 RUST_LOG=warn "${tls[@]}" \
         ${command:+SC_WORKER__COMMAND=$command} \
-        "$TARGET/release/sc-master" > "$SRV_LOG" 2>&1 &
+        "$bin/sc-master" > "$SRV_LOG" 2>&1 &
       SRV_PID=$!
       wait_for 'cluster ready: ws'
       SRV_URL=$(grep -o 'wss\?://[^ ]*' "$SRV_LOG" | head -1)

@@ -312,3 +312,33 @@ async fn a_frame_over_max_payload_closes_that_socket_with_1009_only() {
     drop((big, client));
     cell.shutdown().await;
 }
+
+/// Direct writes (the fan-out writing to an idle socket's connection itself) fill the kernel's
+/// buffers of a client that does not read; what the kernel takes in part and what queues behind
+/// it must still reach the client whole and in order once it reads again.
+#[tokio::test]
+async fn a_client_that_pauses_gets_every_message_whole_and_in_order() {
+    let cell = start(|c| {
+        c.worker.outbound_queue = 100_000;
+        c.worker.max_outbound_bytes = 64 * 1024 * 1024;
+        c.worker.max_payload = 1024 * 1024;
+    })
+    .await;
+    let mut reader = Client::connect(LOCAL, cell.worker(0), &cell.url(0)).await.unwrap();
+    reader.subscribe("bulk").await.unwrap();
+    let mut writer = Client::connect(LOCAL, cell.worker(0), &cell.url(0)).await.unwrap();
+    // About 6 MB while the reader reads nothing: more than the kernel's buffers hold, so
+    // direct writes stop part-way and the rest queues.
+    let filler = "y".repeat(30_000);
+    const MESSAGES: usize = 200;
+    for n in 0..MESSAGES {
+        writer.publish("bulk", json!({ "n": n, "filler": filler })).await.unwrap();
+    }
+    for n in 0..MESSAGES {
+        let data = reader.next_publish("bulk", Duration::from_secs(10)).await.unwrap();
+        assert_eq!(data["n"], json!(n), "message {n} in order");
+        assert_eq!(data["filler"].as_str().map(str::len), Some(filler.len()), "message {n} whole");
+    }
+    drop((reader, writer));
+    cell.shutdown().await;
+}

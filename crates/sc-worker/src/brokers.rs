@@ -74,8 +74,9 @@ type Receipts = Arc<Mutex<HashMap<u64, Receipt>>>;
 
 /// Where the pool hands the messages brokers deliver (the worker's local fan-out).
 pub(crate) trait DeliverySink: Send + Sync + 'static {
-    /// A message for `channel` (JSON text) arrived from its broker.
-    fn deliver(&self, channel: &str, data: &Bytes);
+    /// A message for `channel` (JSON text) arrived from its broker; `lone` when it came alone
+    /// in its batch (a quiet moment, not a burst).
+    fn deliver(&self, channel: &str, data: &Bytes, lone: bool);
 }
 
 /// The worker's broker links.
@@ -635,8 +636,9 @@ impl LinkTask {
         let cause = loop {
             match batches.next().await {
                 Some(Ok(batch)) => {
+                    let lone = batch.deliveries.len() == 1;
                     for (channel, data) in &batch.deliveries {
-                        self.sink.deliver(channel, data);
+                        self.sink.deliver(channel, data, lone);
                     }
                     if !batch.synced.is_empty() {
                         self.confirm(&receipts, &batch.synced);
@@ -824,7 +826,7 @@ mod tests {
     struct Sink(Mutex<Vec<(String, Bytes)>>);
 
     impl DeliverySink for Sink {
-        fn deliver(&self, channel: &str, data: &Bytes) {
+        fn deliver(&self, channel: &str, data: &Bytes, _lone: bool) {
             self.0.lock().unwrap().push((channel.to_owned(), data.clone()));
         }
     }

@@ -97,8 +97,9 @@ impl Socket {
         id: String,
         peer: Peer,
         version: Option<Protocol>,
+        direct: Option<Arc<tokio::net::TcpStream>>,
     ) -> Self {
-        let outbox = Outbox::new(outbound_queue);
+        let outbox = Outbox::new(outbound_queue, direct);
         Self(Arc::new(State {
             key,
             id,

@@ -158,11 +158,13 @@ async fn socket_task(
     // at once and costs each socket about 200 bytes more, see the budget test.)
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
+            // Shared with the socket's outbox, which writes to an idle socket directly.
+            let (shared, direct) = crate::direct::Shared::new(parts.io.into_inner());
+            let ws = websocket(shared, parts.read_buf, config).await;
             if inject_panic {
                 Box::pin(run_panicking(ws, context, peer, pending)).await;
             } else {
-                socket::run(ws, context, peer, pending).await;
+                socket::run(ws, context, peer, pending, Some(direct)).await;
             }
         }
         Err(upgraded) => Box::pin(run_other(upgraded, context, peer, pending, config, inject_panic)).await,
@@ -186,12 +188,12 @@ async fn run_other(
             if inject_panic {
                 Box::pin(run_panicking(ws, context, peer, pending)).await;
             } else {
-                socket::run(ws, context, peer, pending).await;
+                socket::run(ws, context, peer, pending, None).await;
             }
         }
         Err(upgraded) => {
             let ws = websocket(TokioIo::new(upgraded), Bytes::new(), config).await;
-            socket::run(ws, context, peer, pending).await;
+            socket::run(ws, context, peer, pending, None).await;
         }
     }
 }
@@ -215,7 +217,7 @@ where
     S: AsyncRead + AsyncWrite + socket::ReadReady + Unpin,
 {
     tokio::select! {
-        _ = socket::run(ws, context, peer, pending) => {}
+        _ = socket::run(ws, context, peer, pending, None) => {}
         _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
             panic!("injected socket panic ({FAULTS_ENV})");
         }

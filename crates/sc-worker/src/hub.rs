@@ -37,6 +37,8 @@ pub(crate) struct Message<'a> {
     pub(crate) frame: &'a Utf8Bytes,
     /// The message as a JSON value, when the app looks at each delivery (`publish_out`).
     pub(crate) json: Option<&'a RawValue>,
+    /// It may be written to an idle socket directly (it came alone, not in a burst).
+    pub(crate) direct: bool,
 }
 
 /// A local subscriber of channels: a client socket or server code. Called on the fan-out
@@ -178,8 +180,10 @@ impl Hub {
 }
 
 impl DeliverySink for Hub {
-    /// Queues a broker delivery to every local subscriber: one encode, shared bytes.
-    fn deliver(&self, channel: &str, data: &Bytes) {
+    /// Queues a broker delivery to every local subscriber: one encode, shared bytes. A `lone`
+    /// message may be written to idle sockets directly ([`crate::direct`]); the messages of a
+    /// burst go through the sockets' tasks, which write each socket's share with one syscall.
+    fn deliver(&self, channel: &str, data: &Bytes, lone: bool) {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         let Some(subscribers) = channels.get(channel) else { return };
         let frame = Utf8Bytes::from(protocol::encode_publish(channel, data));
@@ -189,7 +193,7 @@ impl DeliverySink for Hub {
         } else {
             None
         };
-        let message = Message { channel, data, frame: &frame, json: json.as_deref() };
+        let message = Message { channel, data, frame: &frame, json: json.as_deref(), direct: lone };
         for (_, subscriber) in subscribers {
             subscriber.deliver(&message);
         }

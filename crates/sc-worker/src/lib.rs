@@ -28,6 +28,7 @@ mod auth;
 mod broker_link;
 mod brokers;
 mod builder;
+mod direct;
 mod error;
 mod exchange;
 mod handle;

@@ -6,9 +6,17 @@
 //! [`crate::socket::CLOSE_SLOW_CONSUMER`], rather than holding memory or stalling the sender.
 //! The socket's task takes every queued frame at once and writes them with one flush, so a burst
 //! costs one write syscall, not one per frame.
+//!
+//! A frame pushed while the socket is idle (its task released it: nothing queued, nothing
+//! unwritten) is written to the connection at once by the pusher, under this lock, instead of
+//! waking the task ([`crate::direct`]); the task claims the socket back before it writes or
+//! reads anything itself.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
 
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -22,6 +30,8 @@ pub(crate) struct Outbox {
     /// Wakes the socket's task; a notification with no waiter is kept, so none is lost.
     ready: Notify,
     limit: usize,
+    /// The socket's TCP connection, for direct writes (none for other connections).
+    direct: Option<Arc<TcpStream>>,
 }
 
 /// The socket did not read fast enough: its outbox overflowed.
@@ -40,6 +50,8 @@ pub(crate) enum Outbound {
     /// Run one of the app's event hooks, in order with the rest (after what was queued before
     /// it has been written).
     Event(Event),
+    /// The rest of a frame a direct write sent in part: written as is, before anything else.
+    Rest(Bytes),
 }
 
 /// An app event hook to run in the socket's task ([`crate::Handler`]'s event methods).
@@ -61,17 +73,62 @@ pub(crate) enum Event {
 struct Queue {
     frames: VecDeque<Outbound>,
     overflowed: bool,
+    /// The task released the socket: with nothing queued, a frame may be written directly.
+    open: bool,
 }
 
 impl Outbox {
-    /// An outbox holding at most `limit` frames.
-    pub(crate) fn new(limit: usize) -> Self {
-        Self { queue: Mutex::new(Queue::default()), ready: Notify::new(), limit }
+    /// An outbox holding at most `limit` frames; `direct`: the connection, for direct writes.
+    pub(crate) fn new(limit: usize, direct: Option<Arc<TcpStream>>) -> Self {
+        Self { queue: Mutex::new(Queue::default()), ready: Notify::new(), limit, direct }
+    }
+
+    /// The socket's task is about to write or read: no direct write until it releases.
+    pub(crate) fn claim(&self) {
+        if self.direct.is_some() {
+            self.queue.lock().unwrap_or_else(PoisonError::into_inner).open = false;
+        }
+    }
+
+    /// The socket's task has nothing unwritten: frames may be written directly while nothing
+    /// is queued.
+    pub(crate) fn release(&self) {
+        if self.direct.is_some() {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.open = queue.frames.is_empty() && !queue.overflowed;
+        }
     }
 
     /// Queues a text frame; returns false (and drops it) if the socket is a slow consumer.
     pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
         self.push_item(Outbound::Frame(frame))
+    }
+
+    /// Writes a frame to the connection at once if the socket is idle (released by its task,
+    /// nothing queued), else queues it; returns false (and drops it) if the socket is a slow
+    /// consumer. For the fan-out's lone messages: a burst is cheaper through the task.
+    pub(crate) fn push_direct(&self, frame: Utf8Bytes) -> bool {
+        if let Some(tcp) = &self.direct {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            if queue.open {
+                match crate::direct::send_text(tcp, frame.as_bytes()) {
+                    crate::direct::Sent::All => {
+                        crate::metrics::get().sent(frame.len());
+                        return true;
+                    }
+                    crate::direct::Sent::Part(rest) => {
+                        crate::metrics::get().sent(frame.len());
+                        queue.open = false;
+                        queue.frames.push_back(Outbound::Rest(rest));
+                        drop(queue);
+                        self.ready.notify_one();
+                        return true;
+                    }
+                    crate::direct::Sent::Nothing => {}
+                }
+            }
+        }
+        self.push(frame)
     }
 
     /// Queues any item, under the same limit as frames.
@@ -90,6 +147,8 @@ impl Outbox {
             return false;
         }
         let was_empty = queue.frames.is_empty();
+        // Queued: whatever comes next waits behind it, until the task has written it.
+        queue.open = false;
         queue.frames.push_back(item);
         drop(queue);
         if was_empty {
@@ -121,7 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn push_wakes_and_take_drains_in_order() {
-        let outbox = Outbox::new(4);
+        let outbox = Outbox::new(4, None);
         assert!(outbox.push("a".into()));
         assert!(outbox.push("b".into()));
         outbox.notified().await;
@@ -140,7 +199,7 @@ mod tests {
     #[tokio::test]
     async fn overflow_is_reported_once_full() {
         let drops = crate::metrics::get().outbound_drops();
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, None);
         assert!(outbox.push("a".into()));
         assert!(outbox.push("b".into()));
         assert!(!outbox.push("c".into()));

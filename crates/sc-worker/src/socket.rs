@@ -199,7 +199,11 @@ impl Recipient for Subscriber {
                 Utf8Bytes::from(protocol::encode_publish(message.channel, value.to_string().as_bytes()))
             }
         };
-        self.socket.outbox().push(frame);
+        if message.direct {
+            self.socket.outbox().push_direct(frame);
+        } else {
+            self.socket.outbox().push(frame);
+        }
     }
 
     fn member(&self, user_field: &str) -> Option<crate::presence::PresenceMember> {
@@ -234,6 +238,7 @@ pub(crate) async fn run<S>(
     context: Arc<Context>,
     peer: Peer,
     pending: Option<Pending>,
+    direct: Option<Arc<tokio::net::TcpStream>>,
 ) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
@@ -251,6 +256,7 @@ pub(crate) async fn run<S>(
         new_socket_id(),
         peer,
         version,
+        direct,
     );
     let mut conversation = Conversation {
         socket: socket.clone(),
@@ -351,6 +357,10 @@ impl Conversation {
         loop {
             let handshaken = self.handshaken;
             let reading = socket.invokes_in_flight() < MAX_INVOKES_IN_FLIGHT;
+            // Nothing unwritten: frames for this socket may go out directly until it wakes.
+            if output.unsent == 0 {
+                socket.outbox().release();
+            }
             let wake = std::future::poll_fn(|cx| {
                 if shutdown.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Shutdown);
@@ -369,6 +379,8 @@ impl Conversation {
                 // poll returned a frame (more may be buffered): a wake-up for the outbox costs
                 // no read attempt.
                 if reading && (maybe_buffered || ws.get_ref().poll_read_ready(cx).is_ready()) {
+                    // A read may write (tungstenite answers a ping or a close at once).
+                    socket.outbox().claim();
                     match ws.poll_next_unpin(cx) {
                         Poll::Ready(frame) => {
                             maybe_buffered = true;
@@ -386,6 +398,7 @@ impl Conversation {
                 Poll::Pending
             })
             .await;
+            socket.outbox().claim();
 
             match wake {
                 Wake::Shutdown => return Err(End::Close(CLOSE_SHUTDOWN, "Worker is shutting down".into())),
@@ -419,6 +432,11 @@ impl Conversation {
                             Outbound::Event(event) => {
                                 // Boxed: held only while a hook runs, not by every idle socket.
                                 Box::pin(self.event(event)).await;
+                                continue;
+                            }
+                            Outbound::Rest(rest) => {
+                                output.unsent += rest.len();
+                                ws.get_mut().write_first(rest);
                                 continue;
                             }
                         };
@@ -1004,11 +1022,27 @@ pub(crate) trait ReadReady {
     /// what a read already brought into the WebSocket's buffer (tokio forgets the readiness
     /// after a short read): the loop polls once more after each frame for that.
     fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>>;
+
+    /// Queues bytes to go out before anything written after: the rest of a frame a direct
+    /// write sent in part. Only a connection shared for direct writes gets any.
+    fn write_first(&mut self, _bytes: Bytes) {
+        debug_assert!(false, "a direct write's rest on a connection without direct writes");
+    }
 }
 
 impl ReadReady for tokio::net::TcpStream {
     fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
         tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl ReadReady for crate::direct::Shared {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        self.tcp().poll_read_ready(cx)
+    }
+
+    fn write_first(&mut self, bytes: Bytes) {
+        crate::direct::Shared::write_first(self, bytes);
     }
 }
 
@@ -1091,7 +1125,7 @@ pub(crate) mod tests {
             None,
         )
         .await;
-        let task = run(ws, context, Peer { addr: None, tls: false }, None);
+        let task = run(ws, context, Peer { addr: None, tls: false }, None, None);
         let size = std::mem::size_of_val(&task);
         eprintln!("socket task future: {size} bytes (budget {BUDGET})");
         assert!(size <= BUDGET, "the socket task future is {size} bytes, over its budget of {BUDGET}");
