@@ -11,7 +11,7 @@
 //! client's response (`rid`) arrives.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -345,7 +345,28 @@ fn encode_version(version: Option<Protocol>) -> u8 {
 
 /// The open sockets of this worker; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Sockets(Arc<Mutex<HashMap<Box<str>, Socket>>>);
+pub struct Sockets(Arc<Mutex<HashSet<Socket>>>);
+
+/// A socket in [`Sockets`] is known by its id: the set needs no separate key per socket.
+impl PartialEq for Socket {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for Socket {}
+
+impl std::hash::Hash for Socket {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Socket {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
 
 impl std::fmt::Debug for Sockets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -372,19 +393,19 @@ impl Sockets {
     /// Every open socket, as of now (a copy: sockets that open or close meanwhile do not
     /// change it).
     pub fn all(&self) -> Vec<Socket> {
-        self.lock().values().cloned().collect()
+        self.lock().iter().cloned().collect()
     }
 
     pub(crate) fn insert(&self, socket: &Socket) {
-        self.lock().insert(socket.id().into(), socket.clone());
+        self.lock().insert(socket.clone());
     }
 
     pub(crate) fn remove(&self, socket: &Socket) {
         self.lock().remove(socket.id());
     }
 
-    /// std Mutex: held for one map operation, never across await.
-    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Socket>> {
+    /// std Mutex: held for one set operation, never across await.
+    fn lock(&self) -> MutexGuard<'_, HashSet<Socket>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
