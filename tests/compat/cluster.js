@@ -1,9 +1,10 @@
 // Starts the real sc-master (supervise mode) for a test and stops it afterwards.
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+
+import { masterEnv, startMaster } from '../master.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const binDir = process.env.SC_TEST_BIN_DIR || path.resolve(here, '../../target/debug');
@@ -13,42 +14,19 @@ const ADMIN_TOKEN = 'sc-compat-admin-token';
 
 // Runs sc-master with the given SC_* environment; resolves once it prints "cluster ready".
 export function startCluster(env = {}, { readyTimeoutMs = 30000 } = {}) {
-  const child = spawn(path.join(binDir, 'sc-master'), [], {
-    env: {
-      ...process.env,
-      SC_BALANCER__LISTEN: '127.0.0.1:0',
-      SC_MASTER__ADMIN_LISTEN: '127.0.0.1:0',
-      SC_MASTER__ADMIN_TOKEN: ADMIN_TOKEN,
-      RUST_LOG: process.env.RUST_LOG || 'warn',
-      ...env,
-    },
-    stdio: ['ignore', 'pipe', 'inherit'],
+  return startMaster({
+    binDir,
+    env: masterEnv({ SC_MASTER__ADMIN_TOKEN: ADMIN_TOKEN, ...env }),
+    readyTimeoutMs,
+    killAfterMs: 15000,
+    parse: (url, out) => ({
+      url: url.href,
+      hostname: url.hostname,
+      port: Number(url.port),
+      path: url.pathname,
+      admin: out.match(/admin api: (http:\/\/\S+)/)?.[1],
+    }),
   });
-  let out = '';
-  const ready = new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no "cluster ready" within ${readyTimeoutMs} ms:\n${out}`)), readyTimeoutMs);
-    child.stdout.on('data', (chunk) => {
-      out += chunk;
-      const m = out.match(/cluster ready: (wss?:\/\/\S+)/);
-      const admin = out.match(/admin api: (http:\/\/\S+)/);
-      if (m) {
-        clearTimeout(timer);
-        const url = new URL(m[1]);
-        resolve({ url: m[1], hostname: url.hostname, port: Number(url.port), path: url.pathname, admin: admin?.[1] });
-      }
-    });
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      reject(new Error(`sc-master exited early (${code ?? signal}):\n${out}`));
-    });
-  });
-  const stop = () => new Promise((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve();
-    const killer = setTimeout(() => child.kill('SIGKILL'), 15000);
-    child.once('exit', () => { clearTimeout(killer); resolve(); });
-    child.kill('SIGTERM');
-  });
-  return ready.then((info) => ({ ...info, child, stop }), async (err) => { await stop(); throw err; });
 }
 
 // The chat example app (examples/chat) as the worker command.
