@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { masterEnv, startMaster } from '../master.mjs';
+import { eventually as pollUntil, masterEnv, startMaster } from '../master.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const root = path.resolve(here, '../..');
@@ -41,14 +41,5 @@ export async function status(cluster) {
   return response.json();
 }
 
-// Resolves with the first value `fn` returns that is not undefined or false, polling until `ms`.
-export async function eventually(fn, ms, what) {
-  const deadline = Date.now() + ms;
-  let last;
-  for (;;) {
-    last = await fn();
-    if (last !== undefined && last !== false) return last;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+// `eventually` of tests/master.mjs, polling every 200 ms.
+export const eventually = (fn, ms, what) => pollUntil(fn, ms, what, 200);

@@ -1,10 +1,11 @@
 // Starts the real sc-master (supervise mode) for a test and stops it afterwards.
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { masterEnv, startMaster } from '../master.mjs';
+import { eventually as pollUntil, masterEnv, startMaster } from '../master.mjs';
+
+export { workerFor } from '../master.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const binDir = process.env.SC_TEST_BIN_DIR || path.resolve(here, '../../target/debug');
@@ -50,18 +51,6 @@ export function daemonsOf(pid) {
   return found;
 }
 
-// The worker id the balancer sends `localAddress` to (from the x-sc-worker header).
-export function workerFor(cluster, localAddress) {
-  return new Promise((resolve, reject) => {
-    const req = http.get({ host: cluster.hostname, port: cluster.port, path: '/healthz', localAddress, agent: false }, (res) => {
-      res.resume();
-      resolve(res.headers['x-sc-worker']);
-    });
-    req.on('error', reject);
-    req.setTimeout(5000, () => req.destroy(new Error('timeout')));
-  });
-}
-
 // GET or POST on the master's admin API; resolves with the parsed JSON body and the status.
 export async function admin(cluster, path, method = 'GET') {
   const headers = { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' };
@@ -70,15 +59,8 @@ export async function admin(cluster, path, method = 'GET') {
 }
 
 // Resolves with the first value `fn` returns that is not undefined, polling until `ms`.
-export async function eventually(fn, ms = 5000, what = 'condition') {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await fn();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+// `eventually` of tests/master.mjs, polling every 50 ms.
+export const eventually = (fn, ms = 5000, what = 'condition') => pollUntil(fn, ms, what, 50);
 
 export function withTimeout(promise, ms, what) {
   let timer;
