@@ -131,10 +131,7 @@ pub trait Handler: Send + Sync + 'static {
         procedure: &str,
         _data: Option<&RawValue>,
     ) -> Result<Value, ErrorObject> {
-        Err(ErrorObject::new(
-            "InvalidActionError",
-            format!("No handler for the {procedure:?} procedure on this server"),
-        ))
+        Err(no_procedure(procedure))
     }
 
     /// A client transmits an event (no answer).
@@ -175,6 +172,14 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The socket closed (with the code, if one was exchanged).
     async fn disconnected(&self, _socket: &Socket, _code: Option<u16>) {}
+}
+
+/// The answer to an invoke of a procedure nobody handles (the stock server's).
+pub(crate) fn no_procedure(procedure: &str) -> ErrorObject {
+    ErrorObject::new(
+        "InvalidActionError",
+        format!("No handler for the {procedure:?} procedure on this server"),
+    )
 }
 
 /// The stock worker's handler: pure pub/sub and auth, no procedures.

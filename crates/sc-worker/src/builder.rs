@@ -318,6 +318,13 @@ impl App {
     }
 }
 
+/// Runs an event hook if the app set one (its arguments are made only then).
+async fn fire<A>(hook: Option<&Hook<A>>, args: impl FnOnce() -> A) {
+    if let Some(hook) = hook {
+        hook(args()).await;
+    }
+}
+
 /// A reply the app's type could not turn into JSON.
 fn reply_error(error: serde_json::Error) -> ErrorObject {
     ErrorObject::new("ServerError", format!("the reply could not be encoded: {error}"))
@@ -399,10 +406,7 @@ impl Handler for App {
     ) -> Result<Value, ErrorObject> {
         match self.procedures.get(procedure).or_else(|| self.events.get(procedure)) {
             Some(call) => call(socket.clone(), data).await,
-            None => Err(ErrorObject::new(
-                "InvalidActionError",
-                format!("No handler for the {procedure:?} procedure on this server"),
-            )),
+            None => Err(crate::app::no_procedure(procedure)),
         }
     }
 
@@ -414,38 +418,26 @@ impl Handler for App {
     }
 
     async fn connected(&self, socket: &Socket) {
-        if let Some(hook) = &self.connected {
-            hook(socket.clone()).await;
-        }
+        fire(self.connected.as_ref(), || socket.clone()).await;
     }
 
     async fn subscribed(&self, socket: &Socket, channel: &str) {
-        if let Some(hook) = &self.subscribed {
-            hook((socket.clone(), channel.to_owned())).await;
-        }
+        fire(self.subscribed.as_ref(), || (socket.clone(), channel.to_owned())).await;
     }
 
     async fn unsubscribed(&self, socket: &Socket, channel: &str) {
-        if let Some(hook) = &self.unsubscribed {
-            hook((socket.clone(), channel.to_owned())).await;
-        }
+        fire(self.unsubscribed.as_ref(), || (socket.clone(), channel.to_owned())).await;
     }
 
     async fn authenticated(&self, socket: &Socket) {
-        if let Some(hook) = &self.authenticated {
-            hook(socket.clone()).await;
-        }
+        fire(self.authenticated.as_ref(), || socket.clone()).await;
     }
 
     async fn deauthenticated(&self, socket: &Socket) {
-        if let Some(hook) = &self.deauthenticated {
-            hook(socket.clone()).await;
-        }
+        fire(self.deauthenticated.as_ref(), || socket.clone()).await;
     }
 
     async fn disconnected(&self, socket: &Socket, code: Option<u16>) {
-        if let Some(hook) = &self.disconnected {
-            hook((socket.clone(), code)).await;
-        }
+        fire(self.disconnected.as_ref(), || (socket.clone(), code)).await;
     }
 }
