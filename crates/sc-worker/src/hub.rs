@@ -110,12 +110,20 @@ impl Hub {
         self.presence.get().unwrap_or(&NONE)
     }
 
+    /// `subscriber` as a member of `channel`, if that is a presence channel and the subscriber
+    /// a member (a socket).
+    fn presence_member(&self, channel: &str, subscriber: &Arc<dyn Recipient>) -> Option<PresenceMember> {
+        let presence = self.presence();
+        if !presence.matches(channel) {
+            return None;
+        }
+        subscriber.member(&presence.user_field)
+    }
+
     /// Tells the pool that `subscriber` joined `channel`, if that is a presence channel and
     /// the subscriber a member (called under the write lock, after the pool holds `channel`).
     fn join(&self, channel: &Arc<str>, subscriber: &Arc<dyn Recipient>) {
-        if self.presence().matches(channel)
-            && let Some(member) = subscriber.member(&self.presence().user_field)
-        {
+        if let Some(member) = self.presence_member(channel, subscriber) {
             self.pool.join(channel, member);
         }
     }
@@ -165,9 +173,7 @@ impl Hub {
         let (_, subscriber) = subscribers.swap_remove(index);
         crate::metrics::get().subscriptions.dec();
         // The leave before the broker-level unsubscribe below, which drops members silently.
-        if self.presence().matches(channel)
-            && let Some(member) = subscriber.member(&self.presence().user_field)
-        {
+        if let Some(member) = self.presence_member(channel, &subscriber) {
             self.pool.leave(channel, &member.id);
         }
         if subscribers.is_empty() {

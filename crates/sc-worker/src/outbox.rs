@@ -64,9 +64,9 @@ pub(crate) enum Event {
     /// `deauthenticated`.
     Deauthenticated,
     /// `subscribed` to the channel.
-    Subscribed(std::sync::Arc<str>),
+    Subscribed(Arc<str>),
     /// `unsubscribed` from the channel.
-    Unsubscribed(std::sync::Arc<str>),
+    Unsubscribed(Arc<str>),
 }
 
 #[derive(Debug, Default)]
