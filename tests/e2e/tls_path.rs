@@ -1,7 +1,10 @@
-//! The TLS data path from the real binaries, through sc-client's `wss://`: the balancer
-//! terminates TLS and coalesces what the worker writes into records (crates/sc-balancer/src/
-//! forward.rs); every message must still arrive whole and in order, whether it is one of a
-//! paced trickle, of a burst, or larger than a TLS record.
+//! The TLS data path from the real binaries, through sc-client's `wss://`, both ways it can go:
+//! handed off (the default, `[balancer] tls_handoff`: the balancer does the handshake and
+//! passes the socket with the session's keys; the worker writes the records,
+//! crates/sc-worker/src/tls.rs) and proxied (`tls_handoff = false`: the balancer terminates TLS
+//! and coalesces what the worker writes into records, crates/sc-balancer/src/forward.rs).
+//! Either way every message must arrive whole and in order, whether it is one of a paced
+//! trickle, of a burst, or larger than a TLS record.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sc_client::{ClientConfig, Event, Events};
-use sc_tests::{Cluster, TestCa};
+use sc_tests::{ADMIN_TOKEN, Cluster, TestCa, http_text};
 use serde_json::{Value, json};
 
 fn ip(last: u8) -> IpAddr {
@@ -33,14 +36,39 @@ async fn next_publish(events: &mut Events, channel: &str, within: Duration) -> R
     .with_context(|| format!("no publish on {channel} within {within:?}"))?
 }
 
+/// The sum of `sc_connections_open` samples of the cluster with `role` and transport tls.
+async fn tls_open(cluster: &Cluster, role: &str) -> Result<f64> {
+    let (status, text) = http_text(&cluster.admin.to_string(), "/metrics", Some(ADMIN_TOKEN)).await?;
+    if status != 200 {
+        bail!("master /metrics answered {status}: {text}");
+    }
+    let labels = [format!("role=\"{role}\""), "transport=\"tls\"".to_owned()];
+    Ok(text
+        .lines()
+        .filter(|line| {
+            line.starts_with("sc_connections_open{") && labels.iter().all(|l| line.contains(l.as_str()))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 #[tokio::test]
-async fn wss_through_the_balancer_delivers_trickles_bursts_and_large_messages_whole_and_in_order()
--> Result<()> {
+async fn wss_handed_off_delivers_trickles_bursts_and_large_messages_whole_and_in_order() -> Result<()> {
+    wss_path(true).await
+}
+
+#[tokio::test]
+async fn wss_proxied_delivers_trickles_bursts_and_large_messages_whole_and_in_order() -> Result<()> {
+    wss_path(false).await
+}
+
+async fn wss_path(handoff: bool) -> Result<()> {
     let ca = TestCa::new("tls path")?;
     let cluster = Cluster::start(&[
         ("SC_CLUSTER__WORKERS", "1"),
         ("SC_BALANCER__TLS_CERT", ca.cert.to_str().unwrap()),
         ("SC_BALANCER__TLS_KEY", ca.key.to_str().unwrap()),
+        ("SC_BALANCER__TLS_HANDOFF", if handoff { "true" } else { "false" }),
     ])
     .await?;
     assert!(cluster.url.starts_with("wss://"), "{}", cluster.url);
@@ -54,6 +82,16 @@ async fn wss_through_the_balancer_delivers_trickles_bursts_and_large_messages_wh
     let (subscriber, mut events) = sc_client::connect(config(2)?).await?;
     let (publisher, _publisher_events) = sc_client::connect(config(3)?).await?;
     subscriber.subscribe("tls").await?;
+    // Both sockets are the worker's (as TLS); the balancer holds them only when it proxies.
+    let mut open = (0.0, 0.0);
+    for _ in 0..50 {
+        open = (tls_open(&cluster, "worker").await?, tls_open(&cluster, "balancer").await?);
+        if open == (2.0, if handoff { 0.0 } else { 2.0 }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, (2.0, if handoff { 0.0 } else { 2.0 }), "tls connections open on (worker, balancer)");
 
     // A trickle: each message alone in its read from the worker.
     for i in 0..20 {

@@ -99,7 +99,13 @@ struct Pending {
 
 /// `std::io` over the non-blocking calls of a [`Stream`], for rustls' `read_tls`/`write_tls`;
 /// the flag records a read that did not fill the buffer it was given (the socket is drained).
-struct TryIo<'a, S>(&'a S, bool);
+pub(crate) struct TryIo<'a, S>(&'a S, bool);
+
+impl<'a, S> TryIo<'a, S> {
+    pub(crate) fn new(stream: &'a S) -> Self {
+        Self(stream, false)
+    }
+}
 
 impl Upgrade {
     /// Takes in the next bytes from the worker; a no-op once decided.

@@ -1,6 +1,7 @@
-//! The balancer's end of same-host hand-off links (`sc_common::handoff`): a plain connection
-//! for a worker on this host is passed to it over the worker's Unix socket and forgotten, so
-//! its traffic never crosses the balancer.
+//! The balancer's end of same-host hand-off links (`sc_common::handoff`): a connection for a
+//! worker on this host (plain, or TLS 1.3 after its handshake, with the session's keys) is
+//! passed to it over the worker's Unix socket and forgotten, so its traffic never crosses the
+//! balancer.
 //!
 //! One link per worker, opened on first use and kept while the worker keeps it open. Each
 //! handed-off connection keeps its `[balancer] max_connections` permit in the link until the
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sc_common::handoff;
+use sc_common::handoff::{self, TlsSession};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -44,7 +45,7 @@ enum Entry {
 }
 
 #[derive(Debug)]
-struct Link {
+pub(crate) struct Link {
     stream: UnixStream,
     /// The worker's socket path when the link was opened (a replaced worker has a new one).
     path: String,
@@ -82,10 +83,29 @@ impl Links {
         permit: Permit,
         upgrade_by: Option<Instant>,
     ) -> Result<(), (TcpStream, Permit)> {
+        let Some(link) = self.link_to(target).await else { return Err((client, permit)) };
+        self.send(&link, target, client, permit, upgrade_by, None).await
+    }
+
+    /// The link to `target` if it takes hand-offs on this host.
+    pub(crate) async fn link_to(self: &Arc<Self>, target: &Target) -> Option<Arc<Link>> {
         if target.unix.is_empty() {
-            return Err((client, permit));
+            return None;
         }
-        let Some(link) = self.link(target).await else { return Err((client, permit)) };
+        self.link(target).await
+    }
+
+    /// Passes `client` (with its TLS session, if it has one) on `link`; `Err` gives the
+    /// connection and its permit back.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        target: &Target,
+        client: TcpStream,
+        permit: Permit,
+        upgrade_by: Option<Instant>,
+        tls: Option<TlsSession>,
+    ) -> Result<(), (TcpStream, Permit)> {
         let number = link.next.fetch_add(1, Ordering::Relaxed);
         let fd: OwnedFd = match client.into_std() {
             Ok(std) => std.into(),
@@ -98,13 +118,13 @@ impl Links {
         // Counted before it is sent: the worker may report it closed at once.
         link.leases().insert(number, permit);
         let upgrade_within = upgrade_by.map(|by| by.saturating_duration_since(Instant::now()));
-        let offer = handoff::Offer { lease: number, upgrade_within };
+        let offer = handoff::Offer { lease: number, upgrade_within, tls };
         match handoff::send_fd(&link.stream, offer, fd).await {
             Ok(()) => Ok(()),
             Err((e, fd)) => {
                 tracing::debug!(worker = %target.id, error = %e, "hand-off failed, proxying");
                 let permit = link.leases().remove(&number).flatten();
-                self.forget(&target.id, &link, Some(Instant::now() + RETRY_AFTER));
+                self.forget(&target.id, link, Some(Instant::now() + RETRY_AFTER));
                 let std = std::net::TcpStream::from(fd);
                 match TcpStream::from_std(std) {
                     Ok(client) => Err((client, permit)),

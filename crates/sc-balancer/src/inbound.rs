@@ -72,8 +72,7 @@ pub(crate) async fn serve_proxied(
     };
     match tls {
         Some(config) => {
-            Box::pin(crate::handle_tls(client, remote, workers, shared, config, slot)).await;
-            drop(permit);
+            Box::pin(crate::handle_tls(client, remote, workers, shared, config, slot, permit, false)).await;
         }
         None => Box::pin(crate::handle_plain(client, remote, workers, shared, slot, permit, false)).await,
     }

@@ -85,6 +85,8 @@ struct Shared {
     pending: PendingByIp,
     /// Hand-off links to the workers on this host (`[balancer] handoff`); `None`: proxy all.
     links: Option<Arc<handoff::Links>>,
+    /// TLS 1.3 connections are handed off too (`[balancer] tls_handoff`).
+    tls_handoff: bool,
 }
 
 /// The connection to a worker.
@@ -164,6 +166,7 @@ impl Balancer {
             links: self.config.balancer.handoff.then(|| {
                 Arc::new(handoff::Links::new(self.id.clone(), self.config.balancer.connect_timeout))
             }),
+            tls_handoff: self.config.balancer.tls_handoff,
         });
         // One permit per open connection: at the limit the accept loop waits for a permit, so
         // new clients queue in the kernel's backlog instead of costing memory and descriptors.
@@ -203,11 +206,8 @@ impl Balancer {
             let (workers, shared) = (workers.clone(), shared.clone());
             match &self.tls {
                 Some(certificates) => {
-                    let task = handle_tls(client, remote, workers, shared, certificates.current(), slot);
-                    tracker.spawn(async move {
-                        task.await;
-                        drop(permit);
-                    });
+                    let config = certificates.current();
+                    tracker.spawn(handle_tls(client, remote, workers, shared, config, slot, permit, true));
                 }
                 None => {
                     tracker.spawn(handle_plain(client, remote, workers, shared, slot, permit, true));
@@ -323,7 +323,9 @@ async fn handle_plain(
 }
 
 /// A TLS client: the handshake (bounded by `[balancer] tls_handshake_timeout`), then as
-/// [`handle_plain`] with the PROXY header's TLS flag set.
+/// [`handle_plain`]: a TLS 1.3 session for a worker on this host is handed off with its keys
+/// (`[balancer] tls_handoff`), any other is forwarded with the PROXY header's TLS flag set.
+#[allow(clippy::too_many_arguments)]
 async fn handle_tls(
     client: TcpStream,
     remote: SocketAddr,
@@ -331,6 +333,8 @@ async fn handle_tls(
     shared: Arc<Shared>,
     config: Arc<rustls::ServerConfig>,
     slot: Pending,
+    permit: handoff::Permit,
+    may_hand_off: bool,
 ) {
     let _open = metrics::get().open(true);
     let accepted = Instant::now();
@@ -338,11 +342,11 @@ async fn handle_tls(
     let _ = client.set_nodelay(true);
     // Boxed: the handshake's state is large and short-lived; the task keeps only what the
     // forwarding needs.
-    let accept = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(client));
-    let (client, mut tls) = match tokio::time::timeout(shared.handshake_timeout, accept).await {
-        Ok(Ok(stream)) => {
+    let handshake = Box::pin(tls::handshake(&client, config));
+    let mut tls = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => {
             metrics::get().tls_handshake(accepted.elapsed().as_secs_f64());
-            stream.into_inner()
+            tls
         }
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "tls handshake failed");
@@ -355,7 +359,8 @@ async fn handle_tls(
             return;
         }
     };
-    // rustls may hold application data that came with the end of the handshake.
+    // The handshake read no further than its own records, so the client's request is still in
+    // the socket (rustls holds no plaintext unless a client sent early data, which is off).
     let buffered = match tls.process_new_packets() {
         Ok(state) => state.plaintext_bytes_to_read() > 0,
         Err(e) => {
@@ -367,6 +372,22 @@ async fn handle_tls(
         metrics::get().refused(true, metrics::Refused::FirstByte);
         return;
     }
+    let links = shared
+        .links
+        .as_ref()
+        .filter(|_| may_hand_off && shared.tls_handoff && !buffered && tls::can_hand_off(&tls));
+    let (client, mut tls, _permit) = match links {
+        // Boxed: the hand-off's state lives only until the socket is passed.
+        Some(links) => {
+            let handed =
+                hand_off_tls(links, client, tls, remote, workers.clone(), &shared, permit, upgrade_by);
+            match Box::pin(handed).await {
+                Ok(()) => return,
+                Err(back) => back,
+            }
+        }
+        None => (client, tls, permit),
+    };
     let Some((worker, id)) = connect_worker(remote, workers, &shared, true).await else {
         metrics::get().refused(true, metrics::Refused::NoWorker);
         return;
@@ -383,6 +404,43 @@ async fn handle_tls(
     if let Err(e) = outcome {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
     }
+}
+
+/// Hands a TLS client, its handshake done, to its worker (as [`hand_off`]) with its session;
+/// `Err` gives it back to be proxied when that worker has no link on this host. Once the
+/// session has left rustls the connection can only go to the worker: if sending it fails,
+/// it is closed (the client reconnects).
+#[allow(clippy::too_many_arguments)]
+async fn hand_off_tls(
+    links: &Arc<handoff::Links>,
+    client: TcpStream,
+    tls: rustls::ServerConnection,
+    remote: SocketAddr,
+    workers: watch::Receiver<Membership>,
+    shared: &Shared,
+    permit: handoff::Permit,
+    upgrade_by: Instant,
+) -> Result<(), (TcpStream, rustls::ServerConnection, handoff::Permit)> {
+    let Some(target) = wait_for_targets(remote, workers, shared).await.and_then(|t| t.into_iter().next())
+    else {
+        return Err((client, tls, permit));
+    };
+    let Some(link) = links.link_to(&target).await else { return Err((client, tls, permit)) };
+    let session = match tls::session(tls) {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "tls session not handed off, closing");
+            return Ok(());
+        }
+    };
+    match links.send(&link, &target, client, permit, Some(upgrade_by), Some(session)).await {
+        Ok(()) => {
+            metrics::get().handed_off();
+            tracing::debug!(%remote, worker = %target.id, "tls handed off");
+        }
+        Err(_) => tracing::debug!(%remote, worker = %target.id, "tls hand-off failed, closing"),
+    }
+    Ok(())
 }
 
 /// Waits until the client has sent something (data, or its end of stream), for at most
@@ -567,6 +625,7 @@ mod size {
             upgrade_timeout: Duration::ZERO,
             pending: PendingByIp::new(0),
             links: None,
+            tls_handoff: true,
         });
         let workers = watch::channel(Membership::default()).1;
         let slot = shared.pending.acquire(addr.ip());

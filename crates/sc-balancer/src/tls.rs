@@ -6,13 +6,25 @@
 //! connections at once while open ones keep the session they negotiated. Only ALPN http/1.1 is
 //! offered: the worker speaks HTTP/1.1 and WebSocket upgrades need it. The crypto provider is
 //! ring, given explicitly so that the library does not depend on a process-wide default.
+//!
+//! [`handshake`] reads the client record by record, so that it never takes from the socket
+//! anything past the client's last handshake record: whoever carries on the session, the
+//! balancer's forwarder or (after a hand-off, [`session`]) the worker, finds the rest there.
 
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use rustls::ServerConfig;
+use rustls::crypto::cipher::{AeadKey, Iv};
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig, ServerConnection};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sc_common::handoff::{TlsSession, TlsSuite, TrafficKeys};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// A TLS record's header: type, version, length.
+const RECORD_HEADER: usize = 5;
 
 /// What can go wrong with the certificate or key.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +117,121 @@ pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
         .with_no_client_auth()
         .with_single_cert(chain, key_der)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // For hand-offs ([`session`]); extraction needs the connection by value, so only code
+    // that owns one after its handshake can do it.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
+}
+
+/// The server side of a TLS handshake with `client`, written out to the last byte (session
+/// tickets included). The caller bounds it in time.
+pub(crate) async fn handshake(client: &TcpStream, config: Arc<ServerConfig>) -> io::Result<ServerConnection> {
+    let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
+    // The bytes of the current record that are still in the socket.
+    let mut left = 0usize;
+    loop {
+        while tls.wants_write() {
+            match tls.write_tls(&mut crate::forward::TryIo::new(client)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        if !tls.is_handshaking() {
+            return Ok(tls);
+        }
+        client.readable().await?;
+        match client.try_io(Interest::READABLE, || read_within_record(client, &mut tls, &mut left)) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed during the handshake",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = tls.process_new_packets() {
+            // The alert rustls queued, if the socket takes it now.
+            let _ = tls.write_tls(&mut crate::forward::TryIo::new(client));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+}
+
+/// Gives rustls at most the rest of the current record (`left` bytes; a new record's length
+/// comes from a peek at its header). `WouldBlock` while a header is incomplete.
+fn read_within_record(client: &TcpStream, tls: &mut ServerConnection, left: &mut usize) -> io::Result<usize> {
+    if *left == 0 {
+        let mut header = [0u8; RECORD_HEADER];
+        let peeked = rustix::net::recv(client, &mut header, rustix::net::RecvFlags::PEEK)?.0;
+        match peeked {
+            0 => return Ok(0),
+            n if n < RECORD_HEADER => return Err(io::ErrorKind::WouldBlock.into()),
+            _ => *left = RECORD_HEADER + usize::from(u16::from_be_bytes([header[3], header[4]])),
+        }
+    }
+    struct Within<'a>(&'a TcpStream, &'a mut usize);
+    impl Read for Within<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let room = buf.len().min(*self.1);
+            let n = rustix::net::recv(self.0, &mut buf[..room], rustix::net::RecvFlags::empty())?.0;
+            *self.1 -= n;
+            Ok(n)
+        }
+    }
+    tls.read_tls(&mut Within(client, left))
+}
+
+/// Why a session cannot be handed off.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    /// Only TLS 1.3 records are carried on by workers.
+    #[error("not TLS 1.3")]
+    Version,
+    /// rustls would not give the secrets, or gave ones of an unknown suite.
+    #[error("secrets: {0}")]
+    Secrets(String),
+}
+
+/// Whether `tls` can be carried on by a worker ([`session`]).
+pub(crate) fn can_hand_off(tls: &ServerConnection) -> bool {
+    tls.protocol_version() == Some(ProtocolVersion::TLSv1_3) && !tls.is_handshaking() && !tls.wants_write()
+}
+
+/// The session of a connection whose handshake is done and written out, for its worker: the
+/// suite and each direction's next sequence number, key and IV. The connection is consumed:
+/// from here only the worker may write records, or sequence numbers would repeat.
+pub(crate) fn session(tls: ServerConnection) -> Result<TlsSession, SessionError> {
+    if !can_hand_off(&tls) {
+        return Err(SessionError::Version);
+    }
+    let secrets = tls.dangerous_extract_secrets().map_err(|e| SessionError::Secrets(e.to_string()))?;
+    let (send_suite, send) = traffic_keys(secrets.tx)?;
+    let (receive_suite, receive) = traffic_keys(secrets.rx)?;
+    if send_suite != receive_suite {
+        return Err(SessionError::Secrets("different suites each way".into()));
+    }
+    Ok(TlsSession { suite: send_suite, send, receive })
+}
+
+fn traffic_keys(
+    (sequence, secrets): (u64, ConnectionTrafficSecrets),
+) -> Result<(TlsSuite, TrafficKeys), SessionError> {
+    let keys = |key: AeadKey, iv: Iv| -> Result<TrafficKeys, SessionError> {
+        let iv =
+            iv.as_ref().try_into().map_err(|_| SessionError::Secrets("IV of an unexpected length".into()))?;
+        Ok(TrafficKeys { sequence, key: key.as_ref().to_vec(), iv })
+    };
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => Ok((TlsSuite::Aes128Gcm, keys(key, iv)?)),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => Ok((TlsSuite::Aes256Gcm, keys(key, iv)?)),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            Ok((TlsSuite::Chacha20Poly1305, keys(key, iv)?))
+        }
+        _ => Err(SessionError::Secrets("a cipher suite workers do not carry".into())),
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -171,9 +171,14 @@ pub struct BalancerConfig {
     pub max_pending_per_ip: u32,
     /// Plain connections for a worker on this host are handed to it (the socket itself, over
     /// its Unix socket in `[worker] unix_dir`) instead of proxied: their bytes then never
-    /// cross the balancer. TLS connections, and workers on other hosts, are always proxied.
-    /// A handed-off connection still counts against `max_connections` until it closes.
+    /// cross the balancer. Workers on other hosts are always proxied. A handed-off connection
+    /// still counts against `max_connections` until it closes.
     pub handoff: bool,
+    /// With `handoff`, TLS 1.3 connections too: after the handshake the socket goes to the
+    /// worker with the session's traffic keys (never the certificate's key), and the worker
+    /// reads and writes the records. false: TLS connections are proxied (the balancer keeps
+    /// their session).
+    pub tls_handoff: bool,
     /// Runtime threads: 0 picks one thread per core, shared with the workers on this host
     /// (see README, "Threads").
     pub threads: usize,
@@ -395,6 +400,7 @@ impl Default for BalancerConfig {
             upgrade_timeout: Duration::from_secs(30),
             max_pending_per_ip: 100,
             handoff: true,
+            tls_handoff: true,
             threads: 0,
             accept_proxy_protocol: false,
         }

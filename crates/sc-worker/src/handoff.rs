@@ -1,5 +1,6 @@
 //! The worker's end of same-host hand-off links (`sc_common::handoff`): a balancer on this
-//! host passes accepted plain client connections over the worker's Unix socket, and the worker
+//! host passes accepted client connections over the worker's Unix socket, plain ones and TLS
+//! ones whose handshake it did (with the session's keys, see [`crate::tls`]), and the worker
 //! serves each as if it had accepted it itself (the client address is the socket's own peer).
 //!
 //! Each handed-off connection holds a [`Lease`]; when the last holder drops it (the HTTP
@@ -14,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sc_common::handoff;
+use sc_common::handoff::{self, TlsSession};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -40,15 +41,15 @@ const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one hand-off link whose [`handoff::MAGIC`] has been read: the greeting, then
 /// connections until the balancer closes the link or the worker drains. Each connection goes
-/// to `serve` with its lease and its upgrade deadline (the balancer's `[balancer]
-/// upgrade_timeout`, which it no longer sees).
+/// to `serve` with its lease, its upgrade deadline (the balancer's `[balancer]
+/// upgrade_timeout`, which it no longer sees) and its TLS session if it has one.
 pub(crate) async fn serve_link<F>(
     mut link: UnixStream,
     worker_id: &str,
     shutdown: CancellationToken,
     mut serve: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Arc<Lease>, Option<Instant>),
+    F: FnMut(TcpStream, SocketAddr, Arc<Lease>, Option<Instant>, Option<TlsSession>),
 {
     let balancer = match tokio::time::timeout(GREETING_TIMEOUT, handoff::accept(&mut link, worker_id)).await {
         Ok(Ok(balancer)) => balancer,
@@ -75,7 +76,7 @@ pub(crate) async fn serve_link<F>(
                     let lease = Arc::new(Lease { number: offer.lease, closed: closed.clone() });
                     let upgrade_by = offer.upgrade_within.map(|within| Instant::now() + within);
                     if let Some((stream, remote)) = connection(fd) {
-                        serve(stream, remote, lease, upgrade_by);
+                        serve(stream, remote, lease, upgrade_by, offer.tls);
                     }
                 }
                 Ok(None) => break,

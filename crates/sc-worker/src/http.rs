@@ -38,6 +38,8 @@ use crate::handoff::Lease;
 use crate::origins::Origins;
 use crate::proxies::ProxySources;
 use crate::socket::{self, Context};
+use crate::tls::TlsStream;
+use sc_common::handoff::TlsSession;
 use sc_common::per_ip::{Pending, PendingByIp};
 
 /// The read buffer of a socket: small, since most sockets are idle most of the time and most
@@ -172,8 +174,8 @@ async fn socket_task(
     finished.0 = true;
 }
 
-/// A socket over a connection that is not TCP: the worker's Unix socket (proxied by a balancer
-/// on this host), or a stream hyper keeps opaque.
+/// A socket over a connection that is not plain TCP: the worker's Unix socket (proxied by a
+/// balancer on this host), a TLS session handed off by one, or a stream hyper keeps opaque.
 async fn run_other(
     upgraded: hyper::upgrade::Upgraded,
     context: Arc<Context>,
@@ -182,7 +184,19 @@ async fn run_other(
     config: WebSocketConfig,
     inject_panic: bool,
 ) {
-    match upgraded.downcast::<TokioIo<UnixStream>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<UnixStream>>() {
+        Ok(parts) => {
+            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
+            if inject_panic {
+                Box::pin(run_panicking(ws, context, peer, pending)).await;
+            } else {
+                socket::run(ws, context, peer, pending, None).await;
+            }
+            return;
+        }
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<TlsStream>>() {
         Ok(parts) => {
             let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
             if inject_panic {
@@ -275,26 +289,54 @@ pub(crate) async fn serve_unix(
             return;
         }
     }
-    let serve = |stream, remote, lease, upgrade_by| {
-        connections.spawn(serve_handed_off(http.clone(), stream, remote, lease, upgrade_by));
+    let serve = |stream, remote, lease, upgrade_by, tls| {
+        connections.spawn(serve_handed_off(http.clone(), stream, remote, lease, upgrade_by, tls));
     };
     crate::handoff::serve_link(stream, &worker_id, shutdown, serve).await;
 }
 
 /// Serves one connection a balancer on this host handed off ([`crate::handoff`]): the client
 /// itself is the peer; `lease` goes back to the balancer when the connection (or the socket
-/// it became) closes. One not upgraded to a WebSocket by `upgrade_by` is closed then.
+/// it became) closes. One not upgraded to a WebSocket by `upgrade_by` is closed then. A TLS
+/// connection comes with its session, whose records the worker carries on ([`crate::tls`]).
 async fn serve_handed_off(
     http: Arc<Http>,
     stream: TcpStream,
     remote: SocketAddr,
     lease: Arc<Lease>,
     upgrade_by: Option<tokio::time::Instant>,
+    tls: Option<TlsSession>,
 ) {
     let _ = stream.set_nodelay(true);
-    let peer = Peer { addr: Some(remote), tls: false };
+    let peer = Peer { addr: Some(remote), tls: tls.is_some() };
     let Some(pending) = admit(&http, peer) else { return };
-    let served = serve_http(http, stream, peer, pending, Some(lease));
+    match tls {
+        None => {
+            let served = serve_http(http, stream, peer, pending, Some(lease));
+            within_upgrade_deadline(served, upgrade_by, remote).await;
+        }
+        Some(session) => {
+            let stream = match TlsStream::new(stream, &session) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "unusable TLS session from the balancer, closing");
+                    return;
+                }
+            };
+            drop(session);
+            let served = Box::pin(serve_http(http, stream, peer, pending, Some(lease)));
+            within_upgrade_deadline(served, upgrade_by, remote).await;
+        }
+    }
+}
+
+/// Runs an HTTP connection until it ends or is upgraded; one not upgraded to a WebSocket by
+/// `upgrade_by` is closed then.
+async fn within_upgrade_deadline(
+    served: impl Future<Output = ()>,
+    upgrade_by: Option<tokio::time::Instant>,
+    remote: SocketAddr,
+) {
     match upgrade_by {
         // An upgrade ends the HTTP connection's future (the socket runs in its own task).
         Some(by) => {

@@ -43,6 +43,7 @@ mod presence;
 mod protocol;
 mod proxies;
 mod socket;
+mod tls;
 
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
 /// The HTTP routing crate of [`App::routes`], re-exported so that an app uses the same version.
