@@ -106,7 +106,7 @@ pub(crate) fn registry(id: &str) -> Registry {
     );
     registry.register(
         "sc_connections_handed_off",
-        "Plain connections passed to their worker on this host (then counted open by the worker)",
+        "Connections (plain, and TLS after the handshake) passed to their worker on this host (then counted open by the worker)",
         metrics.handed_off.clone(),
     );
     registry.register("sc_tls_handshakes", "TLS handshakes completed", metrics.tls_handshakes.clone());
