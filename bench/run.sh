@@ -22,7 +22,10 @@
 #   sc14            socketcluster 14, 1 worker + 1 broker
 #   sc-rs-1w1b-t1   as sc-rs-1w1b, with one runtime thread in the worker ([worker] threads = 1)
 #   sc-rs-1w1b-proxy as sc-rs-1w1b, every connection proxied ([balancer] handoff = false)
-#   sc-rs-1w1b-tls  as sc-rs-1w1b, TLS on the balancer ([balancer] tls_cert/tls_key)
+#   sc-rs-1w1b-tls  as sc-rs-1w1b, TLS on the balancer ([balancer] tls_cert/tls_key); the
+#                   sessions are handed off to the worker after the handshake
+#   sc-rs-1w1b-tls-proxy as sc-rs-1w1b-tls, the sessions kept and proxied by the balancer
+#                   ([balancer] tls_handoff = false)
 #   sc-rs-1w1b-base as sc-rs-1w1b, with the release binaries in $BASELINE_BIN (another build,
 #                   say the commit before a change, for a same-run before/after)
 #   sc20-tls        socketcluster-server 20 behind Node's https server (bench/servers/sc20-https.js)
@@ -94,7 +97,7 @@ start_server() {
   SRV_PROTO=2
   SRV_CA=()
   case $name in
-    sc-rs|sc-rs-1w1b|sc-rs-1w1b-tls|sc-rs-1w1b-t1|sc-rs-1w1b-proxy|sc-rs-1w1b-base)
+    sc-rs|sc-rs-1w1b|sc-rs-1w1b-tls|sc-rs-1w1b-tls-proxy|sc-rs-1w1b-t1|sc-rs-1w1b-proxy|sc-rs-1w1b-base)
       # `tls` carries the extra environment of the variants too.
       local workers=2 tls=()
       [ "$name" != sc-rs ] && workers=1
@@ -102,10 +105,12 @@ start_server() {
       # (every connection proxied by the balancer, as before issue 13).
       [ "$name" = sc-rs-1w1b-t1 ] && tls=(SC_WORKER__THREADS=1)
       [ "$name" = sc-rs-1w1b-proxy ] && tls=(SC_BALANCER__HANDOFF=false)
-      if [ "$name" = sc-rs-1w1b-tls ]; then
+      if [ "$name" = sc-rs-1w1b-tls ] || [ "$name" = sc-rs-1w1b-tls-proxy ]; then
         tls=(SC_BALANCER__TLS_CERT="$CERTS/cert.pem" SC_BALANCER__TLS_KEY="$CERTS/key.pem")
         SRV_CA=(--ca "$CERTS/ca.pem")
       fi
+      # TLS sessions kept by the balancer (proxied), as before they were handed off.
+      [ "$name" = sc-rs-1w1b-tls-proxy ] && tls+=(SC_BALANCER__TLS_HANDOFF=false)
       local command="" bin=$TARGET/release
       [ "$name" = sc-rs-1w1b-base ] && bin=${BASELINE_BIN:?sc-rs-1w1b-base needs BASELINE_BIN}
       [ -n "$rpc" ] && command=$bin/sc-chat-worker
