@@ -248,6 +248,56 @@ mod tests {
         path
     }
 
+    /// A client that writes its request in the same flight as its handshake's end: after
+    /// [`handshake`] the request is still in the socket (for the worker), none of it in rustls,
+    /// and the session can be handed off with the tickets already counted in its sequence.
+    #[tokio::test]
+    async fn the_handshake_leaves_what_follows_it_in_the_socket() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        let cert_path = write(dir.path(), "cert.pem", &cert.pem());
+        let key_path = write(dir.path(), "key.pem", &key.serialize_pem());
+        let config = server_config(&cert_path, &key_path).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let socket = TcpStream::connect(address).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+            let mut stream = connector.connect(name, socket).await.unwrap();
+            stream.write_all(b"GET /socketcluster/ HTTP/1.1\r\n\r\n").await.unwrap();
+            stream.flush().await.unwrap();
+            // Held open until the server is done looking.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let mut tls = handshake(&server, config).await.unwrap();
+        // The request's record arrives: it is in the socket, not in rustls.
+        let mut peeked = [0u8; 5];
+        let n = server.peek(&mut peeked).await.unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(peeked[0], 23, "an application data record waits in the socket");
+        let state = tls.process_new_packets().unwrap();
+        assert_eq!(state.plaintext_bytes_to_read(), 0);
+        assert!(can_hand_off(&tls));
+        let session = session(tls).unwrap();
+        assert!(session.send.sequence >= 1, "the session tickets went out first");
+        assert_eq!(session.receive.sequence, 0, "the request is the client's first record");
+        client.abort();
+    }
+
     #[test]
     fn reads_pkcs1_rsa_and_sec1_ec_keys() {
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
