@@ -36,8 +36,27 @@ pub(crate) enum Sent {
     Part(Bytes),
 }
 
+/// Where an outbox writes its socket's frames directly.
+#[derive(Debug, Clone)]
+pub(crate) enum Direct {
+    /// A plain TCP connection.
+    Tcp(Arc<TcpStream>),
+    /// A handed-off TLS session: each frame becomes a record, under the session's send keys.
+    Tls(Arc<crate::tls::Sender>),
+}
+
+impl Direct {
+    /// Writes `payload` as one text frame without waiting.
+    pub(crate) fn send_text(&self, payload: &[u8]) -> Sent {
+        match self {
+            Direct::Tcp(tcp) => send_text(tcp, payload),
+            Direct::Tls(sender) => sender.send_text(payload),
+        }
+    }
+}
+
 /// The header of an unmasked, final text frame of `len` bytes, and its length.
-fn text_header(len: usize) -> ([u8; 10], usize) {
+pub(crate) fn text_header(len: usize) -> ([u8; 10], usize) {
     let mut header = [0u8; 10];
     header[0] = 0x81;
     if len < 126 {

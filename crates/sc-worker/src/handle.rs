@@ -97,7 +97,7 @@ impl Socket {
         id: String,
         peer: Peer,
         version: Option<Protocol>,
-        direct: Option<Arc<tokio::net::TcpStream>>,
+        direct: Option<crate::direct::Direct>,
     ) -> Self {
         let outbox = Outbox::new(outbound_queue, direct);
         Self(Arc::new(State {

@@ -166,7 +166,7 @@ async fn socket_task(
             if inject_panic {
                 Box::pin(run_panicking(ws, context, peer, pending)).await;
             } else {
-                socket::run(ws, context, peer, pending, Some(direct)).await;
+                socket::run(ws, context, peer, pending, Some(crate::direct::Direct::Tcp(direct))).await;
             }
         }
         Err(upgraded) => Box::pin(run_other(upgraded, context, peer, pending, config, inject_panic)).await,
@@ -198,11 +198,14 @@ async fn run_other(
     };
     match upgraded.downcast::<TokioIo<TlsStream>>() {
         Ok(parts) => {
-            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
+            // The session's send half is shared with the outbox, as a plain connection is.
+            let stream = parts.io.into_inner();
+            let direct = crate::direct::Direct::Tls(stream.sender());
+            let ws = websocket(stream, parts.read_buf, config).await;
             if inject_panic {
                 Box::pin(run_panicking(ws, context, peer, pending)).await;
             } else {
-                socket::run(ws, context, peer, pending, None).await;
+                socket::run(ws, context, peer, pending, Some(direct)).await;
             }
         }
         Err(upgraded) => {

@@ -15,8 +15,8 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::direct::Direct;
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -30,8 +30,8 @@ pub(crate) struct Outbox {
     /// Wakes the socket's task; a notification with no waiter is kept, so none is lost.
     ready: Notify,
     limit: usize,
-    /// The socket's TCP connection, for direct writes (none for other connections).
-    direct: Option<Arc<TcpStream>>,
+    /// The socket's connection, for direct writes (none for connections that take none).
+    direct: Option<Direct>,
 }
 
 /// The socket did not read fast enough: its outbox overflowed.
@@ -79,7 +79,7 @@ struct Queue {
 
 impl Outbox {
     /// An outbox holding at most `limit` frames; `direct`: the connection, for direct writes.
-    pub(crate) fn new(limit: usize, direct: Option<Arc<TcpStream>>) -> Self {
+    pub(crate) fn new(limit: usize, direct: Option<Direct>) -> Self {
         Self { queue: Mutex::new(Queue::default()), ready: Notify::new(), limit, direct }
     }
 
@@ -108,10 +108,10 @@ impl Outbox {
     /// nothing queued), else queues it; returns false (and drops it) if the socket is a slow
     /// consumer. For the fan-out's lone messages: a burst is cheaper through the task.
     pub(crate) fn push_direct(&self, frame: Utf8Bytes) -> bool {
-        if let Some(tcp) = &self.direct {
+        if let Some(direct) = &self.direct {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if queue.open {
-                match crate::direct::send_text(tcp, frame.as_bytes()) {
+                match direct.send_text(frame.as_bytes()) {
                     crate::direct::Sent::All => {
                         crate::metrics::get().sent(frame.len());
                         return true;

@@ -238,7 +238,7 @@ pub(crate) async fn run<S>(
     context: Arc<Context>,
     peer: Peer,
     pending: Option<Pending>,
-    direct: Option<Arc<tokio::net::TcpStream>>,
+    direct: Option<crate::direct::Direct>,
 ) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {

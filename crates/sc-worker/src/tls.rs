@@ -10,12 +10,21 @@
 //! do that after billions of records, and then reconnect. The AEAD is ring's, the one rustls
 //! uses here.
 //!
-//! Memory: the keys are boxed once per connection; the read and write buffers exist only while
-//! a record is partly read or partly written, so an idle connection holds none.
+//! Memory: the keys are allocated once per connection; the read and write buffers exist only
+//! while a record is partly read or partly written, so an idle connection holds none.
+//!
+//! Direct writes ([`crate::direct`]): the send half ([`Sender`]: the socket and the send keys)
+//! is shared with the socket's outbox, which seals a lone frame for an idle socket into a
+//! record and writes it itself, as it does for a plain connection. A sealed record has used its
+//! sequence number, so whatever of it the kernel does not take is handed to the task as bytes
+//! that must go first ([`crate::socket::ReadReady::write_first`]), never sealed again.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
 
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use sc_common::handoff::{TlsSession, TlsSuite, TrafficKeys};
@@ -43,8 +52,8 @@ const KEEP: usize = 512;
 
 /// A handed-off TLS connection: the client's TCP socket, and the session's records over it.
 pub(crate) struct TlsStream {
-    io: TcpStream,
-    keys: Box<Keys>,
+    sender: Arc<Sender>,
+    receive: Box<Direction>,
     /// Bytes read from the socket: records, the first of which may be decrypted in place
     /// (`plain`), the last of which may be partial.
     input: Vec<u8>,
@@ -60,10 +69,18 @@ pub(crate) struct TlsStream {
     write_closed: bool,
 }
 
-/// Both directions' keys.
-struct Keys {
-    send: Direction,
-    receive: Direction,
+/// The socket and the send direction, shared by the socket's task and its outbox; whoever
+/// writes holds the outbox's claim on the socket (see [`crate::outbox`]), so the lock is never
+/// contended: it only makes the sharing sound.
+pub(crate) struct Sender {
+    io: TcpStream,
+    send: Mutex<Direction>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").field("io", &self.io).finish_non_exhaustive()
+    }
 }
 
 /// One direction: its AEAD key, the IV its nonces come from and the next record's number.
@@ -101,22 +118,72 @@ fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
 }
 
+/// Appends to `record` the protected record of `chunks` (at most [`MAX_PLAINTEXT`] bytes in
+/// all) with inner content type `kind`, under `keys`.
+fn seal_into(record: &mut Vec<u8>, keys: &mut Direction, kind: u8, chunks: &[&[u8]]) -> io::Result<()> {
+    let length: usize = chunks.iter().map(|c| c.len()).sum();
+    let protected = length + 1 + TAG;
+    let header = [APPLICATION_DATA, 3, 3, (protected >> 8) as u8, protected as u8];
+    let start = record.len();
+    record.reserve_exact(HEADER + protected);
+    record.extend_from_slice(&header);
+    for chunk in chunks {
+        record.extend_from_slice(chunk);
+    }
+    record.push(kind);
+    let nonce = keys.next_nonce()?;
+    let tag = keys
+        .key
+        .seal_in_place_separate_tag(nonce, Aad::from(header), &mut record[start + HEADER..])
+        .map_err(|_| invalid("TLS record failed to encrypt"))?;
+    record.extend_from_slice(tag.as_ref());
+    Ok(())
+}
+
+impl Sender {
+    fn keys(&self) -> std::sync::MutexGuard<'_, Direction> {
+        self.send.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A direct write: `payload` as one text frame in one record, written without waiting.
+    /// Never [`Sent::Nothing`] once sealed: what the kernel did not take must follow as is.
+    pub(crate) fn send_text(&self, payload: &[u8]) -> crate::direct::Sent {
+        use crate::direct::Sent;
+        let (header, header_len) = crate::direct::text_header(payload.len());
+        if header_len + payload.len() > MAX_PLAINTEXT {
+            // Several records: through the task.
+            return Sent::Nothing;
+        }
+        let mut record = Vec::new();
+        if seal_into(&mut record, &mut self.keys(), APPLICATION_DATA, &[&header[..header_len], payload])
+            .is_err()
+        {
+            // The session is used up; the task meets the same error and closes.
+            return Sent::Nothing;
+        }
+        match self.io.try_write(&record) {
+            Ok(n) if n == record.len() => Sent::All,
+            Ok(n) => Sent::Part(Bytes::from(record).slice(n..)),
+            // WouldBlock, or an error the task will meet: the record goes through the task.
+            Err(_) => Sent::Part(Bytes::from(record)),
+        }
+    }
+}
+
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream").field("io", &self.io).finish_non_exhaustive()
+        f.debug_struct("TlsStream").field("io", &self.sender.io).finish_non_exhaustive()
     }
 }
 
 impl TlsStream {
     /// Carries on `session` over `io`, the client's socket.
     pub(crate) fn new(io: TcpStream, session: &TlsSession) -> io::Result<Self> {
-        let keys = Box::new(Keys {
-            send: Direction::new(session.suite, &session.send)?,
-            receive: Direction::new(session.suite, &session.receive)?,
-        });
+        let send = Mutex::new(Direction::new(session.suite, &session.send)?);
+        let receive = Box::new(Direction::new(session.suite, &session.receive)?);
         Ok(Self {
-            io,
-            keys,
+            sender: Arc::new(Sender { io, send }),
+            receive,
             input: Vec::new(),
             plain: 0..0,
             record_end: 0,
@@ -144,9 +211,8 @@ impl TlsStream {
         if header[0] != APPLICATION_DATA || body.len() < TAG {
             return Err(invalid("unexpected TLS record"));
         }
-        let nonce = self.keys.receive.next_nonce()?;
+        let nonce = self.receive.next_nonce()?;
         let opened = self
-            .keys
             .receive
             .key
             .open_in_place(nonce, Aad::from(&*header), body)
@@ -184,27 +250,15 @@ impl TlsStream {
         }
     }
 
-    /// Protects `chunks` (at most [`MAX_PLAINTEXT`] bytes in all) as one record of `kind` into
-    /// `output`, which must be empty.
+    /// The send half, for the outbox's direct writes.
+    pub(crate) fn sender(&self) -> Arc<Sender> {
+        self.sender.clone()
+    }
+
+    /// Protects `chunks` as one record of `kind` into `output`, which must be empty.
     fn seal(&mut self, kind: u8, chunks: &[&[u8]]) -> io::Result<()> {
         debug_assert!(self.output.is_empty());
-        let length: usize = chunks.iter().map(|c| c.len()).sum();
-        let protected = length + 1 + TAG;
-        let header = [APPLICATION_DATA, 3, 3, (protected >> 8) as u8, protected as u8];
-        self.output.reserve_exact(HEADER + protected);
-        self.output.extend_from_slice(&header);
-        for chunk in chunks {
-            self.output.extend_from_slice(chunk);
-        }
-        self.output.push(kind);
-        let nonce = self.keys.send.next_nonce()?;
-        let tag = self
-            .keys
-            .send
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.output[HEADER..])
-            .map_err(|_| invalid("TLS record failed to encrypt"))?;
-        self.output.extend_from_slice(tag.as_ref());
+        seal_into(&mut self.output, &mut self.sender.keys(), kind, chunks)?;
         self.written = 0;
         Ok(())
     }
@@ -212,11 +266,11 @@ impl TlsStream {
     /// Writes what `output` holds; ready once all of it is written.
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.output.len() {
-            match self.io.try_write(&self.output[self.written..]) {
+            match self.sender.io.try_write(&self.output[self.written..]) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.io.poll_write_ready(cx))?;
+                    ready!(self.sender.io.poll_write_ready(cx))?;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -305,7 +359,7 @@ impl AsyncRead for TlsStream {
             };
             let room = wanted.max(this.input.len() + 1024).min(HEADER + MAX_CIPHERTEXT) - this.input.len();
             this.input.reserve(room);
-            match this.io.try_read_buf(&mut this.input) {
+            match this.sender.io.try_read_buf(&mut this.input) {
                 Ok(0) if this.input.is_empty() => {
                     // The client closed without close_notify: the end all the same (the
                     // WebSocket has its own close).
@@ -317,7 +371,7 @@ impl AsyncRead for TlsStream {
                     if this.input.is_empty() && this.input.capacity() > KEEP {
                         this.input = Vec::new();
                     }
-                    ready!(this.io.poll_read_ready(cx))?;
+                    ready!(this.sender.io.poll_read_ready(cx))?;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -355,7 +409,9 @@ impl AsyncWrite for TlsStream {
             this.seal(ALERT, &[&[1, CLOSE_NOTIFY]])?;
             ready!(this.poll_output(cx))?;
         }
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        Poll::Ready(
+            rustix::net::shutdown(&this.sender.io, rustix::net::Shutdown::Write).map_err(io::Error::from),
+        )
     }
 }
 
@@ -364,7 +420,13 @@ impl crate::socket::ReadReady for TlsStream {
         if self.has_buffered() {
             return Poll::Ready(Ok(()));
         }
-        self.io.poll_read_ready(cx)
+        self.sender.io.poll_read_ready(cx)
+    }
+
+    /// The rest of a record a direct write sealed: already protected, it goes out as is, after
+    /// what is already waiting (sealed earlier).
+    fn write_first(&mut self, bytes: Bytes) {
+        self.output.extend_from_slice(&bytes);
     }
 }
 
@@ -530,13 +592,57 @@ mod tests {
         assert!(error.to_string().contains("key update"), "{error}");
     }
 
+    /// Direct writes until the kernel takes no more: each frame is a record; the one sealed
+    /// but not taken goes out first through the stream, then the stream's own writes follow,
+    /// and the client reads every frame, in order, under one sequence of record numbers.
+    #[tokio::test]
+    async fn direct_writes_and_the_streams_writes_share_one_record_sequence() {
+        use crate::direct::Sent;
+        use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256 as SUITE;
+        let (mut server, client, socket) = pair(SUITE).await;
+        let sender = server.sender();
+        let frame = |i: u32| format!("{i:0>1000}");
+        let mut sent = 0u32;
+        let rest = loop {
+            match sender.send_text(frame(sent).as_bytes()) {
+                Sent::All => sent += 1,
+                Sent::Part(rest) => break rest,
+                Sent::Nothing => panic!("a sealed frame must not come back as nothing"),
+            }
+            assert!(sent < 100_000, "the socket never filled");
+        };
+        sent += 1;
+        let total = sent + 10;
+        let reader = tokio::task::spawn_blocking(move || {
+            let (mut client, mut socket) = (client, socket);
+            let mut stream = rustls::Stream::new(&mut client, &mut socket);
+            for i in 0..total {
+                let mut header = [0u8; 4];
+                stream.read_exact(&mut header).unwrap();
+                assert_eq!(header, [0x81, 126, (1000u16 >> 8) as u8, 1000u16 as u8]);
+                let mut payload = vec![0u8; 1000];
+                stream.read_exact(&mut payload).unwrap();
+                assert_eq!(String::from_utf8(payload).unwrap(), format!("{i:0>1000}"), "frame {i}");
+            }
+        });
+        crate::socket::ReadReady::write_first(&mut server, rest);
+        for i in sent..total {
+            let mut bytes = vec![0x81, 126, (1000u16 >> 8) as u8, 1000u16 as u8];
+            bytes.extend_from_slice(frame(i).as_bytes());
+            server.write_all(&bytes).await.unwrap();
+        }
+        server.flush().await.unwrap();
+        reader.await.unwrap();
+        assert!(sent > 10, "{sent} direct writes before the socket filled");
+    }
+
     #[test]
     fn a_streams_own_state_stays_small() {
         // The per-connection cost besides the socket: the boxed keys.
         let size = std::mem::size_of::<TlsStream>();
-        let keys = std::mem::size_of::<Keys>();
-        eprintln!("TlsStream {size} bytes, its keys {keys} bytes (boxed)");
+        let keys = std::mem::size_of::<Sender>() + std::mem::size_of::<Direction>();
+        eprintln!("TlsStream {size} bytes, its keys and socket {keys} bytes (allocated)");
         assert!(size <= 160, "TlsStream is {size} bytes");
-        assert!(keys <= 1200, "the keys are {keys} bytes");
+        assert!(keys <= 1300, "the keys and socket are {keys} bytes");
     }
 }
