@@ -73,8 +73,6 @@ pub(crate) struct Http {
     pub(crate) api_key: String,
     /// The app's HTTP routes ([`crate::App::routes`]).
     pub(crate) routes: Option<axum::Router>,
-    /// Every socket task, so that shutdown can wait for their close frames.
-    pub(crate) sockets: TaskTracker,
     /// [`FAULTS_ENV`] was set.
     pub(crate) faults: bool,
     /// Connections per client IP before their SocketCluster handshake.
@@ -129,14 +127,14 @@ impl Limits {
 }
 
 /// One socket's task, from the end of its upgrade to its close: what every open socket holds
-/// besides its buffers (see the budget test below). `_lease` (a handed-off connection's) is
+/// besides its buffers (see the budget test below). `lease` (a handed-off connection's) is
 /// held until the socket closes.
 async fn socket_task(
     on_upgrade: hyper::upgrade::OnUpgrade,
     context: Arc<Context>,
     peer: Peer,
     pending: Option<Pending>,
-    _lease: Option<Arc<Lease>>,
+    lease: Option<Arc<Lease>>,
     limits: Limits,
     inject_panic: bool,
 ) {
@@ -168,35 +166,32 @@ async fn socket_task(
             } else {
                 socket::run(ws, context, peer, pending, Some(crate::direct::Direct::Tcp(direct))).await;
             }
+            drop(lease);
         }
-        Err(upgraded) => Box::pin(run_other(upgraded, context, peer, pending, config, inject_panic)).await,
+        // Its own task: boxed or awaited here, its future would sit beside the room this
+        // task keeps for the TCP arm, about 2 KB more per such socket.
+        Err(upgraded) => {
+            let tasks = context.tasks.clone();
+            tasks.spawn(run_other(upgraded, context, peer, pending, lease, config, inject_panic));
+        }
     }
     finished.0 = true;
 }
 
-/// A socket over a connection that is not plain TCP: the worker's Unix socket (proxied by a
-/// balancer on this host), a TLS session handed off by one, or a stream hyper keeps opaque.
+/// The task of a socket over a connection that is not plain TCP: a TLS session handed off by
+/// a balancer on this host, the worker's Unix socket (proxied by one), or a stream hyper keeps
+/// opaque. `_lease` is held until the socket closes.
 async fn run_other(
     upgraded: hyper::upgrade::Upgraded,
     context: Arc<Context>,
     peer: Peer,
     pending: Option<Pending>,
+    _lease: Option<Arc<Lease>>,
     config: WebSocketConfig,
     inject_panic: bool,
 ) {
-    let upgraded = match upgraded.downcast::<TokioIo<UnixStream>>() {
-        Ok(parts) => {
-            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
-            if inject_panic {
-                Box::pin(run_panicking(ws, context, peer, pending)).await;
-            } else {
-                socket::run(ws, context, peer, pending, None).await;
-            }
-            return;
-        }
-        Err(upgraded) => upgraded,
-    };
-    match upgraded.downcast::<TokioIo<TlsStream>>() {
+    let mut finished = Finished(false);
+    let upgraded = match upgraded.downcast::<TokioIo<TlsStream>>() {
         Ok(parts) => {
             // The session's send half is shared with the outbox, as a plain connection is.
             let stream = parts.io.into_inner();
@@ -207,12 +202,26 @@ async fn run_other(
             } else {
                 socket::run(ws, context, peer, pending, Some(direct)).await;
             }
+            finished.0 = true;
+            return;
+        }
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<UnixStream>>() {
+        Ok(parts) => {
+            let ws = websocket(parts.io.into_inner(), parts.read_buf, config).await;
+            if inject_panic {
+                Box::pin(run_panicking(ws, context, peer, pending)).await;
+            } else {
+                socket::run(ws, context, peer, pending, None).await;
+            }
         }
         Err(upgraded) => {
             let ws = websocket(TokioIo::new(upgraded), Bytes::new(), config).await;
             socket::run(ws, context, peer, pending, None).await;
         }
     }
+    finished.0 = true;
 }
 
 /// The WebSocket over an upgraded connection; `read` is what the HTTP side had read past the
@@ -519,7 +528,7 @@ impl Http {
         let max_outbound = self.context.settings.max_outbound_bytes;
         let limits = Limits { max_payload, max_outbound };
         let socket = socket_task(on_upgrade, context, peer, pending, lease, limits, inject_panic);
-        self.sockets.spawn(socket);
+        self.context.tasks.spawn(socket);
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();

@@ -197,6 +197,7 @@ impl Worker {
             services: Arc::new(services),
             settings: socket::Settings::from_config(worker),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         let http = Arc::new(http::Http {
             context,
@@ -208,7 +209,6 @@ impl Worker {
             static_dir,
             api_key: worker.api_key.clone(),
             routes,
-            sockets: TaskTracker::new(),
             faults: std::env::var(http::FAULTS_ENV).is_ok_and(|v| v == "1"),
             pending: sc_common::per_ip::PendingByIp::new(worker.max_pending_per_ip),
             header_timeout: worker.request_header_timeout,
@@ -368,7 +368,7 @@ fn app_settings<C: DeserializeOwned>(table: &toml::Table) -> Result<C, StartErro
 /// Closes every socket with the reconnect-now close, waits for the close frames to be written
 /// (the caller bounds the time), then stops the broker links; returns how many sockets were open.
 async fn drain(http: &http::Http, connections: TaskTracker) -> usize {
-    let sockets = &http.sockets;
+    let sockets = &http.context.tasks;
     let open = sockets.len();
     http.context.shutdown.cancel();
     connections.close();

@@ -101,6 +101,8 @@ pub(crate) struct Context {
     pub(crate) settings: Settings,
     /// Cancelled when the worker drains: every socket closes with [`CLOSE_SHUTDOWN`].
     pub(crate) shutdown: CancellationToken,
+    /// The sockets' tasks, which a drain waits for.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
 }
 
 /// The socket task's own state.
@@ -1108,6 +1110,7 @@ pub(crate) mod tests {
             services: Arc::new(services),
             settings: Settings::from_config(&config),
             shutdown: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
