@@ -50,7 +50,14 @@ impl Direct {
     pub(crate) fn send_text(&self, payload: &[u8]) -> Sent {
         match self {
             Direct::Tcp(tcp) => send_text(tcp, payload),
-            Direct::Tls(sender) => sender.send_text(payload),
+            Direct::Tls(sender) => {
+                let (header, header_len) = text_header(payload.len());
+                match sender.try_send(&[&header[..header_len], payload]) {
+                    None => Sent::Nothing,
+                    Some(rest) if rest.is_empty() => Sent::All,
+                    Some(rest) => Sent::Part(rest),
+                }
+            }
         }
     }
 }

@@ -1048,6 +1048,16 @@ impl ReadReady for crate::direct::Shared {
     }
 }
 
+impl ReadReady for crate::tls::TlsStream {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        crate::tls::TlsStream::poll_read_ready(self, cx)
+    }
+
+    fn write_first(&mut self, bytes: Bytes) {
+        crate::tls::TlsStream::write_first(self, bytes);
+    }
+}
+
 impl ReadReady for tokio::net::UnixStream {
     fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
         tokio::net::UnixStream::poll_read_ready(self, cx)

@@ -5,9 +5,11 @@
 //! process.
 //!
 //! Only TLS 1.3's record layer after the handshake (RFC 8446 section 5): application data,
-//! and alerts (a close_notify ends the stream; any other alert is an error). A client that
-//! asks for a key update (which needs the traffic secrets, not only the keys) is cut: clients
-//! do that after billions of records, and then reconnect. The AEAD is ring's, the one rustls
+//! and alerts (a close_notify ends the stream; any other alert is an error). Keys are never
+//! updated, since that needs the traffic secrets and rustls gives only the keys: a client that
+//! asks for a key update is cut (clients do that after billions of records, and then
+//! reconnect), and so is a session whose AES-GCM send key has protected 2^24 records, short of
+//! the RFC's 2^24.5 (16.7 million messages to one client). The AEAD is ring's, the one rustls
 //! uses here.
 //!
 //! Memory: the keys are allocated once per connection; the read and write buffers exist only
@@ -17,7 +19,7 @@
 //! is shared with the socket's outbox, which seals a lone frame for an idle socket into a
 //! record and writes it itself, as it does for a plain connection. A sealed record has used its
 //! sequence number, so whatever of it the kernel does not take is handed to the task as bytes
-//! that must go first ([`crate::socket::ReadReady::write_first`]), never sealed again.
+//! that must go first ([`TlsStream::write_first`]), never sealed again.
 
 use std::io;
 use std::pin::Pin;
@@ -88,28 +90,44 @@ struct Direction {
     key: LessSafeKey,
     iv: [u8; 12],
     sequence: u64,
+    /// The first sequence number not to use.
+    limit: u64,
 }
 
+/// How many records an AES-GCM key may protect (RFC 8446 5.5 allows 2^24.5 full-size records;
+/// rustls then updates its keys). A handed-off session cannot update its keys, so the worker
+/// closes it there instead (the client reconnects): after 16.7 million messages to one client.
+const AES_GCM_SEND_LIMIT: u64 = 1 << 24;
+
 impl Direction {
-    fn new(suite: TlsSuite, keys: &TrafficKeys) -> io::Result<Self> {
+    /// `sending`: the server's own direction, whose record count it must bound.
+    fn new(suite: TlsSuite, keys: &TrafficKeys, sending: bool) -> io::Result<Self> {
         let algorithm = match suite {
             TlsSuite::Aes128Gcm => &AES_128_GCM,
             TlsSuite::Aes256Gcm => &AES_256_GCM,
             TlsSuite::Chacha20Poly1305 => &CHACHA20_POLY1305,
         };
+        let limit = match suite {
+            TlsSuite::Aes128Gcm | TlsSuite::Aes256Gcm if sending => AES_GCM_SEND_LIMIT,
+            _ => u64::MAX,
+        };
         let key = UnboundKey::new(algorithm, &keys.key).map_err(|_| invalid("bad TLS key length"))?;
-        Ok(Self { key: LessSafeKey::new(key), iv: keys.iv, sequence: keys.sequence })
+        Ok(Self { key: LessSafeKey::new(key), iv: keys.iv, sequence: keys.sequence, limit })
     }
 
     /// The next record's nonce (the IV xor the sequence number, RFC 8446 5.3); the number moves
-    /// on, and a session that would reuse one ends instead.
+    /// on, and a session that would reuse one, or pass its key's limit, ends instead.
     fn next_nonce(&mut self) -> io::Result<Nonce> {
+        if self.sequence >= self.limit {
+            return Err(invalid(
+                "TLS session at its key's record limit (a handed-off session cannot update its keys)",
+            ));
+        }
         let mut nonce = self.iv;
         for (byte, seq) in nonce[4..].iter_mut().zip(self.sequence.to_be_bytes()) {
             *byte ^= seq;
         }
-        self.sequence =
-            self.sequence.checked_add(1).ok_or_else(|| invalid("TLS sequence numbers used up"))?;
+        self.sequence += 1;
         Ok(Nonce::assume_unique_for_key(nonce))
     }
 }
@@ -145,28 +163,22 @@ impl Sender {
         self.send.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A direct write: `payload` as one text frame in one record, written without waiting.
-    /// Never [`Sent::Nothing`] once sealed: what the kernel did not take must follow as is.
-    pub(crate) fn send_text(&self, payload: &[u8]) -> crate::direct::Sent {
-        use crate::direct::Sent;
-        let (header, header_len) = crate::direct::text_header(payload.len());
-        if header_len + payload.len() > MAX_PLAINTEXT {
-            // Several records: through the task.
-            return Sent::Nothing;
+    /// A direct write: `parts`, one frame, sealed into one record and written without waiting.
+    /// `None` when not sealed (too long for one record, or the keys are used up: the task
+    /// meets the same and closes); otherwise what the kernel did not take, empty when it took
+    /// all. What it did not take is protected under this record's number: it must follow as
+    /// is, before anything sealed after it.
+    pub(crate) fn try_send(&self, parts: &[&[u8]]) -> Option<Bytes> {
+        if parts.iter().map(|part| part.len()).sum::<usize>() > MAX_PLAINTEXT {
+            return None;
         }
         let mut record = Vec::new();
-        if seal_into(&mut record, &mut self.keys(), APPLICATION_DATA, &[&header[..header_len], payload])
-            .is_err()
-        {
-            // The session is used up; the task meets the same error and closes.
-            return Sent::Nothing;
-        }
-        match self.io.try_write(&record) {
-            Ok(n) if n == record.len() => Sent::All,
-            Ok(n) => Sent::Part(Bytes::from(record).slice(n..)),
+        seal_into(&mut record, &mut self.keys(), APPLICATION_DATA, parts).ok()?;
+        Some(match self.io.try_write(&record) {
+            Ok(n) => Bytes::from(record).slice(n..),
             // WouldBlock, or an error the task will meet: the record goes through the task.
-            Err(_) => Sent::Part(Bytes::from(record)),
-        }
+            Err(_) => Bytes::from(record),
+        })
     }
 }
 
@@ -179,8 +191,8 @@ impl std::fmt::Debug for TlsStream {
 impl TlsStream {
     /// Carries on `session` over `io`, the client's socket.
     pub(crate) fn new(io: TcpStream, session: &TlsSession) -> io::Result<Self> {
-        let send = Mutex::new(Direction::new(session.suite, &session.send)?);
-        let receive = Box::new(Direction::new(session.suite, &session.receive)?);
+        let send = Mutex::new(Direction::new(session.suite, &session.send, true)?);
+        let receive = Box::new(Direction::new(session.suite, &session.receive, false)?);
         Ok(Self {
             sender: Arc::new(Sender { io, send }),
             receive,
@@ -415,8 +427,10 @@ impl AsyncWrite for TlsStream {
     }
 }
 
-impl crate::socket::ReadReady for TlsStream {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+impl TlsStream {
+    /// Ready when a read may make progress: a record already here, data, end of stream or an
+    /// error.
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.has_buffered() {
             return Poll::Ready(Ok(()));
         }
@@ -425,7 +439,7 @@ impl crate::socket::ReadReady for TlsStream {
 
     /// The rest of a record a direct write sealed: already protected, it goes out as is, after
     /// what is already waiting (sealed earlier).
-    fn write_first(&mut self, bytes: Bytes) {
+    pub(crate) fn write_first(&mut self, bytes: Bytes) {
         self.output.extend_from_slice(&bytes);
     }
 }
@@ -600,7 +614,7 @@ mod tests {
         use crate::direct::Sent;
         use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256 as SUITE;
         let (mut server, client, socket) = pair(SUITE).await;
-        let sender = server.sender();
+        let sender = crate::direct::Direct::Tls(server.sender());
         let frame = |i: u32| format!("{i:0>1000}");
         let mut sent = 0u32;
         let rest = loop {
@@ -625,7 +639,7 @@ mod tests {
                 assert_eq!(String::from_utf8(payload).unwrap(), format!("{i:0>1000}"), "frame {i}");
             }
         });
-        crate::socket::ReadReady::write_first(&mut server, rest);
+        server.write_first(rest);
         for i in sent..total {
             let mut bytes = vec![0x81, 126, (1000u16 >> 8) as u8, 1000u16 as u8];
             bytes.extend_from_slice(frame(i).as_bytes());
@@ -634,6 +648,31 @@ mod tests {
         server.flush().await.unwrap();
         reader.await.unwrap();
         assert!(sent > 10, "{sent} direct writes before the socket filled");
+    }
+
+    #[test]
+    fn a_key_is_not_used_past_its_limit_nor_a_nonce_twice() {
+        let keys = |sequence: u64| TrafficKeys { sequence, key: vec![1; 16], iv: [0; 12] };
+        let mut send = Direction::new(TlsSuite::Aes128Gcm, &keys(AES_GCM_SEND_LIMIT - 1), true).unwrap();
+        assert!(send.next_nonce().is_ok());
+        let Err(error) = send.next_nonce() else { panic!("a nonce past the limit") };
+        assert!(error.to_string().contains("record limit"), "{error}");
+        assert!(send.next_nonce().is_err(), "and it stays refused");
+        let mut receive = Direction::new(TlsSuite::Aes128Gcm, &keys(u64::MAX - 1), false).unwrap();
+        assert!(receive.next_nonce().is_ok());
+        assert!(receive.next_nonce().is_err(), "the last sequence number is never reached twice");
+        // The nonce is the IV xor the sequence number, big-endian in the last 8 bytes.
+        let mut direction = Direction::new(
+            TlsSuite::Chacha20Poly1305,
+            &TrafficKeys { sequence: 0x0102, key: vec![1; 32], iv: [0xff; 12] },
+            true,
+        )
+        .unwrap();
+        let nonce = direction.next_nonce().unwrap();
+        let mut expected = [0xff; 12];
+        expected[10] ^= 0x01;
+        expected[11] ^= 0x02;
+        assert_eq!(nonce.as_ref(), &expected);
     }
 
     #[test]
