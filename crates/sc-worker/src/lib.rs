@@ -43,6 +43,7 @@ mod presence;
 mod protocol;
 mod proxies;
 mod socket;
+mod timers;
 
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
 /// The HTTP routing crate of [`App::routes`], re-exported so that an app uses the same version.
@@ -188,14 +189,21 @@ impl Worker {
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
         let events = handler.has_event_hooks();
-        let services = handle::Services { auth, ack_timeout: worker.ack_timeout, exchange, sockets, events };
+        let services = handle::Services {
+            auth,
+            ack_timeout: worker.ack_timeout,
+            exchange,
+            sockets,
+            events,
+            outbound_queue: worker.outbound_queue,
+        };
         let context = Arc::new(socket::Context {
             hub: hub.clone(),
             pool: pool.clone(),
             handler,
             services: Arc::new(services),
             settings: socket::Settings::from_config(worker),
-            shutdown: CancellationToken::new(),
+            timers: timers::Timers::new(worker.ping_interval, worker.handshake_timeout),
         });
         let http = Arc::new(http::Http {
             context,
@@ -266,6 +274,10 @@ impl Worker {
             .add_routes(sc_common::metrics::routes(registry, &self.config.cluster.secret))
             .add_service(health);
         let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
+        // Every socket's pings and handshake deadline: one task for the worker.
+        let context = self.http.context.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { context.timers.run(stop).await });
 
         let (unix_listener, unix_path) = match self.unix {
             Some((listener, path)) => (Some(listener), Some(path)),
@@ -369,7 +381,7 @@ fn app_settings<C: DeserializeOwned>(table: &toml::Table) -> Result<C, StartErro
 async fn drain(http: &http::Http, connections: TaskTracker) -> usize {
     let sockets = &http.sockets;
     let open = sockets.len();
-    http.context.shutdown.cancel();
+    http.context.timers.shut_down();
     connections.close();
     connections.wait().await;
     sockets.close();

@@ -2,8 +2,13 @@
 //!
 //! One task per socket owns the WebSocket. It reads client frames and answers them, writes what
 //! other tasks queued in the socket's outbox (fan-out, the app's [`Socket`] handle, invoke
-//! handlers), pings on a timer and enforces the handshake and pong timeouts. Replies and queued
-//! frames are written with one flush per wake-up. On exit it leaves every channel it held.
+//! handlers), pings and enforces the handshake and pong timeouts when the worker's timers say
+//! so ([`crate::timers`]: the task holds no timer of its own). Replies and queued frames are
+//! written with one flush per wake-up. On exit it leaves every channel it held.
+//!
+//! Memory: every idle socket holds this task, so what it keeps across its wait is counted in
+//! bytes (see the budget tests): rare paths (handling a frame, an event hook, the close) are
+//! boxed, allocated only while they run.
 //!
 //! Protocol versions (reference section 8): in `[worker] protocol_version = "auto"` a socket
 //! pings in both styles (`"#1"` and `""`) until its first pong locks it to v1 or v2; reply shapes
@@ -23,12 +28,11 @@ use futures_util::{Sink, SinkExt, StreamExt};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
 
 use crate::app::{Handler, PublishIn, PublishOut};
 use crate::auth;
@@ -36,7 +40,7 @@ use crate::brokers::{BrokerPool, LINK_WAIT, Receipt};
 pub use crate::handle::Socket;
 use crate::handle::{Peer, Services};
 use crate::hub::{self, Hub, Recipient};
-use crate::outbox::{Event, Outbound};
+use crate::outbox::{Due, Event, Outbound};
 use crate::protocol::{self, ErrorObject, Inbound, Packet, Protocol};
 use sc_common::config::ProtocolVersion;
 use sc_common::per_ip::Pending;
@@ -78,10 +82,7 @@ const MAX_INVOKES_IN_FLIGHT: usize = 256;
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub(crate) protocol: ProtocolVersion,
-    pub(crate) ping_interval: Duration,
     pub(crate) ping_timeout: Duration,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) outbound_queue: usize,
     pub(crate) socket_channel_limit: usize,
     pub(crate) max_outbound_bytes: usize,
     pub(crate) max_channel_name: usize,
@@ -99,8 +100,9 @@ pub(crate) struct Context {
     /// What the sockets' handles share (the auth engine among it).
     pub(crate) services: Arc<Services>,
     pub(crate) settings: Settings,
-    /// Cancelled when the worker drains: every socket closes with [`CLOSE_SHUTDOWN`].
-    pub(crate) shutdown: CancellationToken,
+    /// Every socket's pings and handshake deadline, and the drain signal (every socket closes
+    /// with [`CLOSE_SHUTDOWN`]).
+    pub(crate) timers: crate::timers::Timers,
 }
 
 /// The socket task's own state.
@@ -134,15 +136,13 @@ struct Subscriber {
 
 /// What woke the socket's loop.
 enum Wake {
-    Shutdown,
     /// The write buffer was flushed to the kernel (or the connection failed).
     Flushed(Result<(), tungstenite::Error>),
-    /// Something was queued in the outbox.
+    /// Something was queued in the outbox, or signalled (a ping, the handshake deadline, the
+    /// drain).
     Outbox,
     /// A client frame, an error, or the end of the stream.
     Frame(Option<Result<Message, tungstenite::Error>>),
-    Ping,
-    HandshakeTimeout,
 }
 
 /// What the loop has handed to the WebSocket but not yet seen flushed to the kernel.
@@ -200,9 +200,9 @@ impl Recipient for Subscriber {
             }
         };
         if message.direct {
-            self.socket.outbox().push_direct(frame);
+            self.socket.push_direct(frame);
         } else {
-            self.socket.outbox().push(frame);
+            self.socket.push_item(Outbound::Frame(frame));
         }
     }
 
@@ -218,10 +218,7 @@ impl Settings {
     pub(crate) fn from_config(config: &sc_common::config::WorkerConfig) -> Self {
         Self {
             protocol: config.protocol_version,
-            ping_interval: config.ping_interval,
             ping_timeout: config.ping_timeout,
-            handshake_timeout: config.handshake_timeout,
-            outbound_queue: config.outbound_queue,
             socket_channel_limit: config.socket_channel_limit,
             // One whole message always fits.
             max_outbound_bytes: usize::try_from(config.max_outbound_bytes.max(config.max_payload))
@@ -251,13 +248,13 @@ pub(crate) async fn run<S>(
     };
     let socket = Socket::new(
         context.services.clone(),
-        context.settings.outbound_queue,
         context.hub.next_key(),
-        new_socket_id(),
+        &new_socket_id(),
         peer,
         version,
         direct,
     );
+    context.timers.add(&socket);
     let mut conversation = Conversation {
         socket: socket.clone(),
         context: context.clone(),
@@ -269,6 +266,17 @@ pub(crate) async fn run<S>(
     };
     tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
     let Err(end) = conversation.serve(&mut ws).await;
+    // Boxed: the close runs once, at the end; every idle socket's task would hold its size.
+    Box::pin(finish(conversation, ws, end)).await;
+}
+
+/// Closes a socket whose loop ended: the close frame (and a v1 `#disconnect`) for a close of
+/// ours, then the app's hooks.
+async fn finish<S>(mut conversation: Conversation, mut ws: WebSocketStream<S>, end: End)
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
+    let (context, socket) = (conversation.context.clone(), conversation.socket.clone());
     conversation.leave_all();
     socket.fail_pending();
     let code = match end {
@@ -310,8 +318,7 @@ pub(crate) async fn run<S>(
     }
     if conversation.handshaken && context.services.events {
         let channels = std::mem::take(&mut conversation.subscriptions);
-        // Boxed: these run once, at the end; every idle socket's task would hold their size.
-        Box::pin(closed(&context, &socket, channels, code)).await;
+        closed(&context, &socket, channels, code).await;
     }
     tracing::debug!(id = %socket.id(), "socket closed");
 }
@@ -326,13 +333,12 @@ async fn closed(context: &Context, socket: &Socket, channels: HashSet<Arc<str>>,
 }
 
 impl Conversation {
-    /// The socket's loop. One `poll_fn` waits on everything at once (shutdown, the outbox,
-    /// the client's frames, write progress, the ping timer, the handshake deadline) with the
-    /// futures kept pinned across iterations, so a wake-up costs what happened, not a re-poll
-    /// of every source. Writes never block the loop: frames go into the WebSocket's write
-    /// buffer, and flushing it is one more thing to wait on; a client that stops reading is
-    /// closed (4100) once `[worker] max_outbound_bytes` are unsent, and the pong timeout (4001)
-    /// fires even while a write is pending.
+    /// The socket's loop. One `poll_fn` waits on everything at once (the outbox, which also
+    /// brings the timers' and the drain's signals, the client's frames, write progress), so a
+    /// wake-up costs what happened, not a re-poll of every source. Writes never block the
+    /// loop: frames go into the WebSocket's write buffer, and flushing it is one more thing to
+    /// wait on; a client that stops reading is closed (4100) once `[worker] max_outbound_bytes`
+    /// are unsent, and the pong timeout (4001) fires even while a write is pending.
     async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<std::convert::Infallible, End>
     where
         S: AsyncRead + AsyncWrite + ReadReady + Unpin,
@@ -341,11 +347,6 @@ impl Conversation {
         let settings = &context.settings;
         let socket = self.socket.clone();
         let start = Instant::now();
-        let mut ping = tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut handshake_deadline = std::pin::pin!(tokio::time::sleep(settings.handshake_timeout));
-        let mut shutdown = std::pin::pin!(context.shutdown.cancelled());
-        let mut outbox_ready = std::pin::pin!(socket.outbox().notified());
         let mut last_seen = start;
         let mut queued = VecDeque::new();
         let mut output = Output::default();
@@ -362,15 +363,12 @@ impl Conversation {
                 socket.outbox().release();
             }
             let wake = std::future::poll_fn(|cx| {
-                if shutdown.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Shutdown);
-                }
                 if output.unsent > 0
                     && let Poll::Ready(flushed) = Pin::new(&mut *ws).poll_flush(cx)
                 {
                     return Poll::Ready(Wake::Flushed(flushed));
                 }
-                if outbox_ready.as_mut().poll(cx).is_ready() {
+                if socket.outbox().poll_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Outbox);
                 }
                 // Flow control: with too many of its invokes unanswered, the client is not read
@@ -389,34 +387,41 @@ impl Conversation {
                         Poll::Pending => maybe_buffered = false,
                     }
                 }
-                if ping.poll_tick(cx).is_ready() {
-                    return Poll::Ready(Wake::Ping);
-                }
-                if !handshaken && handshake_deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::HandshakeTimeout);
-                }
                 Poll::Pending
             })
             .await;
             socket.outbox().claim();
 
             match wake {
-                Wake::Shutdown => return Err(End::Close(CLOSE_SHUTDOWN, "Worker is shutting down".into())),
-                Wake::HandshakeTimeout => {
-                    return Err(End::Close(
-                        CLOSE_HANDSHAKE_TIMEOUT,
-                        "Did not receive #handshake from client before timeout".into(),
-                    ));
-                }
                 Wake::Flushed(Ok(())) => output.unsent = 0,
                 Wake::Flushed(Err(_)) => return Err(End::Gone(None)),
                 Wake::Outbox => {
-                    outbox_ready.set(socket.outbox().notified());
-                    if socket.outbox().take(&mut queued).is_err() {
+                    let Ok(due) = socket.outbox().take(&mut queued) else {
                         return Err(End::Close(
                             CLOSE_SLOW_CONSUMER,
                             "Socket outbound queue overflowed".into(),
                         ));
+                    };
+                    if due.has(Due::SHUTDOWN) {
+                        return Err(End::Close(CLOSE_SHUTDOWN, "Worker is shutting down".into()));
+                    }
+                    if due.has(Due::HANDSHAKE) && !self.handshaken {
+                        return Err(End::Close(
+                            CLOSE_HANDSHAKE_TIMEOUT,
+                            "Did not receive #handshake from client before timeout".into(),
+                        ));
+                    }
+                    if due.has(Due::PING) {
+                        if last_seen.elapsed() > settings.ping_timeout {
+                            return Err(End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out".into()));
+                        }
+                        // Both styles until the first pong tells the protocol (auto mode).
+                        let (v1, v2) = (socket.speaks(Protocol::V1), socket.speaks(Protocol::V2));
+                        for (ping, wanted) in [(protocol::PING_V1, !v2), (protocol::PING_V2, !v1)] {
+                            if wanted {
+                                output.send(ws, Message::Text(Utf8Bytes::from_static(ping)))?;
+                            }
+                        }
                     }
                     while let Some(item) = queued.pop_front() {
                         let frame = match item {
@@ -441,17 +446,6 @@ impl Conversation {
                             }
                         };
                         output.send(ws, Message::Text(frame))?;
-                    }
-                }
-                Wake::Ping => {
-                    if last_seen.elapsed() > settings.ping_timeout {
-                        return Err(End::Close(CLOSE_PONG_TIMEOUT, "Client pong timed out".into()));
-                    }
-                    let (v1, v2) = (socket.speaks(Protocol::V1), socket.speaks(Protocol::V2));
-                    for (ping, wanted) in [(protocol::PING_V1, !v2), (protocol::PING_V2, !v1)] {
-                        if wanted {
-                            output.send(ws, Message::Text(Utf8Bytes::from_static(ping)))?;
-                        }
                     }
                 }
                 Wake::Frame(frame) => {
@@ -490,8 +484,11 @@ impl Conversation {
                     }
                 }
             }
-            for reply in self.replies.drain(..) {
-                output.send(ws, Message::Text(reply.into()))?;
+            // Taken, not drained: an idle socket keeps no reply buffer.
+            if !self.replies.is_empty() {
+                for reply in std::mem::take(&mut self.replies) {
+                    output.send(ws, Message::Text(reply.into()))?;
+                }
             }
             if output.unsent > settings.max_outbound_bytes {
                 return Err(End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound buffer overflowed".into()));
@@ -1099,6 +1096,7 @@ pub(crate) mod tests {
             exchange: crate::exchange::Exchange::new(hub.clone(), pool.clone()),
             sockets: crate::handle::Sockets::default(),
             events: false,
+            outbound_queue: 1024,
         };
         let config = sc_common::config::WorkerConfig::default();
         Arc::new(Context {
@@ -1107,7 +1105,7 @@ pub(crate) mod tests {
             handler: Arc::new(crate::app::DefaultHandler),
             services: Arc::new(services),
             settings: Settings::from_config(&config),
-            shutdown: CancellationToken::new(),
+            timers: crate::timers::Timers::new(config.ping_interval, config.handshake_timeout),
         })
     }
 
