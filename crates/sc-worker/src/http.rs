@@ -127,49 +127,57 @@ impl Limits {
 }
 
 /// One socket's task, from the end of its upgrade to its close: what every open socket holds
-/// besides its buffers (see the budget test below). `_lease` (a handed-off connection's) is
-/// held until the socket closes.
-async fn socket_task(
+/// besides its buffers (see the budget test below). `lease` (a handed-off connection's) is
+/// held until the socket closes. An `async move` block, not an `async fn`, which would hold
+/// every argument twice.
+#[allow(clippy::manual_async_fn)]
+fn socket_task(
     on_upgrade: hyper::upgrade::OnUpgrade,
     context: Arc<Context>,
     peer: Peer,
     pending: Option<Pending>,
-    _lease: Option<Arc<Lease>>,
+    lease: Option<Arc<Lease>>,
     limits: Limits,
     inject_panic: bool,
-) {
-    let upgraded = match on_upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let config = limits.config();
-    // Reports a task that ends without finishing (a panic: tokio catches it and drops the task,
-    // whose state is dropped with it: the socket leaves its channels, see `Conversation`'s Drop,
-    // and the hub's locks recover from poisoning). A guard, not a `catch_unwind` wrapper, which
-    // would store this whole future twice.
-    let mut finished = Finished(false);
-    // The connection itself, out of hyper's wrapper: no extra box and buffer per socket, and
-    // its readiness tells the socket's loop when to read. TCP (accepted or handed off) is the
-    // common case; the others are boxed so that they do not grow every socket's task. (The
-    // arms are spelled out: a shared generic helper holds the WebSocket's set-up and the loop
-    // at once and costs each socket about 200 bytes more, see the budget test.)
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => {
-            // Shared with the socket's outbox, which writes to an idle socket directly.
-            let (shared, direct) = crate::direct::Shared::new(parts.io.into_inner());
-            let ws = websocket(shared, parts.read_buf, config).await;
-            if inject_panic {
-                Box::pin(run_panicking(ws, context, peer, pending)).await;
-            } else {
-                socket::run(ws, context, peer, pending, Some(direct)).await;
+) -> impl Future<Output = ()> {
+    async move {
+        let _lease = lease;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let config = limits.config();
+        // Reports a task that ends without finishing (a panic: tokio catches it and drops the
+        // task, whose state is dropped with it: the socket leaves its channels, see
+        // `Conversation`'s Drop, and the hub's locks recover from poisoning). A guard, not a
+        // `catch_unwind` wrapper, which would store this whole future twice.
+        let mut finished = Finished(false);
+        // The connection itself, out of hyper's wrapper: no extra box and buffer per socket,
+        // and its readiness tells the socket's loop when to read. TCP (accepted or handed off)
+        // is the common case; the others are boxed so that they do not grow every socket's
+        // task. (The arms are spelled out: a shared generic helper holds the WebSocket's set-up
+        // and the loop at once and costs each socket about 200 bytes more, see the budget
+        // test.)
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                // Shared with the socket's outbox, which writes to an idle socket directly.
+                let (shared, direct) = crate::direct::Shared::new(parts.io.into_inner());
+                let ws = websocket(shared, parts.read_buf, config).await;
+                if inject_panic {
+                    Box::pin(run_panicking(ws, context, peer, pending)).await;
+                } else {
+                    socket::run(ws, context, peer, pending, Some(direct)).await;
+                }
+            }
+            Err(upgraded) => {
+                Box::pin(run_other(upgraded, context, peer, pending, config, inject_panic)).await
             }
         }
-        Err(upgraded) => Box::pin(run_other(upgraded, context, peer, pending, config, inject_panic)).await,
+        finished.0 = true;
     }
-    finished.0 = true;
 }
 
 /// A socket over a connection that is not TCP: the worker's Unix socket (proxied by a balancer

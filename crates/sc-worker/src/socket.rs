@@ -110,13 +110,17 @@ struct Conversation {
     socket: Socket,
     context: Arc<Context>,
     handshaken: bool,
-    subscriptions: HashSet<Arc<str>>,
+    /// The channels it holds; boxed, allocated at the first subscription (most sockets of some
+    /// apps never subscribe, and every idle socket holds this struct).
+    #[allow(clippy::box_collection)]
+    subscriptions: Option<Box<HashSet<Arc<str>>>>,
     /// This socket as the hub's subscriber, made on its first subscription.
     recipient: Option<Arc<dyn Recipient>>,
     /// Frames to write at the end of this wake-up.
     replies: Vec<String>,
-    /// Counts the socket against its client's address until the handshake completes.
-    pending: Option<Pending>,
+    /// Counts the socket against its client's address until the handshake completes (boxed:
+    /// gone after the handshake, and every idle socket holds this struct).
+    pending: Option<Box<Pending>>,
 }
 
 impl Drop for Conversation {
@@ -163,6 +167,16 @@ impl Output {
         crate::metrics::get().sent(message.len());
         // The frame and its header.
         self.unsent += message.len() + 14;
+        if let Message::Text(text) = &message
+            && ws.get_mut().write_text(text.as_bytes())
+        {
+            // The cap tungstenite puts on its own buffer (the loop closes a slow reader sooner,
+            // after the wake-up, at `[worker] max_outbound_bytes`).
+            if self.unsent > ws.get_config().max_write_buffer_size {
+                return Err(End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound buffer overflowed".into()));
+            }
+            return Ok(());
+        }
         Pin::new(ws).start_send(message).map_err(|e| match e {
             tungstenite::Error::WriteBufferFull(_) => {
                 End::Close(CLOSE_SLOW_CONSUMER, "Socket outbound buffer overflowed".into())
@@ -230,44 +244,52 @@ impl Settings {
 }
 
 /// Runs one socket until it closes.
-pub(crate) async fn run<S>(
+///
+/// A function returning an `async move` block, not an `async fn`: an async fn's future holds
+/// each argument twice (as captured and as bound), and the WebSocket is 320 bytes of every idle
+/// socket.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn run<S>(
     mut ws: WebSocketStream<S>,
     context: Arc<Context>,
     peer: Peer,
     pending: Option<Pending>,
     direct: Option<Arc<tokio::net::TcpStream>>,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let _open = crate::metrics::get().socket_opened(peer.tls);
-    // Auto mode: unknown until the first pong.
-    let version = match context.settings.protocol {
-        ProtocolVersion::Auto => None,
-        ProtocolVersion::V1 => Some(Protocol::V1),
-        ProtocolVersion::V2 => Some(Protocol::V2),
-    };
-    let socket = Socket::new(
-        context.services.clone(),
-        context.hub.next_key(),
-        &new_socket_id(),
-        peer,
-        version,
-        direct,
-    );
-    context.timers.add(&socket);
-    let mut conversation = Conversation {
-        socket: socket.clone(),
-        context: context.clone(),
-        handshaken: false,
-        subscriptions: HashSet::new(),
-        recipient: None,
-        replies: Vec::new(),
-        pending,
-    };
-    tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
-    let Err(end) = conversation.serve(&mut ws).await;
-    // Boxed: the close runs once, at the end; every idle socket's task would hold its size.
-    Box::pin(finish(conversation, ws, end)).await;
+    async move {
+        let _open = crate::metrics::get().socket_opened(peer.tls);
+        // Auto mode: unknown until the first pong.
+        let version = match context.settings.protocol {
+            ProtocolVersion::Auto => None,
+            ProtocolVersion::V1 => Some(Protocol::V1),
+            ProtocolVersion::V2 => Some(Protocol::V2),
+        };
+        let socket = Socket::new(
+            context.services.clone(),
+            context.hub.next_key(),
+            &new_socket_id(),
+            peer,
+            version,
+            direct,
+        );
+        context.timers.add(&socket);
+        let mut conversation = Conversation {
+            socket: socket.clone(),
+            context: context.clone(),
+            handshaken: false,
+            subscriptions: None,
+            recipient: None,
+            replies: Vec::new(),
+            pending: pending.map(Box::new),
+        };
+        tracing::debug!(id = %socket.id(), addr = ?peer.addr, tls = peer.tls, "socket open");
+        let Err(end) = conversation.serve(&mut ws).await;
+        // Boxed: the close runs once, at the end; every idle socket's task would hold its size.
+        Box::pin(finish(conversation, ws, end)).await;
+    }
 }
 
 /// Closes a socket whose loop ended: the close frame (and a v1 `#disconnect`) for a close of
@@ -317,7 +339,7 @@ where
         context.services.sockets.remove(&socket);
     }
     if conversation.handshaken && context.services.events {
-        let channels = std::mem::take(&mut conversation.subscriptions);
+        let channels = conversation.subscriptions.take().map(|set| *set).unwrap_or_default();
         closed(&context, &socket, channels, code).await;
     }
     tracing::debug!(id = %socket.id(), "socket closed");
@@ -758,12 +780,13 @@ impl Conversation {
             reply(&mut self.replies, Some(ErrorObject::new("InvalidActionError", message)));
             return;
         }
-        if self.subscriptions.contains(&*channel) {
+        let held = self.subscriptions.get_or_insert_with(Box::default);
+        if held.contains(&*channel) {
             reply(&mut self.replies, None);
             return;
         }
         let limit = self.context.settings.socket_channel_limit;
-        if self.subscriptions.len() >= limit {
+        if held.len() >= limit {
             let message = format!(
                 "Failed to subscribe socket to the {channel} channel - InvalidActionError: Socket {} tried to exceed the channel subscription limit of {limit}",
                 self.socket.id()
@@ -779,7 +802,7 @@ impl Conversation {
             Arc::new(Subscriber { socket: self.socket.clone(), handler: self.context.handler.clone() })
         });
         let (name, confirmed) = self.context.hub.subscribe(&channel, self.socket.key(), recipient);
-        self.subscriptions.insert(name.clone());
+        self.subscriptions.get_or_insert_with(Box::default).insert(name.clone());
         // Acknowledge once the owner broker has the subscription, so that every publish after
         // the ack reaches this client (as with the single-process stock server). Without a
         // broker for now, the subscription stands and is made when one links.
@@ -924,8 +947,12 @@ impl Conversation {
 
     /// Leaves a channel this socket holds; returns whether it held it.
     fn leave(&mut self, channel: &str) -> bool {
-        if self.subscriptions.remove(channel) {
+        if self.subscriptions.as_mut().is_some_and(|held| held.remove(channel)) {
             self.context.hub.unsubscribe(channel, self.socket.key());
+            // The last one: the set is released.
+            if self.subscriptions.as_ref().is_some_and(|held| held.is_empty()) {
+                self.subscriptions = None;
+            }
             true
         } else {
             false
@@ -935,7 +962,7 @@ impl Conversation {
     /// Leaves every channel at the hub (no more deliveries); the socket's list stays, for the
     /// `unsubscribed` hooks after the close. Leaving twice changes nothing.
     fn leave_all(&mut self) {
-        for channel in &self.subscriptions {
+        for channel in self.subscriptions.iter().flat_map(|held| held.iter()) {
             self.context.hub.unsubscribe(channel, self.socket.key());
         }
     }
@@ -1025,6 +1052,13 @@ pub(crate) trait ReadReady {
     fn write_first(&mut self, _bytes: Bytes) {
         debug_assert!(false, "a direct write's rest on a connection without direct writes");
     }
+
+    /// Queues a text frame to go out with the next flush, in a buffer released once it is out
+    /// (tungstenite's write buffer keeps its largest size); false if this connection has no
+    /// such buffer (then the frame goes through tungstenite).
+    fn write_text(&mut self, _payload: &[u8]) -> bool {
+        false
+    }
 }
 
 impl ReadReady for tokio::net::TcpStream {
@@ -1040,6 +1074,11 @@ impl ReadReady for crate::direct::Shared {
 
     fn write_first(&mut self, bytes: Bytes) {
         crate::direct::Shared::write_first(self, bytes);
+    }
+
+    fn write_text(&mut self, payload: &[u8]) -> bool {
+        crate::direct::Shared::write_text(self, payload);
+        true
     }
 }
 
