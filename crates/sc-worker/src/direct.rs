@@ -15,6 +15,9 @@
 //!
 //! [`Shared`] is the connection as the task's WebSocket sees it: the TCP stream, shared with the
 //! outbox, read and written through tokio's readiness calls (`&TcpStream` suffices for those).
+//! The task writes its own text frames into it too, not into tungstenite's write buffer: that
+//! buffer keeps its largest size for the socket's life, where [`Shared`]'s is released as soon
+//! as it is written out, so an idle socket holds no write buffer.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -104,19 +107,21 @@ pub(crate) fn send_text(tcp: &TcpStream, payload: &[u8]) -> Sent {
 }
 
 /// The socket's TCP connection as its WebSocket sees it, shared with its outbox for direct
-/// writes; holds the rest of a partial direct write until it is out.
+/// writes; holds the rest of a partial direct write, and the text frames of the socket's task,
+/// until they are out.
 #[derive(Debug)]
 pub(crate) struct Shared {
     tcp: Arc<TcpStream>,
-    /// Written before anything else.
-    first: Bytes,
+    /// Written before anything else (before what tungstenite writes: its control frames);
+    /// unallocated while empty.
+    first: BytesMut,
 }
 
 impl Shared {
     /// The connection, and the handle the outbox writes through.
     pub(crate) fn new(tcp: TcpStream) -> (Self, Arc<TcpStream>) {
         let tcp = Arc::new(tcp);
-        (Self { tcp: tcp.clone(), first: Bytes::new() }, tcp)
+        (Self { tcp: tcp.clone(), first: BytesMut::new() }, tcp)
     }
 
     /// The TCP stream.
@@ -126,20 +131,24 @@ impl Shared {
 
     /// Queues `bytes` to go out before anything written after.
     pub(crate) fn write_first(&mut self, bytes: Bytes) {
-        if self.first.is_empty() {
-            self.first = bytes;
-        } else {
-            let mut joined = BytesMut::from(&self.first[..]);
-            joined.extend_from_slice(&bytes);
-            self.first = joined.freeze();
-        }
+        self.first.extend_from_slice(&bytes);
     }
 
-    /// Writes what must go first, until it is out or the connection is not writable.
+    /// Queues a text frame of `payload`, to go out with the next flush.
+    pub(crate) fn write_text(&mut self, payload: &[u8]) {
+        let (header, header_len) = text_header(payload.len());
+        self.first.reserve(header_len + payload.len());
+        self.first.extend_from_slice(&header[..header_len]);
+        self.first.extend_from_slice(payload);
+    }
+
+    /// Writes what must go first, until it is out or the connection is not writable; the
+    /// buffer is released once empty.
     fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.first.is_empty() {
             ready!(self.tcp.poll_write_ready(cx))?;
             match self.tcp.try_write(&self.first) {
+                Ok(n) if n == self.first.len() => self.first = BytesMut::new(),
                 Ok(n) => self.first.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
@@ -232,19 +241,22 @@ mod tests {
             other => panic!("a 1 MiB frame into a 4 KiB buffer went {other:?}"),
         };
         server_ws.get_mut().write_first(rest);
-        // Written after the rest, by the task's WebSocket.
+        // The task's own text frames, then tungstenite's: after the rest, in order.
+        server_ws.get_mut().write_text("own".as_bytes());
         let sending = tokio::spawn(async move {
             server_ws.send("after".into()).await.unwrap();
+            assert!(server_ws.get_ref().first.is_empty() && server_ws.get_ref().first.capacity() == 0);
             server_ws
         });
         let mut texts = Vec::new();
-        while texts.len() < 3 {
+        while texts.len() < 4 {
             let message = client_ws.next().await.unwrap().unwrap();
             texts.push(message.into_text().unwrap().to_string());
         }
         assert_eq!(texts[0], "hello");
         assert_eq!(texts[1].len(), big.len());
-        assert_eq!(texts[2], "after");
+        assert_eq!(texts[2], "own");
+        assert_eq!(texts[3], "after");
         drop(sending.await.unwrap());
     }
 }

@@ -13,7 +13,7 @@
 use std::any::{Any, TypeId};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ pub(crate) struct Services {
     pub(crate) sockets: Sockets,
     /// The app has event hooks ([`crate::Handler::has_event_hooks`]): schedule them.
     pub(crate) events: bool,
+    /// `[worker] outbound_queue`: the items a socket's outbox holds at most.
+    pub(crate) outbound_queue: usize,
 }
 
 /// Who is on the other end, as far as the worker knows.
@@ -54,28 +56,56 @@ pub(crate) struct Peer {
 #[derive(Clone)]
 pub struct Socket(pub(crate) Arc<State>);
 
-/// The socket's shared state.
+/// The socket's shared state: every open socket holds one, so what most sockets never use
+/// (a token, server-to-client invokes, the app's values) is boxed, allocated on first use.
 pub(crate) struct State {
     pub(crate) key: SocketKey,
-    id: String,
+    id: SocketId,
     peer: Peer,
     pub(crate) outbox: Outbox,
     services: Arc<Services>,
     /// The protocol, encoded by [`encode_version`]: 0 while not known (auto mode before the
     /// first pong), then locked.
     version: AtomicU8,
-    /// std Mutex: read or swapped, never held across await.
-    auth: Mutex<Option<AuthToken>>,
-    /// std Mutex: server-to-client invokes waiting for their answers; never held across await.
-    pending: Mutex<Pending>,
     /// The client's invokes being handled (their answers not queued yet).
-    invokes: AtomicUsize,
+    invokes: AtomicU32,
+    /// std Mutex: read or swapped, never held across await.
+    auth: Mutex<Option<Box<AuthToken>>>,
+    /// std Mutex: server-to-client invokes waiting for their answers; never held across await.
+    pending: Mutex<Option<Box<Pending>>>,
     /// The app's per-socket state by type ([`Socket::insert`]); unallocated until used.
     state: Mutex<Option<Box<StateMap>>>,
 }
 
+/// A socket id, inline (ids are 20 characters: no allocation of their own).
+#[derive(Clone, Copy)]
+struct SocketId {
+    len: u8,
+    bytes: [u8; SocketId::MAX],
+}
+
 /// The app's values on one socket, one per type.
 type StateMap = HashMap<TypeId, Arc<dyn Any + Send + Sync>>;
+
+impl SocketId {
+    const MAX: usize = 23;
+
+    /// `id`, cut to [`SocketId::MAX`] bytes (at a character boundary) if longer.
+    fn new(id: &str) -> Self {
+        let mut end = id.len().min(Self::MAX);
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; Self::MAX];
+        bytes[..end].copy_from_slice(&id.as_bytes()[..end]);
+        Self { len: end as u8, bytes }
+    }
+
+    fn as_str(&self) -> &str {
+        // Cut at a character boundary when made: always UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
 
 #[derive(Default)]
 struct Pending {
@@ -85,38 +115,36 @@ struct Pending {
 
 impl std::fmt::Debug for Socket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Socket").field("id", &self.0.id).field("peer", &self.0.peer).finish_non_exhaustive()
+        f.debug_struct("Socket").field("id", &self.id()).field("peer", &self.0.peer).finish_non_exhaustive()
     }
 }
 
 impl Socket {
     pub(crate) fn new(
         services: Arc<Services>,
-        outbound_queue: usize,
         key: SocketKey,
-        id: String,
+        id: &str,
         peer: Peer,
         version: Option<Protocol>,
         direct: Option<crate::direct::Direct>,
     ) -> Self {
-        let outbox = Outbox::new(outbound_queue, direct);
         Self(Arc::new(State {
             key,
-            id,
+            id: SocketId::new(id),
             peer,
-            outbox,
+            outbox: Outbox::new(direct),
             services,
             version: AtomicU8::new(encode_version(version)),
+            invokes: AtomicU32::new(0),
             auth: Mutex::new(None),
-            pending: Mutex::new(Pending::default()),
-            invokes: AtomicUsize::new(0),
+            pending: Mutex::new(None),
             state: Mutex::new(None),
         }))
     }
 
     /// The socket id sent to the client in the handshake (20 URL-safe base64 characters).
     pub fn id(&self) -> &str {
-        &self.0.id
+        self.0.id.as_str()
     }
 
     /// The client's address (from the balancer's PROXY header when behind it).
@@ -160,7 +188,7 @@ impl Socket {
         let token = self.0.services.auth.sign(payload)?;
         let signed = token.signed.clone();
         let frame = protocol::encode_set_auth_token(&signed);
-        *self.auth() = Some(token);
+        *self.auth() = Some(Box::new(token));
         self.push_frame(frame);
         self.event(Event::Authenticated);
         Ok(signed)
@@ -186,6 +214,7 @@ impl Socket {
         let (tx, rx) = oneshot::channel();
         let cid = {
             let mut pending = self.pending();
+            let pending = pending.get_or_insert_with(Box::default);
             pending.next_cid += 1;
             let cid = pending.next_cid;
             pending.waiting.insert(cid, tx);
@@ -199,7 +228,9 @@ impl Socket {
                 Err(ErrorObject::new("BadConnectionError", "Socket closed before the client answered"))
             }
             Err(_) => {
-                self.pending().waiting.remove(&cid);
+                if let Some(pending) = self.pending().as_mut() {
+                    pending.waiting.remove(&cid);
+                }
                 Err(ErrorObject::new("TimeoutError", format!("Event response for {event:?} timed out")))
             }
         }
@@ -207,14 +238,12 @@ impl Socket {
 
     /// Unsubscribes the socket from `channel` and tells the client (`#kickOut`).
     pub fn kick_out(&self, channel: &str, message: &Value) {
-        self.0
-            .outbox
-            .push_item(Outbound::KickOut { channel: channel.to_owned(), message: message.to_string() });
+        self.push_item(Outbound::KickOut { channel: channel.to_owned(), message: message.to_string() });
     }
 
     /// Closes the socket with `code` (4500 and up: the stock clients do not reconnect).
     pub fn disconnect(&self, code: u16, reason: &str) {
-        self.0.outbox.push_item(Outbound::Close { code, reason: reason.to_owned() });
+        self.push_item(Outbound::Close { code, reason: reason.to_owned() });
     }
 
     /// Keeps `value` on this socket for as long as it is open, one value per type (the
@@ -261,13 +290,13 @@ impl Socket {
     /// Replaces the auth state (the socket's own task, after verifying a token).
     /// Returns whether the socket was authenticated before.
     pub(crate) fn set_verified(&self, token: Option<AuthToken>) -> bool {
-        std::mem::replace(&mut *self.auth(), token).is_some()
+        std::mem::replace(&mut *self.auth(), token.map(Box::new)).is_some()
     }
 
     /// Drops an expired token; returns its `exp` if it had expired.
     pub(crate) fn expire_token(&self) -> Option<Option<f64>> {
         let mut auth = self.auth();
-        if auth.as_ref().is_some_and(AuthToken::is_expired) {
+        if auth.as_deref().is_some_and(AuthToken::is_expired) {
             return auth.take().map(|t| t.exp);
         }
         None
@@ -275,19 +304,20 @@ impl Socket {
 
     /// Completes a server-to-client invoke with the client's answer.
     pub(crate) fn answer(&self, cid: u64, answer: Result<Value, ErrorObject>) {
-        if let Some(tx) = self.pending().waiting.remove(&cid) {
+        let waiting = self.pending().as_mut().and_then(|pending| pending.waiting.remove(&cid));
+        if let Some(tx) = waiting {
             let _ = tx.send(answer);
         }
     }
 
     /// Fails every waiting server-to-client invoke (the socket closed).
     pub(crate) fn fail_pending(&self) {
-        self.pending().waiting.clear();
+        self.pending().take();
     }
 
     /// The client's invokes being handled.
     pub(crate) fn invokes_in_flight(&self) -> usize {
-        self.0.invokes.load(Ordering::Relaxed)
+        self.0.invokes.load(Ordering::Relaxed) as usize
     }
 
     /// Counts one of the client's invokes as being handled until the guard is dropped.
@@ -299,15 +329,25 @@ impl Socket {
     /// Queues one of the app's event hooks, to run in the socket's task after what is queued.
     pub(crate) fn event(&self, event: Event) {
         if self.0.services.events {
-            self.0.outbox.push_item(Outbound::Event(event));
+            self.push_item(Outbound::Event(event));
         }
     }
 
     pub(crate) fn push_frame(&self, frame: String) {
-        self.0.outbox.push(Utf8Bytes::from(frame));
+        self.push_item(Outbound::Frame(Utf8Bytes::from(frame)));
     }
 
-    fn auth(&self) -> MutexGuard<'_, Option<AuthToken>> {
+    /// Queues an item in the socket's outbox, under `[worker] outbound_queue`.
+    pub(crate) fn push_item(&self, item: Outbound) -> bool {
+        self.0.outbox.push_item(item, self.0.services.outbound_queue)
+    }
+
+    /// A frame of the fan-out: written at once if the socket is idle ([`Outbox::push_direct`]).
+    pub(crate) fn push_direct(&self, frame: Utf8Bytes) -> bool {
+        self.0.outbox.push_direct(frame, self.0.services.outbound_queue)
+    }
+
+    fn auth(&self) -> MutexGuard<'_, Option<Box<AuthToken>>> {
         self.0.auth.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -315,7 +355,7 @@ impl Socket {
         self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn pending(&self) -> MutexGuard<'_, Pending> {
+    fn pending(&self) -> MutexGuard<'_, Option<Box<Pending>>> {
         self.0.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -350,7 +390,7 @@ pub struct Sockets(Arc<Mutex<HashSet<Socket>>>);
 /// A socket in [`Sockets`] is known by its id: the set needs no separate key per socket.
 impl PartialEq for Socket {
     fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
+        self.id() == other.id()
     }
 }
 
@@ -358,13 +398,13 @@ impl Eq for Socket {}
 
 impl std::hash::Hash for Socket {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.id.as_str().hash(state);
+        self.id().hash(state);
     }
 }
 
 impl std::borrow::Borrow<str> for Socket {
     fn borrow(&self) -> &str {
-        &self.0.id
+        self.id()
     }
 }
 

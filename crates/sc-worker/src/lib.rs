@@ -43,6 +43,7 @@ mod presence;
 mod protocol;
 mod proxies;
 mod socket;
+mod timers;
 mod tls;
 
 pub use app::{DefaultHandler, Handler, HttpRejection, PublishIn, PublishOut, UpgradeRequest};
@@ -189,15 +190,22 @@ impl Worker {
         // reconnects at once is refused here and goes to another worker instead of waiting in
         // this listener's backlog.
         let events = handler.has_event_hooks();
-        let services = handle::Services { auth, ack_timeout: worker.ack_timeout, exchange, sockets, events };
+        let services = handle::Services {
+            auth,
+            ack_timeout: worker.ack_timeout,
+            exchange,
+            sockets,
+            events,
+            outbound_queue: worker.outbound_queue,
+        };
         let context = Arc::new(socket::Context {
             hub: hub.clone(),
             pool: pool.clone(),
             handler,
             services: Arc::new(services),
             settings: socket::Settings::from_config(worker),
-            shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            timers: timers::Timers::new(worker.ping_interval, worker.handshake_timeout),
         });
         let http = Arc::new(http::Http {
             context,
@@ -267,6 +275,10 @@ impl Worker {
             .add_routes(sc_common::metrics::routes(registry, &self.config.cluster.secret))
             .add_service(health);
         let grpc_task = tokio::spawn(net::serve_grpc(grpc, self.grpc, shutdown.clone()));
+        // Every socket's pings and handshake deadline: one task for the worker.
+        let context = self.http.context.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { context.timers.run(stop).await });
 
         let (unix_listener, unix_path) = match self.unix {
             Some((listener, path)) => (Some(listener), Some(path)),
@@ -370,7 +382,7 @@ fn app_settings<C: DeserializeOwned>(table: &toml::Table) -> Result<C, StartErro
 async fn drain(http: &http::Http, connections: TaskTracker) -> usize {
     let sockets = &http.context.tasks;
     let open = sockets.len();
-    http.context.shutdown.cancel();
+    http.context.timers.shut_down();
     connections.close();
     connections.wait().await;
     sockets.close();

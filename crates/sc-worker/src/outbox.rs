@@ -13,12 +13,13 @@
 //! reads anything itself.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use crate::direct::Direct;
 use bytes::Bytes;
-
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The outbound queue of one socket.
@@ -27,12 +28,19 @@ pub(crate) struct Outbox {
     /// std Mutex: held for a push or a swap, never across await. Starts empty and unallocated,
     /// so an idle socket's outbox costs a few words.
     queue: Mutex<Queue>,
-    /// Wakes the socket's task; a notification with no waiter is kept, so none is lost.
-    ready: Notify,
-    limit: usize,
+    /// Set when something was queued or signalled since the socket's task last looked: a wake-up
+    /// with no task waiting is kept, so none is lost.
+    ready: AtomicBool,
+    /// The socket's task, waiting ([`Outbox::poll_ready`]).
+    waker: AtomicWaker,
     /// The socket's connection, for direct writes (none for connections that take none).
     direct: Option<Direct>,
 }
+
+/// What the worker's timers (and its drain) tell a socket's task, besides what is queued: a
+/// set of flags, so that an idle socket's signals take no queue space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Due(u8);
 
 /// The socket did not read fast enough: its outbox overflowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +83,33 @@ struct Queue {
     overflowed: bool,
     /// The task released the socket: with nothing queued, a frame may be written directly.
     open: bool,
+    /// Signals not taken yet.
+    due: Due,
+}
+
+impl Due {
+    /// Time to ping (and to check the last pong).
+    pub(crate) const PING: Self = Self(1);
+    /// The handshake deadline (nothing if the socket is handshaken by then).
+    pub(crate) const HANDSHAKE: Self = Self(2);
+    /// The worker drains: close.
+    pub(crate) const SHUTDOWN: Self = Self(4);
+
+    /// Whether every flag of `other` is set.
+    pub(crate) fn has(self, other: Self) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
 }
 
 impl Outbox {
-    /// An outbox holding at most `limit` frames; `direct`: the connection, for direct writes.
-    pub(crate) fn new(limit: usize, direct: Option<Direct>) -> Self {
-        Self { queue: Mutex::new(Queue::default()), ready: Notify::new(), limit, direct }
+    /// An empty outbox; `direct`: the connection, for direct writes.
+    pub(crate) fn new(direct: Option<Direct>) -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            ready: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            direct,
+        }
     }
 
     /// The socket's task is about to write or read: no direct write until it releases.
@@ -99,15 +128,16 @@ impl Outbox {
         }
     }
 
-    /// Queues a text frame; returns false (and drops it) if the socket is a slow consumer.
-    pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
-        self.push_item(Outbound::Frame(frame))
+    /// Queues a text frame, at most `limit` items; returns false (and drops it) if the socket is
+    /// a slow consumer.
+    pub(crate) fn push(&self, frame: Utf8Bytes, limit: usize) -> bool {
+        self.push_item(Outbound::Frame(frame), limit)
     }
 
     /// Writes a frame to the connection at once if the socket is idle (released by its task,
     /// nothing queued), else queues it; returns false (and drops it) if the socket is a slow
     /// consumer. For the fan-out's lone messages: a burst is cheaper through the task.
-    pub(crate) fn push_direct(&self, frame: Utf8Bytes) -> bool {
+    pub(crate) fn push_direct(&self, frame: Utf8Bytes, limit: usize) -> bool {
         if let Some(direct) = &self.direct {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if queue.open {
@@ -121,29 +151,29 @@ impl Outbox {
                         queue.open = false;
                         queue.frames.push_back(Outbound::Rest(rest));
                         drop(queue);
-                        self.ready.notify_one();
+                        self.wake();
                         return true;
                     }
                     crate::direct::Sent::Nothing => {}
                 }
             }
         }
-        self.push(frame)
+        self.push(frame, limit)
     }
 
     /// Queues any item, under the same limit as frames.
-    pub(crate) fn push_item(&self, item: Outbound) -> bool {
+    pub(crate) fn push_item(&self, item: Outbound, limit: usize) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
             crate::metrics::get().outbound_drop();
             return false;
         }
-        if queue.frames.len() >= self.limit {
+        if queue.frames.len() >= limit {
             crate::metrics::get().outbound_drop();
             queue.overflowed = true;
             queue.frames = VecDeque::new();
             drop(queue);
-            self.ready.notify_one();
+            self.wake();
             return false;
         }
         let was_empty = queue.frames.is_empty();
@@ -152,25 +182,44 @@ impl Outbox {
         queue.frames.push_back(item);
         drop(queue);
         if was_empty {
-            self.ready.notify_one();
+            self.wake();
         }
         true
     }
 
-    /// Completes once something is queued (or the outbox overflowed) after the last
-    /// [`Outbox::take`]; the socket's task keeps one pinned and makes a new one after each take.
-    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.ready.notified()
+    /// Raises `due` for the socket's task (the worker's timers and drain, [`crate::timers`]).
+    pub(crate) fn signal(&self, due: Due) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.due.0 |= due.0;
+        // The task takes the signal before it writes anything more: no direct write overtakes
+        // a close.
+        queue.open = false;
+        drop(queue);
+        self.wake();
     }
 
-    /// Takes every queued frame; fails if the outbox overflowed.
-    pub(crate) fn take(&self, into: &mut VecDeque<Outbound>) -> Result<(), Overflowed> {
+    /// Ready once something was queued or signalled (or the outbox overflowed) since the last
+    /// ready poll; the socket's task then takes it all ([`Outbox::take`]). Only that task polls.
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the flag is read: a wake between the two is not lost.
+        self.waker.register(cx.waker());
+        if self.ready.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+    }
+
+    /// Takes every queued frame and the signals; fails if the outbox overflowed.
+    pub(crate) fn take(&self, into: &mut VecDeque<Outbound>) -> Result<Due, Overflowed> {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.overflowed {
             return Err(Overflowed);
         }
         std::mem::swap(&mut queue.frames, into);
-        Ok(())
+        Ok(std::mem::take(&mut queue.due))
+    }
+
+    fn wake(&self) {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
     }
 }
 
@@ -180,12 +229,12 @@ mod tests {
 
     #[tokio::test]
     async fn push_wakes_and_take_drains_in_order() {
-        let outbox = Outbox::new(4, None);
-        assert!(outbox.push("a".into()));
-        assert!(outbox.push("b".into()));
-        outbox.notified().await;
+        let outbox = Outbox::new(None);
+        assert!(outbox.push("a".into(), 4));
+        assert!(outbox.push("b".into(), 4));
+        std::future::poll_fn(|cx| outbox.poll_ready(cx)).await;
         let mut frames = VecDeque::new();
-        outbox.take(&mut frames).unwrap();
+        assert_eq!(outbox.take(&mut frames).unwrap(), Due::default());
         let texts: Vec<_> = frames
             .iter()
             .map(|f| match f {
@@ -199,14 +248,31 @@ mod tests {
     #[tokio::test]
     async fn overflow_is_reported_once_full() {
         let drops = crate::metrics::get().outbound_drops();
-        let outbox = Outbox::new(2, None);
-        assert!(outbox.push("a".into()));
-        assert!(outbox.push("b".into()));
-        assert!(!outbox.push("c".into()));
-        assert!(!outbox.push("d".into()));
-        outbox.notified().await;
+        let outbox = Outbox::new(None);
+        assert!(outbox.push("a".into(), 2));
+        assert!(outbox.push("b".into(), 2));
+        assert!(!outbox.push("c".into(), 2));
+        assert!(!outbox.push("d".into(), 2));
+        std::future::poll_fn(|cx| outbox.poll_ready(cx)).await;
         assert!(outbox.take(&mut VecDeque::new()).is_err());
         // Other tests may drop frames meanwhile (one counter per process): at least these two.
         assert!(crate::metrics::get().outbound_drops() >= drops + 2, "both dropped frames counted");
+    }
+
+    /// Signals wake the task like a queued frame, even one not waiting yet, and take no queue
+    /// space; taking them clears them.
+    #[tokio::test]
+    async fn signals_wake_and_are_taken_once() {
+        let outbox = Outbox::new(None);
+        outbox.signal(Due::PING);
+        outbox.signal(Due::HANDSHAKE);
+        std::future::poll_fn(|cx| outbox.poll_ready(cx)).await;
+        let mut frames = VecDeque::new();
+        let due = outbox.take(&mut frames).unwrap();
+        assert!(due.has(Due::PING) && due.has(Due::HANDSHAKE) && !due.has(Due::SHUTDOWN));
+        assert!(frames.is_empty() && frames.capacity() == 0, "no queue space used");
+        assert_eq!(outbox.take(&mut frames).unwrap(), Due::default());
+        let waker = futures_util::task::noop_waker();
+        assert!(outbox.poll_ready(&mut Context::from_waker(&waker)).is_pending(), "one wake-up per signal");
     }
 }
